@@ -1,0 +1,67 @@
+"""`python -m netweave …`: the command line.
+
+explain PROMPT --steps N [--hires-steps M] [--arch sd1|sd2|sdxl] [--json] [--png FILE]
+prints the compiled plan. Exit status 0 even when the prompt has errors (they are part of
+the output); 2 for bad command-line arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+from ..network.blocks import BLOCKS, parse_preset_file
+from ..network.explain import explain_table, heatmap
+from ..network.plan import CompileContext, compile_prompt
+from ..parser import INTERPOLATIONS
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not ≥ 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m netweave",
+                                     description="NetWeave: LoRA tags compiled into one plan.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("explain", help="print the plan a prompt compiles to")
+    ex.add_argument("prompt", help="a prompt with <lora:…>, <lyco:…>, <loractl:…>, <model:…> tags")
+    ex.add_argument("--steps", type=_positive, required=True, help="sampling steps")
+    ex.add_argument("--hires-steps", type=_positive, default=None, help="hires-fix pass steps")
+    ex.add_argument("--arch", choices=sorted(BLOCKS), default="sd1", help="block layout")
+    ex.add_argument("--seed", type=int, default=0, help="seed for lbw's random R and U values")
+    ex.add_argument("--interp", choices=INTERPOLATIONS, default=None,
+                    help="default interpolation (else step; linear for loractl)")
+    ex.add_argument("--presets", type=argparse.FileType("r", encoding="utf-8"), default=None,
+                    help="lora-block-weight presets file (NAME:v,v,… lines)")
+    ex.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    ex.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+    ex.add_argument("--png", metavar="FILE", default=None, help="write the heatmap to FILE")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    presets = parse_preset_file(args.presets.read()) if args.presets else {}
+    ctx = CompileContext(arch=args.arch, steps=args.steps, hires_steps=args.hires_steps,
+                         seed=args.seed, default_interp=args.interp, presets=presets,
+                         strict=args.strict)
+    plan = compile_prompt(args.prompt, ctx)
+    if args.png:
+        try:
+            heatmap(plan).save(args.png, format="PNG")
+        except OSError as exc:
+            print(f"netweave: cannot write {args.png}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(plan.to_dict()))
+    else:
+        print(explain_table(plan))
+    return 0

@@ -1,0 +1,1 @@
+"""Weights, plans and the engine. Knows nothing about any WebUI."""

@@ -1,0 +1,137 @@
+"""UNet block lists per architecture and lora-block-weight (LBW) vectors and presets.
+
+Block names follow LBW: BASE is the text encoder(s), INxx/M00/OUTxx the LDM input, middle
+and output blocks. LBW vectors name a subset of blocks by their length; blocks a vector does
+not name get 0, exactly as LBW's `to26` does.
+"""
+from __future__ import annotations
+
+import random
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+from ..parser import BlockWeights, parse_weights
+
+
+def _names(prefix: str, indices) -> Tuple[str, ...]:
+    return tuple(f"{prefix}{i:02d}" for i in indices)
+
+
+SD1_BLOCKS = ("BASE",) + _names("IN", range(12)) + ("M00",) + _names("OUT", range(12))
+SDXL_BLOCKS = ("BASE",) + _names("IN", range(9)) + ("M00",) + _names("OUT", range(9))
+BLOCKS = {"sd1": SD1_BLOCKS, "sd2": SD1_BLOCKS, "sdxl": SDXL_BLOCKS}
+ARCH_TITLES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
+TEXT_ENCODERS = {"sd1": ("te1",), "sd2": ("te1",), "sdxl": ("te1", "te2")}
+
+# LBW's vector layouts by length (its BLOCKID17/26 for SD1 and SD2, BLOCKID12/20 for SDXL).
+LBW_LAYOUTS: Dict[str, Dict[int, Tuple[str, ...]]] = {
+    "sd1": {
+        17: ("BASE",) + _names("IN", (1, 2, 4, 5, 7, 8)) + ("M00",) + _names("OUT", range(3, 12)),
+        26: SD1_BLOCKS,
+    },
+    "sdxl": {
+        12: ("BASE",) + _names("IN", (4, 5, 7, 8)) + ("M00",) + _names("OUT", range(6)),
+        20: SDXL_BLOCKS,
+    },
+}
+LBW_LAYOUTS["sd2"] = LBW_LAYOUTS["sd1"]
+
+# LBW's default presets (its DEF_WEIGHT_PRESET, 17 values in SD1 order).
+_SD1_PRESETS = {
+    "NONE": "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0",
+    "ALL": "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1",
+    "INS": "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0",
+    "IND": "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "INALL": "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0",
+    "MIDD": "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0",
+    "OUTD": "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0",
+    "OUTS": "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1",
+    "OUTALL": "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
+    "ALL0.5": "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5",
+}
+# LBW ships SD1 presets only. These are the same presets for SDXL's 12 attention blocks
+# (BASE, IN04 IN05 | IN07 IN08, M00, OUT00-02 | OUT03-05): "shallow" and "deep" halves
+# of the in and out sides, so each name keeps its meaning.
+_SDXL_PRESETS = {
+    "NONE": "0,0,0,0,0,0,0,0,0,0,0,0",
+    "ALL": "1,1,1,1,1,1,1,1,1,1,1,1",
+    "INS": "1,1,1,0,0,0,0,0,0,0,0,0",
+    "IND": "1,0,0,1,1,0,0,0,0,0,0,0",
+    "INALL": "1,1,1,1,1,0,0,0,0,0,0,0",
+    "MIDD": "1,0,0,1,1,1,1,1,1,0,0,0",
+    "OUTD": "1,0,0,0,0,0,1,1,1,0,0,0",
+    "OUTS": "1,0,0,0,0,0,0,0,0,1,1,1",
+    "OUTALL": "1,0,0,0,0,0,1,1,1,1,1,1",
+    "ALL0.5": "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5",
+}
+PRESETS = {"sd1": _SD1_PRESETS, "sd2": _SD1_PRESETS, "sdxl": _SDXL_PRESETS}
+
+
+def group_of(block: str) -> Optional[str]:
+    """The in/mid/out group a block belongs to (None for BASE, the text encoders)."""
+    if block.startswith("IN"):
+        return "in"
+    if block == "M00":
+        return "mid"
+    if block.startswith("OUT"):
+        return "out"
+    return None
+
+
+def parse_preset_file(text: str) -> Dict[str, str]:
+    """Read LBW's lbwpresets.txt format: one `NAME:v,v,...` per line, `#` comments."""
+    presets = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and ":" in line:
+            name, values = line.split(":", 1)
+            presets[name.strip()] = values.strip()
+    return presets
+
+
+def resolve_weights(weights: BlockWeights, arch: str, x: Optional[float], rng: random.Random,
+                    user_presets: Mapping[str, str] = ()) -> Tuple[Optional[Dict[str, float]],
+                                                                   Tuple[float, ...], str]:
+    """LBW vector or preset → ({block: value} over every block of `arch}, values, error)."""
+    if weights.preset is not None:
+        text = _find_preset(weights.preset, arch, user_presets)
+        if text is None:
+            known = ", ".join(sorted(set(PRESETS[arch]) | set(user_presets)))
+            return None, (), f"unknown lbw preset '{weights.preset}'; presets: {known}"
+        vector, problem = parse_weights(text)
+        if vector is None or vector.preset is not None:
+            return None, (), f"lbw preset '{weights.preset}' is not a vector: '{text}'"
+        entries = vector.entries
+    else:
+        entries = weights.entries
+    values = tuple(_entry_value(e, x, rng) for e in entries)
+    layouts = LBW_LAYOUTS[arch]
+    if len(values) not in layouts:
+        lengths = " or ".join(str(n) for n in layouts)
+        what = f"preset '{weights.preset}'" if weights.preset else "lbw"
+        return None, values, (f"{what} has {len(values)} values; {ARCH_TITLES[arch]} takes "
+                              f"{lengths} (lora-block-weight's block lists)")
+    table = dict.fromkeys(BLOCKS[arch], 0.0)
+    table.update(zip(layouts[len(values)], values))
+    return table, values, ""
+
+
+def _find_preset(name: str, arch: str, user_presets: Mapping[str, str]) -> Optional[str]:
+    for table in (user_presets, PRESETS[arch]):
+        if name in table:
+            return table[name]
+    return None
+
+
+def _entry_value(entry, x: Optional[float], rng: random.Random) -> float:
+    # R, U and X as lora-block-weight defines them (random values rounded to 3 places).
+    if entry.kind == "R":
+        return round(rng.random(), 3)
+    if entry.kind == "U":
+        return round(rng.uniform(-0.5, 1.5), 3)
+    if entry.kind == "X":
+        return (1.0 if x is None else x) + entry.value
+    return entry.value
+
+
+def known_blocks(arch: str) -> Sequence[str]:
+    return BLOCKS[arch]

@@ -1,0 +1,137 @@
+"""A plan, readable: a table (network × component/block × step ranges) and a heatmap PNG
+(one panel per network, grouped by region; rows are components and blocks, columns steps)."""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ..parser import format_region
+from .blocks import ARCH_TITLES, BLOCKS, TEXT_ENCODERS
+from .plan import NetworkPlan, PassPlan, Plan
+
+
+def _num(v: float) -> str:
+    return f"{v:.3g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.1e}"
+
+
+def describe_series(values: Sequence[float]) -> str:
+    """'1–15: 0.1  16–30: 0.6'; steps that change one by one read as a ramp '1–30: 0→1'."""
+    runs: List[List] = []  # [first step, last step, first value, last value]
+    for step, v in enumerate(values, start=1):
+        if runs and runs[-1][2] == runs[-1][3] == v:
+            runs[-1][1] = step
+        else:
+            runs.append([step, step, v, v])
+    merged: List[List] = []
+    for run in runs:
+        prev = merged[-1] if merged else None
+        single = run[0] == run[1]
+        if prev and single and (prev[0] == prev[1] or (prev[3] - prev[2]) * (run[3] - prev[3]) > 0):
+            prev[1], prev[3] = run[1], run[3]  # a ramp keeps going the same way
+        else:
+            merged.append(list(run))
+    parts = []
+    for first, last, a, b in merged:
+        steps = f"{first}" if first == last else f"{first}–{last}"
+        parts.append(f"{steps}: {_num(a)}" if a == b else f"{steps}: {_num(a)}→{_num(b)}")
+    return "  ".join(parts)
+
+
+def _rows(plan: Plan, p: PassPlan) -> List[Tuple[str, np.ndarray]]:
+    """Effective strengths: each text encoder × BASE, then the UNet × each block, with
+    neighbouring blocks that behave the same merged into one row."""
+    rows = [(te, p.effective(te, "BASE")) for te in TEXT_ENCODERS[plan.arch]]
+    blocks = [b for b in BLOCKS[plan.arch] if b != "BASE"]
+    start = 0
+    for i in range(1, len(blocks) + 1):
+        if i == len(blocks) or blocks[i][:2] != blocks[start][:2] or not np.array_equal(
+                p.blocks[blocks[i]], p.blocks[blocks[start]]):
+            name = blocks[start] if i - 1 == start else f"{blocks[start]}–{blocks[i - 1]}"
+            rows.append((name, p.effective("unet", blocks[start])))
+            start = i
+    return rows
+
+
+def _title(n: NetworkPlan) -> str:
+    region = "whole image" if n.region is None else f"region={format_region(n.region)}"
+    extra = f"  neg={_num(n.neg)}" if n.neg != 1.0 else ""
+    if n.lbw:
+        extra += "  lbw=" + ",".join(_num(v) for v in n.lbw)
+    return f"{n.kind}:{n.name}  {region}  interp={n.interp}{extra}"
+
+
+def explain_table(plan: Plan) -> str:
+    hires = f", hires {plan.hires_steps} steps" if plan.hires_steps else ""
+    lines = [f"prompt: {plan.prompt!r}",
+             f"{ARCH_TITLES[plan.arch]}, {plan.steps} steps{hires}; "
+             "values are effective strengths (component × block × window)"]
+    if not plan.networks:
+        lines.append("no networks")
+    for i, n in enumerate(plan.networks, start=1):
+        lines += ["", f"#{i} {_title(n)}"]
+        for label, p in (("", n.base), ("hires ", n.hires)):
+            if p is None:
+                continue
+            if label:
+                lines.append(f"  hires pass ({p.steps} steps)")
+            rows = _rows(plan, p)
+            width = max(len(name) for name, _ in rows)
+            lines += [f"  {name:<{width}}  {describe_series(v.tolist())}" for name, v in rows]
+    for e in plan.errors:
+        lines += ["", f"{e.severity} at column {e.column}: {e.message}"]
+        lines += ["  " + s for s in e.snippet.splitlines()]
+    return "\n".join(lines)
+
+
+# ---- heatmap -------------------------------------------------------------------------
+CELL_H, LABEL_W, TITLE_H, PAD = 12, 92, 16, 8
+
+
+def _colour(values: np.ndarray, scale: float) -> np.ndarray:
+    """0 is black, positive values warm up to yellow, negative ones go blue."""
+    t = np.clip(values / scale, -1.0, 1.0)
+    pos, neg = np.clip(t, 0, 1), np.clip(-t, 0, 1)
+    rgb = np.stack([255 * np.minimum(1, 1.6 * pos),
+                    255 * np.clip(1.6 * pos - 0.6, 0, 1) + 120 * neg,
+                    60 * pos * (1 - pos) + 255 * neg], axis=-1)
+    return rgb.astype(np.uint8)
+
+
+def heatmap(plan: Plan) -> Image.Image:
+    """One panel per network (base pass, then hires to its right), sorted by region."""
+    order = sorted(plan.networks, key=lambda n: "" if n.region is None else format_region(n.region))
+    passes = [[p for p in (n.base, n.hires) if p is not None] for n in order]
+    all_rows = [[_rows(plan, p) for p in ps] for ps in passes]
+    scale = max([1.0] + [float(np.abs(v).max()) for rs in all_rows for r in rs for _, v in r])
+    cell_w = max(4, min(24, 480 // plan.steps))
+    width = max([420] + [LABEL_W + 2 * PAD + sum(p.steps * cell_w + PAD for p in ps)
+                         for ps in passes])
+    heights = [TITLE_H + max(len(r) for r in rs) * CELL_H + PAD for rs in all_rows]
+    height = PAD + sum(heights) + 40
+    img = Image.new("RGB", (width, height), (250, 250, 250))
+    draw = ImageDraw.Draw(img)
+    y = PAD
+    for n, ps, rs, h in zip(order, passes, all_rows, heights):
+        draw.text((PAD, y), _title(n)[: width // 6], fill=(20, 20, 20))
+        x = PAD + LABEL_W
+        for p, rows in zip(ps, rs):
+            grid = _colour(np.stack([v for _, v in rows]), scale)
+            cells = np.repeat(np.repeat(grid, CELL_H, axis=0), cell_w, axis=1)
+            img.paste(Image.fromarray(cells), (x, y + TITLE_H))
+            label = f"hires 1-{p.steps}" if p is n.hires else f"steps 1-{p.steps}"
+            draw.text((x + p.steps * cell_w - 6 * len(label), y), label, fill=(90, 90, 90))
+            x += p.steps * cell_w + PAD
+        for j, (name, _) in enumerate(rs[0]):
+            draw.text((PAD, y + TITLE_H + j * CELL_H), name.replace("–", "-"), fill=(40, 40, 40))
+        y += h
+    # legend: -scale … 0 … +scale
+    bar = _colour(np.linspace(-scale, scale, 200)[None, :], scale)
+    img.paste(Image.fromarray(np.repeat(bar, 10, axis=0)), (PAD + LABEL_W, y + 4))
+    draw.text((PAD, y + 2), "strength", fill=(40, 40, 40))
+    for frac, v in ((0, -scale), (0.5, 0.0), (1, scale)):
+        draw.text((PAD + LABEL_W + int(frac * 190), y + 16), _num(v), fill=(40, 40, 40))
+    if not plan.networks:
+        draw.text((PAD, PAD), "no networks", fill=(40, 40, 40))
+    return img

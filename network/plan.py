@@ -1,0 +1,198 @@
+"""The compiler: tags + context → Plan, the strength of every network on every component
+and block at every step (DESIGN §2, §3). Needs no model weights.
+
+Effective strength of a network on a layer of block b in component c at step k:
+    strength[c][k] * blocks[b][k]
+where strength holds S_c(k)·W(k) (schedule times window) and blocks holds B_b(k).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Dict, FrozenSet, Mapping, Optional, Tuple
+
+import numpy as np
+
+from ..parser import (BUILTIN_REGIONS, Diagnostic, Mask, Not, Prompt, Region, Scaled, Schedule,
+                      Tag, format_region, format_tag, parse, snippet)
+from .blocks import ARCH_TITLES, BLOCKS, group_of, resolve_weights
+from .schedule import evaluate, window_mask
+
+ONE = Schedule.const(1.0)
+
+
+@dataclass(frozen=True)
+class CompileContext:
+    arch: str = "sd1"  # sd1, sd2 or sdxl
+    steps: int = 20
+    hires_steps: Optional[int] = None
+    seed: int = 0  # for lora-block-weight's R and U
+    default_interp: Optional[str] = None  # a setting; None: step for lora/lyco/model, linear for loractl
+    presets: Mapping[str, str] = field(default_factory=dict)  # user lbw presets, NAME -> "v,v,..."
+    masks: Optional[FrozenSet[str]] = None  # mask names the host has; None: not checked
+    networks: Optional[FrozenSet[str]] = None  # network names the host has; None: not checked
+    strict: bool = False  # warnings become errors
+
+    def __post_init__(self):
+        if self.arch not in BLOCKS:
+            raise ValueError(f"unknown architecture '{self.arch}'; use one of {', '.join(BLOCKS)}")
+        if self.steps < 1 or (self.hires_steps is not None and self.hires_steps < 1):
+            raise ValueError("steps and hires_steps must be ≥ 1")
+
+
+@dataclass(frozen=True)
+class PassPlan:
+    steps: int
+    strength: Mapping[str, np.ndarray]  # te, te1, te2, unet: S_c(k)·W(k)
+    blocks: Mapping[str, np.ndarray]  # every block of the architecture: B_b(k)
+
+    def effective(self, component: str, block: str) -> np.ndarray:
+        return self.strength[component] * self.blocks[block]
+
+    def to_dict(self) -> dict:
+        return {"steps": self.steps,
+                "strength": {c: v.tolist() for c, v in self.strength.items()},
+                "blocks": {b: v.tolist() for b, v in self.blocks.items()}}
+
+
+@dataclass(frozen=True)
+class NetworkPlan:
+    tag: Tag
+    interp: str
+    base: PassPlan
+    hires: Optional[PassPlan]
+    lbw: Tuple[float, ...] = ()  # the resolved vector, R/U/X filled in
+
+    @property
+    def kind(self) -> str:
+        return self.tag.kind
+
+    @property
+    def name(self) -> str:
+        return self.tag.name
+
+    @property
+    def region(self) -> Optional[Region]:
+        return self.tag.region
+
+    @property
+    def neg(self) -> float:
+        return 1.0 if self.tag.neg is None else self.tag.neg
+
+    def to_dict(self) -> dict:
+        base = self.base.to_dict()
+        return {"kind": self.kind, "name": self.name, "tag": format_tag(self.tag),
+                "region": None if self.region is None else format_region(self.region),
+                "interp": self.interp, "neg": self.neg, "dyn": self.tag.dyn,
+                "lbw": list(self.lbw) or None,
+                "strength": base["strength"], "blocks": base["blocks"],
+                "hires": None if self.hires is None else self.hires.to_dict()}
+
+
+@dataclass(frozen=True)
+class Plan:
+    prompt: str  # the prompt without tags
+    arch: str
+    steps: int
+    hires_steps: Optional[int]
+    networks: Tuple[NetworkPlan, ...]
+    errors: Tuple[Diagnostic, ...]
+
+    def to_dict(self) -> dict:
+        return {"prompt": self.prompt, "arch": self.arch, "steps": self.steps,
+                "hires_steps": self.hires_steps,
+                "errors": [e.to_dict() for e in self.errors],
+                "networks": [n.to_dict() for n in self.networks]}
+
+
+def compile_prompt(source: str, ctx: CompileContext) -> Plan:
+    """Parse and compile a prompt."""
+    return compile_parsed(parse(source, strict=ctx.strict), source, ctx)
+
+
+def compile_parsed(parsed: Prompt, source: str, ctx: CompileContext) -> Plan:
+    rng = random.Random(ctx.seed)
+    errors = list(parsed.errors)
+    networks = []
+    for tag in parsed.tags:
+        problems = []
+
+        def problem(key: str, message: str, severity: str = "error"):
+            if ctx.strict:
+                severity = "error"
+            col = tag.column_of(key)
+            problems.append(Diagnostic(message, col, snippet(source, tag.span[0], col - 1),
+                                       severity))
+
+        _check(tag, ctx, problem)
+        lbw_table, lbw_values = None, ()
+        if tag.lbw is not None:
+            lbw_table, lbw_values, message = resolve_weights(tag.lbw, ctx.arch, tag.x, rng,
+                                                             ctx.presets)
+            if message:
+                problem("lbw", message)
+        errors.extend(problems)
+        if any(p.severity == "error" for p in problems):
+            continue
+        interp = tag.interp or ctx.default_interp or ("linear" if tag.kind == "loractl" else "step")
+        base = _pass(tag, ctx, ctx.steps, interp, lbw_table, hires=False)
+        hires = None if ctx.hires_steps is None else _pass(tag, ctx, ctx.hires_steps, interp,
+                                                           lbw_table, hires=True)
+        networks.append(NetworkPlan(tag, interp, base, hires, lbw_values))
+    return Plan(parsed.text, ctx.arch, ctx.steps, ctx.hires_steps, tuple(networks), tuple(errors))
+
+
+def _check(tag: Tag, ctx: CompileContext, problem) -> None:
+    arch = ARCH_TITLES[ctx.arch]
+    if ctx.networks is not None and tag.name not in ctx.networks:
+        problem("name", f"no {tag.kind} network named '{tag.name}' was found")
+    blocks = BLOCKS[ctx.arch]
+    for name, _ in tag.blocks:
+        if name not in blocks:
+            problem(name, f"block {name} does not exist in {arch} "
+                          f"({blocks[1]}–{blocks[-1]}); it is ignored", "warning")
+    if ctx.arch != "sdxl" and tag.te2 is not None:
+        problem("te2", f"{arch} has one text encoder; te2 is ignored", "warning")
+    if tag.kind == "model" and tag.dyn is not None:
+        problem("dyn", "dyn applies to LoRA files, not to <model:…>; it is ignored", "warning")
+    if tag.region is not None and ctx.masks is not None:
+        missing = sorted(region_masks(tag.region) - ctx.masks)
+        if missing:
+            problem("region", "no mask named " + ", ".join(f"'{m}'" for m in missing))
+
+
+def region_masks(region: Region) -> FrozenSet[str]:
+    """Names of the user masks a region expression refers to (built-ins left out)."""
+    if isinstance(region, Mask):
+        return frozenset() if region.name in BUILTIN_REGIONS else frozenset([region.name])
+    if isinstance(region, (Not, Scaled)):
+        return region_masks(region.operand)
+    return frozenset().union(*(region_masks(r) for r in region.operands))
+
+
+def _pass(tag: Tag, ctx: CompileContext, steps: int, interp: str,
+          lbw_table: Optional[Dict[str, float]], hires: bool) -> PassPlan:
+    te = tag.te or ONE
+    schedules = {"te": te, "te1": tag.te1 or te, "te2": tag.te2 or te, "unet": tag.unet or te}
+    if hires:  # loractl: hr sets both, hrte / hrunet one each, else the base pass's curves
+        te_hr, unet_hr = tag.hrte or tag.hr, tag.hrunet or tag.hr
+        if te_hr is not None:
+            schedules.update(te=te_hr, te1=te_hr, te2=te_hr)
+        if unet_hr is not None:
+            schedules["unet"] = unet_hr
+    window = window_mask(tag.window, steps)
+    strength = {c: evaluate(s, steps, interp) * window for c, s in schedules.items()}
+
+    group = {g: evaluate(s, steps, interp) for g, s in tag.groups}
+    own = dict(tag.blocks)
+    blocks = {}
+    for b in BLOCKS[ctx.arch]:
+        if b in own:
+            value = evaluate(own[b], steps, interp)
+        elif lbw_table is not None:
+            value = np.full(steps, lbw_table[b])
+        else:
+            value = np.ones(steps)
+        g = group.get(group_of(b))
+        blocks[b] = value if g is None else value * g
+    return PassPlan(steps, strength, blocks)

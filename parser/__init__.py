@@ -1,0 +1,8 @@
+"""The NetWeave tag language: grammar (tag.lark, prompt.lark), AST, parse and format."""
+from .ast import (BUILTIN_REGIONS, INTERPOLATIONS, KINDS, BlockWeights, Diagnostic, Intersect,
+                  Keyframe, Mask, Not, Position, Prompt, Region, Scaled, Schedule, Tag, Union_,
+                  VectorEntry, Window)
+from .format import format_region, format_schedule, format_tag
+from .parse import parse, parse_region, parse_weights, snippet
+
+format = format_tag  # noqa: A001 - the public name the design uses: parse(format(t)) == t

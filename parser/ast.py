@@ -1,0 +1,151 @@
+"""The typed AST of NetWeave tags. Frozen dataclasses, so tags compare and hash by value.
+
+Positions in the prompt (`span`, `columns`) are kept out of equality: the same tag typed at
+another place is the same tag.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Tuple, Union
+
+KINDS = ("lora", "lyco", "loractl", "model")
+INTERPOLATIONS = ("step", "linear", "ease_in", "ease_out", "ease_in_out", "cosine")
+BUILTIN_REGIONS = ("full", "left", "right", "top", "bottom", "rest")
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where on a pass something happens.
+
+    unit "step": a step number counted from 1, as the progress bar shows;
+    "fraction": progress in [0, 1]; "percent": progress in percent;
+    "auto": a schedule keyframe whose unit the whole schedule decides (DESIGN §3).
+    """
+
+    value: float
+    unit: str = "auto"
+
+
+@dataclass(frozen=True)
+class Keyframe:
+    value: float
+    at: Position
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A constant (`keys` empty, `constant` set) or keyframes `v@p,...` in written order."""
+
+    constant: Optional[float] = None
+    keys: Tuple[Keyframe, ...] = ()
+
+    @staticmethod
+    def const(value: float) -> "Schedule":
+        return Schedule(constant=float(value))
+
+
+@dataclass(frozen=True)
+class VectorEntry:
+    """One lora-block-weight value: kind "num" (value), "R", "U" (random), "X" (x + value)."""
+
+    kind: str
+    value: float = 0.0
+
+
+@dataclass(frozen=True)
+class BlockWeights:
+    """`lbw=`: either a preset name or explicit entries."""
+
+    preset: Optional[str] = None
+    entries: Tuple[VectorEntry, ...] = ()
+
+
+@dataclass(frozen=True)
+class Mask:
+    name: str  # built-in region names are lower-case
+
+
+@dataclass(frozen=True)
+class Not:
+    operand: "Region"
+
+
+@dataclass(frozen=True)
+class Scaled:
+    operand: "Region"
+    weight: float
+
+
+@dataclass(frozen=True)
+class Union_:
+    operands: Tuple["Region", ...]
+
+
+@dataclass(frozen=True)
+class Intersect:
+    operands: Tuple["Region", ...]
+
+
+Region = Union[Mask, Not, Scaled, Union_, Intersect]
+
+
+@dataclass(frozen=True)
+class Window:
+    """start=/stop=/step=a-b: the network is on from `start` (inclusive) and off from `stop`.
+    step=a-b sets `start` a and `last` b, the last position still on."""
+
+    start: Optional[Position] = None
+    stop: Optional[Position] = None
+    last: Optional[Position] = None
+
+
+@dataclass(frozen=True)
+class Tag:
+    kind: str
+    name: str
+    te: Optional[Schedule] = None  # named te= or the first positional item
+    te1: Optional[Schedule] = None
+    te2: Optional[Schedule] = None
+    unet: Optional[Schedule] = None  # named unet= or the second positional item
+    hr: Optional[Schedule] = None
+    hrte: Optional[Schedule] = None
+    hrunet: Optional[Schedule] = None
+    groups: Tuple[Tuple[str, Schedule], ...] = ()  # ("in"|"mid"|"out", schedule), sorted
+    blocks: Tuple[Tuple[str, Schedule], ...] = ()  # ("IN04", schedule), in block order
+    lbw: Optional[BlockWeights] = None
+    x: Optional[float] = None
+    dyn: Optional[int] = None
+    window: Window = Window()
+    region: Optional[Region] = None
+    interp: Optional[str] = None
+    neg: Optional[float] = None
+    span: Tuple[int, int] = field(default=(0, 0), compare=False)
+    columns: Tuple[Tuple[str, int], ...] = field(default=(), compare=False)
+
+    def column_of(self, key: str) -> int:
+        """1-based prompt column of an item (the tag's own column if not recorded)."""
+        for k, col in self.columns:
+            if k == key:
+                return col
+        return self.span[0] + 1
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """A problem in the prompt. "error": the tag is skipped; "warning": the item is ignored."""
+
+    message: str
+    column: int  # 1-based character offset in the whole prompt
+    snippet: str  # the tag text and a caret line under the column
+    severity: str = "error"
+
+    def to_dict(self) -> dict:
+        return {"message": self.message, "column": self.column, "snippet": self.snippet,
+                "severity": self.severity}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str  # the prompt with NetWeave tags removed
+    tags: Tuple[Tag, ...]
+    errors: Tuple[Diagnostic, ...]

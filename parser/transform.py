@@ -1,0 +1,277 @@
+"""Builds the typed AST from the tag grammar (tag.lark), inline during the LALR parse.
+
+Item rules return `Item`s; `tag()` assembles them, applying A1111's positional order and
+collecting problems. Nothing here raises on user text: problems are returned as
+(offset-in-tag, message, severity) triples.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, replace
+from typing import Any, List, Optional, Tuple
+
+from lark import Token, Transformer
+
+from .ast import (BUILTIN_REGIONS, INTERPOLATIONS, BlockWeights, Intersect, Keyframe, Mask,
+                  Not, Position, Scaled, Schedule, Tag, Union_, VectorEntry, Window)
+
+Problem = Tuple[int, str, str]  # (offset in the tag text, message, severity)
+
+KNOWN_KEYS = ("te", "te1", "te2", "unet", "in", "mid", "out", "down", "up", "lbw", "w", "x",
+              "dyn", "start", "stop", "step", "hr", "hrte", "hrunet", "region", "interp", "neg",
+              "BASE", "IN00", "M00", "OUT00")
+GROUP_ALIASES = {"in": "in", "down": "in", "mid": "mid", "out": "out", "up": "out"}
+
+
+@dataclass
+class Item:
+    key: str  # canonical key, or "#positional"
+    value: Any
+    offset: int  # where the item starts in the tag text
+    problems: Tuple[Problem, ...] = ()
+
+
+def _num(tok: Token) -> float:
+    return float(tok)
+
+
+def _position(children) -> Position:
+    value = float(children[0])
+    return Position(value, "percent" if len(children) > 1 else "auto")
+
+
+def window_position(pos: Position, text: str) -> Tuple[Position, Optional[str]]:
+    """start=/stop=/step= follow lora-block-weight: a whole number is a step number; a
+    decimal is a fraction of the pass and must lie in [0, 1]."""
+    if pos.unit == "percent":
+        return pos, None
+    if "." in text or "e" in text.lower():
+        if not 0.0 <= pos.value <= 1.0:
+            return pos, (f"'{text}' is neither a whole step number nor a fraction in [0, 1]")
+        return Position(pos.value, "fraction"), None
+    return Position(pos.value, "step"), None
+
+
+class TagTransformer(Transformer):
+    # ---- values -----------------------------------------------------------------
+    def constant(self, children):
+        return Schedule.const(_num(children[0]))
+
+    def keyframes(self, children):
+        return Schedule(keys=tuple(
+            Keyframe(_num(c), Position(1.0)) if isinstance(c, Token) else c for c in children))
+
+    def keyframe(self, children):
+        return Keyframe(_num(children[0]), children[1][0])
+
+    def position(self, children):
+        return (_position(children), children[0])
+
+    def ventry(self, children):
+        tok = children[0]
+        if tok.type == "NUMBER":
+            return VectorEntry("num", float(tok))
+        text = str(tok)
+        if text in ("R", "U"):
+            return VectorEntry(text)
+        return VectorEntry("X", float(text[1:]) if len(text) > 1 else 0.0)
+
+    def vector(self, children):
+        return BlockWeights(entries=tuple(children))
+
+    def preset(self, children):
+        return BlockWeights(preset=str(children[0]))
+
+    def mask(self, children):
+        name = str(children[0])
+        return Mask(name.lower() if name.lower() in BUILTIN_REGIONS else name)
+
+    def term(self, children):
+        bang = isinstance(children[0], Token) and children[0].type == "BANG"
+        node = Not(children[1]) if bang else children[0]
+        last = children[-1]
+        if isinstance(last, Token) and last.type == "POSNUM":
+            node = Scaled(node, float(last))
+        return node
+
+    def intersection(self, children):
+        return Intersect(tuple(children))
+
+    def region(self, children):
+        return Union_(tuple(children))
+
+    # ---- items ------------------------------------------------------------------
+    def pos_schedule(self, children):
+        return Item("#positional", children[0], -1)
+
+    def pos_vector(self, children):
+        return Item("#positional", BlockWeights(entries=tuple(children)), -1)
+
+    def pos_preset(self, children):
+        return Item("#positional", BlockWeights(preset=str(children[0])), -1)
+
+    def strength_item(self, children):
+        key, value = children
+        return Item(key.lower(), value, key.start_pos)
+
+    def group_item(self, children):
+        key, value = children
+        return Item(GROUP_ALIASES[key.lower()], value, key.start_pos)
+
+    def block_item(self, children):
+        key, value = children
+        return Item(key.upper(), value, key.start_pos)
+
+    def lbw_item(self, children):
+        key, value = children
+        return Item("lbw", value, key.start_pos)
+
+    def number_item(self, children):
+        key, value = children
+        return Item(key.lower(), float(value), key.start_pos)
+
+    def dyn_item(self, children):
+        key, value = children
+        text = str(value)
+        if not text.isdigit() or int(text) < 1:
+            return Item("dyn", None, key.start_pos,
+                        ((value.start_pos, f"dyn must be a whole number of ranks ≥ 1, not '{text}'",
+                          "error"),))
+        return Item("dyn", int(text), key.start_pos)
+
+    def window_item(self, children):
+        key, (pos, tok) = children
+        pos, problem = window_position(pos, str(tok))
+        problems = ((tok.start_pos, f"{key.lower()}: {problem}", "error"),) if problem else ()
+        return Item(key.lower(), pos, key.start_pos, problems)
+
+    def step_item(self, children):
+        key, (first, ftok), (last, ltok) = children
+        problems = []
+        first, p1 = window_position(first, str(ftok))
+        last, p2 = window_position(last, str(ltok))
+        for tok, p in ((ftok, p1), (ltok, p2)):
+            if p:
+                problems.append((tok.start_pos, f"step: {p}", "error"))
+        return Item("step", (first, last), key.start_pos, tuple(problems))
+
+    def region_item(self, children):
+        key, value = children
+        return Item("region", value, key.start_pos)
+
+    def interp_item(self, children):
+        key, word = children
+        name = str(word).lower()
+        if name not in INTERPOLATIONS:
+            return Item("interp", None, key.start_pos,
+                        ((word.start_pos, f"unknown interp '{word}'; use one of "
+                          + ", ".join(INTERPOLATIONS), "error"),))
+        return Item("interp", name, key.start_pos)
+
+    def unknown_item(self, children):
+        key, _value = children
+        close = difflib.get_close_matches(str(key).lower(), [k.lower() for k in KNOWN_KEYS], n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return Item("#unknown", str(key), key.start_pos,
+                    ((key.start_pos, f"unknown key '{key}' is ignored{hint}", "warning"),))
+
+    # ---- the whole tag ------------------------------------------------------------
+    def tag(self, children):
+        kind_tok, name_tok = children[0], children[2]
+        problems: List[Problem] = []
+        name, name_problem = check_name(str(name_tok))
+        if name_problem:
+            problems.append((name_tok.start_pos, name_problem, "error"))
+        fields: dict = {}
+        columns = [("name", name_tok.start_pos)]
+        positional = 0
+        for colon, item in zip(children[3::2], children[4::2]):
+            offset = item.offset if item.offset >= 0 else colon.start_pos + 1
+            problems.extend(item.problems)
+            if item.key == "#unknown" or item.problems and item.value is None:
+                continue
+            if item.key == "#positional":
+                positional += 1
+                key, value, problem = _positional(positional, item.value)
+                if problem:
+                    problems.append((offset, problem[0], problem[1]))
+                if key is None:
+                    continue
+                if key in fields:  # A1111: a named item wins over its positional slot
+                    continue
+            else:
+                key, value = item.key, item.value
+                if key in fields:
+                    problems.append((offset, f"'{key}' is given twice; the last one counts",
+                                     "warning"))
+            fields[key] = value
+            columns.append((key, offset))
+        return (_build(kind_tok.lower(), name, fields), tuple(columns), tuple(problems))
+
+
+def _positional(index: int, value) -> Tuple[Optional[str], Any, Optional[Tuple[str, str]]]:
+    """A1111's positional order name:te:unet:dyn, plus lora-block-weight's legacy vector or
+    preset in the later slots."""
+    if isinstance(value, BlockWeights):
+        if index == 1:
+            return None, None, ("the first value is a strength; put a block-weight vector or "
+                                "preset in lbw=", "error")
+        return "lbw", value, None
+    if index == 1:
+        return "te", value, None
+    if index == 2:
+        return "unet", value, None
+    if index == 3:
+        c = value.constant
+        if c is None or c != int(c) or c < 1:
+            return None, None, ("the third value is dyn, a whole number of ranks ≥ 1", "error")
+        return "dyn", int(c), None
+    return None, None, (f"positional value #{index} has no meaning (name:te:unet:dyn); "
+                        "it is ignored", "warning")
+
+
+def _build(kind: str, name: str, fields: dict) -> Tag:
+    groups = tuple(sorted((k, fields[k]) for k in ("in", "mid", "out") if k in fields))
+    blocks = tuple(sorted(((k, v) for k, v in fields.items() if k.isupper()), key=_block_sort))
+    start = fields.get("start")
+    last = None
+    if "step" in fields:
+        start, last = fields["step"]
+    window = Window(start=start, stop=fields.get("stop"), last=last)
+    simple = {k: fields.get(k) for k in ("te", "te1", "te2", "unet", "hr", "hrte", "hrunet", "lbw",
+                                         "x", "dyn", "region", "interp", "neg")}
+    return Tag(kind=kind, name=name, groups=groups, blocks=blocks, window=window, **simple)
+
+
+def _block_sort(item) -> Tuple[int, int]:
+    name = item[0]
+    if name == "BASE":
+        return (0, 0)
+    if name.startswith("IN"):
+        return (1, int(name[2:]))
+    if name.startswith("M"):
+        return (2, 0)
+    return (3, int(name[3:]))
+
+
+def check_name(raw: str) -> Tuple[str, Optional[str]]:
+    """Network names may hold sub-folders ("/") and spaces; never "..", an absolute path,
+    NUL or control characters."""
+    name = raw.strip().replace("\\", "/")
+    if not name:
+        return name, "the network name is empty"
+    bad = next((c for c in name if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        return name, f"the network name holds a control character (code {ord(bad)})"
+    if name.startswith("/") or name.startswith("~"):
+        return name, f"the network name '{name}' is an absolute path; name it relative to the network folder"
+    parts = name.split("/")
+    if any(p.strip() in ("..", ".") for p in parts):
+        return name, f"the network name '{name}' may not use '.' or '..' folders"
+    if any(not p.strip() for p in parts):
+        return name, f"the network name '{name}' has an empty folder name"
+    return name, None
+
+
+def shift_tag(tag: Tag, start: int, end: int, columns) -> Tag:
+    return replace(tag, span=(start, end), columns=tuple((k, start + c + 1) for k, c in columns))

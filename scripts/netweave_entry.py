@@ -1,0 +1,25 @@
+"""WebUI entry point. A WebUI loads every file in scripts/; this one registers the
+extension folder as the package `netweave`, whatever the folder is called, so no module of
+ours ever goes by a bare name like `network` or `parser` (DESIGN §1)."""
+import importlib.util
+import os
+import sys
+
+
+def _register_package():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    loaded = sys.modules.get("netweave")
+    if loaded is not None and [os.path.abspath(p) for p in getattr(loaded, "__path__", [])] == [root]:
+        return loaded
+    for name in [n for n in sys.modules if n == "netweave" or n.startswith("netweave.")]:
+        del sys.modules[name]  # another copy was loaded first: this folder is the one installed
+    spec = importlib.util.spec_from_file_location(
+        "netweave", os.path.join(root, "__init__.py"), submodule_search_locations=[root])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["netweave"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+_register_package()
+import netweave.extension  # noqa: E402,F401  - host adapters hang off this package

@@ -25,12 +25,14 @@ CURVES = {
 
 
 def index_of(pos: Position, steps: int, unit: str) -> float:
-    """Step index (0-based, may be fractional) of a position; `unit` decides "auto"."""
+    """Step index (0-based, may be fractional) of a position; `unit` decides "auto".
+    A one-step pass keeps its step at progress 0 (and fraction 1 one index later)."""
+    span = max(steps - 1, 1)
     if pos.unit == "percent":
-        return pos.value / 100.0 * (steps - 1)
+        return pos.value / 100.0 * span
     unit = unit if pos.unit == "auto" else pos.unit
     if unit == "fraction":
-        return pos.value * (steps - 1)
+        return pos.value * span
     return pos.value - 1.0
 
 

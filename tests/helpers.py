@@ -1,0 +1,20 @@
+from netweave.network.plan import CompileContext, compile_prompt
+from netweave.parser import parse
+
+
+def one_tag(text):
+    parsed = parse(text)
+    assert [e for e in parsed.errors if e.severity == "error"] == [], parsed.errors
+    assert len(parsed.tags) == 1, parsed
+    return parsed.tags[0]
+
+
+def one_network(text, steps=30, arch="sd1", **kw):
+    plan = compile_prompt(text, CompileContext(arch=arch, steps=steps, **kw))
+    assert [e for e in plan.errors if e.severity == "error"] == [], plan.errors
+    assert len(plan.networks) == 1, plan
+    return plan.networks[0]
+
+
+def series(values):
+    return [round(float(v), 6) for v in values]

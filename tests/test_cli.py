@@ -1,0 +1,84 @@
+"""The command-line contract of `python -m netweave explain` (other tools rely on it)."""
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from netweave.network.blocks import SD1_BLOCKS, SDXL_BLOCKS
+
+PROMPT = ("a cat <lora:pixel:te=0.1@0,0.6@0.5:unet=1:in=0:mid=1:out=0:region=mask1> "
+          "<model:anime_v3:0.7> <lora:bad:te=?>")
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "netweave", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_json_contract():
+    result = run("explain", PROMPT, "--steps", "30", "--hires-steps", "10", "--json")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert out["prompt"] == "a cat" and out["steps"] == 30
+    (err,) = out["errors"]
+    assert set(err) >= {"message", "column", "snippet"} and err["column"] == PROMPT.index("?") + 1
+    pixel, model = out["networks"]
+    assert (pixel["kind"], pixel["name"], pixel["region"], pixel["interp"]) == \
+        ("lora", "pixel", "mask1", "step")
+    assert model["kind"] == "model" and model["region"] is None
+    assert set(pixel["strength"]) == {"te", "te1", "te2", "unet"}
+    assert pixel["strength"]["te"] == [0.1] * 15 + [0.6] * 15
+    assert pixel["strength"]["unet"] == [1.0] * 30
+    assert list(pixel["blocks"]) == list(SD1_BLOCKS)
+    assert all(len(v) == 30 for v in pixel["blocks"].values())
+    assert pixel["blocks"]["IN05"] == [0.0] * 30 and pixel["blocks"]["M00"] == [1.0] * 30
+    assert model["strength"]["unet"] == [0.7] * 30
+    assert pixel["hires"]["strength"]["te"] == [0.1] * 5 + [0.6] * 5
+    assert len(pixel["hires"]["blocks"]["OUT11"]) == 10
+
+
+def test_json_sdxl_blocks_and_no_hires():
+    out = json.loads(run("explain", "<lora:x:lbw=OUTALL>", "--steps", "3", "--arch", "sdxl",
+                         "--json").stdout)
+    n = out["networks"][0]
+    assert list(n["blocks"]) == list(SDXL_BLOCKS) and n["hires"] is None
+    assert n["blocks"]["OUT05"] == [1.0] * 3 and n["blocks"]["IN04"] == [0.0] * 3
+
+
+def test_table_and_png(tmp_path):
+    png = tmp_path / "plan.png"
+    result = run("explain", PROMPT, "--steps", "30", "--png", str(png))
+    assert result.returncode == 0, result.stderr
+    assert "lora:pixel" in result.stdout and "1–15: 0.1  16–30: 0.6" in result.stdout
+    assert "IN00–IN11" in result.stdout and "error at column" in result.stdout
+    img = Image.open(png)
+    assert img.format == "PNG" and img.width >= 420
+    pixels = img.convert("RGB").getcolors(1 << 20)
+    assert len(pixels) > 10  # cells, text and legend were drawn
+
+
+def test_errors_still_exit_zero():
+    result = run("explain", "<lora:x:te=abc> <lora:", "--steps", "5", "--json")
+    assert result.returncode == 0
+    assert len(json.loads(result.stdout)["errors"]) == 2
+
+
+@pytest.mark.parametrize("args", [
+    ["explain", "x"],  # --steps is required
+    ["explain", "x", "--steps", "0"],
+    ["explain", "x", "--steps", "abc"],
+    ["explain", "x", "--steps", "3", "--arch", "flux"],
+    ["explain", "x", "--steps", "3", "--hires-steps", "-1"],
+    ["frobnicate"],
+    [],
+])
+def test_bad_arguments_exit_2(args):
+    result = run(*args)
+    assert result.returncode == 2 and result.stderr
+
+
+def test_unwritable_png_is_a_clear_failure(tmp_path):
+    result = run("explain", "<lora:x>", "--steps", "2", "--png", str(tmp_path / "no" / "dir.png"))
+    assert result.returncode == 1 and "cannot write" in result.stderr

@@ -1,0 +1,163 @@
+"""Every dialect NetWeave reads, with examples from each one's own documentation
+(reference/peers.md, hosts.md) and every example of DESIGN §3."""
+import pytest
+
+from helpers import one_network, one_tag, series
+from netweave.parser import (BlockWeights, Keyframe, Mask, Not, Position, Scaled, Schedule,
+                             Union_, VectorEntry, parse)
+
+C = Schedule.const
+
+
+def kf(*pairs):
+    return Schedule(keys=tuple(Keyframe(v, Position(p)) for v, p in pairs))
+
+
+# (tag text, {field: expected value}) -- each row one documented example.
+A1111 = [
+    ("<lora:name>", {"te": None, "unet": None}),
+    ("<lora:name:0.8>", {"te": C(0.8), "unet": None}),
+    ("<lora:name:0.8:0.5>", {"te": C(0.8), "unet": C(0.5)}),
+    ("<lora:name:te=0.8:unet=0.5:dyn=16>", {"te": C(0.8), "unet": C(0.5), "dyn": 16}),
+    ("<lora:name:0.8:0.5:16>", {"te": C(0.8), "unet": C(0.5), "dyn": 16}),
+    ("<lyco:Model:1:0.5:13>", {"kind": "lyco", "te": C(1), "unet": C(0.5), "dyn": 13}),
+    ("<lyco:Model:1:unet=0.5:dyn=13>", {"te": C(1), "unet": C(0.5), "dyn": 13}),
+    ("<lyco:Model:dyn=13:te=1:unet=0.5>", {"te": C(1), "unet": C(0.5), "dyn": 13}),
+]
+SDNEXT = [
+    ("<lora:name:1.0>", {"te": C(1.0)}),
+    ("<lora:name:te=0.5:unet=1.5>", {"te": C(0.5), "unet": C(1.5)}),
+    ("<lora:name:1.0:in=0:mid=1:out=0>", {"groups": (("in", C(0)), ("mid", C(1)), ("out", C(0)))}),
+    ("<lora:name:te=0.1@1,0.6@6>", {"te": kf((0.1, 1), (0.6, 6))}),
+    ("<lora:name:0.1@0,0.9@1>", {"te": kf((0.1, 0), (0.9, 1))}),
+    ("<lora:name:1.0:dyn=16>", {"dyn": 16}),
+]
+LORACTL = [
+    ("<lora:network:0@0,1@0.5,0@1>", {"te": kf((0, 0), (1, 0.5), (0, 1))}),
+    ("<lora:pixel:1:0@5,1@6>", {"te": C(1), "unet": kf((0, 5), (1, 6))}),
+    ("<lora:pixel:te=1:unet=0@0,1@1>", {"te": C(1), "unet": kf((0, 0), (1, 1))}),
+    ("<lora:network:0.5:hr=1.0>", {"te": C(0.5), "hr": C(1.0)}),
+    ("<lora:network:0@0,1@1:hr=1@0,0@1>", {"te": kf((0, 0), (1, 1)), "hr": kf((1, 0), (0, 1))}),
+    ("<lora:n:hrte=0.2:hrunet=0.3>", {"hrte": C(0.2), "hrunet": C(0.3)}),
+    ("<loractl:network:0.5:hr=1.0>", {"kind": "loractl", "te": C(0.5), "hr": C(1.0)}),
+    ("<lora:n:0~0;1~0.5>", {"te": kf((0, 0), (1, 0.5))}),
+    ("<lora:n:0@0,1>", {"te": kf((0, 0), (1, 1))}),  # a value without position sits at 1
+]
+LBW = [
+    ("<lora:name:1:lbw=OUTALL>", {"lbw": BlockWeights(preset="OUTALL")}),
+    ("<lora:name:1:lbw=1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1>",
+     {"lbw": BlockWeights(entries=tuple(VectorEntry("num", float(v)) for v in
+                                        [1, 0, 0, 0, 0, 0, 0, 0] + [1] * 9))}),
+    ("<lora:name:1:1:lbw=IN02>", {"te": C(1), "unet": C(1), "lbw": BlockWeights(preset="IN02")}),
+    ("<lora:name:1:lbw=ALL:start=10>", {"window.start": Position(10, "step")}),
+    ("<lora:name:1:lbw=ALL:stop=10>", {"window.stop": Position(10, "step")}),
+    ("<lora:name:1:lbw=ALL:step=5-10>", {"window.start": Position(5, "step"),
+                                         "window.last": Position(10, "step")}),
+    ("<lora:name:0.5:lbw=ROUT:x=0.7>", {"lbw": BlockWeights(preset="ROUT"), "x": 0.7}),
+    ("<lora:name:1:w=ALL>", {"lbw": BlockWeights(preset="ALL")}),
+    ("<lora:name:1:ALL>", {"lbw": BlockWeights(preset="ALL")}),  # legacy positional preset
+    ("<lora:name:1:0,0,1,1>", {"lbw": BlockWeights(entries=tuple(
+        VectorEntry("num", float(v)) for v in (0, 0, 1, 1)))}),  # legacy positional vector
+    ("<lyco:name:1:1:lbw=IN02>", {"kind": "lyco", "lbw": BlockWeights(preset="IN02")}),
+    ("<lora:n:lbw=1,R,U,X,X+0.2,X-0.1>", {"lbw": BlockWeights(entries=(
+        VectorEntry("num", 1.0), VectorEntry("R"), VectorEntry("U"), VectorEntry("X", 0.0),
+        VectorEntry("X", 0.2), VectorEntry("X", -0.1)))}),
+]
+DESIGN = [
+    ("<lora:pixel:te=0.1@0,0.6@0.5:unet=1:in=0:mid=1:out=0:region=mask1>",
+     {"te": kf((0.1, 0), (0.6, 0.5)), "unet": C(1), "region": Mask("mask1"),
+      "groups": (("in", C(0)), ("mid", C(1)), ("out", C(0)))}),
+    ("<model:anime_v3:0.7>", {"kind": "model", "name": "anime_v3", "te": C(0.7)}),
+    ("<loractl:x:0@0,1@1>", {"kind": "loractl", "te": kf((0, 0), (1, 1))}),
+    ("<lora:sub folder/my lora v2:0.5>", {"name": "sub folder/my lora v2"}),
+    ("<LORA:Name:TE=0.5:UNET=1>", {"kind": "lora", "name": "Name", "te": C(0.5), "unet": C(1)}),
+    ("<lora:n:region=mask1+left*0.5>",
+     {"region": Union_((Mask("mask1"), Scaled(Mask("left"), 0.5)))}),
+    ("<lora:n:region=!top>", {"region": Not(Mask("top"))}),
+    ("<lora:n:interp=ease_in_out:neg=0>", {"interp": "ease_in_out", "neg": 0.0}),
+    ("<lora:n:te=1@50%>", {"te": Schedule(keys=(Keyframe(1, Position(50, "percent")),))}),
+]
+
+
+def _get(tag, field):
+    obj = tag
+    for part in field.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@pytest.mark.parametrize("text,expected", A1111 + SDNEXT + LORACTL + LBW + DESIGN)
+def test_documented_examples_parse(text, expected):
+    tag = one_tag(text)
+    for field, value in expected.items():
+        assert _get(tag, field) == value, (field, _get(tag, field))
+
+
+def test_unknown_keys_of_other_dialects_warn_and_keep_the_tag():
+    # SD.Next's module=, lora-block-weight's lbwe=: read, warned about, never a crash.
+    parsed = parse("<lora:name:1.0:module=unet> <lora:name:1:lbw=MIDD:lbwe=ATTNON>")
+    assert len(parsed.tags) == 2
+    assert [e.severity for e in parsed.errors] == ["warning", "warning"]
+    assert "module" in parsed.errors[0].message and "lbwe" in parsed.errors[1].message
+
+
+# ---- the semantics that follow from those examples, as plans ---------------------------
+def test_a1111_unet_defaults_to_te():
+    n = one_network("<lora:name:0.8>", steps=4)
+    assert series(n.base.strength["unet"]) == [0.8] * 4
+    assert series(n.base.strength["te1"]) == [0.8] * 4
+
+
+def test_named_te_wins_over_positional_as_in_a1111():
+    parsed = parse("<lora:name:0.3:te=0.8>")
+    assert parsed.tags[0].te == C(0.8)
+
+
+def test_loractl_pixel_unet_off_until_step_5():
+    n = one_network("<lora:pixel:1:0@5,1@6>", steps=20)
+    # step interp for <lora:>: 0 through step 5, 1 from step 6 (positions are step numbers)
+    assert series(n.base.strength["unet"]) == [0] * 5 + [1] * 15
+    assert series(n.base.strength["te1"]) == [1] * 20
+
+
+def test_loractl_tag_defaults_to_linear():
+    n = one_network("<loractl:x:0@0,1@1>", steps=5)
+    assert series(n.base.strength["unet"]) == [0, 0.25, 0.5, 0.75, 1]
+
+
+def test_loractl_hr_ramps_down_in_hires():
+    n = one_network("<loractl:network:0@0,1@1:hr=1@0,0@1>", steps=3, hires_steps=5)
+    assert series(n.hires.strength["unet"]) == [1, 0.75, 0.5, 0.25, 0]
+    assert series(n.hires.strength["te1"]) == [1, 0.75, 0.5, 0.25, 0]
+
+
+def test_hires_defaults_follow_loractl():
+    n = one_network("<lora:n:te=0.2:unet=0.7:hrunet=0.9>", steps=2, hires_steps=2)
+    assert series(n.hires.strength["te1"]) == [0.2, 0.2]  # hrte <- te
+    assert series(n.hires.strength["unet"]) == [0.9, 0.9]
+    n = one_network("<lora:n:te=0.2:unet=0.7>", steps=2, hires_steps=2)
+    assert series(n.hires.strength["unet"]) == [0.7, 0.7]  # hrunet <- unet
+
+
+def test_sdnext_block_groups_multiply_unet():
+    n = one_network("<lora:name:1.0:in=0:mid=1:out=0>", steps=2)
+    assert series(n.base.effective("unet", "IN04")) == [0, 0]
+    assert series(n.base.effective("unet", "M00")) == [1, 1]
+    assert series(n.base.effective("unet", "OUT05")) == [0, 0]
+    assert series(n.base.effective("te1", "BASE")) == [1, 1]
+
+
+def test_lbw_start_stop_step_windows():
+    assert series(one_network("<lora:n:1:start=10>", steps=12).base.strength["unet"]) == \
+        [0] * 9 + [1] * 3
+    assert series(one_network("<lora:n:1:stop=10>", steps=12).base.strength["unet"]) == \
+        [1] * 9 + [0] * 3
+    assert series(one_network("<lora:n:1:step=5-10>", steps=12).base.strength["unet"]) == \
+        [0] * 4 + [1] * 6 + [0] * 2
+
+
+def test_lbw_x_fills_placeholders():
+    n = one_network("<lora:n:1:lbw=1,X,X+0.2,X-0.1,0,0,0,0,0,0,0,0,0,0,0,0,0:x=0.5>", steps=1)
+    assert n.lbw[:4] == (1.0, 0.5, 0.7, 0.4)
+    assert series(n.base.blocks["IN01"]) == [0.5]
+    assert series(n.base.blocks["IN02"]) == [0.7]

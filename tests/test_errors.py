@@ -1,0 +1,120 @@
+"""parse() never raises on user text: errors carry a message, a column and a caret snippet;
+a bad tag is skipped, the rest goes on; text outside tags is untouched."""
+import pytest
+
+from netweave.network.plan import CompileContext, compile_prompt
+from netweave.parser import parse, parse_region
+
+
+def only_error(prompt):
+    parsed = parse(prompt)
+    assert len(parsed.errors) == 1, parsed.errors
+    return parsed, parsed.errors[0]
+
+
+@pytest.mark.parametrize("prompt,column,words", [
+    ("<lora:x:te=abc>", 12, ["te=abc", "a number"]),
+    ("cat <lora:x:0@0,1@>", 19, ["a number"]),
+    ("<lora:x:lbw=>", 13, []),
+    ("<lora:x:region=a+>", 18, ["mask name"]),
+    ("<lora:x:interp=wobbly>", 16, ["unknown interp", "linear"]),
+    ("<lora:x:dyn=2.5>", 13, ["dyn"]),
+    ("<lora:x:stop=1.5>", 14, ["fraction"]),
+    ("<lora:>", 7, ["network name"]),
+])
+def test_error_message_column_snippet(prompt, column, words):
+    parsed, err = only_error(prompt)
+    assert err.severity == "error"
+    assert err.column == column, (err.column, err.message)
+    for w in words:
+        assert w in err.message, err.message
+    tag_line, caret_line = err.snippet.split("\n")
+    tag_start = prompt.index("<")
+    assert tag_line == prompt[tag_start:]
+    assert caret_line == " " * (column - 1 - tag_start) + "^"
+    assert parsed.tags == ()  # the bad tag is skipped
+
+
+def test_bad_tag_is_skipped_and_the_rest_goes_on():
+    parsed = parse("a <lora:good:0.5> b <lora:bad:te=?> c <lyco:other>")
+    assert [t.name for t in parsed.tags] == ["good", "other"]
+    assert parsed.text == "a b c"
+    assert len(parsed.errors) == 1 and parsed.errors[0].column == 34
+
+
+@pytest.mark.parametrize("name,words", [
+    ("../secret", ".."), ("a/../../b", ".."), ("/etc/passwd", "absolute"), ("\\\\server\\x", "absolute"),
+    ("~/x", "absolute"), ("a\x00b", "control"), ("a\x07b", "control"), ("a//b", "empty"), ("  ", "empty"),
+])
+def test_bad_names(name, words):
+    parsed = parse(f"<lora:{name}:1>")
+    assert parsed.tags == ()
+    assert words in parsed.errors[0].message
+
+
+def test_subfolders_and_spaces_are_fine():
+    assert parse("<lora:style/my lora (v2):1>").tags[0].name == "style/my lora (v2)"
+    assert parse("<lora:style\\anime:1>").tags[0].name == "style/anime"
+
+
+def test_unclosed_tag_is_reported_and_left_in_the_text():
+    parsed = parse("cat <lora:x:0.5 dog")
+    assert parsed.tags == () and parsed.text == "cat <lora:x:0.5 dog"
+    assert "not closed" in parsed.errors[0].message and parsed.errors[0].column == 5
+
+
+def test_extra_positional_and_duplicates_warn():
+    parsed = parse("<lora:x:1:1:8:0.5:te=0.2:te=0.3>")
+    assert len(parsed.tags) == 1 and parsed.tags[0].te.constant == 0.3
+    # positional #4 has no meaning; te is given three times (positional, te=0.2, te=0.3)
+    assert [e.severity for e in parsed.errors] == ["warning", "warning", "warning"]
+    assert parse("<lora:x:1:1:8:0.5>", strict=True).tags == ()
+
+
+def test_vector_as_first_value_is_an_error():
+    parsed = parse("<lora:x:1,0,1>")
+    assert parsed.tags == () and "lbw=" in parsed.errors[0].message
+
+
+@pytest.mark.parametrize("prompt,text", [
+    ("(masterpiece:1.2), [cat:dog:0.5] AND a house BREAK sky", None),
+    ("<hypernet:foo:1> <lora_unknown:x> <embedding> a < b > c", None),
+    ("a <lora:x:1> b", "a b"),
+    ("<lora:x:1> a", "a"),
+    ("a <lora:x:1>", "a"),
+    ("a <lora:x:1>, b", "a, b"),
+    ("a<lora:x:1>b", "a b"),
+    ("a <lora:x:1> <lora:y:1>  b", "a b"),
+    ("line one <lora:x:1>\nline two", "line one\nline two"),
+    ("(cat <lora:x:1>:1.2)", "(cat:1.2)"),
+    ("a   b <lora:x>", "a   b"),  # spacing elsewhere is the user's
+])
+def test_text_outside_tags_is_untouched(prompt, text):
+    assert parse(prompt).text == (prompt if text is None else text)
+
+
+def test_non_string_prompt_is_a_type_error():
+    with pytest.raises(TypeError):
+        parse(None)
+
+
+def test_region_parse_on_its_own():
+    region, err = parse_region("mask1 + !left*0.5")
+    assert err is None and region is not None
+    region, err = parse_region("mask1 +")
+    assert region is None and err.column == 8 and err.snippet.endswith("^")
+
+
+def test_missing_mask_and_network_are_compile_errors():
+    ctx = CompileContext(steps=2, masks=frozenset({"m1"}), networks=frozenset({"a"}))
+    plan = compile_prompt("<lora:a:region=m1+left> <lora:a:region=m2> <lora:b>", ctx)
+    assert len(plan.networks) == 1
+    messages = [e.message for e in plan.errors]
+    assert any("'m2'" in m for m in messages) and any("'b'" in m for m in messages)
+
+
+def test_word_in_a_positional_slot_is_read_as_an_lbw_preset():
+    # lora-block-weight's legacy <lora:name:1:PRESET>; an unknown word is a compile error there
+    plan = compile_prompt("<lora:x:0.5:abc>", CompileContext(steps=2))
+    assert plan.networks == ()
+    assert "unknown lbw preset 'abc'" in plan.errors[0].message and plan.errors[0].column == 13

@@ -1,0 +1,84 @@
+"""format_tag gives canonical text that parses back to the same AST, over generated ASTs."""
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from netweave.network.blocks import SD1_BLOCKS
+from netweave.parser import (BUILTIN_REGIONS, INTERPOLATIONS, KINDS, BlockWeights, Intersect,
+                             Keyframe, Mask, Not, Position, Scaled, Schedule, Tag, Union_,
+                             VectorEntry, Window, format, format_region, parse, parse_region)
+
+numbers = st.floats(-10, 10, allow_nan=False, allow_subnormal=False)
+nonneg = st.floats(0, 100, allow_nan=False, allow_subnormal=False).map(abs)
+unit = st.floats(0, 1, allow_nan=False, allow_subnormal=False).map(abs)
+
+word = st.from_regex(r"[A-Za-z0-9_]([A-Za-z0-9_ ().\-]{0,8}[A-Za-z0-9_])?", fullmatch=True)
+names = st.lists(word.filter(lambda w: w not in (".", "..")), min_size=1, max_size=3).map("/".join)
+
+positions = st.one_of(nonneg.map(lambda v: Position(v)), nonneg.map(lambda v: Position(v, "percent")))
+schedules = st.one_of(
+    numbers.map(Schedule.const),
+    st.lists(st.builds(Keyframe, numbers, positions), min_size=1, max_size=4).map(
+        lambda ks: Schedule(keys=tuple(ks))))
+
+entries = st.one_of(numbers.map(lambda v: VectorEntry("num", v)),
+                    st.sampled_from([VectorEntry("R"), VectorEntry("U")]),
+                    st.floats(-5, 5, allow_nan=False, allow_subnormal=False).map(
+                        lambda v: VectorEntry("X", v)))
+presets = st.from_regex(r"[A-Za-z_][A-Za-z0-9_.]{0,6}", fullmatch=True).filter(
+    lambda p: p not in ("R", "U", "X"))
+weights = st.one_of(presets.map(lambda p: BlockWeights(preset=p)),
+                    st.lists(entries, min_size=1, max_size=26).map(
+                        lambda es: BlockWeights(entries=tuple(es))))
+
+window_positions = st.one_of(st.integers(0, 60).map(lambda s: Position(float(s), "step")),
+                             unit.map(lambda v: Position(v, "fraction")),
+                             nonneg.map(lambda v: Position(v, "percent")))
+windows = st.one_of(
+    st.builds(Window, start=st.none() | window_positions, stop=st.none() | window_positions),
+    st.builds(Window, start=window_positions, stop=st.none() | window_positions,
+              last=window_positions))
+
+mask_names = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,6}", fullmatch=True).filter(
+    lambda n: n.lower() not in BUILTIN_REGIONS)
+masks = st.one_of(st.sampled_from(BUILTIN_REGIONS).map(Mask), mask_names.map(Mask))
+regions = st.recursive(masks, lambda inner: st.one_of(
+    inner.map(Not),
+    st.builds(Scaled, inner, st.floats(0, 10, allow_nan=False, allow_subnormal=False).map(abs)),
+    st.lists(inner, min_size=2, max_size=3).map(lambda os: Union_(tuple(os))),
+    st.lists(inner, min_size=2, max_size=3).map(lambda os: Intersect(tuple(os)))), max_leaves=8)
+
+
+def _block_key(name):
+    return SD1_BLOCKS.index(name)
+
+
+@st.composite
+def tags(draw):
+    opt = lambda s: draw(st.none() | s)  # noqa: E731
+    groups = draw(st.dictionaries(st.sampled_from(["in", "mid", "out"]), schedules, max_size=3))
+    blocks = draw(st.dictionaries(st.sampled_from(SD1_BLOCKS), schedules, max_size=4))
+    return Tag(kind=draw(st.sampled_from(KINDS)), name=draw(names),
+               te=opt(schedules), te1=opt(schedules), te2=opt(schedules), unet=opt(schedules),
+               hr=opt(schedules), hrte=opt(schedules), hrunet=opt(schedules),
+               groups=tuple(sorted(groups.items())),
+               blocks=tuple(sorted(blocks.items(), key=lambda kv: _block_key(kv[0]))),
+               lbw=opt(weights), x=opt(numbers), dyn=opt(st.integers(1, 512)),
+               window=draw(windows), region=opt(regions), interp=opt(st.sampled_from(INTERPOLATIONS)),
+               neg=opt(numbers))
+
+
+@settings(max_examples=600, deadline=None)
+@given(tags())
+def test_parse_format_roundtrip(tag):
+    text = format(tag)
+    parsed = parse(text)
+    assert parsed.errors == (), (text, parsed.errors)
+    assert parsed.tags == (tag,), text
+    assert format(parsed.tags[0]) == text  # canonical: formatting is a fixed point
+
+
+@settings(max_examples=300, deadline=None)
+@given(regions)
+def test_region_roundtrip(region):
+    parsed, err = parse_region(format_region(region))
+    assert err is None and parsed == region

@@ -9,16 +9,21 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, Mapping, Optional, Tuple
+from typing import FrozenSet, Mapping, Optional, Tuple
 
 import numpy as np
 
 from ..parser import (BUILTIN_REGIONS, Diagnostic, Mask, Not, Prompt, Region, Scaled, Schedule,
-                      Tag, format_region, format_tag, parse, snippet)
+                      Tag, Window, format_region, format_tag, parse, snippet)
 from .blocks import ARCH_TITLES, BLOCKS, group_of, resolve_weights
 from .schedule import evaluate, window_mask
 
 ONE = Schedule.const(1.0)
+NO_WINDOW = Window()
+BLOCK_INDEX = {arch: {b: i for i, b in enumerate(names)} for arch, names in BLOCKS.items()}
+GROUP_ROWS = {arch: {g: np.array([i for i, b in enumerate(names) if group_of(b) == g])
+                     for g in ("in", "mid", "out")} for arch, names in BLOCKS.items()}
+ONES = {arch: np.ones(len(names)) for arch, names in BLOCKS.items()}
 
 
 @dataclass(frozen=True)
@@ -125,19 +130,21 @@ def compile_parsed(parsed: Prompt, source: str, ctx: CompileContext) -> Plan:
                                        severity))
 
         _check(tag, ctx, problem)
-        lbw_table, lbw_values = None, ()
+        lbw_row, lbw_values = None, ()
         if tag.lbw is not None:
             lbw_table, lbw_values, message = resolve_weights(tag.lbw, ctx.arch, tag.x, rng,
                                                              ctx.presets)
             if message:
                 problem("lbw", message)
+            else:
+                lbw_row = np.array([lbw_table[b] for b in BLOCKS[ctx.arch]])
         errors.extend(problems)
         if any(p.severity == "error" for p in problems):
             continue
         interp = tag.interp or ctx.default_interp or ("linear" if tag.kind == "loractl" else "step")
-        base = _pass(tag, ctx, ctx.steps, interp, lbw_table, hires=False)
+        base = _pass(tag, ctx, ctx.steps, interp, lbw_row, hires=False)
         hires = None if ctx.hires_steps is None else _pass(tag, ctx, ctx.hires_steps, interp,
-                                                           lbw_table, hires=True)
+                                                           lbw_row, hires=True)
         networks.append(NetworkPlan(tag, interp, base, hires, lbw_values))
     return Plan(parsed.text, ctx.arch, ctx.steps, ctx.hires_steps, tuple(networks), tuple(errors))
 
@@ -171,7 +178,7 @@ def region_masks(region: Region) -> FrozenSet[str]:
 
 
 def _pass(tag: Tag, ctx: CompileContext, steps: int, interp: str,
-          lbw_table: Optional[Dict[str, float]], hires: bool) -> PassPlan:
+          lbw_row: Optional[np.ndarray], hires: bool) -> PassPlan:
     te = tag.te or ONE
     schedules = {"te": te, "te1": tag.te1 or te, "te2": tag.te2 or te, "unet": tag.unet or te}
     if hires:  # loractl: hr sets both, hrte / hrunet one each, else the base pass's curves
@@ -180,19 +187,18 @@ def _pass(tag: Tag, ctx: CompileContext, steps: int, interp: str,
             schedules.update(te=te_hr, te1=te_hr, te2=te_hr)
         if unet_hr is not None:
             schedules["unet"] = unet_hr
-    window = window_mask(tag.window, steps)
-    strength = {c: evaluate(s, steps, interp) * window for c, s in schedules.items()}
+    strength = {c: evaluate(s, steps, interp) for c, s in schedules.items()}
+    if tag.window != NO_WINDOW:
+        window = window_mask(tag.window, steps)
+        strength = {c: v * window for c, v in strength.items()}
 
-    group = {g: evaluate(s, steps, interp) for g, s in tag.groups}
-    own = dict(tag.blocks)
-    blocks = {}
-    for b in BLOCKS[ctx.arch]:
-        if b in own:
-            value = evaluate(own[b], steps, interp)
-        elif lbw_table is not None:
-            value = np.full(steps, lbw_table[b])
-        else:
-            value = np.ones(steps)
-        g = group.get(group_of(b))
-        blocks[b] = value if g is None else value * g
-    return PassPlan(steps, strength, blocks)
+    # One row per block: the lbw vector (or 1), a block's own schedule instead, times its group.
+    names = BLOCKS[ctx.arch]
+    table = np.repeat((ONES[ctx.arch] if lbw_row is None else lbw_row)[:, None], steps, axis=1)
+    for b, s in tag.blocks:
+        if b in BLOCK_INDEX[ctx.arch]:
+            table[BLOCK_INDEX[ctx.arch][b]] = evaluate(s, steps, interp)
+    for g, s in tag.groups:
+        table[GROUP_ROWS[ctx.arch][g]] *= evaluate(s, steps, interp)
+    table.flags.writeable = False
+    return PassPlan(steps, strength, dict(zip(names, table)))

@@ -79,6 +79,7 @@ def parse_region(text: str) -> Tuple[Optional[Region], Optional[Diagnostic]]:
         return None, _diagnostic(text, 0, offset, message, "error", whole=True)
 
 
+@functools.lru_cache(maxsize=256)
 def parse_weights(text: str) -> Tuple[Optional[BlockWeights], Optional[str]]:
     """Parse an lbw value (vector or preset name) on its own, e.g. a line of a preset file."""
     try:

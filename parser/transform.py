@@ -196,17 +196,19 @@ class TagTransformer(Transformer):
                 key, value, problem = _positional(positional, item.value)
                 if problem:
                     problems.append((offset, problem[0], problem[1]))
-                if key is None:
+                if key is None or key in fields:  # A1111: a named item wins over its slot
                     continue
-                if key in fields:  # A1111: a named item wins over its positional slot
-                    continue
+                settings = [(key, value)]
+            elif item.key == "step":  # step=a-b is start=a plus the last step still on
+                settings = [("start", item.value[0]), ("last", item.value[1])]
             else:
-                key, value = item.key, item.value
+                settings = [(item.key, item.value)]
+            for key, value in settings:
                 if key in fields:
                     problems.append((offset, f"'{key}' is given twice; the last one counts",
                                      "warning"))
-            fields[key] = value
-            columns.append((key, offset))
+                fields[key] = value
+                columns.append((key, offset))
         return (_build(kind_tok.lower(), name, fields), tuple(columns), tuple(problems))
 
 
@@ -234,11 +236,7 @@ def _positional(index: int, value) -> Tuple[Optional[str], Any, Optional[Tuple[s
 def _build(kind: str, name: str, fields: dict) -> Tag:
     groups = tuple(sorted((k, fields[k]) for k in ("in", "mid", "out") if k in fields))
     blocks = tuple(sorted(((k, v) for k, v in fields.items() if k.isupper()), key=_block_sort))
-    start = fields.get("start")
-    last = None
-    if "step" in fields:
-        start, last = fields["step"]
-    window = Window(start=start, stop=fields.get("stop"), last=last)
+    window = Window(start=fields.get("start"), stop=fields.get("stop"), last=fields.get("last"))
     simple = {k: fields.get(k) for k in ("te", "te1", "te2", "unet", "hr", "hrte", "hrunet", "lbw",
                                          "x", "dyn", "region", "interp", "neg")}
     return Tag(kind=kind, name=name, groups=groups, blocks=blocks, window=window, **simple)

@@ -118,3 +118,10 @@ def test_word_in_a_positional_slot_is_read_as_an_lbw_preset():
     plan = compile_prompt("<lora:x:0.5:abc>", CompileContext(steps=2))
     assert plan.networks == ()
     assert "unknown lbw preset 'abc'" in plan.errors[0].message and plan.errors[0].column == 13
+
+
+def test_step_range_and_start_overlap_warns():
+    parsed = parse("<lora:x:step=5-10:start=3>")
+    w = parsed.tags[0].window
+    assert (w.start.value, w.last.value) == (3, 10)
+    assert len(parsed.errors) == 1 and "'start' is given twice" in parsed.errors[0].message

@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
-from ..parser import BlockWeights, parse_weights
+from ..parser import BlockWeights, VectorEntry, parse_weights
 
 
 def _names(prefix: str, indices) -> Tuple[str, ...]:
@@ -37,33 +37,33 @@ LBW_LAYOUTS["sd2"] = LBW_LAYOUTS["sd1"]
 
 # LBW's default presets (its DEF_WEIGHT_PRESET, 17 values in SD1 order).
 _SD1_PRESETS = {
-    "NONE": "0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0",
-    "ALL": "1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1",
-    "INS": "1,1,1,1,0,0,0,0,0,0,0,0,0,0,0,0,0",
-    "IND": "1,0,0,0,1,1,1,0,0,0,0,0,0,0,0,0,0",
-    "INALL": "1,1,1,1,1,1,1,0,0,0,0,0,0,0,0,0,0",
-    "MIDD": "1,0,0,0,1,1,1,1,1,1,1,1,0,0,0,0,0",
-    "OUTD": "1,0,0,0,0,0,0,0,1,1,1,1,0,0,0,0,0",
-    "OUTS": "1,0,0,0,0,0,0,0,0,0,0,0,1,1,1,1,1",
-    "OUTALL": "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1",
-    "ALL0.5": "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5",
+    "NONE": (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+    "ALL": (1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1),
+    "INS": (1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+    "IND": (1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+    "INALL": (1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+    "MIDD": (1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0),
+    "OUTD": (1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0),
+    "OUTS": (1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1),
+    "OUTALL": (1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1),
+    "ALL0.5": (0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5),
 }
 # LBW ships SD1 presets only. These are the same presets for SDXL's 12 attention blocks
 # (BASE, IN04 IN05 | IN07 IN08, M00, OUT00-02 | OUT03-05): "shallow" and "deep" halves
 # of the in and out sides, so each name keeps its meaning.
 _SDXL_PRESETS = {
-    "NONE": "0,0,0,0,0,0,0,0,0,0,0,0",
-    "ALL": "1,1,1,1,1,1,1,1,1,1,1,1",
-    "INS": "1,1,1,0,0,0,0,0,0,0,0,0",
-    "IND": "1,0,0,1,1,0,0,0,0,0,0,0",
-    "INALL": "1,1,1,1,1,0,0,0,0,0,0,0",
-    "MIDD": "1,0,0,1,1,1,1,1,1,0,0,0",
-    "OUTD": "1,0,0,0,0,0,1,1,1,0,0,0",
-    "OUTS": "1,0,0,0,0,0,0,0,0,1,1,1",
-    "OUTALL": "1,0,0,0,0,0,1,1,1,1,1,1",
-    "ALL0.5": "0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5,0.5",
+    "NONE": (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+    "ALL": (1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1),
+    "INS": (1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+    "IND": (1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0),
+    "INALL": (1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0),
+    "MIDD": (1, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0),
+    "OUTD": (1, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0),
+    "OUTS": (1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1),
+    "OUTALL": (1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1),
+    "ALL0.5": (0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5),
 }
-PRESETS = {"sd1": _SD1_PRESETS, "sd2": _SD1_PRESETS, "sdxl": _SDXL_PRESETS}
+PRESETS = {"sd1": _SD1_PRESETS, "sd2": _SD1_PRESETS, "sdxl": _SDXL_PRESETS}  # name -> values
 
 
 def group_of(block: str) -> Optional[str]:
@@ -92,17 +92,19 @@ def resolve_weights(weights: BlockWeights, arch: str, x: Optional[float], rng: r
                     user_presets: Mapping[str, str] = ()) -> Tuple[Optional[Dict[str, float]],
                                                                    Tuple[float, ...], str]:
     """LBW vector or preset → ({block: value} over every block of `arch}, values, error)."""
-    if weights.preset is not None:
-        text = _find_preset(weights.preset, arch, user_presets)
-        if text is None:
-            known = ", ".join(sorted(set(PRESETS[arch]) | set(user_presets)))
-            return None, (), f"unknown lbw preset '{weights.preset}'; presets: {known}"
-        vector, problem = parse_weights(text)
-        if vector is None or vector.preset is not None:
-            return None, (), f"lbw preset '{weights.preset}' is not a vector: '{text}'"
-        entries = vector.entries
-    else:
+    if weights.preset is None:
         entries = weights.entries
+    elif weights.preset in user_presets:  # a user's text may hold R, U and X: parse it
+        vector, _ = parse_weights(user_presets[weights.preset])
+        if vector is None or vector.preset is not None:
+            return None, (), (f"lbw preset '{weights.preset}' is not a vector: "
+                              f"'{user_presets[weights.preset]}'")
+        entries = vector.entries
+    elif weights.preset in PRESETS[arch]:
+        entries = tuple(VectorEntry("num", float(v)) for v in PRESETS[arch][weights.preset])
+    else:
+        known = ", ".join(sorted(set(PRESETS[arch]) | set(user_presets)))
+        return None, (), f"unknown lbw preset '{weights.preset}'; presets: {known}"
     values = tuple(_entry_value(e, x, rng) for e in entries)
     layouts = LBW_LAYOUTS[arch]
     if len(values) not in layouts:
@@ -113,13 +115,6 @@ def resolve_weights(weights: BlockWeights, arch: str, x: Optional[float], rng: r
     table = dict.fromkeys(BLOCKS[arch], 0.0)
     table.update(zip(layouts[len(values)], values))
     return table, values, ""
-
-
-def _find_preset(name: str, arch: str, user_presets: Mapping[str, str]) -> Optional[str]:
-    for table in (user_presets, PRESETS[arch]):
-        if name in table:
-            return table[name]
-    return None
 
 
 def _entry_value(entry, x: Optional[float], rng: random.Random) -> float:

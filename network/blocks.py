@@ -7,7 +7,9 @@ not name get 0, exactly as LBW's `to26` does.
 from __future__ import annotations
 
 import random
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Mapping, Optional, Tuple
+
+import numpy as np
 
 from ..parser import BlockWeights, VectorEntry, parse_weights
 
@@ -89,9 +91,9 @@ def parse_preset_file(text: str) -> Dict[str, str]:
 
 
 def resolve_weights(weights: BlockWeights, arch: str, x: Optional[float], rng: random.Random,
-                    user_presets: Mapping[str, str] = ()) -> Tuple[Optional[Dict[str, float]],
+                    user_presets: Mapping[str, str] = ()) -> Tuple[Optional[np.ndarray],
                                                                    Tuple[float, ...], str]:
-    """LBW vector or preset → ({block: value} over every block of `arch}, values, error)."""
+    """LBW vector or preset → (one value per block of BLOCKS[arch], the vector's values, error)."""
     if weights.preset is None:
         entries = weights.entries
     elif weights.preset in user_presets:  # a user's text may hold R, U and X: parse it
@@ -112,9 +114,8 @@ def resolve_weights(weights: BlockWeights, arch: str, x: Optional[float], rng: r
         what = f"preset '{weights.preset}'" if weights.preset else "lbw"
         return None, values, (f"{what} has {len(values)} values; {ARCH_TITLES[arch]} takes "
                               f"{lengths} (lora-block-weight's block lists)")
-    table = dict.fromkeys(BLOCKS[arch], 0.0)
-    table.update(zip(layouts[len(values)], values))
-    return table, values, ""
+    table = dict(zip(layouts[len(values)], values))
+    return np.array([table.get(b, 0.0) for b in BLOCKS[arch]]), values, ""
 
 
 def _entry_value(entry, x: Optional[float], rng: random.Random) -> float:
@@ -127,6 +128,3 @@ def _entry_value(entry, x: Optional[float], rng: random.Random) -> float:
         return (1.0 if x is None else x) + entry.value
     return entry.value
 
-
-def known_blocks(arch: str) -> Sequence[str]:
-    return BLOCKS[arch]

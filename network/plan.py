@@ -132,12 +132,10 @@ def compile_parsed(parsed: Prompt, source: str, ctx: CompileContext) -> Plan:
         _check(tag, ctx, problem)
         lbw_row, lbw_values = None, ()
         if tag.lbw is not None:
-            lbw_table, lbw_values, message = resolve_weights(tag.lbw, ctx.arch, tag.x, rng,
-                                                             ctx.presets)
+            lbw_row, lbw_values, message = resolve_weights(tag.lbw, ctx.arch, tag.x, rng,
+                                                           ctx.presets)
             if message:
                 problem("lbw", message)
-            else:
-                lbw_row = np.array([lbw_table[b] for b in BLOCKS[ctx.arch]])
         errors.extend(problems)
         if any(p.severity == "error" for p in problems):
             continue

@@ -6,3 +6,8 @@ from .format import format_region, format_schedule, format_tag
 from .parse import parse, parse_region, parse_weights, snippet
 
 format = format_tag  # noqa: A001 - the public name the design uses: parse(format(t)) == t
+
+__all__ = ["BUILTIN_REGIONS", "INTERPOLATIONS", "KINDS", "BlockWeights", "Diagnostic", "Intersect",
+           "Keyframe", "Mask", "Not", "Position", "Prompt", "Region", "Scaled", "Schedule", "Tag",
+           "Union_", "VectorEntry", "Window", "format", "format_region", "format_schedule",
+           "format_tag", "parse", "parse_region", "parse_weights", "snippet"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 from .ast import (BlockWeights, Intersect, Mask, Not, Position, Region, Scaled, Schedule, Tag,
-                  Union_, VectorEntry)
+                  VectorEntry)
 
 
 def format_number(x: float) -> str:

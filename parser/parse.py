@@ -10,7 +10,7 @@ import os
 from typing import List, Optional, Tuple
 
 from lark import Lark
-from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from .ast import BlockWeights, Diagnostic, Prompt, Region, Tag
 from .transform import TagTransformer, shift_tag

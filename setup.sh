@@ -6,3 +6,6 @@ cd "$(dirname "$0")"
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+# The `ldm` package A1111 and Forge run, for the LDM-layout test trees. --no-deps: its pins
+# (pytorch-lightning 1.4, transformers 4.33, ...) are for training and would pull old torch.
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps stable-diffusion-sdkit==2.1.5

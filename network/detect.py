@@ -1,0 +1,90 @@
+"""Which architecture (SD1, SD2, SDXL) a file was made for, from its keys and shapes alone.
+
+Signals, strongest first: a second text encoder (SDXL only); the UNet's attention layout
+(SD1/SD2 have attention in the first level and one transformer block per attention, SDXL none
+in the first level and 2 or 10 in the others); the cross-attention width (768 SD1,
+1024 SD2, 2048 SDXL) and text-encoder width (768 CLIP-L, 1024 OpenCLIP-H, 1280 OpenCLIP-G);
+linear (SD2, SDXL) versus 1×1-conv (SD1) `proj_in`; the kohya metadata. Every signal names its
+reason, so an error can say why a file was judged to be for another model.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+ARCHS = ("sd1", "sd2", "sdxl")
+CONTEXT_WIDTH = {768: ("sd1",), 1024: ("sd2",), 2048: ("sdxl",)}
+TEXT_WIDTH = {768: ("sd1", "sdxl"), 1024: ("sd2",), 1280: ("sdxl",)}
+
+_TE2 = re.compile(r"^(lora_te2_|lycoris_te2_|text_encoder_2\.|conditioner\.embedders\.1\.)")
+_OPENCLIP_CKPT = re.compile(r"^cond_stage_model\.model\.transformer\.resblocks")
+_HF_CKPT = re.compile(r"^cond_stage_model\.transformer\.text_model")
+_FIRST_LEVEL_ATTN = re.compile(r"(down_blocks[._]0[._]attentions|input_blocks[._][12][._]1[._])")
+_DEEP_TRANSFORMER = re.compile(r"transformer_blocks[._]([1-9]\d*)[._]")
+_UP0_ATTN = re.compile(r"(up_blocks[._]0[._]attentions|output_blocks[._][0-2][._]1[._])")
+_CROSS_KV = re.compile(r"attn2[._]to_[kv]")
+_TE_Q = re.compile(r"(lora_te1?_|text_encoder\.|cond_stage_model|embedders\.0).*(q_proj|in_proj)")
+_PROJ_IN = re.compile(r"proj_in")
+_DOWN_PARTS = ("lora_down.weight", "lora_A.weight", "diff", "weight")
+
+
+def detect_architecture(keys: Iterable[str], shape: Callable[[str], Sequence[int]],
+                        metadata_arch: Optional[str] = None) -> Tuple[Optional[str], List[str]]:
+    """(architecture or None when the signals disagree or are absent, the reasons)."""
+    keys = list(keys)
+    votes: Dict[str, List[str]] = {a: [] for a in ARCHS}
+
+    def vote(archs: Sequence[str], reason: str):
+        for a in archs:
+            votes[a].append(reason)
+
+    if any(_TE2.match(k) for k in keys):
+        vote(("sdxl",), "it has keys for a second text encoder")
+    if any(_OPENCLIP_CKPT.match(k) for k in keys):
+        vote(("sd2",), "its text encoder is OpenCLIP (cond_stage_model.model)")
+    if any(_HF_CKPT.match(k) for k in keys):
+        vote(("sd1",), "its text encoder is CLIP (cond_stage_model.transformer)")
+    if any(_FIRST_LEVEL_ATTN.search(k) for k in keys):
+        vote(("sd1", "sd2"), "it has attention in the UNet's first level")
+    deep = [k for k in keys if _DEEP_TRANSFORMER.search(k)]
+    if deep or any(_UP0_ATTN.search(k) for k in keys):
+        vote(("sdxl",), "its UNet attention layout is SDXL's")
+    for k in keys:
+        width = _input_width(k, shape)
+        if width is None:
+            continue
+        if _CROSS_KV.search(k) and width in CONTEXT_WIDTH:
+            vote(CONTEXT_WIDTH[width], f"its cross-attention reads {width}-wide text")
+            break
+    for k in keys:
+        width = _input_width(k, shape)
+        if width is not None and _TE_Q.search(k) and width in TEXT_WIDTH:
+            vote(TEXT_WIDTH[width], f"its text encoder is {width} wide")
+            break
+    proj = next((k for k in keys if _PROJ_IN.search(k) and k.endswith(_DOWN_PARTS)), None)
+    if proj is not None and proj.endswith(("lora_down.weight", "lora_A.weight", "diff")):
+        if len(shape(proj)) == 4:
+            vote(("sd1",), "its proj_in layers are convolutions")
+        else:
+            vote(("sd2", "sdxl"), "its proj_in layers are linear")
+    if metadata_arch in ARCHS:
+        vote((metadata_arch,), f"its metadata says {metadata_arch.upper()}")
+
+    strongest = max(len(v) for v in votes.values())
+    if strongest == 0:
+        return None, []
+    best = [a for a, v in votes.items() if len(v) == strongest]
+    if len(best) > 1:
+        return None, sorted({r for a in best for r in votes[a]})
+    return best[0], votes[best[0]]
+
+
+def _input_width(key: str, shape: Callable[[str], Sequence[int]]) -> Optional[int]:
+    """The input width of the layer a down-projection or full weight belongs to."""
+    if key.endswith(("lora_down.weight", "lora_A.weight")):
+        s = shape(key)
+        return int(s[1]) if len(s) >= 2 else None
+    if key.endswith(("in_proj_weight", ".weight")) and not re.search(r"lora_|hada_|lokr_", key):
+        s = shape(key)
+        return int(s[1]) if len(s) == 2 else None
+    return None

@@ -1,0 +1,316 @@
+"""Which host module each key of a network or checkpoint file belongs to.
+
+Found by the structure of the host's own module trees, never by one library's path layout:
+the UNet may be an LDM `UNetModel` (A1111, Forge) or a diffusers `UNet2DConditionModel`
+(SD.Next, standalone); a text encoder may be Hugging Face CLIP (with or without the
+`text_model.` level, which transformers 5 dropped) or OpenCLIP (`transformer.resblocks`, a
+fused `nn.MultiheadAttention`). Every patchable layer gets a canonical name — the diffusers
+path for the UNet, the HF CLIP path for text encoders — and from it every spelling a file may
+use (kohya diffusers-style and LDM-style, LyCORIS, OFT, PEFT/diffusers, checkpoint keys).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+
+from torch import Tensor, nn
+
+PATCHABLE = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
+COMPONENTS = ("unet", "te1", "te2")
+
+
+@dataclass(frozen=True)
+class Target:
+    """One thing a network can change: a module's weight, or one chunk of a fused weight."""
+
+    component: str  # "unet", "te1" or "te2"
+    name: str  # canonical: the diffusers UNet path or the HF CLIP text-model path
+    path: str  # the module's path inside the host's component tree
+    module: nn.Module = field(compare=False, repr=False)
+    param: str = "weight"  # "weight", or "in_proj_weight" / "out_proj.weight" of an OpenCLIP MHA
+    chunk: Optional[Tuple[int, int]] = None  # (index, count) of q/k/v inside in_proj_weight
+    block: Optional[str] = None  # BASE, INxx, M00, OUTxx; None for UNet layers outside blocks
+
+    @property
+    def weight(self) -> Tensor:
+        w = self.module.get_parameter(self.param)
+        if self.chunk is not None:
+            w = w.chunk(self.chunk[1])[self.chunk[0]]
+        return w
+
+    @property
+    def bias_param(self) -> Optional[str]:
+        name = {"weight": "bias", "in_proj_weight": "in_proj_bias",
+                "out_proj.weight": "out_proj.bias"}[self.param]
+        try:
+            return name if self.module.get_parameter(name) is not None else None
+        except AttributeError:
+            return None
+
+
+# ---- the UNet ---------------------------------------------------------------------------
+_RESNET_LDM_TO_DIFFUSERS = {"in_layers.0": "norm1", "in_layers.2": "conv1",
+                            "emb_layers.1": "time_emb_proj", "out_layers.0": "norm2",
+                            "out_layers.3": "conv2", "skip_connection": "conv_shortcut"}
+_RESNET_DIFFUSERS_TO_LDM = {v: k for k, v in _RESNET_LDM_TO_DIFFUSERS.items()}
+_TOP_LDM_TO_DIFFUSERS = {"time_embed.0": "time_embedding.linear_1",
+                         "time_embed.2": "time_embedding.linear_2",
+                         "label_emb.0.0": "add_embedding.linear_1",
+                         "label_emb.0.2": "add_embedding.linear_2",
+                         "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+_TOP_DIFFUSERS_TO_LDM = {v: k for k, v in _TOP_LDM_TO_DIFFUSERS.items()}
+LAYERS_PER_LEVEL = 2  # resnets per down level in every SD UNet (SD1, SD2, SDXL)
+
+
+def _rename(rest: str, table: Mapping[str, str]) -> Optional[str]:
+    for old, new in table.items():
+        if rest == old or rest.startswith(old + "."):
+            return new + rest[len(old):]
+    return None
+
+
+def _kind(module: nn.Module) -> str:
+    """resnets / attentions / sampler, from the LDM class name (ResBlock, SpatialTransformer,
+    Downsample, Upsample; sgm's UNet uses the same names)."""
+    name = type(module).__name__
+    if "ResBlock" in name:
+        return "resnets"
+    if "Transformer" in name:
+        return "attentions"
+    return "sampler"
+
+
+def ldm_to_diffusers(path: str, root: nn.Module) -> Optional[str]:
+    """`input_blocks.4.1.proj_in` → `down_blocks.1.attentions.0.proj_in` (None if the path is
+    not a layer that diffusers' UNet has)."""
+    top = _rename(path, _TOP_LDM_TO_DIFFUSERS)
+    if top is not None:
+        return top
+    parts = path.split(".")
+    if len(parts) < 3 or parts[0] not in ("input_blocks", "middle_block", "output_blocks"):
+        return None
+    if parts[0] == "middle_block":  # middle_block.{0: resnet, 1: attention, 2: resnet}
+        i, rest = int(parts[1]), ".".join(parts[2:])
+        kind = _kind(root.middle_block[i])
+        prefix = "mid_block.attentions.0" if kind == "attentions" else f"mid_block.resnets.{i // 2}"
+    else:
+        i, k, rest = int(parts[1]), int(parts[2]), ".".join(parts[3:])
+        kind = _kind(getattr(root, parts[0])[i][k])
+        if parts[0] == "input_blocks":  # input_blocks.{1 + 3·level + j}
+            level, j = divmod(i - 1, LAYERS_PER_LEVEL + 1)
+            if kind == "sampler":
+                return f"down_blocks.{level}.downsamplers.0.conv" if rest == "op" else None
+            prefix = f"down_blocks.{level}.{kind}.{j}"
+        else:  # output_blocks.{3·level + j}
+            level, j = divmod(i, LAYERS_PER_LEVEL + 1)
+            if kind == "sampler":
+                return f"up_blocks.{level}.upsamplers.0.conv" if rest == "conv" else None
+            prefix = f"up_blocks.{level}.{kind}.{j}"
+    if kind == "resnets":
+        rest = _rename(rest, _RESNET_LDM_TO_DIFFUSERS)
+        if rest is None:
+            return None
+    return f"{prefix}.{rest}" if rest else prefix
+
+
+def diffusers_to_ldm(path: str, root: nn.Module) -> Optional[str]:
+    """The inverse of `ldm_to_diffusers`, for a diffusers UNet. The upsampler's LDM index
+    depends on whether that up level has attention (A1111 assumes SD1's layout and misses
+    SDXL's `output_blocks.2.2.conv`; the structure tells)."""
+    top = _rename(path, _TOP_DIFFUSERS_TO_LDM)
+    if top is not None:
+        return top
+    m = re.match(r"(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)"
+                 r"\.(\d+)(?:\.(.*))?$", path) or re.match(
+        r"(mid_block)\.()(resnets|attentions)\.(\d+)(?:\.(.*))?$", path)
+    if not m:
+        return None
+    group, level, kind, j, rest = m.group(1), m.group(2), m.group(3), int(m.group(4)), m.group(5) or ""
+    if kind == "resnets":
+        rest = _rename(rest, _RESNET_DIFFUSERS_TO_LDM)
+        if rest is None:
+            return None
+    if group == "mid_block":
+        head = "middle_block.1" if kind == "attentions" else f"middle_block.{2 * j}"
+    elif group == "down_blocks":
+        b = int(level)
+        if kind == "downsamplers":
+            return f"input_blocks.{3 + 3 * b}.0.op" if rest == "conv" else None
+        head = f"input_blocks.{1 + 3 * b + j}.{1 if kind == 'attentions' else 0}"
+    else:
+        b = int(level)
+        if kind == "upsamplers":
+            has_attention = hasattr(root.up_blocks[b], "attentions")
+            return f"output_blocks.{3 * b + 2}.{2 if has_attention else 1}.conv" if rest == "conv" \
+                else None
+        head = f"output_blocks.{3 * b + j}.{1 if kind == 'attentions' else 0}"
+    return f"{head}.{rest}" if rest else head
+
+
+def unet_block(name: str) -> Optional[str]:
+    """The lora-block-weight block of a canonical (diffusers) UNet name (DESIGN §3)."""
+    if name.startswith("conv_in"):
+        return "IN00"
+    m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)",
+                 name)
+    if m:
+        level, kind, j = int(m.group(2)), m.group(3), int(m.group(4))
+        if m.group(1) == "down":
+            return f"IN{3 * level + 3:02d}" if kind == "downsamplers" else f"IN{3 * level + j + 1:02d}"
+        return f"OUT{3 * level + 2:02d}" if kind == "upsamplers" else f"OUT{3 * level + j:02d}"
+    if name.startswith("mid_block"):
+        return "M00"
+    return None  # time embedding, conv_out, ...: outside lora-block-weight's blocks
+
+
+def _unet_layers(root: nn.Module) -> Iterator[Tuple[str, str, nn.Module]]:
+    """(diffusers name, LDM name, module) of every patchable UNet layer."""
+    ldm = hasattr(root, "input_blocks")
+    if not ldm and not hasattr(root, "down_blocks"):
+        raise ValueError(f"{type(root).__name__} is neither an LDM nor a diffusers UNet")
+    for path, module in root.named_modules():
+        if not isinstance(module, PATCHABLE):
+            continue
+        if ldm:
+            d, l = ldm_to_diffusers(path, root), path
+        else:
+            d, l = path, diffusers_to_ldm(path, root)
+        if d is not None and l is not None:
+            yield d, l, module
+
+
+# ---- text encoders ----------------------------------------------------------------------
+_OPENCLIP_TO_HF = {"mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2", "ln_1": "layer_norm1",
+                   "ln_2": "layer_norm2"}
+
+
+def _find_text_root(root: nn.Module) -> Tuple[str, str, nn.Module]:
+    """("hf" | "openclip", path, module) of the text model inside whatever wraps it."""
+    for path, module in root.named_modules():
+        children = dict(module.named_children())
+        if "embeddings" in children and "encoder" in children and \
+                hasattr(children["encoder"], "layers"):
+            return "hf", path, module
+        if "transformer" in children and hasattr(children["transformer"], "resblocks") and \
+                "token_embedding" in children:
+            return "openclip", path, module
+    raise ValueError(f"no CLIP text model (HF encoder.layers or OpenCLIP transformer.resblocks) "
+                     f"found inside {type(root).__name__}")
+
+
+def _text_layers(root: nn.Module) -> Iterator[Tuple[str, str, nn.Module, str, Optional[Tuple[int, int]]]]:
+    """(HF canonical name, path in the component tree, module, param, chunk)."""
+    style, base, text = _find_text_root(root)
+    prefix = base + "." if base else ""
+    for rel, module in text.named_modules():
+        path = prefix + rel
+        if style == "hf":
+            if isinstance(module, PATCHABLE):
+                yield rel, path, module, "weight", None
+            continue
+        m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)$", rel)
+        if isinstance(module, nn.MultiheadAttention) and m and m.group(2) == "attn":
+            layer = f"encoder.layers.{m.group(1)}.self_attn"
+            for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+                yield f"{layer}.{proj}", path, module, "in_proj_weight", (i, 3)
+            yield f"{layer}.out_proj", path, module, "out_proj.weight", None
+        elif isinstance(module, PATCHABLE) and m:
+            hf = _rename(m.group(2), _OPENCLIP_TO_HF)
+            if hf is not None:
+                yield f"encoder.layers.{m.group(1)}.{hf}", path, module, "weight", None
+        elif isinstance(module, PATCHABLE) and rel == "ln_final":
+            yield "final_layer_norm", path, module, "weight", None
+
+
+def _openclip_name(hf: str) -> Optional[str]:
+    """HF canonical name → OpenCLIP layer path (for SD2/SDXL checkpoints' text encoders)."""
+    m = re.match(r"encoder\.layers\.(\d+)\.(.+)$", hf)
+    if hf == "final_layer_norm":
+        return "ln_final"
+    if not m:
+        return None
+    rest = m.group(2)
+    if rest.startswith("self_attn."):
+        return f"transformer.resblocks.{m.group(1)}.attn"
+    back = {v: k for k, v in _OPENCLIP_TO_HF.items()}
+    return f"transformer.resblocks.{m.group(1)}.{back[rest]}" if rest in back else None
+
+
+# ---- spellings ----------------------------------------------------------------------------
+def _us(path: str) -> str:
+    return path.replace(".", "_")
+
+
+def unet_spellings(d: str, l: str) -> List[str]:
+    """Layer names a file may use for a UNet layer (diffusers name d, LDM name l)."""
+    names = [f"unet.{d}", d, f"diffusion_model.{l}", f"model.diffusion_model.{l}"]
+    for prefix in ("lora_unet_", "lycoris_", "oft_unet_"):
+        names += [prefix + _us(d), prefix + _us(l)]
+    return names
+
+
+def text_spellings(component: str, hf: str) -> List[str]:
+    """Layer names a file may use for a text-encoder layer (HF canonical name)."""
+    full = "text_model." + hf
+    if component == "te1":  # bare HF names too: a lone text-encoder file has no prefix
+        kohya, peft, ckpt = ("lora_te_", "lora_te1_", "lycoris_te_", "lycoris_te1_"), \
+            ("text_encoder.", ""), ("cond_stage_model.transformer.", "conditioner.embedders.0.transformer.")
+    else:
+        kohya, peft, ckpt = ("lora_te2_", "lycoris_te2_"), ("text_encoder_2.",), ()
+    names = [k + _us(full) for k in kohya]
+    names += [p + n for p in peft for n in (full, hf)]
+    names += [c + full for c in ckpt]
+    openclip = _openclip_name(hf)
+    if openclip:  # SD2's and SDXL-G's OpenCLIP in LDM checkpoints
+        names.append(("cond_stage_model.model." if component == "te1" else
+                      "conditioner.embedders.1.model.") + openclip)
+    return names
+
+
+_TENSOR_PARAMS = {"weight": "weight", "bias": "weight", "in_proj_weight": "in_proj_weight",
+                  "in_proj_bias": "in_proj_weight", "out_proj.weight": "out_proj.weight",
+                  "out_proj.bias": "out_proj.weight"}
+
+
+class KeyMap:
+    """Every host target by every name a file may give it."""
+
+    def __init__(self, trees: Mapping[str, nn.Module]):
+        unknown = set(trees) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"unknown components {sorted(unknown)}; use {COMPONENTS}")
+        self.targets: List[Target] = []
+        self._by_name: Dict[str, List[Target]] = {}
+        if "unet" in trees:
+            for d, l, module in _unet_layers(trees["unet"]):
+                path = l if hasattr(trees["unet"], "input_blocks") else d
+                self._add(Target("unet", d, path, module, block=unet_block(d)), unet_spellings(d, l))
+        for component in ("te1", "te2"):
+            if component in trees:
+                for hf, path, module, param, chunk in _text_layers(trees[component]):
+                    target = Target(component, hf, path, module, param, chunk, block="BASE")
+                    self._add(target, text_spellings(component, hf))
+
+    def _add(self, target: Target, spellings: List[str]) -> None:
+        self.targets.append(target)
+        for name in dict.fromkeys(spellings):
+            bucket = self._by_name.setdefault(name, [])
+            if target not in bucket:
+                bucket.append(target)
+
+    def lookup_tensor(self, key: str) -> List[Tuple[Target, bool]]:
+        """(target, is_bias) for a checkpoint tensor key such as
+        `model.diffusion_model.input_blocks.1.1.proj_in.weight` or an OpenCLIP
+        `….attn.in_proj_weight` (three targets: its q, k and v chunks)."""
+        for suffix, param in _TENSOR_PARAMS.items():
+            if key.endswith("." + suffix):
+                found = [t for t in self.lookup(key[:-len(suffix) - 1]) if t.param == param]
+                if found:
+                    return [(t, suffix.endswith("bias")) for t in found]
+        return []
+
+    def lookup(self, layer: str) -> List[Target]:
+        """Targets of a layer name: one, or three for an OpenCLIP `attn` in a checkpoint
+        (q, k, v are chunks of one fused weight); empty when the host has no such layer."""
+        return self._by_name.get(layer, [])

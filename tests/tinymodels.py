@@ -1,0 +1,136 @@
+"""Tiny Stable Diffusion module trees of each architecture, in both layouts a host may run:
+LDM (A1111, Forge: PyPI `stable-diffusion-sdkit`'s `ldm` UNetModel) and diffusers
+(SD.Next, standalone: `UNet2DConditionModel`, transformers CLIP). Same shapes in both layouts,
+so a key that fits one fits the other.
+
+OpenCLIP (A1111's SD2 and SDXL-G text encoders): the `open_clip` package imports torchvision,
+which cannot be installed beside the CPU torch 2.13.0 build this project uses, so
+`OpenCLIPText` mirrors open_clip's text tower module for module (names, nn.MultiheadAttention
+with a fused in_proj_weight) with torch's own layers.
+"""
+import torch
+from torch import nn
+
+TE1_WIDTH, TE2_WIDTH = 32, 48  # CLIP-L-like and OpenCLIP-like widths
+CONTEXT = {"sd1": TE1_WIDTH, "sd2": TE2_WIDTH, "sdxl": TE1_WIDTH + TE2_WIDTH}
+LEVELS = (32, 64, 64)
+
+
+def ldm_unet(arch):
+    from ldm.modules.diffusionmodules.openaimodel import UNetModel
+    torch.manual_seed(0)
+    attention = (2, 4) if arch == "sdxl" else (1, 2)  # SDXL: no attention at the first level
+    return UNetModel(image_size=8, in_channels=4, model_channels=LEVELS[0], out_channels=4,
+                     num_res_blocks=2, attention_resolutions=attention, channel_mult=(1, 2, 2),
+                     num_head_channels=8, use_spatial_transformer=True, transformer_depth=1,
+                     context_dim=CONTEXT[arch], legacy=False,
+                     use_linear_in_transformer=arch != "sd1")
+
+
+def diffusers_unet(arch):
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    if arch == "sdxl":
+        down = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+        up = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+        extra = dict(addition_embed_type="text_time", addition_time_embed_dim=8,
+                     projection_class_embeddings_input_dim=TE2_WIDTH + 6 * 8)
+    else:
+        down = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+        up = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+        extra = {}
+    return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4,
+                                block_out_channels=LEVELS, layers_per_block=2,
+                                down_block_types=down, up_block_types=up,
+                                cross_attention_dim=CONTEXT[arch], attention_head_dim=8,
+                                use_linear_projection=arch != "sd1", **extra)
+
+
+def clip_config(width):
+    from transformers import CLIPTextConfig
+    return CLIPTextConfig(vocab_size=1000, hidden_size=width, intermediate_size=width * 2,
+                          num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+                          projection_dim=width, bos_token_id=0, eos_token_id=2, pad_token_id=1)
+
+
+def hf_text(width=TE1_WIDTH, projection=False):
+    """transformers 5: CLIPTextModel has no `text_model.` level; WithProjection still has it."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+    torch.manual_seed(1)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(clip_config(width))
+
+
+class _MLP(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.c_fc, self.gelu, self.c_proj = nn.Linear(width, width * 2), nn.GELU(), \
+            nn.Linear(width * 2, width)
+
+
+class _ResidualAttentionBlock(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = _MLP(width)
+
+
+class _Transformer(nn.Module):
+    def __init__(self, width, layers, heads):
+        super().__init__()
+        self.resblocks = nn.ModuleList(_ResidualAttentionBlock(width, heads) for _ in range(layers))
+
+
+class OpenCLIPText(nn.Module):
+    """open_clip's CLIP text tower: token_embedding, positional_embedding, transformer.resblocks,
+    ln_final, text_projection."""
+
+    def __init__(self, width=TE2_WIDTH, layers=2, heads=4):
+        super().__init__()
+        torch.manual_seed(2)
+        self.token_embedding = nn.Embedding(1000, width)
+        self.positional_embedding = nn.Parameter(torch.randn(16, width) * 0.01)
+        self.transformer = _Transformer(width, layers, heads)
+        self.ln_final = nn.LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.randn(width, width) * 0.01)
+
+
+class Wrapper(nn.Module):
+    """A host's wrapper around a text model (A1111's FrozenCLIPEmbedder keeps it as
+    `.transformer`, FrozenOpenCLIPEmbedder as `.model`)."""
+
+    def __init__(self, **children):
+        super().__init__()
+        for name, child in children.items():
+            self.add_module(name, child)
+
+
+def ldm_trees(arch):
+    """Component roots as an A1111/Forge adapter hands them over."""
+    trees = {"unet": ldm_unet(arch)}
+    if arch == "sd1":
+        trees["te1"] = Wrapper(transformer=hf_text(TE1_WIDTH))
+    elif arch == "sd2":
+        trees["te1"] = Wrapper(model=OpenCLIPText(TE2_WIDTH))
+    else:
+        trees["te1"] = Wrapper(transformer=hf_text(TE1_WIDTH))
+        trees["te2"] = Wrapper(model=OpenCLIPText(TE2_WIDTH))
+    return trees
+
+
+def diffusers_trees(arch):
+    """Component roots as a diffusers pipeline holds them."""
+    trees = {"unet": diffusers_unet(arch)}
+    if arch == "sd1":
+        trees["te1"] = hf_text(TE1_WIDTH)
+    elif arch == "sd2":
+        trees["te1"] = hf_text(TE2_WIDTH)
+    else:
+        trees["te1"] = hf_text(TE1_WIDTH)
+        trees["te2"] = hf_text(TE2_WIDTH, projection=True)
+    return trees
+
+
+TREES = {"ldm": ldm_trees, "diffusers": diffusers_trees}
+ARCHS = ("sd1", "sd2", "sdxl")

@@ -1,5 +1,8 @@
 """`python -m netweave …`: the command line.
 
+inspect FILE [--json] says what NetWeave makes of a network or checkpoint file; exit 1 with
+`error` set when it cannot be loaded.
+
 explain PROMPT --steps N [--hires-steps M] [--arch sd1|sd2|sdxl] [--json] [--png FILE]
 prints the compiled plan. Exit status 0 even when the prompt has errors (they are part of
 the output); 2 for bad command-line arguments.
@@ -44,11 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--strict", action="store_true", help="treat warnings as errors")
     ex.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     ex.add_argument("--png", metavar="FILE", default=None, help="write the heatmap to FILE")
+    ins = sub.add_parser("inspect", help="what NetWeave makes of a LoRA or checkpoint file")
+    ins.add_argument("file", help="a .safetensors network or checkpoint, or a diffusers folder")
+    ins.add_argument("--json", action="store_true", help="print the report as one JSON object")
     return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "inspect":
+        return inspect_command(args)
     presets = parse_preset_file(args.presets.read()) if args.presets else {}
     ctx = CompileContext(arch=args.arch, steps=args.steps, hires_steps=args.hires_steps,
                          seed=args.seed, default_interp=args.interp, presets=presets,
@@ -65,3 +73,25 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         print(explain_table(plan))
     return 0
+
+
+def inspect_command(args) -> int:
+    from ..network.inspect import inspect  # loads diffusers: only when asked
+
+    report = inspect(args.file)
+    if args.json:
+        print(json.dumps(report))
+    elif report["error"]:
+        print(f"error: {report['error']}")
+    else:
+        meta = report["metadata"]
+        print(f"{report['file']}: {report['kind']} for {report['architecture'] or 'an unknown model'}")
+        print(f"  layers: {report['layers']}  algorithms: "
+              + ", ".join(f"{k} {v}" for k, v in sorted(report["algorithms"].items())))
+        if meta.get("trigger_words"):
+            print("  trigger words: " + ", ".join(meta["trigger_words"]))
+        for key in report["unmatched_keys"][:20]:
+            print(f"  unmatched: {key}")
+        if len(report["unmatched_keys"]) > 20:
+            print(f"  … and {len(report['unmatched_keys']) - 20} more unmatched keys")
+    return 1 if report["error"] else 0

@@ -21,11 +21,13 @@ _OPENCLIP_CKPT = re.compile(r"^cond_stage_model\.model\.transformer\.resblocks")
 _HF_CKPT = re.compile(r"^cond_stage_model\.transformer\.text_model")
 _FIRST_LEVEL_ATTN = re.compile(r"(down_blocks[._]0[._]attentions|input_blocks[._][12][._]1[._])")
 _DEEP_TRANSFORMER = re.compile(r"transformer_blocks[._]([1-9]\d*)[._]")
-_UP0_ATTN = re.compile(r"(up_blocks[._]0[._]attentions|output_blocks[._][0-2][._]1[._])")
+_UP0_ATTN = re.compile(r"(up_blocks[._]0[._]attentions|output_blocks[._][0-2][._]1[._]"
+                       r"(transformer|proj|norm))")
 _CROSS_KV = re.compile(r"attn2[._]to_[kv]")
 _TE_Q = re.compile(r"(lora_te1?_|text_encoder\.|cond_stage_model|embedders\.0).*(q_proj|in_proj)")
 _PROJ_IN = re.compile(r"proj_in")
 _DOWN_PARTS = ("lora_down.weight", "lora_A.weight", "diff", "weight")
+# Which parts show a layer's input width (LoHa's only for linear layers, where k = 1).
 
 
 def detect_architecture(keys: Iterable[str], shape: Callable[[str], Sequence[int]],
@@ -81,7 +83,7 @@ def detect_architecture(keys: Iterable[str], shape: Callable[[str], Sequence[int
 
 def _input_width(key: str, shape: Callable[[str], Sequence[int]]) -> Optional[int]:
     """The input width of the layer a down-projection or full weight belongs to."""
-    if key.endswith(("lora_down.weight", "lora_A.weight")):
+    if key.endswith(("lora_down.weight", "lora_A.weight", "hada_w1_b", "hada_w2_b")):
         s = shape(key)
         return int(s[1]) if len(s) >= 2 else None
     if key.endswith(("in_proj_weight", ".weight")) and not re.search(r"lora_|hada_|lokr_", key):

@@ -268,9 +268,9 @@ def text_spellings(component: str, hf: str) -> List[str]:
     return names
 
 
-_TENSOR_PARAMS = {"weight": "weight", "bias": "weight", "in_proj_weight": "in_proj_weight",
-                  "in_proj_bias": "in_proj_weight", "out_proj.weight": "out_proj.weight",
-                  "out_proj.bias": "out_proj.weight"}
+_TENSOR_SUFFIXES = ("weight", "bias", "in_proj_weight", "in_proj_bias", "out_proj.weight",
+                    "out_proj.bias")
+_QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
 
 
 class KeyMap:
@@ -299,15 +299,25 @@ class KeyMap:
             if target not in bucket:
                 bucket.append(target)
 
-    def lookup_tensor(self, key: str) -> List[Tuple[Target, bool]]:
-        """(target, is_bias) for a checkpoint tensor key such as
-        `model.diffusion_model.input_blocks.1.1.proj_in.weight` or an OpenCLIP
-        `….attn.in_proj_weight` (three targets: its q, k and v chunks)."""
-        for suffix, param in _TENSOR_PARAMS.items():
-            if key.endswith("." + suffix):
-                found = [t for t in self.lookup(key[:-len(suffix) - 1]) if t.param == param]
-                if found:
-                    return [(t, suffix.endswith("bias")) for t in found]
+    def lookup_tensor(self, key: str) -> List[Tuple[Target, bool, Optional[Tuple[int, int]]]]:
+        """(target, is_bias, chunk of the file's tensor) for a checkpoint tensor key such as
+        `model.diffusion_model.input_blocks.1.1.proj_in.weight`. An OpenCLIP
+        `….attn.in_proj_weight` gives three: q, k and v are chunks of that one tensor; an HF
+        `….self_attn.q_proj.weight` on an OpenCLIP host gives the q chunk, whole."""
+        for suffix in _TENSOR_SUFFIXES:
+            if not key.endswith("." + suffix):
+                continue
+            targets = self.lookup(key[:-len(suffix) - 1])
+            is_bias = suffix.endswith("bias")
+            if suffix.startswith("in_proj"):  # OpenCLIP's fused q, k, v: by canonical name
+                found = [(t, is_bias, (_QKV[t.name[-6:]], 3)) for t in targets
+                         if t.name[-6:] in _QKV]
+            elif suffix.startswith("out_proj"):
+                found = [(t, is_bias, None) for t in targets if t.name.endswith("out_proj")]
+            else:  # a plain layer name names exactly one target
+                found = [(targets[0], is_bias, None)] if len(targets) == 1 else []
+            if found:
+                return found
         return []
 
     def lookup(self, layer: str) -> List[Target]:

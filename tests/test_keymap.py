@@ -119,10 +119,14 @@ def test_checkpoint_tensor_keys():
     trees = ldm_trees("sdxl")
     km = KeyMap(trees)
     hits = km.lookup_tensor("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight")
-    assert sorted(t.chunk for t, is_bias in hits) == [(0, 3), (1, 3), (2, 3)]
-    assert not any(is_bias for _, is_bias in hits)
+    assert sorted(chunk for _, _, chunk in hits) == [(0, 3), (1, 3), (2, 3)]
+    assert not any(is_bias for _, is_bias, _ in hits)
     (hit,) = km.lookup_tensor("model.diffusion_model.input_blocks.4.1.proj_in.bias")
-    assert hit[1] is True and hit[0].path == "input_blocks.4.1.proj_in"
+    assert hit[1] is True and hit[0].path == "input_blocks.4.1.proj_in" and hit[2] is None
+    # an HF-named q_proj (diffusers folder) on an OpenCLIP host: the q chunk, read whole
+    ((target, is_bias, chunk),) = km.lookup_tensor(
+        "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.weight")
+    assert target.chunk == (0, 3) and chunk is None and not is_bias
     assert km.lookup_tensor("first_stage_model.encoder.conv_in.weight") == []
 
 

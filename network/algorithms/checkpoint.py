@@ -1,0 +1,70 @@
+"""Model-as-LoRA: another checkpoint's weight as a full-rank contribution.
+
+    ΔW = s · (W_target − W),  b' − b = s · (b_target − b)      W: the host's original weight
+
+so s = 1 gives the other model's layer and 0 < s < 1 blends toward it (DESIGN §3 `<model:…>`,
+ComfyUI's model_as_lora). The target tensor stays in its memory-mapped file and is read only
+when a layer is merged, one layer at a time: two full models never sit in memory together.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from torch import Tensor
+
+from . import Adapter, f32, shape_error, weight_op
+
+Source = Tuple[object, str, Optional[Tuple[int, int]]]  # (SafeFile, key, (chunk, of))
+
+
+def delta_weight(target: Tensor, weight: Tensor, strength: float = 1.0) -> Tensor:
+    """ΔW = s · (target − weight), fp32, weight's shape."""
+    return (f32(target, weight.device) - f32(weight)) * strength
+
+
+def bypass(x: Tensor, module, target: Tensor, weight: Tensor, strength: float = 1.0) -> Tensor:
+    """Δy = layer_nobias(x; s·(target − weight)): one more full-size op (full rank)."""
+    return weight_op(module, f32(x), delta_weight(target, weight, strength).reshape(weight.shape))
+
+
+def _read(source: Source) -> Tensor:
+    file, key, chunk = source
+    t = file.get(key)
+    return t if chunk is None else t.chunk(chunk[1])[chunk[0]]
+
+
+class CheckpointDelta(Adapter):
+    algorithm = "model"
+    linear = True
+
+    def __init__(self, weight: Source, bias: Optional[Source] = None):
+        super().__init__()
+        self.source, self.bias_source = weight, bias
+
+    @property
+    def nbytes(self) -> int:
+        return 0  # nothing held: read from the file when needed
+
+    def check(self, weight_shape):
+        file, key, chunk = self.source
+        shape = list(file.shape(key))
+        if chunk is not None:
+            shape[0] //= chunk[1]
+        return shape_error(self.algorithm, tuple(shape), weight_shape)
+
+    def delta(self, weight, strength=1.0, dyn=None):
+        return delta_weight(_read(self.source), weight, strength).reshape(weight.shape)
+
+    def bias_delta(self, bias, strength=1.0):
+        if self.bias_source is None or bias is None:
+            return None
+        return delta_weight(_read(self.bias_source), bias, strength)
+
+    def bypass(self, x, module, y, strength=1.0, dyn=None):
+        out = bypass(x, module, _read(self.source), module.weight, strength)
+        b = self.bias_delta(getattr(module, "bias", None), strength)
+        if b is not None:
+            shape = [1] * out.dim()
+            shape[1 if out.dim() > 2 and hasattr(module, "kernel_size") else -1] = -1
+            out = out + b.reshape(shape)
+        return out.to(y.dtype)

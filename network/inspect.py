@@ -1,0 +1,78 @@
+"""What NetWeave makes of a file, without any model loaded: the file is mapped onto the real
+SD1/SD2/SDXL trees (built on the meta device), so every key, layer and shape is checked."""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Tuple
+
+from .detect import ARCHS
+from .files import NetworkFileError, describe_metadata, open_safetensors
+from .keymap import KeyMap
+from .loader import LoadedNetwork, checkpoint_files, load_checkpoint, load_network
+from .reference import reference_trees
+
+_CHECKPOINT_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.",
+                        "first_stage_model.")
+
+
+def file_kind(path: str) -> str:
+    """"checkpoint" for a single-file model or a diffusers folder, else "lora"."""
+    if os.path.isdir(path):
+        return "checkpoint"
+    with open_safetensors(path) as f:
+        keys = f.keys()
+    return "checkpoint" if any(k.startswith(_CHECKPOINT_PREFIXES) for k in keys) else "lora"
+
+
+def _load(path: str, kind: str, arch: str) -> LoadedNetwork:
+    keymap = KeyMap(reference_trees(arch))
+    return (load_checkpoint if kind == "checkpoint" else load_network)(path, keymap, arch)
+
+
+def inspect(path: str) -> Dict:
+    """The `inspect` report: {"file", "architecture", "kind", "algorithms", "layers",
+    "unmatched_keys", "metadata", "error"}."""
+    report = {"file": path, "architecture": None, "kind": None, "algorithms": {}, "layers": 0,
+              "unmatched_keys": [], "metadata": {}, "error": None}
+    try:
+        kind = report["kind"] = file_kind(path)
+        first = checkpoint_files(path)[0][0] if kind == "checkpoint" else path
+        with open_safetensors(first) as f:
+            report["metadata"] = describe_metadata(f.metadata)
+        loaded = _best_fit(path, kind)
+    except NetworkFileError as exc:
+        report["error"] = str(exc)
+        return report
+    network, arch = loaded
+    report.update(architecture=arch, algorithms=network.algorithms, layers=len(network.layers),
+                  unmatched_keys=list(network.unmatched))
+    return report
+
+
+def _best_fit(path: str, kind: str) -> Tuple[LoadedNetwork, Optional[str]]:
+    """Load for the detected architecture; when the keys do not tell, for the one the
+    file fits best (all shapes fit, fewest unmatched keys)."""
+    errors = []
+    fits = []
+    for arch in ARCHS:
+        try:
+            network = _load(path, kind, arch)
+        except NetworkFileError as exc:
+            errors.append(exc)
+            continue
+        if network.arch is not None:
+            return network, network.arch  # the keys decided, and the file fits
+        fits.append((len(network.unmatched), -len(network.layers), arch, network))
+    if fits:
+        _, _, arch, network = min(fits, key=lambda f: f[:3])
+        return network, (arch if network.layers else None)
+    raise _first_real_error(errors)
+
+
+def _first_real_error(errors) -> NetworkFileError:
+    """An architecture mismatch for the two wrong architectures says less than the error
+    for the one the file claims to be for."""
+    for exc in errors:
+        if "this file is for" not in str(exc):
+            return exc
+    return errors[0]

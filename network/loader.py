@@ -1,0 +1,205 @@
+"""Loading a network file for a host's module trees: every key onto exactly one target.
+
+`load_network` reads a LoRA-family file (kohya, LyCORIS, PEFT/diffusers, OFT names) and
+builds one adapter per host layer; `load_checkpoint` turns another checkpoint of the same
+architecture into full-rank contributions W_target − W_base, read from the file only when a
+layer is merged (model-as-LoRA). Nothing here touches a weight: a bad file fails before the
+engine starts, with a message that names the file.
+"""
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Tuple
+
+import torch
+
+from .algorithms import Adapter, FormatError, detect, make
+from .detect import detect_architecture
+from .files import NetworkFileError, SafeFile, base_architecture, open_safetensors
+from .keymap import KeyMap, Target
+
+ARCH_TITLES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", None: "unknown"}
+
+# Part names after a layer name, longest first so "lora_down.weight" wins over "weight".
+PARTS = sorted((
+    "lora_down.weight", "lora_up.weight", "lora_mid.weight", "lora_A.weight", "lora_B.weight",
+    "alpha", "scale", "dora_scale", "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b",
+    "hada_t1", "hada_t2", "lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a",
+    "lokr_w2_b", "lokr_t2", "a1.weight", "a2.weight", "b1.weight", "b2.weight", "oft_blocks",
+    "oft_diag", "rescale", "diff", "diff_b", "w_norm", "b_norm", "weight", "on_input",
+), key=len, reverse=True)
+# Other spellings of LoRA factors (older diffusers and transformers savers).
+PART_ALIASES = {"lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_up.weight",
+                "lora_linear_layer.down.weight": "lora_down.weight",
+                "lora_linear_layer.up.weight": "lora_up.weight",
+                "lora_A.default.weight": "lora_A.weight", "lora_B.default.weight": "lora_B.weight"}
+UNDERSCORED = ("lora_", "lycoris_", "oft_")  # kohya-style layer names never hold a "."
+
+
+def split_key(key: str) -> Optional[Tuple[str, str]]:
+    """`lora_unet_x.lora_down.weight` → ("lora_unet_x", "lora_down.weight"); None if the key
+    ends in no part name NetWeave knows."""
+    if key.startswith(UNDERSCORED) and "." in key:
+        layer, part = key.split(".", 1)
+        part = PART_ALIASES.get(part, part)
+        return (layer, part) if part in PARTS else None
+    for alias, part in PART_ALIASES.items():
+        if key.endswith("." + alias):
+            return key[:-len(alias) - 1], part
+    for part in PARTS:
+        if key.endswith("." + part):
+            return key[:-len(part) - 1], part
+    return None
+
+
+@dataclass
+class LoadedNetwork:
+    path: str
+    kind: str  # "lora" or "checkpoint"
+    arch: Optional[str]  # what the file is for, as detected
+    layers: Dict[Target, Adapter]
+    unmatched: Tuple[str, ...] = ()  # keys that reach no layer of this host
+    embeddings: Tuple[str, ...] = ()  # bundled textual-inversion keys (bundle_emb.*)
+    metadata: Mapping = field(default_factory=dict)
+    arch_reasons: Tuple[str, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.layers.values())
+
+    @property
+    def algorithms(self) -> Dict[str, int]:
+        return dict(Counter(a.algorithm for a in self.layers.values()))
+
+
+def _check_architecture(path: str, found: Optional[str], reasons, host: Optional[str]) -> None:
+    if found is not None and host is not None and found != host:
+        raise NetworkFileError(path, f"this file is for {ARCH_TITLES[found]} ({'; '.join(reasons)}), "
+                          f"but the model is {ARCH_TITLES[host]}")
+
+
+def load_network(path: str, keymap: KeyMap, arch: Optional[str] = None) -> LoadedNetwork:
+    """A LoRA-family file for the host whose trees `keymap` holds (`arch`: the host's)."""
+    with open_safetensors(path) as f:
+        found, reasons = detect_architecture(f.keys(), f.shape, base_architecture(f.metadata))
+        _check_architecture(path, found, reasons, arch)
+        layers: Dict[str, Dict[str, str]] = {}
+        unmatched, embeddings = [], []
+        for key in f.keys():
+            if key.startswith("bundle_emb."):
+                embeddings.append(key)
+                continue
+            split = split_key(key)
+            if split is None:
+                unmatched.append(key)
+                continue
+            layers.setdefault(split[0], {})[split[1]] = key
+        default_alpha = _metadata_alpha(f.metadata)
+        adapters: Dict[Target, Adapter] = {}
+        owner: Dict[Target, str] = {}
+        for layer, part_keys in layers.items():
+            targets = keymap.lookup(layer)
+            if len(targets) != 1 or detect(part_keys) is None:
+                unmatched.extend(part_keys.values())
+                continue
+            target = targets[0]
+            if target in adapters:
+                raise NetworkFileError(path, f"'{layer}' and '{owner[target]}' both change {target.component} "
+                                  f"layer {target.name}")
+            parts = {part: _read(f, path, key) for part, key in part_keys.items()}
+            try:
+                adapter = make(parts, default_alpha)
+            except FormatError as exc:
+                raise NetworkFileError(path, f"layer '{layer}': {exc}") from None
+            problem = adapter.check(tuple(target.weight.shape))
+            if problem:
+                raise NetworkFileError(path, f"layer '{layer}' does not fit this {ARCH_TITLES[arch]} model "
+                                  f"({target.component} {target.name}): {problem}")
+            adapters[target], owner[target] = adapter, layer
+    return LoadedNetwork(path, "lora", found, adapters, tuple(sorted(unmatched)),
+                         tuple(embeddings), dict(f.metadata), tuple(reasons))
+
+
+def _read(f: SafeFile, path: str, key: str) -> torch.Tensor:
+    t = f.get(key)
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise NetworkFileError(path, f"tensor '{key}' holds NaN or infinite values")
+    return t
+
+
+def _metadata_alpha(metadata: Mapping) -> Optional[float]:
+    """PEFT/diffusers files keep alpha in their adapter config, not per layer."""
+    config = metadata.get("lora_adapter_metadata")
+    if isinstance(config, Mapping):
+        alpha = config.get("lora_alpha")
+        if isinstance(alpha, (int, float)):
+            return float(alpha)
+    return None
+
+
+# Checkpoint tensors that are no patchable layer: the VAE, EMA copies, sampler schedules,
+# embeddings and other plain parameters.
+NOT_PATCHED = re.compile(r"^(first_stage_model|model_ema|vae)\.|^[^.]+$|embedding|position_ids|"
+                         r"text_projection|logit_scale")
+
+
+def checkpoint_files(path: str) -> List[Tuple[str, str]]:
+    """(file, key prefix) of a checkpoint: one single-file .safetensors, or a diffusers folder
+    whose component files get their component's name in front of every key."""
+    if not os.path.isdir(path):
+        return [(path, "")]
+    found = []
+    for folder, prefix in (("unet", "unet."), ("text_encoder", "text_encoder."),
+                           ("text_encoder_2", "text_encoder_2.")):
+        d = os.path.join(path, folder)
+        files = sorted(n for n in os.listdir(d) if n.endswith(".safetensors")) \
+            if os.path.isdir(d) else []
+        found += [(os.path.join(d, n), prefix) for n in files]
+    if not found:
+        raise NetworkFileError(path, "a diffusers folder needs unet/ or text_encoder/ .safetensors files")
+    return found
+
+
+def load_checkpoint(path: str, keymap: KeyMap, arch: Optional[str] = None) -> LoadedNetwork:
+    """Another checkpoint as a network: ΔW = W_target − W_base on every layer both have,
+    read from the (memory-mapped) file only when the engine merges that layer, so two full
+    models never sit in memory at once."""
+    from .algorithms.checkpoint import CheckpointDelta
+
+    sources = [(open_safetensors(file), prefix) for file, prefix in checkpoint_files(path)]
+    keys = [prefix + k for f, prefix in sources for k in f.keys()]
+    shapes = {prefix + k: f.shape(k) for f, prefix in sources for k in f.keys()}
+    found, reasons = detect_architecture(keys, shapes.__getitem__,
+                                         base_architecture(sources[0][0].metadata))
+    try:
+        _check_architecture(path, found, reasons, arch)
+    except NetworkFileError:
+        for f, _ in sources:
+            f.close()
+        raise
+    tensors: Dict[Target, Dict[bool, Tuple[SafeFile, str, Optional[Tuple[int, int]]]]] = {}
+    unmatched = []
+    for f, prefix in sources:
+        for key in f.keys():
+            hits = keymap.lookup_tensor(prefix + key)
+            if not hits and not NOT_PATCHED.search(prefix + key):
+                unmatched.append(prefix + key)
+            for target, is_bias, chunk in hits:
+                tensors.setdefault(target, {})[is_bias] = (f, key, chunk)
+    layers: Dict[Target, Adapter] = {}
+    for target, parts in tensors.items():
+        if False not in parts:
+            continue  # a bias alone changes nothing we patch
+        adapter = CheckpointDelta(parts[False], parts.get(True))
+        problem = adapter.check(tuple(target.weight.shape))
+        if problem:
+            for f, _ in sources:
+                f.close()
+            raise NetworkFileError(path, f"{target.component} {target.name} does not fit this "
+                              f"{ARCH_TITLES[arch]} model: {problem}")
+        layers[target] = adapter
+    return LoadedNetwork(path, "checkpoint", found, layers, tuple(sorted(unmatched)), (),
+                         dict(sources[0][0].metadata), tuple(reasons))

@@ -40,7 +40,7 @@ def parts_for(fmt, shape, is_norm, has_bias, rank, rnd):
         return None
     out, inp, ks = shape[0], shape[1], tuple(shape[2:])
     k = math.prod(ks)
-    conv, spatial = bool(ks), bool(ks) and k > 1
+    spatial = bool(ks) and k > 1
     ones = (1,) * len(ks)
     alpha = torch.tensor(rank / 2)
     if fmt in ("lora", "peft", "dora_out", "dora_in") or (fmt == "lora_tucker" and not spatial):

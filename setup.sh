@@ -9,3 +9,8 @@ cd "$(dirname "$0")"
 # The `ldm` package A1111 and Forge run, for the LDM-layout test trees. --no-deps: its pins
 # (pytorch-lightning 1.4, transformers 4.33, ...) are for training and would pull old torch.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps stable-diffusion-sdkit==2.1.5
+# A1111's own transformers (4.30, whose CLIPTextModel still has the text_model level), kept
+# apart from the venv's transformers 5; tests put it on PYTHONPATH in a child process.
+[ -d .venv/a1111-transformers/transformers ] || .venv/bin/python -m pip install --quiet \
+    --disable-pip-version-check --no-deps --target .venv/a1111-transformers \
+    transformers==4.30.2 tokenizers==0.13.3

@@ -1,10 +1,15 @@
 """Key mapping by structure: LDM (A1111, Forge) and diffusers (SD.Next, standalone) trees of
 SD1, SD2 and SDXL, HF CLIP with and without `text_model.`, OpenCLIP's fused attention."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from netweave.network.keymap import PATCHABLE, KeyMap, diffusers_to_ldm, ldm_to_diffusers
-from tinymodels import ARCHS, TREES, diffusers_unet, hf_text, ldm_trees, ldm_unet
+from tinymodels import ARCHS, TREES, Wrapper, diffusers_unet, hf_text, ldm_trees, ldm_unet
 
 SDXL_ONLY_DIFFUSERS = {("unet", "add_embedding.linear_1"), ("unet", "add_embedding.linear_2")}
 
@@ -135,3 +140,32 @@ def test_unknown_tree_is_a_clear_error():
         KeyMap({"unet": torch.nn.Linear(2, 2)})
     with pytest.raises(ValueError, match="no CLIP text model"):
         KeyMap({"te1": torch.nn.Linear(2, 2)})
+
+
+A1111_TRANSFORMERS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                  ".venv", "a1111-transformers")
+CHILD = """
+import json, sys
+sys.path.insert(0, "tests")
+import transformers
+from tinymodels import Wrapper, clip_config
+from netweave.network.keymap import KeyMap
+te = Wrapper(transformer=transformers.CLIPTextModel(clip_config(32)))
+km = KeyMap({"te1": te})
+layer = km.lookup("lora_te_text_model_encoder_layers_1_self_attn_q_proj")[0]
+print(json.dumps({"version": transformers.__version__, "path": layer.path,
+                  "targets": {t.name: list(t.weight.shape) for t in km.targets}}))
+"""
+
+
+def test_a1111_transformers_4_30_tree_maps_the_same(repo_root):
+    """A1111 runs transformers 4.30, whose CLIPTextModel keeps `text_model.`; same targets."""
+    env = dict(os.environ, PYTHONPATH=A1111_TRANSFORMERS)
+    result = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True,
+                            cwd=repo_root, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    child = json.loads(result.stdout.strip().splitlines()[-1])
+    assert child["version"] == "4.30.2"
+    assert child["path"] == "transformer.text_model.encoder.layers.1.self_attn.q_proj"
+    ours = KeyMap({"te1": Wrapper(transformer=hf_text(32))})
+    assert child["targets"] == {t.name: list(t.weight.shape) for t in ours.targets}

@@ -27,7 +27,6 @@ _CROSS_KV = re.compile(r"attn2[._]to_[kv]")
 _TE_Q = re.compile(r"(lora_te1?_|text_encoder\.|cond_stage_model|embedders\.0).*(q_proj|in_proj)")
 _PROJ_IN = re.compile(r"proj_in")
 _DOWN_PARTS = ("lora_down.weight", "lora_A.weight", "diff", "weight")
-# Which parts show a layer's input width (LoHa's only for linear layers, where k = 1).
 
 
 def detect_architecture(keys: Iterable[str], shape: Callable[[str], Sequence[int]],
@@ -82,7 +81,8 @@ def detect_architecture(keys: Iterable[str], shape: Callable[[str], Sequence[int
 
 
 def _input_width(key: str, shape: Callable[[str], Sequence[int]]) -> Optional[int]:
-    """The input width of the layer a down-projection or full weight belongs to."""
+    """The input width of the layer a down-projection or full weight belongs to (LoHa's
+    w_b shows it for linear layers, where the kernel is 1)."""
     if key.endswith(("lora_down.weight", "lora_A.weight", "hada_w1_b", "hada_w2_b")):
         s = shape(key)
         return int(s[1]) if len(s) >= 2 else None

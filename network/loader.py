@@ -17,6 +17,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 
 from .algorithms import Adapter, FormatError, detect, make
+from .algorithms.checkpoint import CheckpointDelta
 from .detect import detect_architecture
 from .files import NetworkFileError, SafeFile, base_architecture, open_safetensors
 from .keymap import KeyMap, Target
@@ -167,19 +168,25 @@ def load_checkpoint(path: str, keymap: KeyMap, arch: Optional[str] = None) -> Lo
     """Another checkpoint as a network: ΔW = W_target − W_base on every layer both have,
     read from the (memory-mapped) file only when the engine merges that layer, so two full
     models never sit in memory at once."""
-    from .algorithms.checkpoint import CheckpointDelta
+    sources = []
+    try:  # the files stay open (memory-mapped) for the adapters; closed if loading fails
+        for file, prefix in checkpoint_files(path):
+            sources.append((open_safetensors(file), prefix))
+        layers, unmatched, found, reasons = _map_checkpoint(path, sources, keymap, arch)
+    except Exception:
+        for f, _ in sources:
+            f.close()
+        raise
+    return LoadedNetwork(path, "checkpoint", found, layers, tuple(sorted(unmatched)), (),
+                         dict(sources[0][0].metadata), tuple(reasons))
 
-    sources = [(open_safetensors(file), prefix) for file, prefix in checkpoint_files(path)]
+
+def _map_checkpoint(path, sources, keymap: KeyMap, arch: Optional[str]):
     keys = [prefix + k for f, prefix in sources for k in f.keys()]
     shapes = {prefix + k: f.shape(k) for f, prefix in sources for k in f.keys()}
     found, reasons = detect_architecture(keys, shapes.__getitem__,
                                          base_architecture(sources[0][0].metadata))
-    try:
-        _check_architecture(path, found, reasons, arch)
-    except NetworkFileError:
-        for f, _ in sources:
-            f.close()
-        raise
+    _check_architecture(path, found, reasons, arch)
     tensors: Dict[Target, Dict[bool, Tuple[SafeFile, str, Optional[Tuple[int, int]]]]] = {}
     unmatched = []
     for f, prefix in sources:
@@ -196,10 +203,7 @@ def load_checkpoint(path: str, keymap: KeyMap, arch: Optional[str] = None) -> Lo
         adapter = CheckpointDelta(parts[False], parts.get(True))
         problem = adapter.check(tuple(target.weight.shape))
         if problem:
-            for f, _ in sources:
-                f.close()
             raise NetworkFileError(path, f"{target.component} {target.name} does not fit this "
-                              f"{ARCH_TITLES[arch]} model: {problem}")
+                                         f"{ARCH_TITLES[arch]} model: {problem}")
         layers[target] = adapter
-    return LoadedNetwork(path, "checkpoint", found, layers, tuple(sorted(unmatched)), (),
-                         dict(sources[0][0].metadata), tuple(reasons))
+    return layers, unmatched, found, reasons

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 from torch import Tensor
 
-from . import Adapter, f32, shape_error, weight_op
+from . import Adapter, along, channel_axis, f32, shape_error, weight_op
 
 Source = Tuple[object, str, Optional[Tuple[int, int]]]  # (SafeFile, key, (chunk, of))
 
@@ -64,7 +64,5 @@ class CheckpointDelta(Adapter):
         out = bypass(x, module, _read(self.source), module.weight, strength)
         b = self.bias_delta(getattr(module, "bias", None), strength)
         if b is not None:
-            shape = [1] * out.dim()
-            shape[1 if out.dim() > 2 and hasattr(module, "kernel_size") else -1] = -1
-            out = out + b.reshape(shape)
+            out = out + along(b, channel_axis(module, out), out.dim())
         return out.to(y.dtype)

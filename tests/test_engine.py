@@ -1,0 +1,346 @@
+"""Engine I invariants on tiny LDM and diffusers UNets and CLIP encoders: no tags is bit-exact,
+everything restores bit-exactly (finished, raised, interrupted), schedules and block weights
+reach exactly their layers, merges match an fp64 reference, fp16 does not drift."""
+import pytest
+import torch
+
+from lorafiles import write_network
+from netweave.network.engine import Engine
+from netweave.network.keymap import KeyMap
+from netweave.network.plan import CompileContext, compile_prompt
+from tinymodels import TREES, diffusers_trees, ldm_trees
+
+LBW17 = "1,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.1,1.2,1.3,1.4,1.5,1.6,1.7"
+
+
+def snapshot(trees):
+    return {(c, k): v.detach().clone() for c, t in trees.items()
+            for k, v in list(t.state_dict(keep_vars=True).items())}
+
+
+def assert_pristine(trees, before):
+    for c, t in trees.items():
+        for k, v in t.state_dict(keep_vars=True).items():
+            assert torch.equal(v.detach(), before[c, k]), (c, k)
+
+
+@pytest.fixture(scope="module")
+def netdir(tmp_path_factory):
+    """Networks for both tiny SD1 and SDXL trees: {name: path}."""
+    root = tmp_path_factory.mktemp("loras")
+    for arch in ("sd1", "sdxl"):
+        trees = ldm_trees(arch)
+        for fmt, seed in (("lora", 1), ("loha", 2), ("full", 3), ("lokr", 4), ("norm", 5)):
+            write_network(root / f"{arch}_{fmt}.safetensors", trees, fmt, "kohya", arch, seed=seed)
+    return root
+
+
+def make_engine(trees, arch, netdir, **kw):
+    def find(kind, name):
+        path = netdir / f"{name}.safetensors"
+        if not path.exists():
+            raise FileNotFoundError(f"no {kind} named '{name}'")
+        return str(path)
+    return Engine(trees, arch, find, **kw)
+
+
+def plan(prompt, arch="sd1", steps=6, hires=None):
+    p = compile_prompt(prompt, CompileContext(arch=arch, steps=steps, hires_steps=hires))
+    assert not [e for e in p.errors if e.severity == "error"], p.errors
+    return p
+
+
+def unet_out(trees, arch):
+    unet = trees["unet"]
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    ctx = torch.randn(2, 5, {"sd1": 32, "sdxl": 80}[arch])
+    t = torch.tensor([10, 10])
+    with torch.no_grad():
+        if hasattr(unet, "input_blocks"):
+            return unet(x, t, context=ctx)
+        extra = {}
+        if arch == "sdxl":
+            extra = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 48), "time_ids": torch.randn(2, 6)}}
+        return unet(x, t, encoder_hidden_states=ctx, **extra).sample
+
+
+@pytest.mark.parametrize("layout", sorted(TREES))
+def test_no_tags_is_bit_identical(layout, netdir):
+    trees = TREES[layout]("sd1")
+    before, out = snapshot(trees), unet_out(trees, "sd1")
+    engine = make_engine(trees, "sd1", netdir)
+    assert engine.activate(plan("a cat, no tags")) == []
+    for k in range(6):
+        engine.set_step(k)
+    assert torch.equal(unet_out(trees, "sd1"), out)
+    assert_pristine(trees, before)
+    assert engine.merges == 0 and engine.pristine_bytes == 0
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+@pytest.mark.parametrize("layout", sorted(TREES))
+def test_finished_generation_restores_bit_exactly(layout, arch, netdir):
+    trees = TREES[layout](arch)
+    before, out = snapshot(trees), unet_out(trees, arch)
+    engine = make_engine(trees, arch, netdir)
+    p = plan(f"<lora:{arch}_lora:0@0,1@0.5:hr=0.5> <lyco:{arch}_loha:0.7:te=0.2@0,1@3> "
+             f"<lora:{arch}_full:0.3:in=0> <lora:{arch}_norm:1:stop=4> <lora:{arch}_lokr:0.5>",
+             arch, steps=6, hires=3)
+    assert engine.activate(p) == []
+    for seg in engine.te_segments():
+        engine.apply_te(seg)
+    for k in range(6):
+        engine.set_step(k)
+    assert not torch.equal(unet_out(trees, arch), out)  # the networks did something
+    for k in range(3):
+        engine.set_step(k, "hires")
+    engine.deactivate()
+    assert_pristine(trees, before)
+    assert torch.equal(unet_out(trees, arch), out)
+
+
+def test_exception_in_a_callback_then_deactivate(netdir):
+    trees = diffusers_trees("sd1")
+    before = snapshot(trees)
+    engine = make_engine(trees, "sd1", netdir)
+    with pytest.raises(RuntimeError, match="callback"):
+        try:
+            engine.activate(plan("<lora:sd1_lora:0@0,1@1>"))
+            engine.set_step(0)
+            engine.set_step(1)
+            raise RuntimeError("a step callback failed")
+        finally:
+            engine.deactivate()
+    assert_pristine(trees, before)
+
+
+@pytest.mark.parametrize("error", [KeyboardInterrupt, MemoryError])
+def test_interrupt_or_oom_mid_merge_restores_everything(error, netdir):
+    trees = ldm_trees("sd1")
+    before = snapshot(trees)
+    engine = make_engine(trees, "sd1", netdir)
+    engine.activate(plan("<lora:sd1_lora:0@0,1@1> <lora:sd1_loha:1>"))
+    calls = {"n": 0}
+    first = next(s for s in engine._slots.values() if s.target.component == "unet")
+    adapter = first.contributions[0].adapter
+    original = adapter.delta
+
+    def failing(*a, **kw):  # fails in the middle of a step's merges
+        calls["n"] += 1
+        raise error("simulated")
+    adapter.delta = failing
+    try:
+        with pytest.raises(error):
+            for k in range(6):
+                engine.set_step(k)
+    finally:
+        adapter.delta = original
+    assert calls["n"] == 1
+    assert_pristine(trees, before)  # without any deactivate
+    engine.set_step(5)  # a dead engine does nothing
+    assert_pristine(trees, before)
+
+
+def test_schedule_and_block_weights_read_back(netdir):
+    trees = ldm_trees("sd1")
+    engine = make_engine(trees, "sd1", netdir)
+    p = plan(f"<loractl:sd1_lora:unet=0@0,1@1:te=0.5:lbw={LBW17}>", steps=5)
+    engine.activate(p)
+    net = p.networks[0]
+    for k in range(5):
+        engine.set_step(k)
+        for slot in engine._slots.values():
+            t = slot.target
+            if t.component != "unet":
+                continue
+            block = net.base.blocks[t.block][k] if t.block else 1.0
+            want = net.base.strength["unet"][k] * block
+            got = engine.strengths(t)
+            assert got == ({0: pytest.approx(want)} if want else {}), (t.name, k)
+    # block weights reach exactly the layers of their block
+    km = KeyMap(trees)
+    (t,) = km.lookup("lora_unet_input_blocks_1_1_proj_in")
+    assert engine.strengths(t) == {0: pytest.approx(0.1)}  # IN01 = 0.1, at step 4 (unet 1)
+    (t,) = km.lookup("lora_unet_input_blocks_3_0_op")
+    assert engine.strengths(t) == {}  # IN03 is not in the 17-value vector: 0
+    (t,) = km.lookup("lora_te_text_model_encoder_layers_0_mlp_fc1")
+    assert engine.strengths(t) == {0: pytest.approx(0.5)}  # BASE 1 × te 0.5
+
+
+def test_merges_match_an_fp64_reference(netdir):
+    trees = diffusers_trees("sd1")
+    before = snapshot(trees)
+    engine = make_engine(trees, "sd1", netdir)
+    engine.activate(plan("<lora:sd1_lora:0.7> <lora:sd1_full:-0.4>"))
+    from safetensors.torch import load_file
+    lora, full = load_file(str(netdir / "sd1_lora.safetensors")), load_file(str(netdir / "sd1_full.safetensors"))
+    km = engine.keymap
+    checked = 0
+    for name in {k.split(".")[0] for k in lora}:
+        (t,) = km.lookup(name)
+        if t.component != "unet":
+            continue
+        w0 = before["unet", t.path + ".weight"].double()
+        up, down = lora[name + ".lora_up.weight"].double(), lora[name + ".lora_down.weight"].double()
+        scale = float(lora[name + ".alpha"]) / down.shape[0]
+        ref = w0 + 0.7 * scale * (up.flatten(1) @ down.flatten(1)).reshape(w0.shape) \
+            - 0.4 * full[name + ".diff"].double()
+        torch.testing.assert_close(t.weight.detach().double(), ref, rtol=1e-5, atol=1e-6)
+        checked += 1
+    assert checked > 100
+
+
+def test_fp16_hundred_schedule_changes_no_drift(netdir):
+    trees = {k: v.half() for k, v in ldm_trees("sd1").items()}
+    before = snapshot(trees)
+    steps = 101
+    sched = ",".join(f"{(i % 2) * 0.9 + 0.05}@{i + 1}" for i in range(steps))
+    engine = make_engine(trees, "sd1", netdir)
+    p = plan(f"<lora:sd1_lora:{sched}>", steps=steps)
+    engine.activate(p)
+    km = engine.keymap
+    (t,) = km.lookup("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q")
+    adapter = next(iter(engine._slots[t].contributions)).adapter
+    w0 = before["unet", t.path + ".weight"].float()
+    for k in range(steps):
+        engine.set_step(k)
+        s = p.networks[0].base.strength["unet"][k]
+        ref = (w0 + adapter.delta(w0, float(s))).half()
+        assert torch.equal(t.weight.detach(), ref), k  # recomputed from pristine every time
+    assert engine.merges > 100 * 50
+    engine.deactivate()
+    assert_pristine(trees, before)
+
+
+def test_constant_schedule_costs_nothing_after_the_first_step(netdir):
+    engine = make_engine(ldm_trees("sd1"), "sd1", netdir)
+    engine.activate(plan("<lora:sd1_lora:0.8> <lora:sd1_loha:te=0.3:unet=0.6>", steps=20))
+    after_activate = engine.merges
+    for k in range(20):
+        engine.set_step(k)
+        engine.set_step(k)  # samplers call the denoiser twice per step
+    assert engine.merges == after_activate
+
+
+def test_keyframes_merge_only_their_layers(netdir):
+    engine = make_engine(ldm_trees("sd1"), "sd1", netdir)
+    engine.activate(plan("<lora:sd1_lora:0.8> <lora:sd1_loha:0@0,1@3:in=0>", steps=6))
+    unet_loha = sum(1 for s in engine._slots.values() if s.target.component == "unet" and
+                    any(c.network == 1 for c in s.contributions) and
+                    not (s.target.block or "").startswith("IN"))
+    start = engine.merges
+    for k in range(6):
+        engine.set_step(k)
+    assert engine.merges - start == unet_loha  # one keyframe, only loha's non-IN layers
+
+
+def test_between_generations_only_changed_networks_remerge(netdir):
+    trees = ldm_trees("sd1")
+    before = snapshot(trees)
+    engine = make_engine(trees, "sd1", netdir)
+    engine.activate(plan("<lora:sd1_lora:0.8> <lora:sd1_loha:0.5>"))
+    first = engine.merges
+    engine.activate(plan("<lora:sd1_lora:0.8> <lora:sd1_loha:0.5>"))
+    assert engine.merges == first  # an unchanged plan re-merges nothing
+    loha_only = sum(1 for s in engine._slots.values()
+                    if [c.network for c in s.contributions] == [1])
+    shared = sum(1 for s in engine._slots.values() if len(s.contributions) == 2)
+    engine.activate(plan("<lora:sd1_lora:0.8> <lora:sd1_loha:0.6>"))
+    assert engine.merges - first == loha_only + shared  # only layers loha touches
+    engine.activate(plan("no tags any more"))
+    assert_pristine(trees, before) and engine.pristine_bytes == 0
+
+
+def test_text_encoder_segments(netdir):
+    trees = ldm_trees("sd1")
+    engine = make_engine(trees, "sd1", netdir)
+    engine.activate(plan("<lora:sd1_lora:te=0.1@0,0.6@0.5:unet=1>", steps=6))
+    segs = engine.te_segments()
+    assert [(s.start, s.stop) for s in segs] == [(0, 3), (3, 6)]
+    assert engine.segment_at(4) == segs[1]
+    (t,) = engine.keymap.lookup("lora_te_text_model_encoder_layers_0_mlp_fc1")
+    engine.apply_te(segs[1])
+    assert engine.strengths(t) == {0: pytest.approx(0.6)}
+    engine.apply_te(segs[0])
+    assert engine.strengths(t) == {0: pytest.approx(0.1)}
+
+
+def test_openclip_fused_attention_merges_its_chunks(netdir):
+    trees = ldm_trees("sdxl")
+    before = snapshot(trees)
+    engine = make_engine(trees, "sdxl", netdir)
+    engine.activate(plan("<lora:sdxl_lora:1>", "sdxl"))
+    mha = trees["te2"].model.transformer.resblocks[0].attn
+    w0 = before["te2", "model.transformer.resblocks.0.attn.in_proj_weight"]
+    assert not torch.equal(mha.in_proj_weight.detach(), w0)
+    (q,) = engine.keymap.lookup("lora_te2_text_model_encoder_layers_0_self_attn_q_proj")
+    slot = engine._slots[q]
+    want = w0[:48] + slot.contributions[0].adapter.delta(w0[:48].float(), 1.0)
+    assert torch.equal(mha.in_proj_weight.detach()[:48], want)
+    engine.deactivate()
+    assert_pristine(trees, before)
+
+
+def test_model_as_lora_through_the_engine(tmp_path, netdir):
+    from safetensors.torch import save_file
+    other = ldm_trees("sd1")
+    with torch.no_grad():
+        for p in other["unet"].parameters():
+            p.add_(0.05)
+    save_file({"model.diffusion_model." + k: v.contiguous() for k, v in other["unet"].state_dict().items()},
+              str(tmp_path / "other.safetensors"))
+    trees = ldm_trees("sd1")
+    before = snapshot(trees)
+    engine = Engine(trees, "sd1", lambda kind, name: str(tmp_path / f"{name}.safetensors"))
+    assert engine.activate(plan("<model:other:0.5>")) == []
+    w = trees["unet"].input_blocks[1][1].proj_in.weight.detach()
+    w0 = before["unet", "input_blocks.1.1.proj_in.weight"]
+    torch.testing.assert_close(w, w0 + 0.05 * 0.5, rtol=0, atol=1e-6)
+    b = trees["unet"].input_blocks[1][1].proj_in.bias.detach()
+    torch.testing.assert_close(b, before["unet", "input_blocks.1.1.proj_in.bias"] + 0.025, rtol=0, atol=1e-6)
+    engine.deactivate()
+    assert_pristine(trees, before)
+
+
+def test_missing_and_bad_files_skip_only_their_network(tmp_path, netdir):
+    (netdir / "broken.safetensors").write_bytes(b"not a safetensors file at all")
+    trees = ldm_trees("sd1")
+    engine = make_engine(trees, "sd1", netdir)
+    errors = engine.activate(plan("<lora:typo_name:1> <lora:broken:1> <lora:sd1_lora:1> "
+                                  "<lora:sdxl_lora:1>"))
+    assert len(errors) == 3
+    assert "typo_name" in errors[0] and "broken" in errors[1] and "SDXL" in errors[2]
+    assert {c.network for s in engine._slots.values() for c in s.contributions} == {2}
+
+
+def test_regions_wait_for_engine_two(netdir):
+    engine = make_engine(ldm_trees("sd1"), "sd1", netdir)
+    errors = engine.activate(plan("<lora:sd1_lora:1:region=left>"))
+    assert errors and "bypass" in errors[0] and engine.pristine_bytes == 0
+
+
+def test_pristine_copies_only_of_touched_params(netdir):
+    trees = ldm_trees("sd1")
+    engine = make_engine(trees, "sd1", netdir, pristine_on_cpu=True)
+    engine.activate(plan("<lora:sd1_norm:1>"))  # norm layers only
+    touched = {(id(s.target.module), s.target.param) for s in engine._slots.values()} | \
+        {(id(s.target.module), s.target.bias_param) for s in engine._slots.values()}
+    assert set(engine._pristine) == touched
+    assert all(t.device.type == "cpu" for _, t in engine._pristine.values())
+    norm_bytes = sum(m.weight.numel() * 4 * 2 for m in trees["unet"].modules()
+                     if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)))
+    assert engine.pristine_bytes <= norm_bytes + sum(
+        m.weight.numel() * 8 for m in trees["te1"].modules() if isinstance(m, torch.nn.LayerNorm))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bit_exact_restore(netdir):
+    trees = {k: v.cuda().half() for k, v in ldm_trees("sd1").items()}
+    before = snapshot(trees)
+    engine = make_engine(trees, "sd1", netdir, pristine_on_cpu=True)
+    engine.activate(plan("<lora:sd1_lora:0@0,1@1> <lora:sd1_loha:0.5>"))
+    for k in range(6):
+        engine.set_step(k)
+    engine.deactivate()
+    assert_pristine(trees, before)

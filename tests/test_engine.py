@@ -4,7 +4,7 @@ reach exactly their layers, merges match an fp64 reference, fp16 does not drift.
 import pytest
 import torch
 
-from lorafiles import write_network
+from netweave.network.synthetic import write_network
 from netweave.network.engine import Engine
 from netweave.network.keymap import KeyMap
 from netweave.network.plan import CompileContext, compile_prompt

@@ -9,18 +9,15 @@ every tensor read, checked for NaN, mapped and shape-checked), and a hit in Netw
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from lorafiles import write_network  # noqa: E402
-from netweave.network.cache import NetworkCache  # noqa: E402
-from netweave.network.files import open_safetensors  # noqa: E402
-from netweave.network.keymap import KeyMap  # noqa: E402
-from netweave.network.loader import load_network  # noqa: E402
-from netweave.network.reference import reference_trees  # noqa: E402
+from netweave.network.cache import NetworkCache
+from netweave.network.files import open_safetensors
+from netweave.network.keymap import KeyMap
+from netweave.network.loader import load_network
+from netweave.network.reference import reference_trees
+from netweave.network.synthetic import write_network
 
 
 def median_ms(fn, repeat):

@@ -1,5 +1,7 @@
-"""Fixture writer: real .safetensors network files of every format and key style, covering
-every layer of a model's trees (tiny test trees, or the real SD trees on the meta device).
+"""Synthetic networks: real .safetensors files of every format and key style, with random
+factors, covering every layer of a model's trees (tiny test trees, or the real SD trees on the
+meta device). Tests check that every key lands where it was written for; benchmarks load and
+apply them.
 
 `write_network(path, targets, fmt, style)` returns {layer name in the file: target}, so a test
 can check that every key lands on exactly the layer it was written for.
@@ -10,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from netweave.network.keymap import KeyMap, diffusers_to_ldm
+from .keymap import KeyMap, diffusers_to_ldm
 
 # format -> algorithm family as NetWeave reports it
 FORMATS = {
@@ -110,12 +112,12 @@ def layer_name(target, style, arch, ldm_path=None):
 
 
 def write_network(path, trees, fmt, style="kohya", arch="sd1", rank=4, dtype=torch.float16,
-                  seed=0, metadata=None, components=("unet", "te1", "te2")):
+                  seed=0, metadata=None, components=("unet", "te1", "te2"), scale=0.1):
     """Write a full-coverage network file for `trees`; returns {layer name: target}."""
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
-        return (torch.randn(shape, generator=gen) * 0.1).to(dtype)
+        return (torch.randn(shape, generator=gen) * scale).to(dtype)
 
     keymap = KeyMap(trees)
     unet = trees.get("unet")

@@ -50,13 +50,28 @@ def build_parser() -> argparse.ArgumentParser:
     ins = sub.add_parser("inspect", help="what NetWeave makes of a LoRA or checkpoint file")
     ins.add_argument("file", help="a .safetensors network or checkpoint, or a diffusers folder")
     ins.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    bench = sub.add_parser("bench", help="engine benchmark: strategies timed side by side")
+    bench.add_argument("--quick", action="store_true", help="a narrower UNet and 8 steps")
+    bench.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda")
+    bench.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return parser
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "inspect":
         return inspect_command(args)
+    if args.command == "bench":
+        from ..network.bench import run, table
+        result = run(quick=args.quick, device=args.device, steps=8 if args.quick else 20,
+                     repeats=3 if args.quick else 2)
+        print(json.dumps(result) if args.json else table(result))
+        return 0
     presets = parse_preset_file(args.presets.read()) if args.presets else {}
     ctx = CompileContext(arch=args.arch, steps=args.steps, hires_steps=args.hires_steps,
                          seed=args.seed, default_interp=args.interp, presets=presets,

@@ -215,9 +215,10 @@ class Engine:
             return
         device = target.weight.device
         w0f = w0.to(device=device, dtype=torch.float32)
-        w = w0f.clone()
-        for c in live:
-            w += c.adapter.delta(w0f, float(c.series[phase][k]), c.dyn)
+        dest = _chunk(self._param(target, target.param).data, target.chunk)
+        direct = dest.dtype == torch.float32 and dest.is_contiguous()
+        with torch.no_grad():
+            w = self._merged_weight(w0f, live, phase, k, out=dest if direct else None)
         bias = None
         if target.bias_param is not None:  # full, norm and checkpoints change the bias too
             b0f = self._pristine_slice(target, target.bias_param).to(device=device,
@@ -226,8 +227,31 @@ class Engine:
                                   for c in live) if d is not None]
             if deltas:
                 bias = b0f + sum(deltas)
-        self._write(target, w, bias)
+        self._write(target, None if direct else w, bias, weight_done=direct)
         self.merges += 1
+
+    def _merged_weight(self, w0f: Tensor, live: List[Contribution], phase: str, k: int,
+                       out: Optional[Tensor] = None) -> Tensor:
+        """W0 + Σ ΔW_i in fp32, into `out` when given (an fp32 weight: no temporary). Plain
+        two-factor contributions (LoRA) go into one fused multiply-add
+        W0 + [U_1 … U_n]·[D_1; …; D_n]: one pass over W instead of one per network."""
+        factors, others = [], []
+        for c in live:
+            s = float(c.series[phase][k])
+            lr = c.adapter.low_rank(s, c.dyn, w0f.device)
+            if lr is None:
+                others.append((c, s))
+            else:
+                factors.append(lr)
+        w = out if out is not None else torch.empty_like(w0f)
+        if factors:
+            torch.addmm(w0f.reshape(w0f.shape[0], -1), torch.cat([u for u, _ in factors], 1),
+                        torch.cat([d for _, d in factors], 0), out=w.view(w.shape[0], -1))
+        else:
+            w.copy_(w0f)
+        for c, s in others:
+            w += c.adapter.delta(w0f, s, c.dyn).reshape(w.shape)
+        return w
 
     # ---- pristine copies and writes -------------------------------------------------
     def _param(self, target: Target, name: str) -> Tensor:
@@ -242,11 +266,15 @@ class Engine:
         full = self._pristine[key][1]
         return _chunk(full, target.chunk)
 
-    def _write(self, target: Target, weight: Optional[Tensor], bias: Optional[Tensor] = None):
-        """Set a target's weight (and bias) from fp32 values, or back to pristine (None)."""
+    def _write(self, target: Target, weight: Optional[Tensor], bias: Optional[Tensor] = None,
+               weight_done: bool = False):
+        """Set a target's weight (and bias) from fp32 values, or back to pristine (None);
+        `weight_done`: the weight was already written in place."""
         names = [target.param] + ([target.bias_param] if target.bias_param else [])
         with torch.no_grad():
             for name, value in zip(names, (weight, bias)):
+                if weight_done and name == target.param:
+                    continue
                 key = (id(target.module), name)
                 if key not in self._pristine:
                     if value is None:

@@ -112,8 +112,10 @@ def layer_name(target, style, arch, ldm_path=None):
 
 
 def write_network(path, trees, fmt, style="kohya", arch="sd1", rank=4, dtype=torch.float16,
-                  seed=0, metadata=None, components=("unet", "te1", "te2"), scale=0.1):
-    """Write a full-coverage network file for `trees`; returns {layer name: target}."""
+                  seed=0, metadata=None, components=("unet", "te1", "te2"), scale=0.1,
+                  select=None):
+    """Write a network file covering every layer of `trees` (of `components`, and for which
+    `select(target)` holds when given); returns {layer name: target}."""
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
@@ -123,7 +125,7 @@ def write_network(path, trees, fmt, style="kohya", arch="sd1", rank=4, dtype=tor
     unet = trees.get("unet")
     written, tensors = {}, {}
     for target in keymap.targets:
-        if target.component not in components:
+        if target.component not in components or (select is not None and not select(target)):
             continue
         shape = tuple(target.weight.shape)
         has_bias = target.bias_param is not None

@@ -124,18 +124,17 @@ def test_interrupt_or_oom_mid_merge_restores_everything(error, netdir):
     calls = {"n": 0}
     first = next(s for s in engine._slots.values() if s.target.component == "unet")
     adapter = first.contributions[0].adapter
-    original = adapter.delta
 
     def failing(*a, **kw):  # fails in the middle of a step's merges
         calls["n"] += 1
         raise error("simulated")
-    adapter.delta = failing
+    adapter.delta = adapter.low_rank = failing  # instance attributes shadow the methods
     try:
         with pytest.raises(error):
             for k in range(6):
                 engine.set_step(k)
     finally:
-        adapter.delta = original
+        del adapter.delta, adapter.low_rank
     assert calls["n"] == 1
     assert_pristine(trees, before)  # without any deactivate
     engine.set_step(5)  # a dead engine does nothing
@@ -202,12 +201,17 @@ def test_fp16_hundred_schedule_changes_no_drift(netdir):
     km = engine.keymap
     (t,) = km.lookup("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q")
     adapter = next(iter(engine._slots[t].contributions)).adapter
-    w0 = before["unet", t.path + ".weight"].float()
+    w0 = before["unet", t.path + ".weight"].double()
+    up, down = adapter.up.double(), adapter.down.double()
+    worst = []
     for k in range(steps):
         engine.set_step(k)
-        s = p.networks[0].base.strength["unet"][k]
-        ref = (w0 + adapter.delta(w0, float(s))).half()
-        assert torch.equal(t.weight.detach(), ref), k  # recomputed from pristine every time
+        s = float(p.networks[0].base.strength["unet"][k])
+        ref = w0 + s * adapter.scale * (up @ down)  # fp64, independent of the engine
+        err = (t.weight.detach().double() - ref).abs().max().item()
+        worst.append(err)
+        assert err <= 1e-3, k  # one fp16 rounding of values below 1
+    assert max(worst[-10:]) <= max(worst[:10]) * 1.5 + 1e-6  # no growth: nothing accumulates
     assert engine.merges > 100 * 50
     engine.deactivate()
     assert_pristine(trees, before)

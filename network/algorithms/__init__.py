@@ -221,6 +221,12 @@ class Adapter:
         """W'(s) − W in fp32, weight's shape. `weight` is the host's ORIGINAL weight."""
         raise NotImplementedError
 
+    def low_rank(self, strength: float = 1.0, dyn: Optional[int] = None, device=None):
+        """(U [out, r], D [r, in·kernel]) in fp32 with ΔW = U @ D, when the algorithm is a plain
+        product of two factors; None otherwise. The engine merges such contributions with one
+        fused multiply-add into W0 instead of building each ΔW."""
+        return None
+
     def bias_delta(self, bias: Optional[Tensor], strength: float = 1.0) -> Optional[Tensor]:
         """b'(s) − b in fp32 for algorithms that change the bias (full, norm); None otherwise."""
         return None

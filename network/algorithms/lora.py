@@ -116,6 +116,13 @@ class LoRA(Adapter):
                          self.scale * strength, dyn)
         return d.reshape(weight.shape)
 
+    def low_rank(self, strength=1.0, dyn=None, device=None):
+        if self.mid is not None:
+            return None  # Tucker: three factors
+        down, up, _ = _truncate(self.down, self.up, None, dyn)
+        u = f32(up, device).reshape(up.shape[0], -1) * (self.scale * strength)
+        return u, f32(down, device).reshape(down.shape[0], -1)
+
     def bypass(self, x, module, y, strength=1.0, dyn=None):
         self.require(module.weight.shape)
         if not factor_bypass_ok(module):  # grouped conv: factors cannot run per group

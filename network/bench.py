@@ -2,9 +2,10 @@
 run, so the ratios compare like with like (`python -m netweave bench [--quick] [--json]`).
 
 Workloads: the bare UNet; three static rank-32 LoRAs (one on the attention, one on the
-feed-forward, one on the conv layers) merged by the engine; the same with 4 keyframes each; and two baselines implemented here —
-"restore and re-merge every patched layer on every change" (A1111, loractl) and "bypass every
-network every step" (PEFT unfused). Plus: what changing one network's strength between two
+feed-forward, one on the conv layers) merged by the engine; the same with 4 keyframes each
+(the engine's cost model picks merge or bypass per layer); and two baselines — "restore and
+re-merge every patched layer on every change" (A1111, loractl) and "bypass every network every
+step" (PEFT unfused), the engine held to one strategy. Plus: what changing one network's strength between two
 generations costs, and the bytes of pristine copies.
 """
 from __future__ import annotations
@@ -18,8 +19,6 @@ from typing import Dict
 import torch
 
 from .engine import Engine
-from .keymap import KeyMap
-from .loader import load_network
 from .plan import CompileContext, compile_prompt
 from .reference import UNET
 from .synthetic import write_network
@@ -77,23 +76,6 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _bypass_hooks(unet, paths: Dict[str, str], prompt: str, ctx: CompileContext):
-    """Baseline (PEFT unfused): every network's low-rank branch on every layer, every step."""
-    keymap = KeyMap({"unet": unet})
-    plan = compile_prompt(prompt, ctx)
-    branches: Dict[torch.nn.Module, list] = {}
-    for net in plan.networks:
-        loaded = load_network(paths[net.name], keymap, ctx.arch)
-        for target, adapter in loaded.layers.items():
-            s = float(net.base.strength["unet"][0] *
-                      (net.base.blocks[target.block][0] if target.block else 1.0))
-            branches.setdefault(target.module, []).append((adapter, s))
-
-    def hook(module, args, out):
-        return out + sum(a.bypass(args[0], module, out, s) for a, s in branches[module])
-    return [m.register_forward_hook(hook) for m in branches]
-
-
 def run(quick: bool = False, device: str = "cpu", steps: int = 20, latent: int = 32,
         batch: int = 2, rank: int = 32, repeats: int = 2) -> dict:
     """Each workload `repeats` times, interleaved; the best run of each counts."""
@@ -112,10 +94,14 @@ def run(quick: bool = False, device: str = "cpu", steps: int = 20, latent: int =
             paths[f"net{i}"] = os.path.join(tmp, f"net{i}.safetensors")
             write_network(paths[f"net{i}"], {"unet": unet}, "lora", "kohya", "sd1", rank=rank,
                           seed=i, components=("unet",), scale=0.02, select=covers)
-        engines = {name: cls({"unet": unet}, "sd1", lambda kind, n: paths[n])
-                   for name, cls in (("static", Engine), ("scheduled", Engine),
-                                     ("remerge_every_change", RemergeEverything))}
-        prompts = {"static": STATIC, "scheduled": SCHEDULED, "remerge_every_change": SCHEDULED}
+        engines = {name: cls({"unet": unet}, "sd1", lambda kind, n: paths[n],
+                             latent=(latent, latent), batch=batch, strategy=strategy)
+                   for name, cls, strategy in (("static", Engine, "auto"),
+                                               ("scheduled", Engine, "auto"),
+                                               ("remerge_every_change", RemergeEverything, "merge"),
+                                               ("bypass_all", Engine, "bypass"))}
+        prompts = {"static": STATIC, "scheduled": SCHEDULED, "remerge_every_change": SCHEDULED,
+                   "bypass_all": STATIC}
         _steps(unet, 2, latent, batch)  # warm-up
         for _ in range(repeats):
             timed("base", _steps(unet, steps, latent, batch))
@@ -126,13 +112,12 @@ def run(quick: bool = False, device: str = "cpu", steps: int = 20, latent: int =
                 merges = e.merges
                 timed(name, _steps(unet, steps, latent, batch, e.set_step))
                 extra[f"{name}_merges_during_steps"] = e.merges - merges
+                if name == "scheduled":
+                    extra["scheduled_bypassed_layers"] = sum(
+                        any(c.bypass for c in s.contributions) for s in e._slots.values())
                 if name == "static":
                     extra.update(_change_one_strength(e, ctx, timed))
                 e.deactivate()
-            hooks = _bypass_hooks(unet, paths, STATIC, ctx)
-            timed("bypass_all", _steps(unet, steps, latent, batch))
-            for h in hooks:
-                h.remove()
     ratios = {"static_vs_base": best["static"] / best["base"],
               "scheduled_vs_static": best["scheduled"] / best["static"],
               "remerge_every_change_vs_static": best["remerge_every_change"] / best["static"],

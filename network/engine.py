@@ -18,6 +18,7 @@ contributions that run as a bypass (regions, per-row strengths) beside the merge
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
@@ -51,6 +52,10 @@ class Contribution:
     adapter: Adapter
     dyn: Optional[int]
     series: Dict[str, np.ndarray]  # phase -> effective strength per step on this layer
+    bypass: bool = False  # y + s·f(x) at run time instead of merged into W
+
+    def at(self, phase: str, k: int) -> float:
+        return float(self.series[phase][k]) if phase in self.series else 0.0
 
 
 @dataclass
@@ -60,20 +65,32 @@ class _Slot:
     target: Target
     contributions: List[Contribution] = field(default_factory=list)
     applied: Tuple = ()  # ((id(adapter), strength), ...) as merged now; () is pristine
+    hook: Optional[object] = None  # the forward hook of its bypass contributions
+
+    @property
+    def merged(self) -> List[Contribution]:
+        return [c for c in self.contributions if not c.bypass]
 
 
 class Engine:
     def __init__(self, trees: Mapping[str, nn.Module], arch: str,
                  find: Callable[[str, str], str], *, pristine_on_cpu: bool = False,
-                 cache_bytes: int = 2 ** 30):
+                 cache_bytes: int = 2 ** 30, latent: Tuple[int, int] = (64, 64), batch: int = 2,
+                 strategy: str = "auto"):
         """`trees`: {"unet", "te1"[, "te2"]} module roots; `find(kind, name)` → file path
         (raises FileNotFoundError when there is none); `pristine_on_cpu`: keep the pristine
-        copies in CPU memory instead of beside the weights."""
+        copies in CPU memory instead of beside the weights; `latent` (h, w) and `batch`: the
+        generation's size, for the cost of a bypass (set them before `activate`); `strategy`:
+        "auto" (the cost model), or "merge" / "bypass" for every contribution that can."""
+        if strategy not in ("auto", "merge", "bypass"):
+            raise ValueError(f"strategy must be auto, merge or bypass, not {strategy!r}")
+        self.strategy = strategy
         self.keymap = KeyMap(trees)
         self.arch = arch
         self.find = find
         self.pristine_on_cpu = pristine_on_cpu
         self.cache = NetworkCache(cache_bytes)
+        self.latent, self.batch = latent, batch
         self.plan: Optional[Plan] = None
         self.errors: List[str] = []
         self.merges = 0  # layers merged so far (benchmarks and tests read it)
@@ -97,6 +114,7 @@ class Engine:
             except (NetworkFileError, FileNotFoundError, KeyError) as exc:
                 errors.append(f"{net.kind}:{net.name}: {exc}")
         slots = self._build_slots(plan, loaded)
+        self._choose_strategies(slots, plan)
         self._guarded(self._switch, slots)
         self.plan, self.errors = plan, errors
         self._changes = {phase: _change_steps(self._unet_slots(), phase) for phase in PHASES}
@@ -159,10 +177,14 @@ class Engine:
     def strengths(self, target: Target) -> Dict[int, float]:
         """What is merged into a layer now: {network index: strength}."""
         slot = self._slots.get(target)
-        if slot is None or not slot.applied:
+        if slot is None:
             return {}
         ids = {id(c.adapter): c.network for c in slot.contributions}
-        return {ids[a]: s for a, s in slot.applied}
+        now = {ids[a]: s for a, s in slot.applied}
+        if self._phase_step is not None:
+            now.update({c.network: c.at(*self._phase_step) for c in slot.contributions
+                        if c.bypass and c.at(*self._phase_step)})
+        return now
 
     @property
     def pristine_bytes(self) -> int:
@@ -190,18 +212,65 @@ class Engine:
         """Adopt new slots: layers nothing touches any more go back to pristine; layers that
         keep their contributions and strengths keep their merged weights."""
         for target, old in self._slots.items():
+            if old.hook is not None:
+                old.hook.remove()
             if target not in slots:
                 self._write(target, None)
                 self._forget(target)
             else:
                 slots[target].applied = old.applied
         self._slots = slots
+        for slot in slots.values():
+            if any(c.bypass for c in slot.contributions):
+                slot.hook = slot.target.module.register_forward_hook(self._bypass_hook(slot))
+
+    def _bypass_hook(self, slot: _Slot):
+        def hook(module, args, out):
+            if self._phase_step is None:
+                return out
+            phase, k = self._phase_step
+            for c in slot.contributions:
+                s = c.at(phase, k) if c.bypass else 0.0
+                if s:
+                    out = out + c.adapter.bypass(args[0], module, out, s, c.dyn)
+            return out
+        return hook
+
+    # ---- merge or bypass --------------------------------------------------------------
+    def _choose_strategies(self, slots: Dict[Target, _Slot], plan: Plan) -> None:
+        """DESIGN §4's cost model, per layer and contribution: a scheduled contribution runs
+        as a bypass where its low-rank forward over the pass costs less than re-merging the
+        layer at each of its keyframes (deep, low-resolution layers); everything else merges."""
+        levels = 3 if self.arch == "sdxl" else 4
+        for slot in slots.values():
+            t = slot.target
+            if t.component != "unet" or t.chunk is not None or \
+                    not isinstance(t.module, (nn.Linear, nn.Conv2d)):
+                continue
+            tokens = self._tokens(t, levels)
+            for c in slot.contributions:
+                costs = c.adapter.costs(tuple(t.weight.shape), tokens)
+                if costs is None or self.strategy == "merge":
+                    continue
+                series = c.series["base"]
+                merges = 1 + int(np.count_nonzero(np.diff(series)))
+                merge, bypass = costs
+                c.bypass = self.strategy == "bypass" or (
+                    merges > 1 and bypass * np.count_nonzero(series) < merge * merges)
+
+    def _tokens(self, target: Target, levels: int) -> int:
+        """Rows a UNet layer sees per forward: latent pixels at its level (or the 77 text
+        tokens for cross-attention keys and values), times the batch."""
+        if re.search(r"attn2\.to_[kv]$", target.name):
+            return 77 * self.batch
+        level = _level(target.block, levels)
+        h, w = self.latent
+        return max(1, (h >> level) * (w >> level)) * self.batch
 
     # ---- merging ---------------------------------------------------------------------
     def _merge_where_changed(self, phase: str, k: int, slots: List[_Slot]) -> None:
         for slot in slots:
-            wanted = tuple((id(c.adapter), float(c.series[phase][k])) for c in slot.contributions
-                           if phase in c.series and c.series[phase][k] != 0)
+            wanted = tuple((id(c.adapter), c.at(phase, k)) for c in slot.merged if c.at(phase, k))
             if wanted != slot.applied:
                 self._merge(slot, phase, k)
                 slot.applied = wanted
@@ -209,7 +278,7 @@ class Engine:
     def _merge(self, slot: _Slot, phase: str, k: int) -> None:
         target = slot.target
         w0 = self._pristine_slice(target, target.param)
-        live = [c for c in slot.contributions if phase in c.series and c.series[phase][k] != 0]
+        live = [c for c in slot.merged if c.at(phase, k)]
         if not live:
             self._write(target, None)
             return
@@ -295,6 +364,9 @@ class Engine:
                 del self._pristine[key]
 
     def _restore_all(self) -> None:
+        for slot in self._slots.values():
+            if slot.hook is not None:
+                slot.hook.remove()
         with torch.no_grad():
             for (_, name), (module, copy) in self._pristine.items():
                 module.get_parameter(name).data.copy_(copy)
@@ -341,12 +413,25 @@ def _chunk(t: Tensor, chunk: Optional[Tuple[int, int]]) -> Tensor:
     return t.narrow(0, chunk[0] * size, size)
 
 
+def _level(block: Optional[str], levels: int) -> int:
+    """Resolution level (0 = full latent) of a block: IN01-IN03 0, IN04-IN06 1, ...; M00 the
+    deepest; OUT00-OUT02 the deepest, OUT03-OUT05 one up, ..."""
+    if block is None or block in ("IN00", "BASE"):
+        return 0
+    if block == "M00":
+        return levels - 1
+    index = int(block[-2:])
+    if block.startswith("IN"):
+        return min((index - 1) // 3, levels - 1)
+    return max(levels - 1 - index // 3, 0)
+
+
 def _change_steps(slots: List[_Slot], phase: str) -> Dict[int, List[_Slot]]:
-    """{step k: the layers whose strengths differ between steps k-1 and k} for one pass."""
+    """{step k: the layers whose merged strengths differ between steps k-1 and k}."""
     changes: Dict[int, List[_Slot]] = {}
     for slot in slots:
         steps = set()
-        for c in slot.contributions:
+        for c in slot.merged:
             if phase in c.series:
                 steps.update((np.nonzero(np.diff(c.series[phase]))[0] + 1).tolist())
         for k in steps:

@@ -348,3 +348,73 @@ def test_cuda_bit_exact_restore(netdir):
         engine.set_step(k)
     engine.deactivate()
     assert_pristine(trees, before)
+
+
+# ---- merge or bypass: the cost model (DESIGN §4) --------------------------------------------
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_bypass_equals_merge(arch, netdir):
+    outputs = {}
+    for strategy in ("merge", "bypass"):
+        trees = diffusers_trees(arch)
+        before = snapshot(trees)
+        engine = make_engine(trees, arch, netdir, strategy=strategy)
+        engine.activate(plan(f"<lora:{arch}_lora:0.2@0,1@3:lbw=" +
+                             ("0.5,1,1,1,1,1,1,1,1,1,1,1" if arch == "sdxl" else LBW17) + ">",
+                             arch, steps=6))
+        outs = []
+        for k in (0, 3, 5):
+            engine.set_step(k)
+            outs.append(unet_out(trees, arch))
+        bypassed = sum(c.bypass for s in engine._slots.values() for c in s.contributions)
+        assert (bypassed > 100) == (strategy == "bypass")
+        engine.deactivate()
+        assert_pristine(trees, before)
+        assert torch.equal(unet_out(trees, arch), unet_out(TREES["diffusers"](arch), arch))
+        outputs[strategy] = outs
+    for merged, bypassed in zip(outputs["merge"], outputs["bypass"]):
+        torch.testing.assert_close(bypassed, merged, rtol=1e-4, atol=1e-4)
+
+
+def test_cost_model_bypasses_deep_layers_of_scheduled_networks(netdir):
+    # a tiny latent, so that the tiny tree's deep layers see few rows: there a low-rank branch
+    # each step costs less than re-merging at each of 4 keyframes
+    engine = make_engine(ldm_trees("sd1"), "sd1", netdir, latent=(8, 8), batch=1)
+    engine.activate(plan("<lora:sd1_lora:0@0,0.3@0.25,0.6@0.5,1@0.75> <lora:sd1_loha:0@0,1@0.5>",
+                         steps=20))
+    km = engine.keymap
+
+    def bypassed(key):
+        (t,) = km.lookup(key)
+        return {c.adapter.algorithm: c.bypass for c in engine._slots[t].contributions}
+    assert bypassed("lora_unet_output_blocks_5_1_transformer_blocks_0_attn1_to_q") == \
+        {"lora": True, "loha": False}  # deep: 4 rows; LoHa has no cheap branch
+    assert bypassed("lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q") == \
+        {"lora": False, "loha": False}  # full resolution: 64 rows, merging is cheaper
+    for slot in engine._slots.values():  # every decision is the cost model's
+        for c in slot.contributions:
+            t = slot.target
+            costs = c.adapter.costs(tuple(t.weight.shape), engine._tokens(t, 4)) \
+                if t.component == "unet" and t.chunk is None and \
+                isinstance(t.module, (torch.nn.Linear, torch.nn.Conv2d)) else None
+            if costs is None:
+                assert not c.bypass
+                continue
+            series = c.series["base"]
+            merges = 1 + int((series[1:] != series[:-1]).sum())
+            assert c.bypass == (costs[1] * int((series != 0).sum()) < costs[0] * merges)
+    static = make_engine(ldm_trees("sd1"), "sd1", netdir, latent=(8, 8), batch=1)
+    static.activate(plan("<lora:sd1_lora:0.7>", steps=20))  # a constant strength always merges
+    assert not any(c.bypass for s in static._slots.values() for c in s.contributions)
+
+
+def test_bypassed_strengths_read_back_and_cost_no_merges(netdir):
+    engine = make_engine(ldm_trees("sd1"), "sd1", netdir, strategy="bypass")
+    p = plan("<lora:sd1_lora:0@0,1@1>", steps=5)
+    engine.activate(p)
+    (t,) = engine.keymap.lookup("lora_unet_input_blocks_4_1_proj_in")
+    start = engine.merges
+    for k in range(5):
+        engine.set_step(k)
+        s = float(p.networks[0].base.strength["unet"][k])
+        assert engine.strengths(t) == ({0: pytest.approx(s)} if s else {})
+    assert engine.merges == start  # a schedule on bypassed layers re-merges nothing

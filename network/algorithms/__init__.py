@@ -22,7 +22,7 @@ weight at s = 1; `Adapter.linear` says whether ΔW(s) = s · ΔW(1) exactly (see
 from __future__ import annotations
 
 import math
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -225,6 +225,12 @@ class Adapter:
         """(U [out, r], D [r, in·kernel]) in fp32 with ΔW = U @ D, when the algorithm is a plain
         product of two factors; None otherwise. The engine merges such contributions with one
         fused multiply-add into W0 instead of building each ΔW."""
+        return None
+
+    def costs(self, weight_shape, tokens: int) -> Optional[Tuple[float, float]]:
+        """(multiply-adds of one merge, of one bypass forward over `tokens` rows), for the
+        engine's choice between re-merging at keyframes and a runtime branch (DESIGN §4);
+        None when the bypass is no cheaper than rebuilding ΔW (the default)."""
         return None
 
     def bias_delta(self, bias: Optional[Tensor], strength: float = 1.0) -> Optional[Tensor]:

@@ -16,6 +16,7 @@ ignores dyn there; slicing every factor is the only reading that keeps a rank-dy
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -115,6 +116,12 @@ class LoRA(Adapter):
                          None if self.mid is None else self.mid.to(weight.device),
                          self.scale * strength, dyn)
         return d.reshape(weight.shape)
+
+    def costs(self, weight_shape, tokens):
+        if self.mid is not None:
+            return None
+        out, fan_in = weight_shape[0], math.prod(weight_shape[1:])
+        return out * fan_in * (self.rank + 1), tokens * self.rank * (fan_in + out)
 
     def low_rank(self, strength=1.0, dyn=None, device=None):
         if self.mid is not None:

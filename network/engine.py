@@ -64,7 +64,9 @@ class _Slot:
 
     target: Target
     contributions: List[Contribution] = field(default_factory=list)
-    applied: Tuple = ()  # ((id(adapter), strength), ...) as merged now; () is pristine
+    # ((adapter, strength), ...) as merged now, () when pristine. The adapters themselves, not
+    # their ids: a reloaded file must never look like the one merged before.
+    applied: Tuple = ()
     hook: Optional[object] = None  # the forward hook of its bypass contributions
 
     @property
@@ -114,7 +116,7 @@ class Engine:
             except (NetworkFileError, FileNotFoundError, KeyError) as exc:
                 errors.append(f"{net.kind}:{net.name}: {exc}")
         slots = self._build_slots(plan, loaded)
-        self._choose_strategies(slots, plan)
+        self._choose_strategies(slots)
         self._guarded(self._switch, slots)
         self.plan, self.errors = plan, errors
         self._changes = {phase: _change_steps(self._unet_slots(), phase) for phase in PHASES}
@@ -166,9 +168,6 @@ class Engine:
         """The text-encoder segment step k belongs to: which conditioning to use."""
         return next(s for s in self.te_segments(phase) if s.start <= k < s.stop)
 
-    def _unet_slots(self) -> List[_Slot]:
-        return [s for s in self._slots.values() if s.target.component == "unet"]
-
     def deactivate(self) -> None:
         """Every weight back to its pristine bits; all patches dropped."""
         self._restore_all()
@@ -180,7 +179,7 @@ class Engine:
         if slot is None:
             return {}
         ids = {id(c.adapter): c.network for c in slot.contributions}
-        now = {ids[a]: s for a, s in slot.applied}
+        now = {ids[id(a)]: s for a, s in slot.applied}
         if self._phase_step is not None:
             now.update({c.network: c.at(*self._phase_step) for c in slot.contributions
                         if c.bypass and c.at(*self._phase_step)})
@@ -191,6 +190,9 @@ class Engine:
         return sum(t.numel() * t.element_size() for _, t in self._pristine.values())
 
     # ---- building the contributions --------------------------------------------------
+    def _unet_slots(self) -> List[_Slot]:
+        return [s for s in self._slots.values() if s.target.component == "unet"]
+
     def _load(self, net: NetworkPlan) -> LoadedNetwork:
         path = self.find(net.kind, net.name)
         loader = load_checkpoint if net.kind == "model" else load_network
@@ -237,7 +239,7 @@ class Engine:
         return hook
 
     # ---- merge or bypass --------------------------------------------------------------
-    def _choose_strategies(self, slots: Dict[Target, _Slot], plan: Plan) -> None:
+    def _choose_strategies(self, slots: Dict[Target, _Slot]) -> None:
         """DESIGN §4's cost model, per layer and contribution: a scheduled contribution runs
         as a bypass where its low-rank forward over the pass costs less than re-merging the
         layer at each of its keyframes (deep, low-resolution layers); everything else merges."""
@@ -270,7 +272,7 @@ class Engine:
     # ---- merging ---------------------------------------------------------------------
     def _merge_where_changed(self, phase: str, k: int, slots: List[_Slot]) -> None:
         for slot in slots:
-            wanted = tuple((id(c.adapter), c.at(phase, k)) for c in slot.merged if c.at(phase, k))
+            wanted = tuple((c.adapter, c.at(phase, k)) for c in slot.merged if c.at(phase, k))
             if wanted != slot.applied:
                 self._merge(slot, phase, k)
                 slot.applied = wanted

@@ -418,3 +418,21 @@ def test_bypassed_strengths_read_back_and_cost_no_merges(netdir):
         s = float(p.networks[0].base.strength["unet"][k])
         assert engine.strengths(t) == ({0: pytest.approx(s)} if s else {})
     assert engine.merges == start  # a schedule on bypassed layers re-merges nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_merge_in_fp32_and_restore(dtype, netdir):
+    trees = {k: v.to(dtype) for k, v in diffusers_trees("sd1").items()}
+    before = snapshot(trees)
+    engine = make_engine(trees, "sd1", netdir)
+    engine.activate(plan("<lora:sd1_lora:0.8> <lora:sd1_full:0.5> <lora:sd1_norm:1>"))
+    (t,) = engine.keymap.lookup("lora_unet_down_blocks_1_attentions_0_proj_in")
+    w0 = before["unet", t.path + ".weight"].float()
+    want = w0.clone()
+    for c in engine._slots[t].contributions:
+        want += c.adapter.delta(w0, c.at("base", 0))
+    assert t.weight.dtype == dtype
+    ulp = {torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]  # one rounding to the weight dtype
+    torch.testing.assert_close(t.weight.detach().float(), want.to(dtype).float(), rtol=ulp, atol=1e-6)
+    engine.deactivate()
+    assert_pristine(trees, before)

@@ -69,7 +69,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "bench":
         from ..network.bench import run, table
         result = run(quick=args.quick, device=args.device, steps=8 if args.quick else 20,
-                     repeats=3 if args.quick else 2)
+                     repeats=3)
         print(json.dumps(result) if args.json else table(result))
         return 0
     presets = parse_preset_file(args.presets.read()) if args.presets else {}

@@ -8,7 +8,8 @@ from typing import Dict, Optional, Tuple
 from .detect import ARCHS
 from .files import NetworkFileError, describe_metadata, open_safetensors
 from .keymap import KeyMap
-from .loader import LoadedNetwork, checkpoint_files, load_checkpoint, load_network
+from .loader import (ArchitectureMismatch, LoadedNetwork, checkpoint_files, load_checkpoint,
+                     load_network)
 from .reference import reference_trees
 
 _CHECKPOINT_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.",
@@ -72,7 +73,4 @@ def _best_fit(path: str, kind: str) -> Tuple[LoadedNetwork, Optional[str]]:
 def _first_real_error(errors) -> NetworkFileError:
     """An architecture mismatch for the two wrong architectures says less than the error
     for the one the file claims to be for."""
-    for exc in errors:
-        if "this file is for" not in str(exc):
-            return exc
-    return errors[0]
+    return next((e for e in errors if not isinstance(e, ArchitectureMismatch)), errors[0])

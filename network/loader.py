@@ -76,9 +76,13 @@ class LoadedNetwork:
         return dict(Counter(a.algorithm for a in self.layers.values()))
 
 
+class ArchitectureMismatch(NetworkFileError):
+    """The file is for another architecture than the model's."""
+
+
 def _check_architecture(path: str, found: Optional[str], reasons, host: Optional[str]) -> None:
     if found is not None and host is not None and found != host:
-        raise NetworkFileError(path, f"this file is for {ARCH_TITLES[found]} ({'; '.join(reasons)}), "
+        raise ArchitectureMismatch(path, f"this file is for {ARCH_TITLES[found]} ({'; '.join(reasons)}), "
                           f"but the model is {ARCH_TITLES[host]}")
 
 

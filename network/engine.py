@@ -93,6 +93,10 @@ class Engine:
         self.pristine_on_cpu = pristine_on_cpu
         self.cache = NetworkCache(cache_bytes)
         self.latent, self.batch = latent, batch
+        # A bypass also pays per call, whatever its size: the hook and its kernel launches;
+        # as multiply-adds, about 100 µs of a 2-core CPU (measured: tiny bypasses lost to
+        # re-merging at every keyframe without this term).
+        self.bypass_call_macs = 4_000_000
         self.plan: Optional[Plan] = None
         self.errors: List[str] = []
         self.merges = 0  # layers merged so far (benchmarks and tests read it)
@@ -257,8 +261,8 @@ class Engine:
                 series = c.series["base"]
                 merges = 1 + int(np.count_nonzero(np.diff(series)))
                 merge, bypass = costs
-                c.bypass = self.strategy == "bypass" or (
-                    merges > 1 and bypass * np.count_nonzero(series) < merge * merges)
+                per_pass = (bypass + self.bypass_call_macs) * np.count_nonzero(series)
+                c.bypass = self.strategy == "bypass" or (merges > 1 and per_pass < merge * merges)
 
     def _tokens(self, target: Target, levels: int) -> int:
         """Rows a UNet layer sees per forward: latent pixels at its level (or the 77 text

@@ -109,6 +109,8 @@ class Engine:
     def activate(self, plan: Plan) -> List[str]:
         """Load the plan's networks and merge them at (base, step 0). Returns the problems
         (a missing or bad file skips its network; the generation goes on)."""
+        if plan.arch != self.arch and not (plan.arch in ("sd1", "sd2") and self.arch in ("sd1", "sd2")):
+            raise ValueError(f"the plan was compiled for {plan.arch}, the model is {self.arch}")
         errors, loaded = [], {}
         for i, net in enumerate(plan.networks):
             if net.region is not None or net.neg != 1.0:

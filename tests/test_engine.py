@@ -440,3 +440,9 @@ def test_half_precision_weights_merge_in_fp32_and_restore(dtype, netdir):
     torch.testing.assert_close(t.weight.detach().float(), want.to(dtype).float(), rtol=ulp, atol=1e-6)
     engine.deactivate()
     assert_pristine(trees, before)
+
+
+def test_a_plan_for_another_architecture_is_refused(netdir):
+    engine = make_engine(ldm_trees("sd1"), "sd1", netdir)
+    with pytest.raises(ValueError, match="compiled for sdxl"):
+        engine.activate(plan("<lora:sd1_lora:1>", "sdxl"))

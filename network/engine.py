@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .algorithms import Adapter
+from .blocks import BLOCKS
 from .cache import NetworkCache
 from .files import NetworkFileError
 from .keymap import KeyMap, Target
@@ -109,7 +110,7 @@ class Engine:
     def activate(self, plan: Plan) -> List[str]:
         """Load the plan's networks and merge them at (base, step 0). Returns the problems
         (a missing or bad file skips its network; the generation goes on)."""
-        if plan.arch != self.arch and not (plan.arch in ("sd1", "sd2") and self.arch in ("sd1", "sd2")):
+        if BLOCKS[plan.arch] != BLOCKS[self.arch]:  # the host compiled for another model
             raise ValueError(f"the plan was compiled for {plan.arch}, the model is {self.arch}")
         errors, loaded = [], {}
         for i, net in enumerate(plan.networks):

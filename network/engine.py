@@ -105,6 +105,7 @@ class Engine:
         self._pristine: Dict[Tuple[int, str], Tuple[nn.Module, Tensor]] = {}
         self._phase_step: Optional[Tuple[str, int]] = None
         self._changes: Dict[str, Dict[int, List[_Slot]]] = {}
+        self._segments: Dict[str, List[Segment]] = {}
 
     # ---- public ----------------------------------------------------------------------
     def activate(self, plan: Plan) -> List[str]:
@@ -125,7 +126,7 @@ class Engine:
         slots = self._build_slots(plan, loaded)
         self._choose_strategies(slots)
         self._guarded(self._switch, slots)
-        self.plan, self.errors = plan, errors
+        self.plan, self.errors, self._segments = plan, errors, {}
         self._changes = {phase: _change_steps(self._unet_slots(), phase) for phase in PHASES}
         self._guarded(self._merge_where_changed, "base", 0, list(self._slots.values()))
         self._phase_step = ("base", 0)
@@ -149,6 +150,11 @@ class Engine:
         """Runs of steps with the same text-encoder strengths: one encoding each."""
         if self.plan is None:
             return []
+        if phase not in self._segments:  # segment_at asks at every step: compute once
+            self._segments[phase] = self._find_segments(phase)
+        return self._segments[phase]
+
+    def _find_segments(self, phase: str) -> List[Segment]:
         steps = self._steps(phase)
         # every text-encoder layer of a network carries the same strength (component × BASE)
         series = {}

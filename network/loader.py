@@ -18,11 +18,15 @@ import torch
 
 from .algorithms import Adapter, FormatError, detect, make
 from .algorithms.checkpoint import CheckpointDelta
+from .blocks import ARCH_TITLES
 from .detect import detect_architecture
 from .files import NetworkFileError, SafeFile, base_architecture, open_safetensors
 from .keymap import KeyMap, Target
 
-ARCH_TITLES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", None: "unknown"}
+
+def _title(arch: Optional[str]) -> str:
+    return ARCH_TITLES.get(arch, "unknown")
+
 
 # Part names after a layer name, longest first so "lora_down.weight" wins over "weight".
 PARTS = sorted((
@@ -82,8 +86,8 @@ class ArchitectureMismatch(NetworkFileError):
 
 def _check_architecture(path: str, found: Optional[str], reasons, host: Optional[str]) -> None:
     if found is not None and host is not None and found != host:
-        raise ArchitectureMismatch(path, f"this file is for {ARCH_TITLES[found]} ({'; '.join(reasons)}), "
-                          f"but the model is {ARCH_TITLES[host]}")
+        raise ArchitectureMismatch(path, f"this file is for {_title(found)} ({'; '.join(reasons)}), "
+                          f"but the model is {_title(host)}")
 
 
 def load_network(path: str, keymap: KeyMap, arch: Optional[str] = None) -> LoadedNetwork:
@@ -121,7 +125,7 @@ def load_network(path: str, keymap: KeyMap, arch: Optional[str] = None) -> Loade
                 raise NetworkFileError(path, f"layer '{layer}': {exc}") from None
             problem = adapter.check(tuple(target.weight.shape))
             if problem:
-                raise NetworkFileError(path, f"layer '{layer}' does not fit this {ARCH_TITLES[arch]} model "
+                raise NetworkFileError(path, f"layer '{layer}' does not fit this {_title(arch)} model "
                                   f"({target.component} {target.name}): {problem}")
             adapters[target], owner[target] = adapter, layer
     return LoadedNetwork(path, "lora", found, adapters, tuple(sorted(unmatched)),
@@ -208,6 +212,6 @@ def _map_checkpoint(path, sources, keymap: KeyMap, arch: Optional[str]):
         problem = adapter.check(tuple(target.weight.shape))
         if problem:
             raise NetworkFileError(path, f"{target.component} {target.name} does not fit this "
-                                         f"{ARCH_TITLES[arch]} model: {problem}")
+                                         f"{_title(arch)} model: {problem}")
         layers[target] = adapter
     return layers, unmatched, found, reasons

@@ -117,6 +117,19 @@ def shape_error(algorithm: str, expected, found, flat: bool = False) -> Optional
     return f"{algorithm}: the network builds a weight of shape {what}, but the host weight is {list(found)}"
 
 
+def vector_delta(algorithm: str, name: str, v: Optional[Tensor], bias: Optional[Tensor],
+                 strength: float) -> Optional[Tensor]:
+    """s · v shaped like the host bias (full's diff_b, norm's b_norm); None without v."""
+    if v is None:
+        return None
+    d = f32(v, None if bias is None else bias.device) * strength
+    if bias is None:
+        return d.reshape(-1)
+    if d.numel() != bias.numel():
+        raise FormatError(f"{algorithm}: '{name}' has {d.numel()} entries, but the host bias has {bias.numel()}")
+    return d.reshape(bias.shape)
+
+
 def is_conv(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.conv._ConvNd)
 

@@ -13,7 +13,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from . import Adapter, FormatError, along, channel_axis, f32, shape_error, weight_op
+from . import Adapter, FormatError, along, channel_axis, f32, shape_error, vector_delta, weight_op
 
 
 def detects(parts) -> bool:
@@ -50,12 +50,7 @@ class Full(Adapter):
         return delta_weight(self.diff.to(weight.device), strength).reshape(weight.shape)
 
     def bias_delta(self, bias, strength=1.0):
-        if self.diff_b is None:
-            return None
-        d = f32(self.diff_b, None if bias is None else bias.device) * strength
-        if bias is not None and d.numel() != bias.numel():
-            raise FormatError(f"full: 'diff_b' has {d.numel()} entries, but the host bias has {bias.numel()}")
-        return d.reshape(bias.shape) if bias is not None else d.reshape(-1)
+        return vector_delta(self.algorithm, "diff_b", self.diff_b, bias, strength)
 
     def bypass(self, x, module, y, strength=1.0, dyn=None):
         self.require(module.weight.shape)

@@ -8,12 +8,13 @@ Linear in s (A1111 network_norm, ComfyUI's `diff` patches, LyCORIS NormModule). 
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import Adapter, FormatError, along, f32
+from . import Adapter, FormatError, along, f32, vector_delta
 
 
 def detects(parts) -> bool:
@@ -56,10 +57,7 @@ class Norm(Adapter):
         self.w_norm, self.b_norm = w_norm, b_norm
 
     def check(self, weight_shape):
-        n = 1
-        for s in weight_shape:
-            n *= int(s)
-        if n == self.w_norm.numel():
+        if math.prod(int(s) for s in weight_shape) == self.w_norm.numel():
             return None
         return f"norm: 'w_norm' has {self.w_norm.numel()} entries, but the host weight is {list(weight_shape)}"
 
@@ -68,12 +66,7 @@ class Norm(Adapter):
         return delta_weight(self.w_norm.to(weight.device), strength).reshape(weight.shape)
 
     def bias_delta(self, bias, strength=1.0):
-        if self.b_norm is None:
-            return None
-        d = f32(self.b_norm, None if bias is None else bias.device) * strength
-        if bias is not None and d.numel() != bias.numel():
-            raise FormatError(f"norm: 'b_norm' has {d.numel()} entries, but the host bias has {bias.numel()}")
-        return d.reshape(bias.shape) if bias is not None else d
+        return vector_delta(self.algorithm, "b_norm", self.b_norm, bias, strength)
 
     def bypass(self, x, module, y, strength=1.0, dyn=None):
         self.require(module.weight.shape)

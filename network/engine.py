@@ -13,28 +13,39 @@ after the first step and a new plan that keeps a network's strengths leaves its 
 Weights stay merged between generations; `deactivate()` restores them. Any failure while
 weights change (a bad file is caught before that) restores everything and re-raises.
 
-A contribution is one network's adapter on one layer with its strength per step. Engine II adds
-contributions that run as a bypass (regions, per-row strengths) beside the merged ones.
+A contribution is one network's adapter on one layer with its strength per step. Global
+contributions merge (or bypass where the cost model says a low-rank branch is cheaper);
+regional ones, per-prompt ones (a batch of different prompts) and `neg` ≠ 1 run as a bypass
+beside them on the same layer (bypass.py). Text encoders have no grid and no rows: they are
+merged per encoding, and the host encodes once per segment, prompt and regional network.
+
+    engine.set_rows(prompts, uncond)  which prompt each UNet batch row is, which are unconditional
+    engine.set_text_variants(base, {network: cond})   conditionings of regional TE networks
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..parser import format_tag
 from .algorithms import Adapter
 from .blocks import BLOCKS
+from .bypass import AttentionUnit, Rows, Runtime, layer_view
 from .cache import NetworkCache
 from .files import NetworkFileError
 from .keymap import KeyMap, Target
 from .loader import LoadedNetwork, load_checkpoint, load_network
 from .plan import NetworkPlan, PassPlan, Plan
+from .regions import RegionError, RegionMaps, rest_of, uses_rest
 
 PHASES = ("base", "hires")
+CROSS_KV = re.compile(r"attn2\.to_[kv]$")  # cross-attention keys and values: they see the text
+ATTENTION_CHILD = re.compile(r"^(.*\.attn2)\.(to_q|to_k|to_v|to_out\.0)$")
 
 
 @dataclass(frozen=True)
@@ -45,6 +56,19 @@ class Segment:
     start: int
     stop: int
     strengths: Tuple[Tuple[int, str, float], ...]  # (network, component, strength), nonzero only
+    prompt: int = 0  # which prompt of the batch
+    variants: Tuple[int, ...] = ()  # regional networks acting on the text here: one encoding each
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One network of the generation: shared by every prompt of the batch (owner None) or
+    one prompt's own; `region`: its key in the region maps when it has a region."""
+
+    net: NetworkPlan
+    owner: Optional[int]
+    prompt: int
+    region: Optional[int] = None
 
 
 @dataclass
@@ -54,9 +78,18 @@ class Contribution:
     dyn: Optional[int]
     series: Dict[str, np.ndarray]  # phase -> effective strength per step on this layer
     bypass: bool = False  # y + s·f(x) at run time instead of merged into W
+    region: Optional[int] = None  # key of its region map; None: everywhere
+    owner: Optional[int] = None  # the prompt of the batch it belongs to; None: every prompt
+    neg: float = 1.0  # factor on the unconditional rows
+    route: str = "layer"  # "layer", "attention" or "emb" (bypass.py)
 
     def at(self, phase: str, k: int) -> float:
         return float(self.series[phase][k]) if phase in self.series else 0.0
+
+    @property
+    def uniform(self) -> bool:
+        """The same everywhere in the image and on every row: may merge."""
+        return self.region is None and self.owner is None and self.neg == 1.0
 
 
 @dataclass
@@ -69,6 +102,8 @@ class _Slot:
     # their ids: a reloaded file must never look like the one merged before.
     applied: Tuple = ()
     hook: Optional[object] = None  # the forward hook of its bypass contributions
+    emb_norm: Optional[nn.Module] = None  # route "emb": the norm its delta is added before
+    views: Dict[Tuple[bool, bool], nn.Module] = field(default_factory=dict)
 
     @property
     def merged(self) -> List[Contribution]:
@@ -79,18 +114,21 @@ class Engine:
     def __init__(self, trees: Mapping[str, nn.Module], arch: str,
                  find: Callable[[str, str], str], *, pristine_on_cpu: bool = False,
                  cache_bytes: int = 2 ** 30, latent: Tuple[int, int] = (64, 64), batch: int = 2,
-                 strategy: str = "auto"):
+                 strategy: str = "auto", masks: Optional[Mapping[str, object]] = None):
         """`trees`: {"unet", "te1"[, "te2"]} module roots; `find(kind, name)` → file path
         (raises FileNotFoundError when there is none); `pristine_on_cpu`: keep the pristine
         copies in CPU memory instead of beside the weights; `latent` (h, w) and `batch`: the
-        generation's size, for the cost of a bypass (set them before `activate`); `strategy`:
-        "auto" (the cost model), or "merge" / "bypass" for every contribution that can."""
+        generation's size, for regions and the cost of a bypass (set them before `activate`);
+        `strategy`: "auto" (the cost model), or "merge" / "bypass" for every global
+        contribution that can; `masks`: the host's mask store, name → image (regions.as_mask)."""
         if strategy not in ("auto", "merge", "bypass"):
             raise ValueError(f"strategy must be auto, merge or bypass, not {strategy!r}")
         self.strategy = strategy
+        self.trees = trees
         self.keymap = KeyMap(trees)
         self.arch = arch
         self.find = find
+        self.masks: Mapping[str, object] = masks if masks is not None else {}
         self.pristine_on_cpu = pristine_on_cpu
         self.cache = NetworkCache(cache_bytes)
         self.latent, self.batch = latent, batch
@@ -99,38 +137,72 @@ class Engine:
         # re-merging at every keyframe without this term).
         self.bypass_call_macs = 4_000_000
         self.plan: Optional[Plan] = None
+        self.plans: List[Plan] = []
+        self.entries: List[Entry] = []
         self.errors: List[str] = []
         self.merges = 0  # layers merged so far (benchmarks and tests read it)
+        self.runtime = Runtime(self)
         self._slots: Dict[Target, _Slot] = {}
+        self._units: Dict[str, AttentionUnit] = {}
+        self._norm_hooks: List[object] = []
         self._pristine: Dict[Tuple[int, str], Tuple[nn.Module, Tensor]] = {}
         self._phase_step: Optional[Tuple[str, int]] = None
         self._changes: Dict[str, Dict[int, List[_Slot]]] = {}
-        self._segments: Dict[str, List[Segment]] = {}
+        self._segments: Dict[Tuple[str, int], List[Segment]] = {}
 
     # ---- public ----------------------------------------------------------------------
-    def activate(self, plan: Plan) -> List[str]:
-        """Load the plan's networks and merge them at (base, step 0). Returns the problems
-        (a missing or bad file skips its network; the generation goes on)."""
-        if BLOCKS[plan.arch] != BLOCKS[self.arch]:  # the host compiled for another model
-            raise ValueError(f"the plan was compiled for {plan.arch}, the model is {self.arch}")
-        errors, loaded = [], {}
-        for i, net in enumerate(plan.networks):
-            if net.region is not None or net.neg != 1.0:
-                errors.append(f"{net.kind}:{net.name}: regions and neg= need the bypass path "
-                              "(Engine II); this network is skipped")
-                continue
+    def activate(self, plan) -> List[str]:
+        """Load the networks of a plan — or of one plan per prompt of the batch — and merge
+        them at (base, step 0). Returns the problems (a missing or bad file, or a missing
+        mask, skips its network; the generation goes on)."""
+        plans = [plan] if isinstance(plan, Plan) else list(plan)
+        for p in plans:
+            if BLOCKS[p.arch] != BLOCKS[self.arch]:  # the host compiled for another model
+                raise ValueError(f"the plan was compiled for {p.arch}, the model is {self.arch}")
+            if (p.steps, p.hires_steps) != (plans[0].steps, plans[0].hires_steps):
+                raise ValueError("the plans of one batch must have the same steps")
+        errors: List[str] = []
+        entries = _entries(plans)
+        maps = RegionMaps(self.latent)
+        loaded = {}
+        for i, e in enumerate(entries):
+            label = f"{e.net.kind}:{e.net.name}"
             try:
-                loaded[i] = self._load(net)
-            except (NetworkFileError, FileNotFoundError, KeyError) as exc:
-                errors.append(f"{net.kind}:{net.name}: {exc}")
-        slots = self._build_slots(plan, loaded)
+                if e.region is not None:
+                    rest = rest_of([n.region for n in plans[e.prompt].networks
+                                    if n.region is not None], maps.size, self.masks) \
+                        if uses_rest(e.net.region) else None
+                    maps.add(e.region, e.net.region, self.masks, rest)
+                loaded[i] = self._load(e.net)
+            except (NetworkFileError, FileNotFoundError, KeyError, RegionError) as exc:
+                errors.append(f"{label}: {exc}")
+        slots = self._build_slots(entries, loaded)
         self._choose_strategies(slots)
+        self._choose_routes(slots, entries)
+        self.runtime.reset()
+        self.runtime.maps = maps
+        self.entries = entries
         self._guarded(self._switch, slots)
-        self.plan, self.errors, self._segments = plan, errors, {}
+        self.plan, self.plans, self.errors, self._segments = plans[0], plans, errors, {}
         self._changes = {phase: _change_steps(self._unet_slots(), phase) for phase in PHASES}
         self._guarded(self._merge_where_changed, "base", 0, list(self._slots.values()))
         self._phase_step = ("base", 0)
         return errors
+
+    def set_rows(self, prompts: Sequence[int], uncond: Sequence[bool]) -> None:
+        """What each row of the next UNet calls is: its prompt (index into the plans given to
+        activate) and whether it is an unconditional (negative) row. Unset, every row is a
+        conditional row of prompt 0."""
+        if len(prompts) != len(uncond):
+            raise ValueError("prompts and uncond must have one entry per row")
+        self.runtime.set_rows(Rows(tuple(int(p) for p in prompts), tuple(map(bool, uncond))))
+
+    def set_text_variants(self, base: Tensor, variants: Mapping[int, Tensor]) -> None:
+        """The conditionings of regional text-encoder networks for the coming steps: `base`
+        (rows, tokens, width) as encoded without them, `variants[network]` the same rows encoded
+        with that network (apply_te(segment, variant=network)). Cross-attention uses a
+        network's rows inside its region."""
+        self.runtime.set_text(base, dict(variants))
 
     def set_step(self, k: int, phase: str = "base") -> None:
         """UNet weights for step k (0-based) of `phase`."""
@@ -145,55 +217,69 @@ class Engine:
             slots = self._unet_slots()
         self._guarded(self._merge_where_changed, phase, k, slots)
         self._phase_step = (phase, k)
+        self.runtime.new_step()
 
-    def te_segments(self, phase: str = "base") -> List[Segment]:
-        """Runs of steps with the same text-encoder strengths: one encoding each."""
+    def te_segments(self, phase: str = "base", prompt: int = 0) -> List[Segment]:
+        """Runs of steps with the same text-encoder strengths for one prompt: one encoding
+        each (one more per regional network in `variants`)."""
         if self.plan is None:
             return []
-        if phase not in self._segments:  # segment_at asks at every step: compute once
-            self._segments[phase] = self._find_segments(phase)
-        return self._segments[phase]
+        if (phase, prompt) not in self._segments:  # segment_at asks at every step
+            self._segments[phase, prompt] = self._find_segments(phase, prompt)
+        return self._segments[phase, prompt]
 
-    def _find_segments(self, phase: str) -> List[Segment]:
+    def _find_segments(self, phase: str, prompt: int) -> List[Segment]:
         steps = self._steps(phase)
         # every text-encoder layer of a network carries the same strength (component × BASE)
         series = {}
         for slot in self._slots.values():
             if slot.target.component != "unet":
                 for c in slot.contributions:
-                    if phase in c.series:
+                    if phase in c.series and c.owner in (None, prompt):
                         series[c.network, slot.target.component] = c.series[phase]
         keys = [tuple(sorted((i, comp, float(v[k])) for (i, comp), v in series.items() if v[k]))
                 for k in range(steps)]
         segments, start = [], 0
         for k in range(1, steps + 1):
             if k == steps or keys[k] != keys[start]:
-                segments.append(Segment(phase, start, k, keys[start]))
+                variants = tuple(sorted({i for i, _, _ in keys[start]
+                                         if self.entries[i].region is not None}))
+                segments.append(Segment(phase, start, k, keys[start], prompt, variants))
                 start = k
         return segments
 
-    def apply_te(self, segment: Segment) -> None:
-        """Text-encoder weights for a segment (the host encodes its prompt after this)."""
+    def apply_te(self, segment: Segment, variant: Optional[int] = None,
+                 uncond: bool = False) -> None:
+        """Text-encoder weights for a segment (the host encodes its prompt after this): the
+        prompt's global networks, plus regional network `variant` for its own conditioning;
+        `uncond`: for the negative prompt (strengths times each network's `neg`)."""
+        def pick(c: Contribution) -> float:
+            if c.owner not in (None, segment.prompt) or \
+                    (c.region is not None and c.network != variant):
+                return 0.0
+            return c.at(segment.phase, segment.start) * (c.neg if uncond else 1.0)
         te = [s for s in self._slots.values() if s.target.component != "unet"]
-        self._guarded(self._merge_where_changed, segment.phase, segment.start, te)
+        self._guarded(self._merge_where_changed, segment.phase, segment.start, te, pick)
 
-    def segment_at(self, k: int, phase: str = "base") -> Segment:
+    def segment_at(self, k: int, phase: str = "base", prompt: int = 0) -> Segment:
         """The text-encoder segment step k belongs to: which conditioning to use."""
-        return next(s for s in self.te_segments(phase) if s.start <= k < s.stop)
+        return next(s for s in self.te_segments(phase, prompt) if s.start <= k < s.stop)
 
     def deactivate(self) -> None:
         """Every weight back to its pristine bits; all patches dropped."""
         self._restore_all()
-        self.plan, self._phase_step = None, None
+        self.plan, self.plans, self._phase_step = None, [], None
+        self.runtime.reset()
+        self.runtime.set_rows(None)
 
     def strengths(self, target: Target) -> Dict[int, float]:
-        """What is merged into a layer now: {network index: strength}."""
+        """What acts on a layer now: {network index: strength} (merged, or bypassed)."""
         slot = self._slots.get(target)
         if slot is None:
             return {}
         ids = {id(c.adapter): c.network for c in slot.contributions}
         now = {ids[id(a)]: s for a, s in slot.applied}
-        if self._phase_step is not None:
+        if self._phase_step is not None and target.component == "unet":
             now.update({c.network: c.at(*self._phase_step) for c in slot.contributions
                         if c.bypass and c.at(*self._phase_step)})
         return now
@@ -212,60 +298,93 @@ class Engine:
         return self.cache.get(path, lambda p: loader(p, self.keymap, self.arch),
                               lambda n: n.nbytes)
 
-    def _build_slots(self, plan: Plan, loaded: Dict[int, LoadedNetwork]) -> Dict[Target, _Slot]:
+    def _build_slots(self, entries: List[Entry], loaded: Dict[int, LoadedNetwork]
+                     ) -> Dict[Target, _Slot]:
         slots: Dict[Target, _Slot] = {}
         for i, network in loaded.items():
-            net = plan.networks[i]
+            e = entries[i]
+            net = e.net
             for target, adapter in network.layers.items():
                 series = {phase: _series(p, target) for phase, p in
                           (("base", net.base), ("hires", net.hires)) if p is not None}
                 slot = slots.setdefault(target, _Slot(target))
-                slot.contributions.append(Contribution(i, adapter, net.tag.dyn, series))
+                slot.contributions.append(Contribution(i, adapter, net.tag.dyn, series,
+                                                       region=e.region, owner=e.owner,
+                                                       neg=net.neg))
         return slots
 
     def _switch(self, slots: Dict[Target, _Slot]) -> None:
         """Adopt new slots: layers nothing touches any more go back to pristine; layers that
         keep their contributions and strengths keep their merged weights."""
+        self._remove_hooks()
         for target, old in self._slots.items():
-            if old.hook is not None:
-                old.hook.remove()
             if target not in slots:
                 self._write(target, None)
                 self._forget(target)
             else:
                 slots[target].applied = old.applied
         self._slots = slots
+        norms = {}
         for slot in slots.values():
             if any(c.bypass for c in slot.contributions):
-                slot.hook = slot.target.module.register_forward_hook(self._bypass_hook(slot))
+                slot.hook = slot.target.module.register_forward_hook(self.runtime.layer_hook(slot))
+            if slot.emb_norm is not None:
+                norms[id(slot.emb_norm)] = slot.emb_norm
+        self._norm_hooks = [n.register_forward_pre_hook(self.runtime.emb_prehook(n))
+                            for n in norms.values()]
+        for unit in self._units.values():
+            unit.hook = unit.module.register_forward_hook(self.runtime.attention_hook(unit),
+                                                          with_kwargs=True)
 
-    def _bypass_hook(self, slot: _Slot):
-        def hook(module, args, out):
-            if self._phase_step is None:
-                return out
-            phase, k = self._phase_step
-            for c in slot.contributions:
-                s = c.at(phase, k) if c.bypass else 0.0
-                if s:
-                    out = out + c.adapter.bypass(args[0], module, out, s, c.dyn)
-            return out
-        return hook
+    def _remove_hooks(self) -> None:
+        for slot in self._slots.values():
+            if slot.hook is not None:
+                slot.hook.remove()
+                slot.hook = None
+        for unit in self._units.values():
+            if unit.hook is not None:
+                unit.hook.remove()
+                unit.hook = None
+        for h in self._norm_hooks:
+            h.remove()
+        self._norm_hooks = []
+
+    def unit_contributions(self, unit: AttentionUnit, network: int) -> List[Contribution]:
+        return [c for s in unit.slots for c in s.contributions
+                if c.network == network and c.route == "attention"]
+
+    def view(self, slot: _Slot, cropped: bool = False, pristine: bool = False) -> nn.Module:
+        """The slot's layer computing with its pristine weights and/or without padding."""
+        key = (cropped, pristine)
+        if key not in slot.views:
+            t = slot.target
+            params = None
+            if pristine:
+                names = [t.param] + ([t.bias_param] if t.bias_param else [])
+                params = {n: self._pristine_slice(t, n).to(t.weight.device) for n in names}
+            slot.views[key] = layer_view(t.module, params, cropped)
+        return slot.views[key]
 
     # ---- merge or bypass --------------------------------------------------------------
     def _choose_strategies(self, slots: Dict[Target, _Slot]) -> None:
         """DESIGN §4's cost model, per layer and contribution: a scheduled contribution runs
         as a bypass where its low-rank forward over the pass costs less than re-merging the
-        layer at each of its keyframes (deep, low-resolution layers); everything else merges."""
+        layer at each of its keyframes (deep, low-resolution layers); everything else merges.
+        Regional and per-row contributions on the UNet always bypass: no merge is exact."""
         levels = 3 if self.arch == "sdxl" else 4
         for slot in slots.values():
             t = slot.target
-            if t.component != "unet" or t.chunk is not None or \
-                    not isinstance(t.module, (nn.Linear, nn.Conv2d)):
+            if t.component != "unet":
+                continue  # text encoders: merged per encoding
+            for c in slot.contributions:
+                if not c.uniform:
+                    c.bypass = True
+            if t.chunk is not None or not isinstance(t.module, (nn.Linear, nn.Conv2d)):
                 continue
             tokens = self._tokens(t, levels)
             for c in slot.contributions:
                 costs = c.adapter.costs(tuple(t.weight.shape), tokens)
-                if costs is None or self.strategy == "merge":
+                if not c.uniform or costs is None or self.strategy == "merge":
                     continue
                 series = c.series["base"]
                 merges = 1 + int(np.count_nonzero(np.diff(series)))
@@ -273,55 +392,99 @@ class Engine:
                 per_pass = (bypass + self.bypass_call_macs) * np.count_nonzero(series)
                 c.bypass = self.strategy == "bypass" or (merges > 1 and per_pass < merge * merges)
 
+    def _choose_routes(self, slots: Dict[Target, _Slot], entries: List[Entry]) -> None:
+        """Where each regional contribution acts (bypass.py): at its layer; in a re-run of
+        its cross-attention (keys and values see the text; a regional text-encoder network
+        needs every cross-attention); or on its resblock's feature map (time embedding)."""
+        self._units = {}
+        unet = self.trees.get("unet")
+
+        def unit(path: str) -> AttentionUnit:
+            if path not in self._units:
+                self._units[path] = AttentionUnit(unet.get_submodule(path), path)
+            return self._units[path]
+
+        regional_te = {c.network for s in slots.values() if s.target.component != "unet"
+                       for c in s.contributions if c.region is not None}
+        if regional_te and unet is not None:
+            for t in self.keymap.targets:
+                if t.component == "unet" and CROSS_KV.search(t.name):
+                    unit(ATTENTION_CHILD.match(t.path).group(1)).networks.update(regional_te)
+        for slot in slots.values():
+            t = slot.target
+            for c in slot.contributions:
+                if c.region is None or t.component != "unet":
+                    continue
+                if CROSS_KV.search(t.name):
+                    unit(ATTENTION_CHILD.match(t.path).group(1)).networks.add(c.network)
+                elif t.name.endswith("time_emb_proj"):
+                    slot.emb_norm = _emb_norm(unet, t.path)
+                    if slot.emb_norm is not None:
+                        c.route = "emb"
+        for unit_ in self._units.values():
+            unit_.slots = []
+        for slot in slots.values():  # a network re-run in an attention acts there as a whole
+            m = ATTENTION_CHILD.match(slot.target.path) if slot.target.component == "unet" else None
+            if m and m.group(1) in self._units:
+                u = self._units[m.group(1)]
+                u.slots.append(slot)
+                for c in slot.contributions:
+                    if c.network in u.networks:
+                        c.route, c.bypass = "attention", True
+
     def _tokens(self, target: Target, levels: int) -> int:
         """Rows a UNet layer sees per forward: latent pixels at its level (or the 77 text
         tokens for cross-attention keys and values), times the batch."""
-        if re.search(r"attn2\.to_[kv]$", target.name):
+        if CROSS_KV.search(target.name):
             return 77 * self.batch
         level = _level(target.block, levels)
         h, w = self.latent
         return max(1, (h >> level) * (w >> level)) * self.batch
 
     # ---- merging ---------------------------------------------------------------------
-    def _merge_where_changed(self, phase: str, k: int, slots: List[_Slot]) -> None:
+    def _merge_where_changed(self, phase: str, k: int, slots: List[_Slot], pick=None) -> None:
+        """Re-merge the slots whose merged strengths differ from what they hold; `pick(c)`:
+        a contribution's strength (default: its own at the step, when it merges)."""
         for slot in slots:
-            wanted = tuple((c.adapter, c.at(phase, k)) for c in slot.merged if c.at(phase, k))
+            live = []
+            for c in slot.contributions:
+                s = pick(c) if pick is not None else (0.0 if c.bypass else c.at(phase, k))
+                if s:
+                    live.append((c, s))
+            wanted = tuple((c.adapter, s) for c, s in live)
             if wanted != slot.applied:
-                self._merge(slot, phase, k)
+                self._merge(slot, live)
                 slot.applied = wanted
 
-    def _merge(self, slot: _Slot, phase: str, k: int) -> None:
+    def _merge(self, slot: _Slot, live: List[Tuple[Contribution, float]]) -> None:
         target = slot.target
-        w0 = self._pristine_slice(target, target.param)
-        live = [c for c in slot.merged if c.at(phase, k)]
         if not live:
             self._write(target, None)
             return
+        w0 = self._pristine_slice(target, target.param)
         device = target.weight.device
         w0f = w0.to(device=device, dtype=torch.float32)
         dest = _chunk(self._param(target, target.param).data, target.chunk)
         direct = dest.dtype == torch.float32 and dest.is_contiguous()
         with torch.no_grad():
-            w = self._merged_weight(w0f, live, phase, k, out=dest if direct else None)
+            w = self._merged_weight(w0f, live, out=dest if direct else None)
         bias = None
         if target.bias_param is not None:  # full, norm and checkpoints change the bias too
             b0f = self._pristine_slice(target, target.bias_param).to(device=device,
                                                                       dtype=torch.float32)
-            deltas = [d for d in (c.adapter.bias_delta(b0f, float(c.series[phase][k]))
-                                  for c in live) if d is not None]
+            deltas = [d for d in (c.adapter.bias_delta(b0f, s) for c, s in live) if d is not None]
             if deltas:
                 bias = b0f + sum(deltas)
         self._write(target, None if direct else w, bias, weight_done=direct)
         self.merges += 1
 
-    def _merged_weight(self, w0f: Tensor, live: List[Contribution], phase: str, k: int,
+    def _merged_weight(self, w0f: Tensor, live: List[Tuple[Contribution, float]],
                        out: Optional[Tensor] = None) -> Tensor:
         """W0 + Σ ΔW_i in fp32, into `out` when given (an fp32 weight: no temporary). Plain
         two-factor contributions (LoRA) go into one fused multiply-add
         W0 + [U_1 … U_n]·[D_1; …; D_n]: one pass over W instead of one per network."""
         factors, others = [], []
-        for c in live:
-            s = float(c.series[phase][k])
+        for c, s in live:
             lr = c.adapter.low_rank(s, c.dyn, w0f.device)
             if lr is None:
                 others.append((c, s))
@@ -379,9 +542,8 @@ class Engine:
                 del self._pristine[key]
 
     def _restore_all(self) -> None:
-        for slot in self._slots.values():
-            if slot.hook is not None:
-                slot.hook.remove()
+        self._remove_hooks()
+        self._units = {}
         with torch.no_grad():
             for (_, name), (module, copy) in self._pristine.items():
                 module.get_parameter(name).data.copy_(copy)
@@ -411,6 +573,44 @@ class Engine:
         steps = self._steps(phase)
         if not 0 <= k < steps:
             raise ValueError(f"step {k} is outside the {phase} pass of {steps} steps")
+
+
+def _entries(plans: List[Plan]) -> List[Entry]:
+    """The networks of a batch's plans. A tag that every prompt has, in the same words, is one
+    shared network (it may merge); the others belong to their prompt (per-row bypass). A region
+    that uses `rest` depends on its prompt's other regions, so it is never shared."""
+    def key(net):
+        return format_tag(net.tag)
+    counts = {}
+    for p in plans:
+        for k in dict.fromkeys(key(n) for n in p.networks):
+            counts[k] = counts.get(k, 0) + 1
+    entries, shared = [], set()
+    for index, p in enumerate(plans):
+        for net in p.networks:
+            k = key(net)
+            everywhere = len(plans) == 1 or (counts[k] == len(plans) and
+                                             not (net.region is not None and uses_rest(net.region)))
+            if everywhere and k in shared:
+                continue
+            if everywhere:
+                shared.add(k)
+            region = len(entries) if net.region is not None else None
+            entries.append(Entry(net, None if everywhere else index, index, region))
+    return entries
+
+
+def _emb_norm(unet: nn.Module, path: str) -> Optional[nn.Module]:
+    """The norm a resblock applies right after adding its time embedding (LDM out_layers.0,
+    diffusers norm2), or None where the embedding is a scale and shift (not a sum)."""
+    for suffix, norm in ((".emb_layers.1", "out_layers.0"), (".time_emb_proj", "norm2")):
+        if path.endswith(suffix):
+            block = unet.get_submodule(path[:-len(suffix)])
+            if getattr(block, "use_scale_shift_norm", False) or \
+                    getattr(block, "time_embedding_norm", "default") != "default":
+                return None
+            return block.get_submodule(norm)
+    return None
 
 
 def _series(p: PassPlan, target: Target) -> np.ndarray:

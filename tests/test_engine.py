@@ -10,59 +10,8 @@ from netweave.network.keymap import KeyMap
 from netweave.network.plan import CompileContext, compile_prompt
 from tinymodels import TREES, diffusers_trees, ldm_trees
 
-LBW17 = "1,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.1,1.2,1.3,1.4,1.5,1.6,1.7"
-
-
-def snapshot(trees):
-    return {(c, k): v.detach().clone() for c, t in trees.items()
-            for k, v in list(t.state_dict(keep_vars=True).items())}
-
-
-def assert_pristine(trees, before):
-    for c, t in trees.items():
-        for k, v in t.state_dict(keep_vars=True).items():
-            assert torch.equal(v.detach(), before[c, k]), (c, k)
-
-
-@pytest.fixture(scope="module")
-def netdir(tmp_path_factory):
-    """Networks for both tiny SD1 and SDXL trees: {name: path}."""
-    root = tmp_path_factory.mktemp("loras")
-    for arch in ("sd1", "sdxl"):
-        trees = ldm_trees(arch)
-        for fmt, seed in (("lora", 1), ("loha", 2), ("full", 3), ("lokr", 4), ("norm", 5)):
-            write_network(root / f"{arch}_{fmt}.safetensors", trees, fmt, "kohya", arch, seed=seed)
-    return root
-
-
-def make_engine(trees, arch, netdir, **kw):
-    def find(kind, name):
-        path = netdir / f"{name}.safetensors"
-        if not path.exists():
-            raise FileNotFoundError(f"no {kind} named '{name}'")
-        return str(path)
-    return Engine(trees, arch, find, **kw)
-
-
-def plan(prompt, arch="sd1", steps=6, hires=None):
-    p = compile_prompt(prompt, CompileContext(arch=arch, steps=steps, hires_steps=hires))
-    assert not [e for e in p.errors if e.severity == "error"], p.errors
-    return p
-
-
-def unet_out(trees, arch):
-    unet = trees["unet"]
-    torch.manual_seed(0)
-    x = torch.randn(2, 4, 8, 8)
-    ctx = torch.randn(2, 5, {"sd1": 32, "sdxl": 80}[arch])
-    t = torch.tensor([10, 10])
-    with torch.no_grad():
-        if hasattr(unet, "input_blocks"):
-            return unet(x, t, context=ctx)
-        extra = {}
-        if arch == "sdxl":
-            extra = {"added_cond_kwargs": {"text_embeds": torch.randn(2, 48), "time_ids": torch.randn(2, 6)}}
-        return unet(x, t, encoder_hidden_states=ctx, **extra).sample
+from engine_helpers import (LBW17, assert_pristine, make_engine, netdir, plan,  # noqa: F401
+                            snapshot, unet_out)
 
 
 @pytest.mark.parametrize("layout", sorted(TREES))
@@ -316,12 +265,6 @@ def test_missing_and_bad_files_skip_only_their_network(tmp_path, netdir):
     assert len(errors) == 3
     assert "typo_name" in errors[0] and "broken" in errors[1] and "SDXL" in errors[2]
     assert {c.network for s in engine._slots.values() for c in s.contributions} == {2}
-
-
-def test_regions_wait_for_engine_two(netdir):
-    engine = make_engine(ldm_trees("sd1"), "sd1", netdir)
-    errors = engine.activate(plan("<lora:sd1_lora:1:region=left>"))
-    assert errors and "bypass" in errors[0] and engine.pristine_bytes == 0
 
 
 def test_pristine_copies_only_of_touched_params(netdir):

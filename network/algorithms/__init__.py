@@ -191,11 +191,13 @@ class Adapter:
     """One network's tensors for one host module.
 
     linear: True when delta(W, s) == s * delta(W, 1) exactly, so the engine may merge
-    W0 + Σ s_i ΔW_i; BOFT is the one algorithm where this is False.
+    W0 + Σ s_i ΔW_i; BOFT is the one algorithm where this is False. uses_weight: ΔW is built
+    from W, so a bypass beside merged networks must see the pristine W0, not the merged one.
     """
 
     algorithm: str = ""
     linear: bool = True
+    uses_weight: bool = False  # ΔW depends on the host weight W (DoRA, GLoRA, IA3, OFT, BOFT, model)
     rank: Optional[int] = None
 
     def __init__(self, ignored=()):

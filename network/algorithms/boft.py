@@ -71,6 +71,7 @@ def bypass(x: Tensor, module, y: Tensor, R: Tensor, rescale: Optional[Tensor] = 
 
 class BOFT(Adapter):
     algorithm = "boft"
+    uses_weight = True
     linear = False
 
     def __init__(self, blocks, alpha, rescale, ignored=()):

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from . import Adapter, along, channel_axis, f32, shape_error, weight_op
+from . import Adapter, along, channel_axis, f32, norm, shape_error, weight_op
+
+NORMS = (nn.GroupNorm, nn.LayerNorm)
 
 Source = Tuple[object, str, Optional[Tuple[int, int]]]  # (SafeFile, key, (chunk, of))
 
@@ -35,6 +37,7 @@ def _read(source: Source) -> Tensor:
 
 class CheckpointDelta(Adapter):
     algorithm = "model"
+    uses_weight = True
     linear = True
 
     def __init__(self, weight: Source, bias: Optional[Source] = None):
@@ -61,6 +64,11 @@ class CheckpointDelta(Adapter):
         return delta_weight(_read(self.bias_source), bias, strength)
 
     def bypass(self, x, module, y, strength=1.0, dyn=None):
+        if isinstance(module, NORMS):  # a norm's affine: normalize(x)·Δγ + Δβ, as norm.py
+            w = module.weight.detach()
+            b = getattr(module, "bias", None)
+            return norm.bypass(x, module, delta_weight(_read(self.source), w, strength),
+                               None if b is None else self.bias_delta(b.detach(), strength)).to(y.dtype)
         out = bypass(x, module, _read(self.source), module.weight, strength)
         b = self.bias_delta(getattr(module, "bias", None), strength)
         if b is not None:

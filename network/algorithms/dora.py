@@ -67,6 +67,7 @@ def delta_weight(weight: Tensor, delta: Tensor, magnitude: Tensor, strength: flo
 
 class DoRA(Adapter):
     linear = True
+    uses_weight = True
 
     def __init__(self, inner: Adapter, magnitude: Tensor):
         super().__init__(inner.ignored)

@@ -111,6 +111,7 @@ def bypass_old(x: Tensor, module, a1, a2, b1, b2, scale: float = 1.0) -> Tensor:
 
 class GLoRA(Adapter):
     algorithm = "glora"
+    uses_weight = True
     linear = True
 
     def __init__(self, a1, a2, b1, b2, bm, scale, old, ignored=()):

@@ -39,6 +39,7 @@ def bypass(x: Tensor, module, y: Tensor, w: Tensor, on_input: bool = False, stre
 
 class IA3(Adapter):
     algorithm = "ia3"
+    uses_weight = True
     linear = True
 
     def __init__(self, w, on_input, ignored=()):

@@ -83,6 +83,7 @@ def bypass(x: Tensor, module, y: Tensor, R: Tensor, rescale: Optional[Tensor] = 
 
 class OFT(Adapter):
     algorithm = "oft"
+    uses_weight = True
     linear = True
 
     def __init__(self, blocks, is_rotation, alpha, rescale, ignored=()):

@@ -1,0 +1,328 @@
+"""The bypass path at run time (DESIGN §4 "Bypass"): y = layer(x) + Σ m ⊙ s_i·r·f_i(x).
+
+m is a contribution's region on the layer's grid, s_i its strength at this step, r its factor
+per batch row (0 on the rows of prompts without the network, `neg` on unconditional rows).
+Only the tokens inside the region are computed: Linear layers on flattened positions gather
+them, convolutions run on the region's bounding box plus the kernel's halo.
+
+Three routes, by what a layer's output is:
+- "layer": the output is spatial (or the contribution has no region): masked at the layer.
+- "attention": cross-attention keys and values see the text, not the image. The whole
+  cross-attention module runs a second time on the tokens inside the region with the network
+  (and the network's own text conditioning, for regional text-encoder networks), and its
+  output is blended by the mask: exact per token, since a query token's output depends only
+  on itself and the text.
+- "emb": a resblock's time-embedding projection adds one vector to every position; the delta
+  is held back and added, masked, to the feature map where the resblock adds the embedding.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Set, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .regions import RegionMaps, grid_for
+
+
+@dataclass
+class Rows:
+    """What each row of the UNet's batch is: (prompt index, unconditional?)."""
+
+    prompts: Tuple[int, ...]
+    uncond: Tuple[bool, ...]
+
+
+@dataclass
+class AttentionUnit:
+    """A cross-attention module whose output some networks change per region."""
+
+    module: nn.Module
+    path: str
+    networks: Set[int] = field(default_factory=set)  # entries re-run here
+    slots: List[object] = field(default_factory=list)  # its q, k, v, out layers the plan changes
+    hook: Optional[object] = None
+
+
+class Runtime:
+    """State the forward hooks read: the step, the regions, the rows, the text variants."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.maps: Optional[RegionMaps] = None
+        self.rows: Optional[Rows] = None
+        self.variant: Optional[int] = None  # the network a cross-attention re-run is for
+        self.subset: Optional[Tensor] = None  # token indices of that re-run
+        self._full_tokens = 0  # and how many tokens the layer has outside it
+        self.text: Optional[Tuple[Tensor, Dict[int, Tensor]]] = None
+        self._row_factors: Dict[Tuple, Optional[Tensor]] = {}
+        self._contexts: Dict[Tuple, Tensor] = {}
+        self._emb: Dict[int, List[Tuple[object, Tensor]]] = {}
+        self.reported: Set[Tuple] = set()
+
+    def reset(self) -> None:
+        self.variant, self.subset, self.text = None, None, None
+        self._row_factors.clear()
+        self._contexts.clear()
+        self._emb.clear()
+        self.reported.clear()
+
+    def set_rows(self, rows: Optional[Rows]) -> None:
+        self.rows = rows
+        self._row_factors.clear()
+
+    def set_text(self, base: Tensor, variants: Dict[int, Tensor]) -> None:
+        self.text = (base, variants)
+        self._contexts.clear()
+
+    def new_step(self) -> None:
+        self._contexts.clear()
+
+    # ---- per contribution -----------------------------------------------------------
+    def strength(self, c) -> float:
+        step = self.engine._phase_step
+        return 0.0 if step is None else c.at(*step)
+
+    def row_factors(self, c, batch: int, device) -> Optional[Tensor]:
+        """(batch,) factors of a contribution, or None when every row takes it whole."""
+        if c.owner is None and c.neg == 1.0:
+            return None
+        key = (c.owner, c.neg, batch, str(device))
+        if key not in self._row_factors:
+            rows = self.rows
+            if rows is None:  # the host said nothing: every row is conditional, of prompt 0
+                rows = Rows((0,) * batch, (False,) * batch)
+            if len(rows.prompts) != batch:
+                raise ValueError(f"the UNet got {batch} rows, but set_rows described "
+                                 f"{len(rows.prompts)}")
+            f = [(0.0 if c.owner is not None and p != c.owner else 1.0) * (c.neg if u else 1.0)
+                 for p, u in zip(rows.prompts, rows.uncond)]
+            self._row_factors[key] = None if all(v == 1.0 for v in f) else \
+                torch.tensor(f, dtype=torch.float32, device=device)
+        return self._row_factors[key]
+
+    def report(self, key: Tuple, message: str) -> None:
+        if key not in self.reported:
+            self.reported.add(key)
+            self.engine.errors.append(message)
+
+    # ---- the layer hook ----------------------------------------------------------------
+    def layer_hook(self, slot):
+        def hook(module, args, out):
+            if self.engine._phase_step is None:
+                return out
+            x = args[0]
+            for c in slot.contributions:
+                if not c.bypass:
+                    continue
+                if c.route == "attention":
+                    if self.variant != c.network:
+                        continue
+                    out = self._add(slot, c, x, out, region=None)
+                elif c.route == "emb":
+                    self._hold_emb(slot, c, x, out)
+                else:
+                    out = self._add(slot, c, x, out, region=c.region)
+            return out
+        return hook
+
+    def _add(self, slot, c, x: Tensor, out: Tensor, region) -> Tensor:
+        s = self.strength(c)
+        if not s:
+            return out
+        rows = self.row_factors(c, out.shape[0], out.device)
+        if rows is not None and not bool(rows.any()):
+            return out
+        if region is None:
+            return out + _by_rows(self._delta(slot, c, x, out, s), rows)
+        if out.dim() == 4:  # conv or norm on (B, C, H, W)
+            grid = self.maps.on_grid(region, out.shape[-2:], out.device)
+            if grid.empty:
+                return out
+            if not grid.full and _croppable(slot.target.module):
+                return self._add_conv_box(slot, c, x, out, s, rows, grid)
+            d = self._delta(slot, c, x, out, s)
+            return out + _by_rows(d * grid.values.view(1, 1, *grid.shape).to(d.dtype), rows)
+        if out.dim() == 3:  # tokens (B, N, C)
+            n = out.shape[1] if self.subset is None else self._full_tokens
+            shape = grid_for(n, self.maps.latent)
+            if shape is not None:
+                grid = self.maps.on_grid(region, shape, out.device)
+                values, inside = grid.values, grid.inside
+                if self.subset is not None:  # inside a cross-attention re-run: its tokens only
+                    values = values[self.subset]
+                    inside = torch.nonzero(values).flatten()
+                if inside.numel() == 0:
+                    return out
+                if inside.numel() == values.numel():
+                    d = self._delta(slot, c, x, out, s)
+                    return out + _by_rows(d * values.view(1, -1, 1).to(d.dtype), rows)
+                d = self._delta(slot, c, x[:, inside], out[:, inside], s)
+                d = _by_rows(d * values[inside].view(1, -1, 1).to(d.dtype), rows)
+                return out.index_add(1, inside, d)
+        self.report(("flat", slot.target), f"{slot.target.name}: its output has no image grid "
+                    f"({list(out.shape)}), so a regional network cannot act on it; left out there")
+        return out
+
+    def _add_conv_box(self, slot, c, x, out, s, rows, grid) -> Tensor:
+        """A conv's delta on the region's bounding box only: the input window it needs
+        (stride, dilation, padding: the halo) is cut out and padded where it leaves the image."""
+        module = slot.target.module
+        top, bottom, left, right = grid.box
+        window, pad = [], []
+        for (lo, hi), size, k, st, dil, p in zip(((top, bottom), (left, right)), x.shape[-2:],
+                                                 module.kernel_size, module.stride,
+                                                 module.dilation, module.padding):
+            a = lo * st - p
+            b = (hi - 1) * st - p + dil * (k - 1) + 1
+            window.append((max(a, 0), min(b, size)))
+            pad.append((max(0, -a), max(0, b - size)))
+        xs = x[..., window[0][0]:window[0][1], window[1][0]:window[1][1]]
+        if any(any(p) for p in pad):
+            xs = torch.nn.functional.pad(xs, (*pad[1], *pad[0]))
+        view = self.engine.view(slot, cropped=True)
+        ys = out[..., top:bottom, left:right]
+        d = self._delta(slot, c, xs, ys, s, module=view)
+        m = grid.values.view(grid.shape)[top:bottom, left:right]
+        d = _by_rows(d * m.to(d.dtype), rows)
+        out = out.clone() if torch.is_grad_enabled() else out
+        out[..., top:bottom, left:right] += d.to(out.dtype)
+        return out
+
+    def _delta(self, slot, c, x, y, s, module=None) -> Tensor:
+        """One contribution's Δy. Algorithms built on W (DoRA, OFT, model, …) see the pristine
+        weight and its output, not the weight other networks are merged into."""
+        module = module or slot.target.module
+        if c.adapter.uses_weight and slot.applied:
+            module = self.engine.view(slot, cropped=module is not slot.target.module,
+                                      pristine=True)
+            y = module.forward(x)
+        return c.adapter.bypass(x, module, y, s, c.dyn)
+
+    # ---- the time-embedding route ------------------------------------------------------
+    def _hold_emb(self, slot, c, x, out) -> None:
+        s = self.strength(c)
+        if not s:
+            return
+        d = _by_rows(self._delta(slot, c, x, out, s), self.row_factors(c, out.shape[0], out.device))
+        self._emb.setdefault(id(slot.emb_norm), []).append((c.region, d))
+
+    def emb_prehook(self, norm):
+        def hook(module, args):
+            held = self._emb.pop(id(norm), None)
+            if not held:
+                return None
+            h = args[0]
+            for region, d in held:
+                grid = self.maps.on_grid(region, h.shape[-2:], h.device)
+                h = h + d.to(h.dtype)[:, :, None, None] * \
+                    grid.values.view(1, 1, *grid.shape).to(h.dtype)
+            return (h,) + tuple(args[1:])
+        return hook
+
+    # ---- the cross-attention route -----------------------------------------------------
+    def attention_hook(self, unit: AttentionUnit):
+        def hook(module, args, kwargs, out):
+            if self.engine._phase_step is None or self.variant is not None:
+                return out
+            x = args[0]
+            if x.dim() != 3:
+                return out
+            shape = grid_for(x.shape[1], self.maps.latent)
+            if shape is None:
+                self.report(("attention", unit.path), f"{unit.path}: cross-attention on "
+                            f"{x.shape[1]} tokens fits no grid of the latent; regions skipped")
+                return out
+            for j in sorted(unit.networks):
+                if not self._wanted(unit, j):
+                    continue
+                grid = self.maps.on_grid(self.engine.entries[j].region, shape, x.device)
+                if grid.empty:
+                    continue
+                inside = grid.inside
+                a, kw = _with_tokens(args, kwargs, x[:, inside] if not grid.full else x)
+                a, kw = self._with_context(a, kw, j)
+                self.variant, self.subset, self._full_tokens = j, inside, x.shape[1]
+                try:
+                    out_j = module(*a, **kw)
+                finally:
+                    self.variant, self.subset = None, None
+                base = out if grid.full else out[:, inside]
+                d = (out_j - base) * grid.values[inside].view(1, -1, 1).to(out.dtype)
+                out = out + d if grid.full else out.index_add(1, inside, d)
+            return out
+        return hook
+
+    def _wanted(self, unit, j) -> bool:
+        """Whether network j changes this attention now: strength on its layers, or a text
+        conditioning of its own."""
+        if self.text is not None and j in self.text[1]:
+            return True
+        return any(self.strength(c) for c in self.engine.unit_contributions(unit, j))
+
+    def _with_context(self, args, kwargs, j):
+        """The same call with network j's conditioning in place of the host's: each row of the
+        host's context that equals a row of the base encoding takes the variant's row."""
+        if self.text is None or j not in self.text[1]:
+            return args, kwargs
+        ctx, where = _context_of(args, kwargs)
+        if ctx is None:
+            return args, kwargs
+        key = (ctx.data_ptr(), tuple(ctx.shape), j)
+        if key not in self._contexts:
+            base, variants = self.text
+            variant = variants[j].to(ctx.device, ctx.dtype)
+            base = base.to(ctx.device, ctx.dtype)
+            new = ctx.clone()
+            for b in range(ctx.shape[0]):
+                for r in range(base.shape[0]):
+                    if base.shape[1:] == ctx.shape[1:] and torch.equal(ctx[b], base[r]):
+                        new[b] = variant[r]
+                        break
+            self._contexts[key] = new
+        new = self._contexts[key]
+        if where == "args":
+            return args[:1] + (new,) + tuple(args[2:]), kwargs
+        return args, {**kwargs, where: new}
+
+
+CONTEXT_NAMES = ("encoder_hidden_states", "context")
+
+
+def _context_of(args, kwargs):
+    for name in CONTEXT_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name], name
+    if len(args) > 1 and isinstance(args[1], Tensor):
+        return args[1], "args"
+    return None, None
+
+
+def _with_tokens(args, kwargs, x):
+    return (x,) + tuple(args[1:]), dict(kwargs)
+
+
+def _croppable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and isinstance(module.padding, tuple) and \
+        module.padding_mode == "zeros"
+
+
+def _by_rows(d: Tensor, rows: Optional[Tensor]) -> Tensor:
+    if rows is None:
+        return d
+    return d * rows.view(-1, *([1] * (d.dim() - 1))).to(d.dtype)
+
+
+def layer_view(module: nn.Module, params: Optional[Dict[str, Tensor]] = None,
+               cropped: bool = False) -> nn.Module:
+    """A shallow copy of a layer, called through .forward (so no hooks run): with other
+    parameter tensors (the pristine ones, for algorithms whose delta is built from W), and for
+    a conv with no padding (it runs on a window already padded)."""
+    view = copy.copy(module)
+    if params:
+        view._parameters = {**module._parameters, **params}
+    if cropped:
+        view.padding = (0,) * len(module.kernel_size)
+    return view

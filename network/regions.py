@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ..parser import Intersect, Mask, Not, Region, Scaled, Union_
+from ..parser import Mask, Not, Region, Scaled, Union_
 
 PIXELS_PER_LATENT = 8  # the VAE's downscale: masks are stretched to the image, not the latent
 MAX_CANVAS = 1024  # longest canvas side; a larger image is evaluated at this size

@@ -1,11 +1,8 @@
 """Shared by the engine tests: tiny trees' snapshots, network files for SD1 and SDXL, plans."""
-import pytest
 import torch
 
 from netweave.network.engine import Engine
 from netweave.network.plan import CompileContext, compile_prompt
-from netweave.network.synthetic import write_network
-from tinymodels import ldm_trees
 
 LBW17 = "1,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.1,1.2,1.3,1.4,1.5,1.6,1.7"
 
@@ -19,17 +16,6 @@ def assert_pristine(trees, before):
     for c, t in trees.items():
         for k, v in t.state_dict(keep_vars=True).items():
             assert torch.equal(v.detach(), before[c, k]), (c, k)
-
-
-@pytest.fixture(scope="module")
-def netdir(tmp_path_factory):
-    """Networks for both tiny SD1 and SDXL trees: {name: path}."""
-    root = tmp_path_factory.mktemp("loras")
-    for arch in ("sd1", "sdxl"):
-        trees = ldm_trees(arch)
-        for fmt, seed in (("lora", 1), ("loha", 2), ("full", 3), ("lokr", 4), ("norm", 5)):
-            write_network(root / f"{arch}_{fmt}.safetensors", trees, fmt, "kohya", arch, seed=seed)
-    return root
 
 
 def make_engine(trees, arch, netdir, **kw):

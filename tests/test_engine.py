@@ -4,14 +4,11 @@ reach exactly their layers, merges match an fp64 reference, fp16 does not drift.
 import pytest
 import torch
 
-from netweave.network.synthetic import write_network
 from netweave.network.engine import Engine
 from netweave.network.keymap import KeyMap
-from netweave.network.plan import CompileContext, compile_prompt
 from tinymodels import TREES, diffusers_trees, ldm_trees
 
-from engine_helpers import (LBW17, assert_pristine, make_engine, netdir, plan,  # noqa: F401
-                            snapshot, unet_out)
+from engine_helpers import LBW17, assert_pristine, make_engine, plan, snapshot, unet_out
 
 
 @pytest.mark.parametrize("layout", sorted(TREES))

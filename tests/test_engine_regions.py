@@ -6,11 +6,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from netweave.network.engine import Engine
 from netweave.network.regions import RegionMaps, grid_for, uses_rest
 from netweave.network.synthetic import write_network
 from netweave.parser import parse_region
-from tinymodels import TREES, diffusers_trees, ldm_trees
+from tinymodels import TREES, ldm_trees
 
 from engine_helpers import assert_pristine, make_engine, plan, snapshot
 

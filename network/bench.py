@@ -5,8 +5,11 @@ Workloads: the bare UNet; three static rank-32 LoRAs (one on the attention, one 
 feed-forward, one on the conv layers) merged by the engine; the same with 4 keyframes each
 (the engine's cost model picks merge or bypass per layer); and two baselines — "restore and
 re-merge every patched layer on every change" (A1111, loractl) and "bypass every network every
-step" (PEFT unfused), the engine held to one strategy. Plus: what changing one network's strength between two
-generations costs, and the bytes of pristine copies.
+step" (PEFT unfused), the engine held to one strategy. Regions: two LoRAs on the left and right
+halves plus one global, in one forward, against the peers' way — one UNet pass per region, each
+with its own networks merged, blended by the masks (Regional Prompter's latent mode, ComfyUI's
+per-region conditioning). Plus: what changing one network's strength between two generations
+costs, and the bytes of pristine copies.
 """
 from __future__ import annotations
 
@@ -31,6 +34,31 @@ COVERS = (lambda t: ".attn" in t.name or "proj_in" in t.name or "proj_out" in t.
 SCHEDULED = ("<lora:net0:0.2@0,0.5@0.25,0.8@0.5,1@0.75> <lora:net1:1@0,0.6@0.25,0.3@0.5,0@0.75> "
              "<lora:net2:0.4@0,0.1@0.25,0.4@0.5,0.7@0.75>")
 CHANGED = "<lora:net0:0.8> <lora:net1:0.5> <lora:net2:0.4>"
+REGIONAL = "<lora:net0:0.8:region=left> <lora:net1:0.6:region=right> <lora:net2:0.4>"
+PER_REGION = ("<lora:net0:0.8> <lora:net2:0.4>", "<lora:net1:0.6> <lora:net2:0.4>")
+
+
+def _per_region_passes(engine: Engine, unet, plans, steps: int, latent: int, batch: int) -> float:
+    """Baseline: per step, one UNet pass per region with that region's networks merged (only
+    the layers that differ re-merge between passes), outputs blended by the half masks."""
+    dev, dtype = unet.device, unet.dtype
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 4, latent, latent, generator=gen).to(dev, dtype)
+    ctx = torch.randn(batch, 77, 768, generator=gen).to(dev, dtype)
+    left = torch.zeros(latent, latent, device=dev, dtype=dtype)
+    left[:, : latent // 2] = 1
+    _sync(dev)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for k in range(steps):
+            outs = []
+            for p in plans:
+                engine.activate(p)
+                engine.set_step(k)
+                outs.append(unet(x, 999 - k * 999 // steps, encoder_hidden_states=ctx).sample)
+            outs[0] * left + outs[1] * (1 - left)
+    _sync(dev)
+    return time.perf_counter() - start
 
 
 class RemergeEverything(Engine):
@@ -99,9 +127,13 @@ def run(quick: bool = False, device: str = "cpu", steps: int = 20, latent: int =
                    for name, cls, strategy in (("static", Engine, "auto"),
                                                ("scheduled", Engine, "auto"),
                                                ("remerge_every_change", RemergeEverything, "merge"),
-                                               ("bypass_all", Engine, "bypass"))}
+                                               ("bypass_all", Engine, "bypass"),
+                                               ("regional", Engine, "auto"))}
         prompts = {"static": STATIC, "scheduled": SCHEDULED, "remerge_every_change": SCHEDULED,
-                   "bypass_all": STATIC}
+                   "bypass_all": STATIC, "regional": REGIONAL}
+        per_region = Engine({"unet": unet}, "sd1", lambda kind, n: paths[n],
+                            latent=(latent, latent), batch=batch)
+        per_region_plans = [compile_prompt(p, ctx) for p in PER_REGION]
         _steps(unet, 2, latent, batch)  # warm-up
         for _ in range(repeats):
             timed("base", _steps(unet, steps, latent, batch))
@@ -118,11 +150,16 @@ def run(quick: bool = False, device: str = "cpu", steps: int = 20, latent: int =
                 if name == "static":
                     extra.update(_change_one_strength(e, ctx, timed))
                 e.deactivate()
+            timed("per_region_passes", _per_region_passes(per_region, unet, per_region_plans,
+                                                          steps, latent, batch))
+            per_region.deactivate()
     ratios = {"static_vs_base": best["static"] / best["base"],
               "scheduled_vs_static": best["scheduled"] / best["static"],
               "scheduled_vs_base": best["scheduled"] / best["base"],
               "remerge_every_change_vs_static": best["remerge_every_change"] / best["static"],
-              "bypass_all_vs_base": best["bypass_all"] / best["base"]}
+              "bypass_all_vs_base": best["bypass_all"] / best["base"],
+              "regional_vs_base": best["regional"] / best["base"],
+              "per_region_passes_vs_base": best["per_region_passes"] / best["base"]}
     return {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "cores": os.cpu_count(), "torch": torch.__version__,
                         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
@@ -167,6 +204,9 @@ def table(result: dict) -> str:
              f"  {'baseline: re-merge all on change':<40}{r['remerge_every_change_vs_static']:8.3f}"
              f"{'(A1111)':>9}",
              f"  {'baseline: bypass all vs base':<40}{r['bypass_all_vs_base']:8.3f}{'(PEFT)':>9}",
+             f"  {'2 regional + 1 global LoRA vs base':<40}{r['regional_vs_base']:8.3f}{'≤ 1.25':>9}",
+             f"  {'baseline: a UNet pass per region':<40}{r['per_region_passes_vs_base']:8.3f}"
+             f"{'(RP)':>9}",
              f"  change one strength between runs: {c['layers_remerged']} layers re-merged "
              f"(that network has {c['layers_of_that_network']}, {c['layers_patched']} patched; "
              f"same plan again: {c['same_plan_again_remerged']})",

@@ -386,3 +386,25 @@ def test_everything_restores_after_a_failure_mid_forward():
     engine.deactivate()
     assert_pristine(trees, before)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in trees["unet"].modules())
+
+
+def test_text_encoders_per_prompt_and_negative():
+    trees = build()
+    before = snapshot(trees)
+    engine = make_engine(trees, "sd1", NETS[0], latent=LATENT)
+    engine.activate([plan("<lora:te:1:neg=0>", steps=4), plan("<lora:te:0.5@0,1@0.5>", steps=4)])
+    (q,) = engine.keymap.lookup("lora_te_text_model_encoder_layers_0_self_attn_q_proj")
+    seg0 = engine.te_segments(prompt=0)
+    seg1 = engine.te_segments(prompt=1)
+    assert [(s.start, s.stop) for s in seg0] == [(0, 4)]
+    assert [(s.start, s.stop) for s in seg1] == [(0, 2), (2, 4)]
+    w0 = before["te1", q.path + ".weight"]
+    delta = engine._slots[q].contributions[0].adapter.delta(w0.float(), 1.0)
+    engine.apply_te(seg0[0])
+    torch.testing.assert_close(q.weight.detach(), w0 + delta, rtol=1e-5, atol=1e-6)
+    engine.apply_te(seg0[0], uncond=True)  # neg=0: the negative prompt encodes without it
+    assert torch.equal(q.weight.detach(), w0)
+    engine.apply_te(seg1[0])
+    torch.testing.assert_close(q.weight.detach(), w0 + 0.5 * delta, rtol=1e-5, atol=1e-6)
+    engine.deactivate()
+    assert_pristine(trees, before)

@@ -9,6 +9,9 @@ cd "$(dirname "$0")"
 # The `ldm` package A1111 and Forge run, for the LDM-layout test trees. --no-deps: its pins
 # (pytorch-lightning 1.4, transformers 4.33, ...) are for training and would pull old torch.
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps stable-diffusion-sdkit==2.1.5
+# The CLIP tokenizer's BPE vocabulary, which open_clip ships as a data file: read, never
+# imported (open_clip imports torchvision, which does not install beside this torch).
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --no-deps open_clip_torch==3.3.0
 # A1111's own transformers (4.30, whose CLIPTextModel still has the text_model level), kept
 # apart from the venv's transformers 5; tests put it on PYTHONPATH in a child process.
 [ -d .venv/a1111-transformers/transformers ] || .venv/bin/python -m pip install --quiet \

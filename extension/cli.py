@@ -8,6 +8,10 @@ inspect FILE [--json] says what NetWeave makes of a network or checkpoint file; 
 `error` set when it cannot be loaded.
 
 bench [--quick] [--device cpu|cuda] [--json] times the engine's strategies side by side.
+
+generate --prompt P --out FILE [...] makes an image with the standalone host (no checkpoint:
+the embedded default model); serve [--port 7860] runs its page and A1111-style API on
+127.0.0.1. Both read LoRAs from --lora-dir and `<model:…>` checkpoints from --model-dir.
 """
 from __future__ import annotations
 
@@ -59,6 +63,30 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the result as one JSON object")
     bench.add_argument("--system-malloc", action="store_true",
                        help="keep glibc's default of returning freed memory to the OS")
+    gen = sub.add_parser("generate", help="make an image with the standalone host")
+    gen.add_argument("--prompt", required=True, help="the prompt, tags included")
+    gen.add_argument("--negative", default="", help="the negative prompt")
+    gen.add_argument("--steps", type=_positive, default=20)
+    gen.add_argument("--seed", type=int, default=1)
+    gen.add_argument("--cfg", type=float, default=7.0, help="CFG scale")
+    gen.add_argument("--width", type=_positive, default=None, help="default: the model's size")
+    gen.add_argument("--height", type=_positive, default=None)
+    gen.add_argument("--mask", action="append", default=[], metavar="NAME=PATH",
+                     help="a mask for region=NAME (repeatable)")
+    gen.add_argument("--out", required=True, help="the PNG to write (parameters in its text)")
+    srv = sub.add_parser("serve", help="the standalone page and API on 127.0.0.1")
+    srv.add_argument("--port", type=_positive, default=7860)
+    for p in (gen, srv):
+        p.add_argument("--checkpoint", default=None,
+                       help="a .safetensors SD1/SDXL checkpoint or a diffusers folder "
+                            "(default: the embedded model)")
+        p.add_argument("--lora-dir", action="append", default=[], help="LoRA folder (repeatable)")
+        p.add_argument("--model-dir", action="append", default=[],
+                       help="folder of checkpoints for <model:…> (repeatable)")
+        p.add_argument("--mask-dir", default=os.path.join(os.path.expanduser("~"), ".netweave",
+                                                          "masks"),
+                       help="where named masks are kept")
+        p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     return parser
 
 
@@ -69,8 +97,8 @@ def _cuda() -> bool:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return {"explain": explain_command, "inspect": inspect_command,
-            "bench": bench_command}[args.command](args)
+    return {"explain": explain_command, "inspect": inspect_command, "bench": bench_command,
+            "generate": generate_command, "serve": serve_command}[args.command](args)
 
 
 def explain_command(args) -> int:
@@ -132,3 +160,74 @@ def inspect_command(args) -> int:
         if len(report["unmatched_keys"]) > 20:
             print(f"  … and {len(report['unmatched_keys']) - 20} more unmatched keys")
     return 1 if report["error"] else 0
+
+
+def _host(args):
+    """Model, folders and host from the generate/serve arguments (heavy imports: only here)."""
+    from .diffusers_host import DiffusersHost
+    from .library import Library
+    from .masks import MaskStore
+    from .models import load_model, tiny_library
+
+    model = load_model(args.checkpoint)
+    loras, models = list(args.lora_dir), list(args.model_dir)
+    if args.checkpoint is None:  # the default model brings networks to try every tag on
+        demo = tiny_library(model)
+        loras, models = loras + [demo[0]], models + [demo[1]]
+    library = Library(loras, models)
+    masks = MaskStore(args.mask_dir)
+    return DiffusersHost(model, library, masks, device=args.device), library, masks
+
+
+def generate_command(args) -> int:
+    from PIL import PngImagePlugin
+
+    from .diffusers_host import Request
+    from .masks import MaskError, check_mask_name, decode_image
+
+    inline = {}
+    for item in args.mask:
+        name, sep, path = item.partition("=")
+        try:
+            if not sep:
+                raise MaskError(f"--mask {item}: write NAME=PATH")
+            with open(path, "rb") as f:
+                inline[check_mask_name(name)] = decode_image(f.read(), f"--mask {name}")
+        except (MaskError, OSError) as exc:
+            print(f"netweave: {exc}", file=sys.stderr)
+            return 2
+    try:
+        host, _, _ = _host(args)
+    except (OSError, ValueError) as exc:
+        print(f"netweave: cannot load the model: {exc}", file=sys.stderr)
+        return 1
+    size = 64 if host.model.name.startswith("netweave-tiny") else \
+        (1024 if host.model.arch == "sdxl" else 512)
+    req = Request(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps,
+                  cfg_scale=args.cfg, seed=args.seed, width=args.width or size,
+                  height=args.height or size, masks=inline)
+    try:
+        result = host.txt2img(req)
+    except ValueError as exc:
+        print(f"netweave: {exc}", file=sys.stderr)
+        return 2
+    for problem in result.errors:
+        print(f"netweave: {problem}", file=sys.stderr)
+    meta = PngImagePlugin.PngInfo()
+    meta.add_text("parameters", result.infotexts[0])  # A1111's key: PNG Info reads it back
+    try:
+        result.images[0].save(args.out, format="PNG", pnginfo=meta)
+    except OSError as exc:
+        print(f"netweave: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    print(result.infotexts[0])
+    print(f"wrote {args.out}")
+    return 0
+
+
+def serve_command(args) -> int:
+    from .server import serve
+
+    host, library, masks = _host(args)
+    serve(host, library, masks, port=args.port)
+    return 0

@@ -147,7 +147,7 @@ class Runtime:
             return out + _by_rows(d * grid.values.view(1, 1, *grid.shape).to(d.dtype), rows)
         if out.dim() == 3:  # tokens (B, N, C)
             n = out.shape[1] if self.subset is None else self._full_tokens
-            shape = grid_for(n, self.maps.latent)
+            shape = grid_for(n, self.engine.latent)
             if shape is not None:
                 grid = self.maps.on_grid(region, shape, out.device)
                 values, inside = grid.values, grid.inside
@@ -230,7 +230,7 @@ class Runtime:
             x = args[0]
             if x.dim() != 3:
                 return out
-            shape = grid_for(x.shape[1], self.maps.latent)
+            shape = grid_for(x.shape[1], self.engine.latent)
             if shape is None:
                 self.report(("attention", unit.path), f"{unit.path}: cross-attention on "
                             f"{x.shape[1]} tokens fits no grid of the latent; regions skipped")

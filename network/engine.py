@@ -118,7 +118,8 @@ class Engine:
         """`trees`: {"unet", "te1"[, "te2"]} module roots; `find(kind, name)` → file path
         (raises FileNotFoundError when there is none); `pristine_on_cpu`: keep the pristine
         copies in CPU memory instead of beside the weights; `latent` (h, w) and `batch`: the
-        generation's size, for regions and the cost of a bypass (set them before `activate`);
+        generation's size, for regions and the cost of a bypass (set them before `activate`;
+        set `latent` to the hires latent before the hires pass);
         `strategy`: "auto" (the cost model), or "merge" / "bypass" for every global
         contribution that can; `masks`: the host's mask store, name → image (regions.as_mask)."""
         if strategy not in ("auto", "merge", "bypass"):
@@ -178,11 +179,11 @@ class Engine:
                 errors.append(f"{label}: {exc}")
         slots = self._build_slots(entries, loaded)
         self._choose_strategies(slots)
-        self._choose_routes(slots, entries)
+        units = self._choose_routes(slots)
         self.runtime.reset()
         self.runtime.maps = maps
         self.entries = entries
-        self._guarded(self._switch, slots)
+        self._guarded(self._switch, slots, units)
         self.plan, self.plans, self.errors, self._segments = plans[0], plans, errors, {}
         self._changes = {phase: _change_steps(self._unet_slots(), phase) for phase in PHASES}
         self._guarded(self._merge_where_changed, "base", 0, list(self._slots.values()))
@@ -313,10 +314,11 @@ class Engine:
                                                        neg=net.neg))
         return slots
 
-    def _switch(self, slots: Dict[Target, _Slot]) -> None:
-        """Adopt new slots: layers nothing touches any more go back to pristine; layers that
-        keep their contributions and strengths keep their merged weights."""
+    def _switch(self, slots: Dict[Target, _Slot], units: Dict[str, AttentionUnit]) -> None:
+        """Adopt new slots and attention units: layers nothing touches any more go back to
+        pristine; layers that keep their contributions and strengths keep their merged weights."""
         self._remove_hooks()
+        self._units = units
         for target, old in self._slots.items():
             if target not in slots:
                 self._write(target, None)
@@ -392,17 +394,17 @@ class Engine:
                 per_pass = (bypass + self.bypass_call_macs) * np.count_nonzero(series)
                 c.bypass = self.strategy == "bypass" or (merges > 1 and per_pass < merge * merges)
 
-    def _choose_routes(self, slots: Dict[Target, _Slot], entries: List[Entry]) -> None:
+    def _choose_routes(self, slots: Dict[Target, _Slot]) -> Dict[str, AttentionUnit]:
         """Where each regional contribution acts (bypass.py): at its layer; in a re-run of
         its cross-attention (keys and values see the text; a regional text-encoder network
         needs every cross-attention); or on its resblock's feature map (time embedding)."""
-        self._units = {}
+        units: Dict[str, AttentionUnit] = {}
         unet = self.trees.get("unet")
 
         def unit(path: str) -> AttentionUnit:
-            if path not in self._units:
-                self._units[path] = AttentionUnit(unet.get_submodule(path), path)
-            return self._units[path]
+            if path not in units:
+                units[path] = AttentionUnit(unet.get_submodule(path), path)
+            return units[path]
 
         regional_te = {c.network for s in slots.values() if s.target.component != "unet"
                        for c in s.contributions if c.region is not None}
@@ -421,16 +423,15 @@ class Engine:
                     slot.emb_norm = _emb_norm(unet, t.path)
                     if slot.emb_norm is not None:
                         c.route = "emb"
-        for unit_ in self._units.values():
-            unit_.slots = []
         for slot in slots.values():  # a network re-run in an attention acts there as a whole
             m = ATTENTION_CHILD.match(slot.target.path) if slot.target.component == "unet" else None
-            if m and m.group(1) in self._units:
-                u = self._units[m.group(1)]
+            if m and m.group(1) in units:
+                u = units[m.group(1)]
                 u.slots.append(slot)
                 for c in slot.contributions:
                     if c.network in u.networks:
                         c.route, c.bypass = "attention", True
+        return units
 
     def _tokens(self, target: Target, levels: int) -> int:
         """Rows a UNet layer sees per forward: latent pixels at its level (or the 77 text

@@ -257,7 +257,8 @@ def test_odd_and_non_square_grids():
     assert torch.equal(g[:, :3], torch.ones(5, 3)) and torch.equal(g[:, 4:], torch.zeros(5, 3))
     torch.testing.assert_close(g[:, 3], torch.full((5,), 0.5))
     assert grid_for(35, (5, 7)) == (5, 7) and grid_for(12, (5, 7)) == (3, 4)
-    assert grid_for(77, (5, 7)) is None
+    assert grid_for(77, (5, 7)) is None  # the text's 77 tokens are no grid of this image
+    assert grid_for(35 * 49, (35, 49)) == (35, 49)
     trees = build("diffusers")
     engine = make_engine(trees, "sd1", NETS[0], latent=(5, 7))
     engine.activate(plan("<lora:lora:1:region=left*0.5>"))
@@ -408,3 +409,38 @@ def test_text_encoders_per_prompt_and_negative():
     torch.testing.assert_close(q.weight.detach(), w0 + 0.5 * delta, rtol=1e-5, atol=1e-6)
     engine.deactivate()
     assert_pristine(trees, before)
+
+
+def test_a_hires_pass_finds_its_grids_from_the_new_latent():
+    trees = build()
+    engine = make_engine(trees, "sd1", NETS[0], latent=LATENT)
+    engine.activate(compile_hires("<lora:lora:1:region=left>"))
+    engine.latent = (12, 12)  # the host upscaled the latent 1.5×
+    engine.set_step(0, "hires")
+    torch.manual_seed(0)
+    out = run_unet(trees, x=torch.randn(2, 4, 12, 12))
+    assert not engine.errors and torch.isfinite(out).all()
+    engine.deactivate()
+    ref = run_unet(trees, x=torch.randn(2, 4, 12, 12))
+    assert out.shape == ref.shape
+
+
+def compile_hires(prompt):
+    from netweave.network.plan import CompileContext, compile_prompt
+    return compile_prompt(prompt, CompileContext(arch="sd1", steps=4, hires_steps=2))
+
+
+def test_the_next_generation_drops_every_hook_of_the_last():
+    trees = build()
+    engine = make_engine(trees, "sd1", NETS[0], latent=LATENT)
+    engine.activate(plan("<lora:te:1:region=left> <lora:lora:1:region=top> <lora:loha:1:neg=0>"))
+    run_unet(trees)
+    assert engine.activate(plan("<lora:full:0.5>")) == []
+    hooked = [n for n, m in trees["unet"].named_modules()
+              if m._forward_hooks or m._forward_pre_hooks]
+    assert hooked == []  # a global network merges: nothing left at run time
+    out = run_unet(trees)
+    fresh = build()
+    other = make_engine(fresh, "sd1", NETS[0], latent=LATENT)
+    other.activate(plan("<lora:full:0.5>"))
+    assert torch.equal(out, run_unet(fresh))

@@ -1,0 +1,85 @@
+"""The network folders: where `<lora:name>` and `<model:name>` files are found.
+
+Names are file names without extension, relative to a folder, "/" for sub-folders. Nothing
+outside the folders is ever opened: names with "..", absolute paths, NUL bytes, and symlinks
+that lead out of a folder are refused with a message.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Sequence
+
+from ..network.files import NetworkFileError
+
+LORA_KINDS = ("lora", "lyco", "loractl")
+
+
+class BadName(ValueError):
+    """A network or mask name that could point outside its folder."""
+
+
+def check_name(name: str, what: str = "network") -> str:
+    if not name or "\x00" in name or name.startswith(("/", "\\")) or ":" in name[:2] \
+            or any(part in ("..", ".") for part in name.replace("\\", "/").split("/")):
+        raise BadName(f"'{name}' is not a valid {what} name: no '..', absolute paths or NUL")
+    return name
+
+
+def inside(root: str, path: str) -> bool:
+    """`path`, with every symlink resolved, lies in `root`."""
+    root = os.path.realpath(root)
+    return os.path.commonpath([root, os.path.realpath(path)]) == root
+
+
+@dataclass
+class Library:
+    lora_dirs: Sequence[str] = ()
+    model_dirs: Sequence[str] = ()
+
+    def _dirs(self, kind: str) -> Sequence[str]:
+        return self.model_dirs if kind == "model" else self.lora_dirs
+
+    def find(self, kind: str, name: str) -> str:
+        """The file (or diffusers folder, for models) of a tag; FileNotFoundError otherwise."""
+        check_name(name)
+        for root in self._dirs(kind):
+            for candidate in (os.path.join(root, name + ".safetensors"), os.path.join(root, name)):
+                if os.path.exists(candidate) and (candidate.endswith(".safetensors")
+                                                  or kind == "model" and os.path.isdir(candidate)):
+                    if not inside(root, candidate):
+                        raise FileNotFoundError(f"{kind} '{name}' leads outside {root}; refused")
+                    return candidate
+        where = ", ".join(self._dirs(kind)) or "no folder configured"
+        raise FileNotFoundError(f"no {kind} named '{name}' in {where}")
+
+    def names(self, kind: str = "lora") -> List[str]:
+        found = []
+        for root in self._dirs(kind):
+            for folder, dirs, files in os.walk(root):
+                rel = os.path.relpath(folder, root)
+                if kind == "model" and "model_index.json" in files:
+                    found.append(rel.replace(os.sep, "/"))
+                    dirs[:] = []
+                    continue
+                for f in files:
+                    if f.endswith(".safetensors") and inside(root, os.path.join(folder, f)):
+                        stem = f[:-len(".safetensors")]
+                        found.append(stem if rel == "." else f"{rel}/{stem}".replace(os.sep, "/"))
+        return sorted(set(found))
+
+    def describe(self, kind: str, name: str) -> Dict:
+        """What the API lists: name, path, detected architecture, trigger words, or an error."""
+        from ..network.inspect import inspect  # builds reference trees: only when asked
+
+        entry: Dict = {"name": name, "kind": kind, "path": None, "architecture": None,
+                       "trigger_words": [], "metadata": {}, "error": None}
+        try:
+            entry["path"] = path = self.find(kind, name)
+            report = inspect(path)
+            entry.update(architecture=report["architecture"], error=report["error"],
+                         metadata=report["metadata"],
+                         trigger_words=report["metadata"].get("trigger_words", []))
+        except (FileNotFoundError, BadName, NetworkFileError) as exc:
+            entry["error"] = str(exc)
+        return entry

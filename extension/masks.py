@@ -1,0 +1,125 @@
+"""The mask store: grayscale PNG files in a folder the user can see, one per name.
+
+A mask is a map in [0, 1] (white = inside). Uploads are PNG (or any image PIL reads) as bytes or
+base64; they are checked before anything is written: size in bytes and in pixels (no
+decompression bombs), a real image, converted to 8-bit grayscale. Names are restricted to
+letters, digits, `_` and `-`, so a name can never leave the folder. The store is a read-only
+mapping name → PIL image for the engine (`Engine.masks`).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import os
+import re
+import threading
+from typing import Dict, Iterator, Mapping, Optional
+
+from PIL import Image
+
+NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MAX_BYTES = 16 * 2 ** 20
+MAX_PIXELS = 4096 * 4096
+RESERVED = frozenset(("full", "left", "right", "top", "bottom", "rest"))
+
+
+class MaskError(ValueError):
+    """A bad mask name or upload; the message says what and why."""
+
+
+def check_mask_name(name: str) -> str:
+    if not isinstance(name, str) or not NAME.match(name):
+        raise MaskError(f"'{name}' is not a valid mask name: 1–64 letters, digits, '_' or '-'")
+    if name.lower() in RESERVED:
+        raise MaskError(f"'{name}' is a built-in region; choose another name")
+    return name
+
+
+def decode_image(data, where: str = "mask") -> Image.Image:
+    """Bytes, or base64 text (a data: URL prefix allowed), to an 8-bit grayscale image."""
+    if isinstance(data, str):
+        text = data.split(",", 1)[1] if data.startswith("data:") else data
+        if len(text) > MAX_BYTES * 4 // 3 + 4:
+            raise MaskError(f"{where}: larger than {MAX_BYTES // 2 ** 20} MiB")
+        try:
+            data = base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError):
+            raise MaskError(f"{where}: not valid base64") from None
+    if len(data) > MAX_BYTES:
+        raise MaskError(f"{where}: larger than {MAX_BYTES // 2 ** 20} MiB")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise MaskError(f"{where}: {img.width}×{img.height} is more than "
+                                f"{MAX_PIXELS} pixels")
+            img.load()
+            if img.mode in ("RGBA", "LA", "PA"):  # transparent = outside
+                img = img.convert("RGBA")
+                bg = Image.new("RGBA", img.size, (0, 0, 0, 255))
+                img = Image.alpha_composite(bg, img)
+            return img.convert("L")
+    except MaskError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise MaskError(f"{where}: not an image PIL can read ({exc})") from None
+
+
+class MaskStore(Mapping[str, Image.Image]):
+    def __init__(self, folder: str):
+        self.folder = folder
+        os.makedirs(folder, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.folder, check_mask_name(name) + ".png")
+
+    def __getitem__(self, name: str) -> Image.Image:
+        try:
+            path = self._path(name)
+        except MaskError:
+            raise KeyError(name) from None
+        if not os.path.isfile(path):
+            raise KeyError(name)
+        with open(path, "rb") as f:
+            return decode_image(f.read(), f"mask '{name}'")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(n[:-4] for n in os.listdir(self.folder)
+                           if n.endswith(".png") and NAME.match(n[:-4])))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def put(self, name: str, data) -> Image.Image:
+        """Store an upload (bytes, base64 or a PIL image) as `name`; returns the stored image."""
+        path = self._path(name)
+        img = data.convert("L") if isinstance(data, Image.Image) else decode_image(data, f"mask '{name}'")
+        with self._lock:
+            tmp = path + ".tmp"
+            img.save(tmp, format="PNG")
+            os.replace(tmp, path)  # a reader never sees half a file
+        return img
+
+    def delete(self, name: str) -> None:
+        path = self._path(name)
+        with self._lock:
+            if not os.path.isfile(path):
+                raise KeyError(name)
+            os.remove(path)
+
+
+class Overlay(Mapping[str, Image.Image]):
+    """Inline masks of one request in front of the store."""
+
+    def __init__(self, inline: Dict[str, Image.Image], store: Optional[Mapping] = None):
+        self.inline, self.store = inline, store or {}
+
+    def __getitem__(self, name):
+        return self.inline[name] if name in self.inline else self.store[name]
+
+    def __iter__(self):
+        return iter(sorted(set(self.inline) | set(self.store)))
+
+    def __len__(self):
+        return len(set(self.inline) | set(self.store))

@@ -1,0 +1,74 @@
+"""The standalone server: A1111's API subset, NetWeave's routes, and a Gradio page, on one
+FastAPI app bound to 127.0.0.1."""
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from ..network.explain import explain_table, heatmap
+from ..network.plan import compile_prompt
+from .api import netweave_router, sdapi_router
+from .diffusers_host import DiffusersHost, Request
+from .library import Library
+from .masks import MaskStore
+
+
+def build_app(host: DiffusersHost, library: Library, masks: MaskStore, ui: bool = True) -> FastAPI:
+    app = FastAPI(title="NetWeave")
+    app.include_router(netweave_router(masks, library, lambda: host.model.arch))
+    app.include_router(sdapi_router(host, library))
+    if ui:
+        import gradio as gr
+        app = gr.mount_gradio_app(app, page(host), path="/")
+    return app
+
+
+def page(host: DiffusersHost):
+    """Prompt, negative prompt, steps, seed, size; the gallery; NetWeave's explain panel."""
+    import gradio as gr
+
+    size = 64 if host.model.name.startswith("netweave-tiny") else 512
+
+    def generate(prompt, negative, steps, seed, width, height, progress=gr.Progress()):
+        progress(0, desc="sampling")
+        req = Request(prompt=prompt, negative_prompt=negative, steps=int(steps), seed=int(seed),
+                      width=int(width), height=int(height))
+        try:
+            result = host.txt2img(req)
+        except ValueError as exc:
+            raise gr.Error(str(exc)) from None
+        return result.images, "\n".join(result.infotexts), "\n".join(result.errors) or "no errors"
+
+    def explain(prompt, steps):
+        plan = compile_prompt(prompt, host.context(int(steps), host.masks))
+        return explain_table(plan), heatmap(plan)
+
+    with gr.Blocks(title="NetWeave") as blocks:
+        gr.Markdown("# NetWeave")
+        with gr.Tab("txt2img"):
+            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="netweave_prompt")
+            negative = gr.Textbox(label="Negative prompt", lines=2)
+            with gr.Row():
+                steps = gr.Slider(1, 150, value=20, step=1, label="Steps")
+                seed = gr.Number(value=-1, precision=0, label="Seed")
+                width = gr.Slider(64, 2048, value=size, step=8, label="Width")
+                height = gr.Slider(64, 2048, value=size, step=8, label="Height")
+            button = gr.Button("Generate", variant="primary", elem_id="netweave_generate")
+            gallery = gr.Gallery(label="Images", elem_id="netweave_gallery")
+            info = gr.Textbox(label="Parameters", lines=3)
+            problems = gr.Textbox(label="NetWeave", lines=2, elem_id="netweave_errors")
+            button.click(generate, [prompt, negative, steps, seed, width, height],
+                         [gallery, info, problems])
+        with gr.Tab("NetWeave"):
+            ex_prompt = gr.Textbox(label="Prompt to explain", lines=3)
+            ex_steps = gr.Slider(1, 150, value=20, step=1, label="Steps")
+            ex_button = gr.Button("Explain")
+            table = gr.Textbox(label="Plan", lines=12, elem_id="netweave_plan")
+            image = gr.Image(label="Heatmap", type="pil")
+            ex_button.click(explain, [ex_prompt, ex_steps], [table, image])
+    blocks.queue(default_concurrency_limit=1)
+    return blocks
+
+
+def serve(host: DiffusersHost, library: Library, masks: MaskStore, port: int = 7860) -> None:
+    import uvicorn
+    uvicorn.run(build_app(host, library, masks), host="127.0.0.1", port=port, log_level="info")

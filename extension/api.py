@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..network.plan import CompileContext, compile_prompt
 from .diffusers_host import DiffusersHost, Interrupted
 from .diffusers_host import Request as Txt2Img
-from .library import LORA_KINDS, Library
-from .masks import MaskError, MaskStore, decode_image
+from .library import Library
+from .masks import MaskError, MaskStore, check_mask_name, decode_image
 
 SCRIPT_TITLE = "NetWeave"
 
@@ -138,8 +138,8 @@ def sdapi_router(host: DiffusersHost, library: Library) -> APIRouter:
         inline = {}
         for name, data in (args.get("masks") or {}).items():
             try:
-                from .masks import check_mask_name
-                inline[check_mask_name(name)] = decode_image(data, f"mask '{name}'")
+                check_mask_name(name)
+                inline[name] = decode_image(data, f"mask '{name}'")
             except MaskError as exc:
                 raise HTTPException(422, str(exc)) from None
         images: List = []
@@ -198,5 +198,3 @@ def sdapi_router(host: DiffusersHost, library: Library) -> APIRouter:
 
     return r
 
-
-__all__ = ["netweave_router", "sdapi_router", "LORA_KINDS"]

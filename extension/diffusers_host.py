@@ -202,11 +202,8 @@ class DiffusersHost:
         pipeline concatenates them), and the regional variants given to the engine."""
         e = embeds[seg]
         rows = torch.cat([e["neg"], e["pos"]]) if cfg else e["pos"]
-        if e["variants"]:
-            self.engine.set_text_variants(rows, {
-                j: torch.cat([e["neg"], v]) if cfg else v for j, v in e["variants"].items()})
-        else:
-            self.engine.runtime.text = None
+        self.engine.set_text_variants(rows, {
+            j: torch.cat([e["neg"], v]) if cfg else v for j, v in e["variants"].items()})
         return rows
 
     def _pooled(self, e: dict, cfg: bool) -> dict:

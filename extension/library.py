@@ -10,10 +10,10 @@ import os
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
-from ..network.files import NetworkFileError
-
-LORA_KINDS = ("lora", "lyco", "loractl")
-
+from ..network.detect import detect_architecture
+from ..network.files import (NetworkFileError, base_architecture, describe_metadata,
+                             open_safetensors)
+from ..network.loader import checkpoint_files
 
 class BadName(ValueError):
     """A network or mask name that could point outside its folder."""
@@ -58,7 +58,7 @@ class Library:
         for root in self._dirs(kind):
             for folder, dirs, files in os.walk(root):
                 rel = os.path.relpath(folder, root)
-                if kind == "model" and "model_index.json" in files:
+                if kind == "model" and ("model_index.json" in files or "unet" in dirs):
                     found.append(rel.replace(os.sep, "/"))
                     dirs[:] = []
                     continue
@@ -69,17 +69,22 @@ class Library:
         return sorted(set(found))
 
     def describe(self, kind: str, name: str) -> Dict:
-        """What the API lists: name, path, detected architecture, trigger words, or an error."""
-        from ..network.inspect import inspect  # builds reference trees: only when asked
-
+        """What the API lists: name, path, architecture (from the file's keys, shapes and
+        metadata: headers only, nothing loaded), trigger words, or the file's error."""
         entry: Dict = {"name": name, "kind": kind, "path": None, "architecture": None,
                        "trigger_words": [], "metadata": {}, "error": None}
         try:
             entry["path"] = path = self.find(kind, name)
-            report = inspect(path)
-            entry.update(architecture=report["architecture"], error=report["error"],
-                         metadata=report["metadata"],
-                         trigger_words=report["metadata"].get("trigger_words", []))
+            keys, shapes, meta = [], {}, {}
+            for file, prefix in checkpoint_files(path) if kind == "model" else [(path, "")]:
+                with open_safetensors(file) as f:
+                    keys += [prefix + k for k in f.keys()]
+                    shapes.update({prefix + k: f.shape(k) for k in f.keys()})
+                    meta = meta or dict(f.metadata)
+            entry["architecture"], _ = detect_architecture(keys, shapes.__getitem__,
+                                                           base_architecture(meta))
+            entry["metadata"] = describe_metadata(meta)
+            entry["trigger_words"] = entry["metadata"]["trigger_words"]
         except (FileNotFoundError, BadName, NetworkFileError) as exc:
             entry["error"] = str(exc)
         return entry

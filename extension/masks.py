@@ -16,7 +16,7 @@ import re
 import threading
 from typing import Dict, Iterator, Mapping, Optional
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MAX_BYTES = 16 * 2 ** 20
@@ -61,8 +61,10 @@ def decode_image(data, where: str = "mask") -> Image.Image:
             return img.convert("L")
     except MaskError:
         raise
+    except UnidentifiedImageError:
+        raise MaskError(f"{where}: not an image PIL can read") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise MaskError(f"{where}: not an image PIL can read ({exc})") from None
+        raise MaskError(f"{where}: a broken image ({exc})") from None
 
 
 class MaskStore(Mapping[str, Image.Image]):

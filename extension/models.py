@@ -1,8 +1,7 @@
 """Checkpoints for the standalone host, loaded fully offline.
 
 - a diffusers folder (model_index.json): `from_pretrained(local_files_only=True)`;
-- a single-file SD1/SDXL .safetensors: diffusers' single-file loader, with the component
-  configs shipped in `extension/configs/<arch>/` and the tokenizer built offline (tokenizer.py);
+- a single-file .safetensors: not yet (it needs shipped component configs; see the issue);
 - nothing: the default model. Until the embedded demo model exists, a tiny SD1-architecture
   pipeline with fixed random weights (seed 0): it draws noise, but every path runs.
 """
@@ -10,18 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 
-from ..network.detect import detect_architecture
-from ..network.files import NetworkFileError, base_architecture, open_safetensors
-from .tokenizer import clip_tokenizer, tokenizer_files
+from .tokenizer import clip_tokenizer
 
-CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 TINY_NAME = "netweave-tiny"
 
 
@@ -47,9 +41,10 @@ def load_model(checkpoint: Optional[str] = None) -> Model:
         return tiny_model()
     if os.path.isdir(checkpoint):
         return _from_folder(checkpoint)
-    if checkpoint.endswith(".safetensors"):
-        return _from_single_file(checkpoint)
-    raise ValueError(f"{checkpoint}: a checkpoint is a .safetensors file or a diffusers folder")
+    if checkpoint.endswith(".safetensors") and os.path.isfile(checkpoint):
+        raise ValueError(f"{checkpoint}: single-file checkpoints are not read yet; give a "
+                         "diffusers folder (model_index.json)")
+    raise ValueError(f"{checkpoint}: not a diffusers folder (model_index.json)")
 
 
 def tiny_model(seed: int = 0) -> Model:
@@ -134,36 +129,3 @@ def _from_folder(folder: str) -> Model:
         if arch != "sdxl" else DiffusionPipeline.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return Model(pipe, arch, os.path.basename(os.path.normpath(folder)))
-
-
-def _from_single_file(path: str) -> Model:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    with open_safetensors(path) as f:
-        keys = f.keys()
-        arch, _ = detect_architecture(keys, f.shape, base_architecture(f.metadata))
-    if arch not in ("sd1", "sdxl"):
-        raise NetworkFileError(path, f"single-file checkpoints are read for SD1 and SDXL; "
-                                     f"this one looks like {arch or 'no known model'}")
-    config = _config_folder(arch)
-    cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
-    extra = {} if arch == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
-    pipe = cls.from_single_file(path, config=config, local_files_only=True, **extra)
-    pipe.set_progress_bar_config(disable=True)
-    return Model(pipe, arch, os.path.splitext(os.path.basename(path))[0])
-
-
-def _config_folder(arch: str) -> str:
-    """The shipped configs plus tokenizer folders built offline, in a temporary copy."""
-    folder = tempfile.mkdtemp(prefix=f"netweave-{arch}-config-")
-    shutil.copytree(os.path.join(CONFIGS, arch), folder, dirs_exist_ok=True)
-    for sub in ("tokenizer", "tokenizer_2") if arch == "sdxl" else ("tokenizer",):
-        os.makedirs(os.path.join(folder, sub), exist_ok=True)
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copy(os.path.join(tokenizer_files(), name), os.path.join(folder, sub, name))
-        pad = "!" if sub == "tokenizer_2" else "<|endoftext|>"
-        with open(os.path.join(folder, sub, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump({"tokenizer_class": "CLIPTokenizer", "model_max_length": 77,
-                       "pad_token": pad, "bos_token": "<|startoftext|>",
-                       "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)
-    return folder

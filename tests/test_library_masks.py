@@ -1,0 +1,60 @@
+"""Network folders and the mask store refuse what could leave their folder or is no image."""
+import io
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from netweave.extension.library import BadName, Library
+from netweave.extension.masks import MaskError, MaskStore, Overlay
+
+
+def test_names_never_leave_the_folders(tmp_path):
+    loras, outside = tmp_path / "loras", tmp_path / "outside"
+    loras.mkdir(), outside.mkdir()
+    (loras / "sub").mkdir()
+    (loras / "sub" / "ok.safetensors").write_bytes(b"x")
+    (outside / "secret.safetensors").write_bytes(b"x")
+    os.symlink(outside / "secret.safetensors", loras / "link.safetensors")
+    lib = Library([str(loras)])
+    assert lib.find("lora", "sub/ok").endswith("ok.safetensors")
+    for bad in ("../outside/secret", "/etc/passwd", "sub/../../outside/secret", "a\x00b", ""):
+        with pytest.raises(BadName):
+            lib.find("lora", bad)
+    with pytest.raises(FileNotFoundError, match="leads outside"):
+        lib.find("lora", "link")
+    with pytest.raises(FileNotFoundError, match="no lora named 'nope'"):
+        lib.find("lora", "nope")
+    assert lib.names("lora") == ["sub/ok"]  # the escaping link is not listed
+    assert lib.describe("lora", "sub/ok")["error"]  # not a safetensors file: said, not raised
+
+
+def png(a, mode=None) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(a, dtype=np.uint8), mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_mask_store_checks_uploads(tmp_path):
+    store = MaskStore(str(tmp_path))
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[:, :2] = (255, 255, 255, 255)  # opaque white left, transparent right
+    img = store.put("m", png(rgba))
+    assert img.mode == "L" and img.getpixel((0, 0)) == 255 and img.getpixel((3, 0)) == 0
+    assert list(store) == ["m"] and store["m"].size == (4, 4)
+    with pytest.raises(MaskError, match="pixels"):
+        store.put("big", png(np.zeros((4200, 4200))))
+    with pytest.raises(MaskError, match="not an image"):
+        store.put("junk", b"\x89PNG but not really")
+    with pytest.raises(MaskError, match="valid mask name"):
+        store.put("../escape", png(np.zeros((2, 2))))
+    with pytest.raises(MaskError, match="built-in region"):
+        store.put("Rest", png(np.zeros((2, 2))))
+    assert sorted(os.listdir(tmp_path)) == ["m.png"]  # nothing half-written, nothing outside
+    assert "../escape" not in store
+    inline = Overlay({"m": Image.new("L", (2, 2), 7)}, store)
+    assert inline["m"].getpixel((0, 0)) == 7 and set(inline) == {"m"}
+    store.delete("m")
+    with pytest.raises(KeyError):
+        store.delete("m")

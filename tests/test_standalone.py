@@ -1,0 +1,284 @@
+"""The standalone host end to end on the tiny default model: the generate command, the
+A1111-shaped API with every kind of tag, NetWeave's routes, serialized requests."""
+import base64
+import io
+import json
+import threading
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from netweave.extension.cli import main
+from netweave.extension.diffusers_host import DiffusersHost
+from netweave.extension.library import Library
+from netweave.extension.masks import MaskStore
+from netweave.extension.models import tiny_library, tiny_model
+from netweave.extension.server import build_app
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("standalone")
+    model = tiny_model()
+    loras, models = tiny_library(model, str(root / "demo"))
+    library = Library([loras], [models])
+    masks = MaskStore(str(root / "masks"))
+    host = DiffusersHost(model, library, masks)
+    return host, library, masks, root
+
+
+@pytest.fixture(scope="module")
+def client(setup):
+    host, library, masks, _ = setup
+    return TestClient(build_app(host, library, masks, ui=False))
+
+
+def png(array) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def left_half(w=64, h=64) -> bytes:
+    a = np.zeros((h, w), np.uint8)
+    a[:, : w // 2] = 255
+    return png(a)
+
+
+def decode(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def spy_steps(host, target_key):
+    """Record, at every step the engine is moved to, what acts on one layer."""
+    engine = host.engine
+    (target,) = engine.keymap.lookup(target_key)
+    seen = []
+    original = engine.set_step
+
+    def set_step(k, phase="base"):
+        original(k, phase)
+        seen.append((k, engine.strengths(target)))
+    engine.set_step = set_step
+    return seen, lambda: setattr(engine, "set_step", original)
+
+
+# ---- the A1111-shaped API -------------------------------------------------------------
+def test_txt2img_with_every_kind_of_tag(setup, client):
+    host = setup[0]
+    prompt = ("a fox <lora:demo_style:te=0.2:unet=0@0,1@0.5:region=leftmask> "
+              "<lora:demo_texture:0.7:in=0:mid=1:out=0.5> <model:demo_blend:0.5>")
+    seen, undo = spy_steps(host, "lora_unet_up_blocks_1_attentions_0_proj_in")  # OUT03
+    try:
+        r = client.post("/sdapi/v1/txt2img", json={
+            "prompt": prompt, "steps": 6, "seed": 5, "width": 64, "height": 64,
+            "alwayson_scripts": {"NetWeave": {"args": [{"masks": {
+                "leftmask": base64.b64encode(left_half()).decode()}}]}}})
+    finally:
+        undo()
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert decode(body["images"][0]).size == (64, 64)
+    info = json.loads(body["info"])
+    assert info["netweave"]["errors"] == []
+    nets = info["netweave"]["plan"]["networks"]
+    assert [n["name"] for n in nets] == ["demo_style", "demo_texture", "demo_blend"]
+    assert nets[0]["region"] == "leftmask"
+    # the engine saw the plan, step by step: demo_style (0) off then on (a regional bypass),
+    # demo_texture (1) at 0.7 × out 0.5, demo_blend (2) at 0.5, on an OUT block layer
+    assert [k for k, _ in seen] == [0, 1, 2, 3, 4, 5]
+    for k, now in seen:
+        assert now.get(0, 0.0) == (0.0 if k < 3 else 1.0)
+        assert now[1] == pytest.approx(0.35) and now[2] == pytest.approx(0.5)
+    assert "NetWeave masks: leftmask:" in info["infotexts"][0]
+    assert host.engine.runtime.maps.canvas(0)[:, :32].min() == 1.0
+
+
+def test_block_weights_reach_only_their_blocks(setup, client):
+    host = setup[0]
+    seen, undo = spy_steps(host, "lora_unet_down_blocks_0_attentions_0_proj_in")  # IN01
+    try:
+        r = client.post("/sdapi/v1/txt2img", json={
+            "prompt": "<lora:demo_texture:1:in=0>", "steps": 2, "width": 64, "height": 64})
+    finally:
+        undo()
+    assert r.status_code == 200
+    assert all(now == {} for _, now in seen)
+
+
+def test_an_a1111_client_request_round_trips(client):
+    request = {"prompt": "a fox <lora:demo_style:0.8>", "negative_prompt": "blurry",
+               "styles": [], "seed": 42, "subseed": -1, "sampler_name": "Euler",
+               "batch_size": 2, "n_iter": 1, "steps": 3, "cfg_scale": 6.5, "width": 64,
+               "height": 48, "restore_faces": False, "tiling": False, "override_settings": {},
+               "script_args": [], "send_images": True, "save_images": False,
+               "alwayson_scripts": {}}
+    r = client.post("/sdapi/v1/txt2img", json=request)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body) == {"images", "parameters", "info"}
+    assert len(body["images"]) == 2 and decode(body["images"][1]).size == (64, 48)
+    for key, value in request.items():
+        assert body["parameters"][key] == value
+    info = json.loads(body["info"])
+    assert info["seed"] == 42 and info["all_seeds"] == [42, 43]
+    assert info["infotexts"][0].startswith("a fox <lora:demo_style:0.8>\nNegative prompt: blurry\n")
+    assert "Seed: 42" in info["infotexts"][0] and "Size: 64x48" in info["infotexts"][0]
+
+
+def test_same_seed_same_image_and_tags_change_it(client):
+    def image(prompt):
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": prompt, "steps": 3, "seed": 7,
+                                                    "width": 64, "height": 64})
+        return np.asarray(decode(r.json()["images"][0]), dtype=np.int16)
+    plain = image("a fox")
+    assert np.array_equal(plain, image("a fox"))
+    assert np.array_equal(plain, image("a fox <model:demo_blend:0>"))  # strength 0 is the base
+    assert not np.array_equal(plain, image("a fox <lora:demo_style:1>"))
+
+
+def test_bad_tags_never_stop_a_generation(client):
+    r = client.post("/sdapi/v1/txt2img", json={
+        "prompt": "a fox <lora:nope:1> <lora:demo_style:0.5:regio=left> <lora:demo_style:abc>",
+        "steps": 2, "width": 64, "height": 64})
+    assert r.status_code == 200
+    errors = json.loads(r.json()["info"])["netweave"]["errors"]
+    assert any("no lora named 'nope'" in e for e in errors)
+    assert any("did you mean 'region'" in e for e in errors)
+    assert len(r.json()["images"]) == 1
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"prompt": "x", "width": 63}, "multiple of 8"),
+    ({"prompt": "x", "steps": 0}, "steps must be"),
+    ({"prompt": "x", "alwayson_scripts": {"netweave": {"args": [{"masks": {"m": "%%%"}}]}}},
+     "not valid base64"),
+    ({"prompt": "x", "alwayson_scripts": {"NetWeave": {"args": ["oops"]}}}, "args must be"),
+    ({"prompt": "x", "alwayson_scripts": {"NetWeave": {"args": [{"masks": {"../x": ""}}]}}},
+     "not a valid mask name"),
+    ({"prompt": ["not", "text"]}, "prompt"),
+])
+def test_bad_requests_get_a_4xx_with_a_message(client, body, message):
+    r = client.post("/sdapi/v1/txt2img", json={"steps": 2, "width": 64, "height": 64, **body})
+    assert r.status_code == 422 and message in r.text
+
+
+def test_loras_and_progress(client):
+    loras = client.get("/sdapi/v1/loras").json()
+    assert [x["name"] for x in loras] == ["demo_style", "demo_texture"]
+    p = client.get("/sdapi/v1/progress").json()
+    assert p["progress"] == 0.0 and p["state"]["job_count"] == 0
+
+
+def test_requests_are_serialized_each_with_its_own_plan(setup, client):
+    host = setup[0]
+    inside, overlaps = [0], []
+    original = host._generate
+
+    def generate(req):
+        inside[0] += 1
+        overlaps.append(inside[0])
+        try:
+            return original(req)
+        finally:
+            inside[0] -= 1
+    host._generate = generate
+    results = {}
+
+    def post(i, prompt):
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": prompt, "steps": 4, "seed": i,
+                                                    "width": 64, "height": 64})
+        results[i] = json.loads(r.json()["info"])["netweave"]["plan"]["networks"]
+    prompts = ["<lora:demo_style:0.3>", "<lora:demo_texture:0.9:region=right>",
+               "<model:demo_blend:0.2>", "plain"]
+    try:
+        threads = [threading.Thread(target=post, args=(i, p)) for i, p in enumerate(prompts)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        host._generate = original
+    assert max(overlaps) == 1  # never two generations at once
+    assert [len(results[i]) for i in range(4)] == [1, 1, 1, 0]
+    assert results[1][0]["region"] == "right" and results[2][0]["kind"] == "model"
+
+
+# ---- NetWeave's own routes ---------------------------------------------------------------
+def test_mask_routes(client):
+    assert client.put("/netweave/v1/masks/half", content=left_half(),
+                      headers={"content-type": "image/png"}).status_code == 200
+    b64 = base64.b64encode(png(np.full((8, 8), 128))).decode()
+    r = client.put("/netweave/v1/masks/grey", json={"image": b64})
+    assert r.status_code == 200 and r.json()["width"] == 8
+    names = [m["name"] for m in client.get("/netweave/v1/masks").json()["masks"]]
+    assert {"half", "grey"} <= set(names)
+    got = Image.open(io.BytesIO(client.get("/netweave/v1/masks/half").content))
+    assert got.mode == "L" and got.getpixel((0, 0)) == 255 and got.getpixel((63, 0)) == 0
+    assert client.delete("/netweave/v1/masks/grey").status_code == 200
+    assert client.get("/netweave/v1/masks/grey").status_code == 404
+    assert client.delete("/netweave/v1/masks/grey").status_code == 404
+    for name, data, status in (("bad name!", left_half(), 400), ("left", left_half(), 400),
+                               ("notimage", b"hello", 400)):
+        r = client.put(f"/netweave/v1/masks/{name}", content=data)
+        assert r.status_code == status and r.json()["detail"]
+    r = client.put("/netweave/v1/masks/j", json={"picture": "x"})
+    assert r.status_code == 400
+
+
+def test_a_stored_mask_drives_a_region(client):
+    client.put("/netweave/v1/masks/stored", content=left_half())
+    r = client.post("/sdapi/v1/txt2img", json={
+        "prompt": "<lora:demo_style:1:region=stored>", "steps": 2, "width": 64, "height": 64})
+    assert json.loads(r.json()["info"])["netweave"]["errors"] == []
+    r = client.post("/sdapi/v1/txt2img", json={
+        "prompt": "<lora:demo_style:1:region=missing>", "steps": 2, "width": 64, "height": 64})
+    assert any("no mask named 'missing'" in e
+               for e in json.loads(r.json()["info"])["netweave"]["errors"])
+
+
+def test_parse_route(client):
+    r = client.post("/netweave/v1/parse", json={"prompt": "a <lora:x:0.5@0,1@0.5> <lora:y:te=>",
+                                                 "steps": 4})
+    assert r.status_code == 200
+    plan = r.json()
+    assert plan["networks"][0]["strength"]["unet"] == [0.5, 0.5, 1.0, 1.0]
+    assert plan["errors"] and plan["errors"][0]["column"] > 20
+    assert client.post("/netweave/v1/parse", json={"prompt": "x", "arch": "sd9"}).status_code == 400
+    assert client.post("/netweave/v1/parse", json={"steps": 3}).status_code == 422
+
+
+def test_networks_route(client):
+    nets = client.get("/netweave/v1/networks").json()["networks"]
+    assert {(n["kind"], n["name"]) for n in nets} == {
+        ("lora", "demo_style"), ("lora", "demo_texture"), ("model", "demo_blend")}
+    assert all(n["error"] is None for n in nets), nets
+
+
+def test_the_page_is_served(setup):
+    host, library, masks, _ = setup
+    page = TestClient(build_app(host, library, masks, ui=True)).get("/")
+    assert page.status_code == 200 and "gradio" in page.text.lower()
+
+
+# ---- the command line -----------------------------------------------------------------------
+def test_generate_command_on_the_default_model(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # the demo networks are written under ~/.cache
+    mask = tmp_path / "m.png"
+    mask.write_bytes(left_half(16, 16))
+    out = tmp_path / "fox.png"
+    code = main(["generate", "--prompt", "a fox <lora:demo_style:te=0.2@0,1@0.5:in=0:region=m> "
+                 "<lora:demo_texture:0.5:lbw=MIDD> <model:demo_blend:0.5> <lora:typo:1>",
+                 "--steps", "4", "--mask", f"m={mask}", "--mask-dir", str(tmp_path / "masks"),
+                 "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    img = Image.open(out)
+    assert img.size == (64, 64)
+    assert img.text["parameters"].startswith("a fox <lora:demo_style")
+    assert "no lora named 'typo'" in captured.err and "wrote" in captured.out
+    assert main(["generate", "--prompt", "x", "--out", str(out), "--mask", "m"]) == 2
+    assert main(["generate", "--prompt", "x", "--out", str(out),
+                 "--checkpoint", str(tmp_path / "nothing.ckpt")]) == 1

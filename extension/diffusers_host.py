@@ -172,7 +172,8 @@ class DiffusersHost:
     def _encode(self, text: str, b: int) -> dict:
         pipe = self.model.pipe
         with torch.no_grad():
-            out = pipe.encode_prompt(text, self.device, b, False)
+            out = pipe.encode_prompt(prompt=text, device=self.device, num_images_per_prompt=b,
+                                     do_classifier_free_guidance=False)
         if self.model.arch == "sdxl":  # (embeds, neg, pooled, neg_pooled)
             return {"embeds": out[0], "pooled": out[2]}
         return {"embeds": out[0]}

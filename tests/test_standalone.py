@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -282,3 +283,94 @@ def test_generate_command_on_the_default_model(tmp_path, capsys, monkeypatch):
     assert main(["generate", "--prompt", "x", "--out", str(out), "--mask", "m"]) == 2
     assert main(["generate", "--prompt", "x", "--out", str(out),
                  "--checkpoint", str(tmp_path / "nothing.ckpt")]) == 1
+
+
+# ---- SDXL: a diffusers folder, loaded offline ------------------------------------------------
+def tiny_xl_folder(path):
+    """A tiny SDXL-architecture pipeline saved as a diffusers folder (tokenizers included)."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from netweave.extension.tokenizer import clip_tokenizer
+    torch.manual_seed(0)
+
+    def clip(cls):
+        return cls(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  max_position_embeddings=77, projection_dim=32,
+                                  bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    unet = UNet2DConditionModel(
+        sample_size=8, block_out_channels=(32, 64, 64), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=8, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
+    vae = AutoencoderKL(latent_channels=4, layers_per_block=1, block_out_channels=(8, 16, 16, 16),
+                        norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=clip(CLIPTextModel),
+        text_encoder_2=clip(CLIPTextModelWithProjection), tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer("!"), unet=unet,
+        scheduler=EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                         beta_end=0.012, steps_offset=1))
+    pipe.save_pretrained(path)
+    return path
+
+
+def test_sdxl_folder_with_scheduled_regional_and_te2_tags(tmp_path):
+    from netweave.extension.models import load_model
+    from netweave.network.synthetic import write_network
+
+    model = load_model(tiny_xl_folder(str(tmp_path / "xl")))
+    assert model.arch == "sdxl" and set(model.trees()) == {"unet", "te1", "te2"}
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    write_network(loras / "xl.safetensors", model.trees(), "lora", "kohya", "sdxl", seed=4,
+                  scale=0.3, select=lambda t: "time_embedding" not in t.name
+                  and "add_embedding" not in t.name)
+    host = DiffusersHost(model, Library([str(loras)]), MaskStore(str(tmp_path / "masks")))
+    client = TestClient(build_app(host, host.library, host.masks, ui=False))
+    seen, undo = spy_steps(host, "lora_unet_output_blocks_0_1_proj_in")
+    try:
+        r = client.post("/sdapi/v1/txt2img", json={
+            "prompt": "a fox <lora:xl:te1=0.5:te2=0@0,1@0.5:unet=1:region=left>", "steps": 4,
+            "seed": 3, "width": 64, "height": 64})
+    finally:
+        undo()
+    assert r.status_code == 200, r.text
+    info = json.loads(r.json()["info"])
+    assert info["netweave"]["errors"] == [] and len(r.json()["images"]) == 1
+    assert [now.get(0) for _, now in seen] == [1.0] * 4
+    segments = host.engine.te_segments()
+    assert [(s.start, s.stop, s.variants) for s in segments] == [(0, 2, (0,)), (2, 4, (0,))]
+
+
+def test_interrupt_mid_generation_restores_every_weight(setup, client):
+    host = setup[0]
+    trees = host.model.trees()
+    before = {(c, k): v.detach().clone() for c, t in trees.items() for k, v in t.state_dict().items()}
+    engine = host.engine
+    original = engine.set_step
+    progress = []
+
+    def set_step(k, phase="base"):
+        original(k, phase)
+        progress.append(client.get("/sdapi/v1/progress").json())
+        if k == 2:
+            client.post("/sdapi/v1/interrupt")
+    engine.set_step = set_step
+    try:
+        r = client.post("/sdapi/v1/txt2img", json={
+            "prompt": "<lora:demo_style:0@0,1@0.5> <lora:demo_texture:1:region=left>",
+            "steps": 6, "width": 64, "height": 64})
+    finally:
+        engine.set_step = original
+    assert r.status_code == 200 and r.json()["images"] == []
+    assert progress[2]["state"]["sampling_steps"] == 6 and 0 < progress[2]["progress"] < 1
+    for (c, k), v in before.items():
+        assert torch.equal(trees[c].state_dict()[k], v), (c, k)
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "again", "steps": 2, "width": 64,
+                                               "height": 64})
+    assert len(r.json()["images"]) == 1  # the next request runs normally

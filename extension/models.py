@@ -1,7 +1,9 @@
 """Checkpoints for the standalone host, loaded fully offline.
 
 - a diffusers folder (model_index.json): `from_pretrained(local_files_only=True)`;
-- a single-file .safetensors: not yet (it needs shipped component configs; see the issue);
+- a single-file SD1/SDXL .safetensors (A1111's format): diffusers' single-file loader, with a
+  config folder written here from the published SD 1.5 / SDXL 1.0 configs (network/reference.py
+  and the VAE and scheduler below) and the tokenizer built offline (tokenizer.py);
 - nothing: the default model. Until the embedded demo model exists, a tiny SD1-architecture
   pipeline with fixed random weights (seed 0): it draws noise, but every path runs.
 """
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -42,9 +46,8 @@ def load_model(checkpoint: Optional[str] = None) -> Model:
     if os.path.isdir(checkpoint):
         return _from_folder(checkpoint)
     if checkpoint.endswith(".safetensors") and os.path.isfile(checkpoint):
-        raise ValueError(f"{checkpoint}: single-file checkpoints are not read yet; give a "
-                         "diffusers folder (model_index.json)")
-    raise ValueError(f"{checkpoint}: not a diffusers folder (model_index.json)")
+        return load_single_file(checkpoint)
+    raise ValueError(f"{checkpoint}: neither a .safetensors checkpoint nor a diffusers folder")
 
 
 def tiny_model(seed: int = 0) -> Model:
@@ -129,3 +132,92 @@ def _from_folder(folder: str) -> Model:
         if arch != "sdxl" else DiffusionPipeline.from_pretrained(folder, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return Model(pipe, arch, os.path.basename(os.path.normpath(folder)))
+
+
+# The published VAE and scheduler settings of SD 1.5 and SDXL 1.0 base (diffusers layout).
+VAE = {"sd1": dict(sample_size=512, scaling_factor=0.18215),
+       "sdxl": dict(sample_size=1024, scaling_factor=0.13025, force_upcast=True)}
+SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                 beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
+
+
+def load_single_file(path: str, config: Optional[str] = None, arch: Optional[str] = None) -> Model:
+    """An A1111-format checkpoint; `config`: a diffusers config folder (default: the published
+    one of the detected architecture, written by `reference_config`)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from ..network.detect import detect_architecture
+    from ..network.files import base_architecture, open_safetensors
+
+    if arch is None:
+        with open_safetensors(path) as f:
+            arch, reasons = detect_architecture(f.keys(), f.shape, base_architecture(f.metadata))
+        if arch not in ("sd1", "sdxl"):
+            raise ValueError(f"{path}: single-file checkpoints are read for SD1 and SDXL; this "
+                             f"one is {arch or 'not recognised'} ({'; '.join(reasons) or 'no signal'})")
+    cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+    extra = {} if arch == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
+    pipe = cls.from_single_file(path, config=config or reference_config(arch),
+                                local_files_only=True, **extra)
+    pipe.set_progress_bar_config(disable=True)
+    return Model(pipe, arch, os.path.splitext(os.path.basename(path))[0])
+
+
+def reference_config(arch: str) -> str:
+    """A diffusers config folder (no weights) for SD 1.5 or SDXL 1.0, written once."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    from ..network.reference import TEXT, UNET
+
+    folder = os.path.join(tempfile.gettempdir(), f"netweave-{arch}-config")
+    if os.path.exists(os.path.join(folder, "model_index.json")):
+        return folder
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(layers_per_block=2, sample_size=VAE[arch]["sample_size"] // 8,
+                                    **UNET[arch])
+        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                            down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4,
+                            **VAE[arch])
+    texts = {("text_encoder" if c == "te1" else "text_encoder_2"):
+             CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                            eos_token_id=49407, pad_token_id=1 if c == "te1" else 0, **cfg)
+             for c, cfg in TEXT[arch].items()}
+    write_config_folder(folder, arch, unet, vae, texts, EulerDiscreteScheduler(**SCHEDULER))
+    return folder
+
+
+def write_config_folder(folder: str, arch: str, unet, vae, texts: dict, scheduler) -> str:
+    """model_index.json and every component's config (and tokenizer files): what diffusers'
+    single-file loader reads instead of asking the hub."""
+    xl = arch == "sdxl"
+    tmp = tempfile.mkdtemp(prefix="netweave-config-", dir=os.path.dirname(folder) or None)
+    index = {"_class_name": "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+             "_diffusers_version": "0.42.1", "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"],
+             "scheduler": ["diffusers", type(scheduler).__name__],
+             "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"]}
+    if xl:
+        index.update(text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+                     tokenizer_2=["transformers", "CLIPTokenizer"], force_zeros_for_empty_prompt=True)
+    else:
+        index.update(safety_checker=[None, None], feature_extractor=[None, None],
+                     requires_safety_checker=False)
+    with open(os.path.join(tmp, "model_index.json"), "w", encoding="utf-8") as f:
+        json.dump(index, f, indent=1)
+    unet.save_config(os.path.join(tmp, "unet"))
+    vae.save_config(os.path.join(tmp, "vae"))
+    scheduler.save_config(os.path.join(tmp, "scheduler"))
+    for name, config in texts.items():
+        config.architectures = ["CLIPTextModelWithProjection" if name.endswith("_2") else "CLIPTextModel"]
+        config.save_pretrained(os.path.join(tmp, name))
+    clip_tokenizer().save_pretrained(os.path.join(tmp, "tokenizer"))
+    if xl:
+        clip_tokenizer("!").save_pretrained(os.path.join(tmp, "tokenizer_2"))
+    if os.path.exists(folder):  # another process wrote it first
+        shutil.rmtree(tmp)
+    else:
+        os.replace(tmp, folder)
+    return folder

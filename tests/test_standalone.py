@@ -374,3 +374,78 @@ def test_interrupt_mid_generation_restores_every_weight(setup, client):
     r = client.post("/sdapi/v1/txt2img", json={"prompt": "again", "steps": 2, "width": 64,
                                                "height": 64})
     assert len(r.json()["images"]) == 1  # the next request runs normally
+
+
+# ---- single-file checkpoints (A1111's format), loaded offline ---------------------------------
+def tiny_single_file(path):
+    """A tiny SD1 checkpoint in A1111's single-file layout (LDM UNet and VAE from the `ldm`
+    package, CLIP under cond_stage_model.transformer) and the diffusers configs of its shapes."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
+    from ldm.modules.diffusionmodules.model import Decoder, Encoder
+    from safetensors.torch import save_file
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from netweave.extension.models import SCHEDULER, write_config_folder
+    from tinymodels import diffusers_unet, ldm_unet
+
+    torch.manual_seed(0)
+    dd = dict(ch=32, out_ch=3, ch_mult=(1, 1), num_res_blocks=1, attn_resolutions=(),
+              in_channels=3, resolution=64, z_channels=4, double_z=True)
+    parts = {"model.diffusion_model.": ldm_unet("sd1"), "first_stage_model.encoder.": Encoder(**dd),
+             "first_stage_model.decoder.": Decoder(**dd),
+             "first_stage_model.quant_conv.": torch.nn.Conv2d(8, 8, 1),
+             "first_stage_model.post_quant_conv.": torch.nn.Conv2d(4, 4, 1)}
+    text_config = CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 max_position_embeddings=77, bos_token_id=49406,
+                                 eos_token_id=49407, pad_token_id=49407)
+    text = CLIPTextModel(text_config)
+    state = {p + k: v.contiguous() for p, m in parts.items() for k, v in m.state_dict().items()}
+    state.update({"cond_stage_model.transformer.text_model." + k.removeprefix("text_model."):
+                  v.contiguous() for k, v in text.state_dict().items()})
+    save_file(state, str(path / "tiny.safetensors"))
+    vae = AutoencoderKL(block_out_channels=(32, 32), layers_per_block=1, norm_num_groups=32,
+                        latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2)
+    config = write_config_folder(str(path / "config"), "sd1", diffusers_unet("sd1"), vae,
+                                 {"text_encoder": text_config}, EulerDiscreteScheduler(**SCHEDULER))
+    return str(path / "tiny.safetensors"), config, parts, text
+
+
+def test_single_file_checkpoint_loads_offline_and_generates(tmp_path):
+    from netweave.extension.models import load_single_file
+
+    path, config, parts, text = tiny_single_file(tmp_path)
+    model = load_single_file(path, config=config, arch="sd1")
+    pipe = model.pipe
+    ldm = parts["model.diffusion_model."]
+    assert torch.equal(pipe.unet.conv_in.weight, ldm.input_blocks[0][0].weight)
+    assert torch.equal(pipe.unet.down_blocks[0].attentions[0].proj_in.weight,
+                       ldm.input_blocks[1][1].proj_in.weight)
+    assert torch.equal(pipe.vae.encoder.conv_in.weight, parts["first_stage_model.encoder."].conv_in.weight)
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight,
+                       text.get_input_embeddings().weight)
+    host = DiffusersHost(model, Library([]), MaskStore(str(tmp_path / "masks")))
+    r = TestClient(build_app(host, host.library, host.masks, ui=False)).post(
+        "/sdapi/v1/txt2img", json={"prompt": "a fox", "steps": 2, "width": 64, "height": 64})
+    assert r.status_code == 200 and decode(r.json()["images"][0]).size == (64, 64)
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_published_configs_build_the_real_shapes(arch):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig
+
+    from netweave.extension.models import reference_config
+    from netweave.network.reference import reference_trees
+
+    folder = reference_config(arch)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
+    ref = reference_trees(arch)["unet"]
+    assert {k: v.shape for k, v in unet.state_dict().items()} == \
+        {k: v.shape for k, v in ref.state_dict().items()}
+    assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 4
+    te = CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder")
+    assert te.hidden_size == 768 and te.vocab_size == 49408

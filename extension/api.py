@@ -16,7 +16,7 @@ from ..network.plan import CompileContext, compile_prompt
 from .diffusers_host import DiffusersHost, Interrupted
 from .diffusers_host import Request as Txt2Img
 from .library import Library
-from .masks import MaskError, MaskStore, check_mask_name, decode_image
+from .masks import MaskError, MaskStore, check_mask_name, decode_image, mask_hash
 
 SCRIPT_TITLE = "NetWeave"
 
@@ -28,7 +28,6 @@ def png_base64(img) -> str:
 
 
 def _mask_info(name: str, img) -> dict:
-    from .diffusers_host import mask_hash
     return {"name": name, "width": img.width, "height": img.height, "hash": mask_hash(img)}
 
 

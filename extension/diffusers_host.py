@@ -9,7 +9,6 @@ a second request waits for the first.
 """
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,9 +19,9 @@ import torch
 from PIL import Image
 
 from ..network.engine import Engine
-from ..network.plan import CompileContext, Plan, compile_prompt
+from ..network.plan import CompileContext, Plan, compile_prompt, region_masks
 from .library import Library
-from .masks import Overlay
+from .masks import Overlay, mask_hash
 from .models import Model
 
 
@@ -220,7 +219,7 @@ class DiffusersHost:
         params = {"Steps": req.steps, "Sampler": "Euler", "CFG scale": req.cfg_scale,
                   "Seed": seed, "Size": f"{req.width}x{req.height}", "Model": self.model.name}
         used = sorted({m for n in plan.networks if n.region is not None
-                       for m in _mask_names(n.region) if m in masks})
+                       for m in region_masks(n.region) if m in masks})
         if used:
             params["NetWeave masks"] = ",".join(f"{m}:{mask_hash(masks[m])}" for m in used)
         if errors:
@@ -228,11 +227,3 @@ class DiffusersHost:
         text = req.prompt + ("\nNegative prompt: " + req.negative_prompt if req.negative_prompt else "")
         return text + "\n" + ", ".join(f"{k}: {v}" for k, v in params.items())
 
-
-def _mask_names(region):
-    from ..network.plan import region_masks
-    return region_masks(region)
-
-
-def mask_hash(img: Image.Image) -> str:
-    return hashlib.sha256(img.convert("L").tobytes()).hexdigest()[:10]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import os
 import re
@@ -65,6 +66,11 @@ def decode_image(data, where: str = "mask") -> Image.Image:
         raise MaskError(f"{where}: not an image PIL can read") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise MaskError(f"{where}: a broken image ({exc})") from None
+
+
+def mask_hash(img: Image.Image) -> str:
+    """Short content hash of a mask, for infotexts and listings."""
+    return hashlib.sha256(img.convert("L").tobytes()).hexdigest()[:10]
 
 
 class MaskStore(Mapping[str, Image.Image]):

@@ -23,3 +23,8 @@ def _register_package():
 
 _register_package()
 import netweave.extension  # noqa: E402,F401  - host adapters hang off this package
+
+if importlib.util.find_spec("modules") is not None and \
+        importlib.util.find_spec("modules.scripts") is not None:
+    # inside a WebUI: A1111 picks up the Script subclasses this module holds
+    from netweave.extension.a1111 import NetWeaveScript  # noqa: E402,F401

@@ -1,0 +1,298 @@
+"""AUTOMATIC1111 (v1.8–1.10) host adapter: the always-on script "NetWeave", the handler that
+takes the `lora`, `lyco`, `loractl` and `model` tag names, per-step control from
+`on_cfg_denoiser`, and NetWeave's HTTP routes (facts: shared/reference/hosts.md §1–2).
+
+Per generation (hooks in A1111's order):
+- `process`: take the four names in the extra-network registry (the built-in Lora would parse
+  our tags with float() and patch the same layers); the built-in is first told to load nothing
+  and every layer it changed is put back from its own backup, so NetWeave's pristine copies are
+  the model's. Disabled: give the names back and restore every weight.
+- `before_process_batch` (the prompts still have their tags): one plan per prompt of the batch,
+  the engine activated, the text encoders merged for step 0 — A1111 then encodes with them.
+- `on_cfg_denoiser`, at every model evaluation: the step (A1111's `sampling_step` lags by one,
+  so from the denoiser's own call counter), the pass (`p.is_hr_pass`), the batch rows; where
+  text-encoder strengths change during the pass (or a prompt of the batch has other TE networks,
+  or a regional TE network acts), the conditioning rows are swapped for an encoding made with
+  the right text-encoder weights, cached per segment.
+- Infotext: the tags stay in the prompt; problems go to "NetWeave errors", masks to
+  "NetWeave masks" (name:hash).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from modules import extra_networks, script_callbacks, scripts, shared  # the host's own
+
+from ..network.engine import Engine
+from ..network.plan import CompileContext, Plan, compile_prompt, region_masks
+from .api import netweave_router
+from .library import Library
+from .masks import MaskError, MaskStore, Overlay, check_mask_name, decode_image, mask_hash
+
+TITLE = "NetWeave"
+KINDS = ("lora", "lyco", "loractl", "model")
+PLMS = "PLMS"
+
+
+class NetWeaveNetworks(extra_networks.ExtraNetwork):
+    """Holds our tag names in the registry. NetWeave reads the tags from the prompts itself
+    (before A1111 strips them), so activation has nothing to do here."""
+
+    def activate(self, p, params_list):
+        pass
+
+    def deactivate(self, p):
+        pass
+
+
+@dataclass
+class Run:
+    """What one generation needs at every denoiser call."""
+
+    plans: List[Plan]
+    te_swap: bool
+    conds: Dict = field(default_factory=dict)  # (phase, segments) -> cond rows
+
+
+class Adapter:
+    def __init__(self):
+        self.engine: Optional[Engine] = None
+        self.model_id: Optional[int] = None
+        self.originals: Dict[str, object] = {}
+        self.ours = {kind: NetWeaveNetworks(kind) for kind in KINDS}
+        self.run: Optional[Run] = None
+        self.masks = MaskStore(_data_folder("netweave-masks"))
+
+    # ---- the model -----------------------------------------------------------------------
+    @staticmethod
+    def arch(sd_model) -> str:
+        if getattr(sd_model, "is_sdxl", False):
+            return "sdxl"
+        return "sd2" if getattr(sd_model, "is_sd2", False) else "sd1"
+
+    @staticmethod
+    def trees(sd_model) -> dict:
+        trees = {"unet": sd_model.model.diffusion_model}
+        if getattr(sd_model, "is_sdxl", False):
+            embedders = sd_model.conditioner.embedders
+            trees.update(te1=embedders[0], te2=embedders[1])
+        else:
+            trees["te1"] = sd_model.cond_stage_model
+        return trees
+
+    def engine_for(self, sd_model) -> Engine:
+        if self.engine is None or self.model_id != id(sd_model):
+            if self.engine is not None:
+                self.engine.deactivate()
+            self.engine = Engine(self.trees(sd_model), self.arch(sd_model), library().find)
+            self.model_id = id(sd_model)
+        return self.engine
+
+    # ---- the registry --------------------------------------------------------------------
+    def take_names(self, p) -> None:
+        registry = extra_networks.extra_network_registry
+        for kind in KINDS:
+            current = registry.get(kind)
+            if current is not None and current is not self.ours[kind]:
+                self.originals[kind] = current
+                if kind == "lora":  # the built-in loads nothing from now on
+                    current.activate(p, [])
+            registry[kind] = self.ours[kind]
+        release_builtin_weights(self.trees(shared.sd_model))
+
+    def give_names_back(self) -> None:
+        registry = extra_networks.extra_network_registry
+        for kind in KINDS:
+            if registry.get(kind) is self.ours[kind]:
+                if kind in self.originals:
+                    registry[kind] = self.originals[kind]
+                else:
+                    del registry[kind]
+
+    def off(self) -> None:
+        self.give_names_back()
+        if self.engine is not None:
+            self.engine.deactivate()
+        self.run = None
+
+    # ---- one batch -----------------------------------------------------------------------
+    def start_batch(self, p, prompts: List[str], inline: Dict, problems: List[str]) -> None:
+        engine = self.engine_for(p.sd_model)
+        masks = Overlay(inline, self.masks)
+        hires = (p.hr_second_pass_steps or p.steps) if getattr(p, "enable_hr", False) else None
+        ctx = CompileContext(arch=engine.arch, steps=p.steps, hires_steps=hires,
+                             masks=frozenset(masks))
+        plans = [compile_prompt(text, ctx) for text in prompts]
+        errors = problems + [f"{e.message} (column {e.column})" for plan in plans for e in plan.errors]
+        engine.latent, engine.batch = (p.height // 8, p.width // 8), 2 * len(prompts)
+        engine.masks = masks
+        engine.activate(plans)
+        errors += engine.errors
+        segments = [engine.te_segments("base", i) for i in range(len(plans))]
+        te_swap = any(len(s) > 1 or s[0].variants or s[0].strengths != segments[0][0].strengths
+                      for s in segments) or _te_neg(plans)
+        if segments[0]:
+            engine.apply_te(segments[0][0])  # A1111 encodes next, with these weights
+        self.run = Run(plans, te_swap)
+        used = sorted({m for plan in plans for n in plan.networks if n.region is not None
+                       for m in region_masks(n.region) if m in masks})
+        params = p.extra_generation_params
+        params.pop("NetWeave errors", None)
+        params.pop("NetWeave masks", None)
+        if used:
+            params["NetWeave masks"] = ",".join(f"{m}:{mask_hash(masks[m])}" for m in used)
+        if errors:
+            params["NetWeave errors"] = " | ".join(e.replace(",", ";") for e in errors)
+
+    def on_denoiser(self, params) -> None:
+        if self.run is None or self.engine is None or self.engine.plan is None:
+            return
+        d = params.denoiser
+        p = d.p
+        phase = "hires" if getattr(p, "is_hr_pass", False) else "base"
+        engine = self.engine
+        engine.set_step(current_step(d, engine.plan.hires_steps if phase == "hires"
+                                     else engine.plan.steps), phase)
+        conds = params.text_cond
+        rows = conds.shape[0] if isinstance(conds, torch.Tensor) else len(self.run.plans)
+        n = len(self.run.plans)
+        per = max(1, rows // n)  # AND sub-prompts repeat each image's cond row
+        engine.set_rows([i for i in range(n) for _ in range(per)] + list(range(n)),
+                        [False] * (per * n) + [True] * n)
+        if self.run.te_swap and isinstance(conds, torch.Tensor) and per == 1:
+            params.text_cond, params.text_uncond = self.conditioning(p, phase, params.text_uncond)
+
+    def conditioning(self, p, phase: str, uncond):
+        """Cond and uncond rows for this step, each prompt encoded with its own text-encoder
+        segment (and negative strengths); regional TE networks get their own rows."""
+        engine = self.engine
+        k = engine._phase_step[1]
+        segs = tuple(engine.segment_at(k, phase, i) for i in range(len(self.run.plans)))
+        if segs not in self.run.conds:
+            encode = p.sd_model.get_learned_conditioning
+            cond, neg, variant_rows = [], [], {}
+            for i, seg in enumerate(segs):
+                engine.apply_te(seg)
+                cond.append(encode([p.prompts[i]]))
+                engine.apply_te(seg, uncond=True)
+                neg.append(encode([p.negative_prompts[i]]))
+                for j in seg.variants:
+                    engine.apply_te(seg, variant=j)
+                    variant_rows.setdefault(j, {})[i] = encode([p.prompts[i]])
+            variants = {j: torch.cat([rows.get(i, c) for i, c in enumerate(cond)])
+                        for j, rows in variant_rows.items()}
+            self.run.conds[segs] = (torch.cat(cond), torch.cat(neg), variants)
+        cond, neg, variants = self.run.conds[segs]
+        engine.set_text_variants(torch.cat([cond, neg]),
+                                 {j: torch.cat([v, neg]) for j, v in variants.items()})
+        return cond, neg
+
+
+def current_step(denoiser, steps: Optional[int]) -> int:
+    """The 0-based step of this model evaluation. A1111's `sampling_step` is set after a
+    step's first evaluation, so it lags; the denoiser counts its calls per pass instead: one
+    per step, two for second-order samplers (the last step one), PLMS one extra at the start."""
+    k = denoiser.step
+    config = getattr(denoiser.sampler, "config", None)
+    options = getattr(config, "options", {}) or {}
+    name = getattr(config, "name", "")
+    if options.get("second_order") and name != "Restart":
+        k //= 2
+    elif name == PLMS:
+        k = max(k - 1, 0)
+    n = steps or getattr(denoiser, "steps", k + 1)
+    return min(k, n - 1)
+
+
+def release_builtin_weights(trees: dict) -> None:
+    """Layers the built-in Lora merged are put back from its own backups now (it would do so
+    lazily at their next forward, after NetWeave took its pristine copies)."""
+    import sys
+    builtin = sys.modules.get("networks")
+    restore = getattr(builtin, "network_restore_weights_from_backup", None)
+    if restore is None:
+        return
+    with torch.no_grad():
+        for tree in trees.values():
+            for module in tree.modules():
+                if getattr(module, "network_current_names", ()):
+                    restore(module)
+                    module.network_current_names = ()
+
+
+def _te_neg(plans: List[Plan]) -> bool:
+    return any(n.neg != 1.0 for plan in plans for n in plan.networks)
+
+
+def _data_folder(name: str) -> str:
+    from modules import paths
+    base = getattr(shared.cmd_opts, "data_dir", None) or getattr(paths, "data_path", None) or "."
+    return os.path.join(base, name)
+
+
+def library() -> Library:
+    from modules import paths
+    models = getattr(paths, "models_path", None) or "models"
+    lora = getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(models, "Lora")
+    ckpt = getattr(shared.cmd_opts, "ckpt_dir", None) or os.path.join(models, "Stable-diffusion")
+    return Library([lora], [ckpt])
+
+
+def inline_masks(options) -> Dict:
+    """The script's second argument: {"masks": {name: base64 PNG}} (or that as JSON text)."""
+    if isinstance(options, str):
+        options = json.loads(options) if options.strip() else {}
+    found = {}
+    for name, data in ((options or {}).get("masks") or {}).items():
+        check_mask_name(name)
+        found[name] = decode_image(data, f"mask '{name}'")
+    return found
+
+
+ADAPTER = Adapter()
+
+
+class NetWeaveScript(scripts.Script):
+    def title(self):
+        return TITLE
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        import gradio as gr  # builds nothing global: safe to call twice
+        with gr.Accordion(TITLE, open=False):
+            enabled = gr.Checkbox(value=True, label="Apply lora/lyco/loractl/model tags with NetWeave")
+            options = gr.Textbox(value="", visible=False, label="NetWeave options (JSON)")
+        return [enabled, options]
+
+    def process(self, p, enabled=True, options=""):
+        if enabled:
+            ADAPTER.take_names(p)
+        else:
+            ADAPTER.off()
+
+    def before_process_batch(self, p, enabled=True, options="", **kwargs):
+        if not enabled:
+            return
+        inline, problems = {}, []
+        try:
+            inline = inline_masks(options)
+        except (MaskError, ValueError) as exc:
+            problems.append(f"masks: {exc}")
+        ADAPTER.start_batch(p, list(kwargs.get("prompts", p.prompts)), inline, problems)
+
+
+def on_app_started(demo, app) -> None:
+    app.include_router(netweave_router(ADAPTER.masks, library(),
+                                       lambda: Adapter.arch(shared.sd_model)))
+
+
+script_callbacks.on_cfg_denoiser(ADAPTER.on_denoiser)
+script_callbacks.on_app_started(on_app_started)
+script_callbacks.on_script_unloaded(ADAPTER.off)

@@ -1,0 +1,175 @@
+"""modules/processing.py + the k-diffusion sampling loop, reduced to what NetWeave sees:
+process_images_inner's call order (v1.10.1 processing.py L899–L1133), CFGDenoiser.forward's
+row layout, callback and step counter (sd_samplers_cfg_denoiser.py), callback_state's lagging
+state.sampling_step (sd_samplers_common.py), Euler (1 call per step) and Heun (2, the last 1)."""
+import torch
+
+from . import extra_networks, shared
+from .script_callbacks import CFGDenoiserParams, cfg_denoiser_callback
+
+SECOND_ORDER = {"Heun"}
+
+
+class Processed:
+    def __init__(self, p, images, infotexts):
+        self.images, self.infotexts = images, infotexts
+        self.extra_generation_params = dict(p.extra_generation_params)
+
+
+class StableDiffusionProcessingTxt2Img:
+    cached_c = [None, None]
+    cached_uc = [None, None]
+
+    def __init__(self, prompt="", negative_prompt="", steps=4, batch_size=1, n_iter=1,
+                 cfg_scale=7.0, width=64, height=64, seed=1, sampler_name="Euler",
+                 enable_hr=False, hr_second_pass_steps=0, script_args=(), scripts=None,
+                 disable_extra_networks=False):
+        self.prompt, self.negative_prompt = prompt, negative_prompt
+        self.steps, self.batch_size, self.n_iter = steps, batch_size, n_iter
+        self.cfg_scale, self.width, self.height, self.seed = cfg_scale, width, height, seed
+        self.sampler_name, self.enable_hr = sampler_name, enable_hr
+        self.hr_second_pass_steps = hr_second_pass_steps
+        self.script_args, self.scripts = tuple(script_args), scripts
+        self.disable_extra_networks = disable_extra_networks
+        self.extra_generation_params = {}
+        self.is_hr_pass = False
+        self.iteration = 0
+        self.sd_model = shared.sd_model
+
+    def setup_prompts(self):
+        n = self.batch_size * self.n_iter
+        self.all_prompts = list(self.prompt) if isinstance(self.prompt, list) else [self.prompt] * n
+        self.all_negative_prompts = [self.negative_prompt] * len(self.all_prompts)
+        self.all_seeds = [self.seed + i for i in range(len(self.all_prompts))]
+
+    def parse_extra_network_prompts(self):
+        self.prompts, self.extra_network_data = extra_networks.parse_prompts(self.prompts)
+        if self.enable_hr:
+            self.hr_prompts, self.hr_extra_network_data = \
+                extra_networks.parse_prompts(self.hr_prompts)
+
+    def get_conds_with_caching(self, function, required_prompts, cache):
+        key = (tuple(required_prompts), self.steps, self.hr_second_pass_steps,
+               repr({k: [v.items for v in vs] for k, vs in self.extra_network_data.items()}))
+        if cache[0] == key:
+            return cache[1]
+        cache[0], cache[1] = key, function(required_prompts)
+        return cache[1]
+
+    def setup_conds(self):
+        self.uc = self.get_conds_with_caching(self.sd_model.get_learned_conditioning,
+                                              self.negative_prompts, self.cached_uc)
+        self.c = self.get_conds_with_caching(self.sd_model.get_learned_conditioning,
+                                             self.prompts, self.cached_c)
+
+    def sample(self, noise):
+        self.scripts.process_before_every_sampling(self, x=noise, noise=noise, c=self.c, uc=self.uc)
+        x = Sampler(self.sampler_name, self).sample(noise, self.c, self.uc, self.steps)
+        if self.enable_hr:
+            self.is_hr_pass = True
+            extra_networks.activate(self, self.hr_extra_network_data)
+            self.scripts.process_before_every_sampling(self, x=x, noise=noise, c=self.c, uc=self.uc)
+            x = Sampler(self.sampler_name, self).sample(x, self.c, self.uc,
+                                                        self.hr_second_pass_steps or self.steps)
+            self.is_hr_pass = False
+        return x
+
+
+def process_images(p):
+    p.setup_prompts()
+    p.scripts.process(p)
+    images, infotexts = [], []
+    for n in range(p.n_iter):
+        p.iteration = n
+        bs = p.batch_size
+        p.prompts = p.all_prompts[n * bs:(n + 1) * bs]
+        p.negative_prompts = p.all_negative_prompts[n * bs:(n + 1) * bs]
+        p.seeds = p.all_seeds[n * bs:(n + 1) * bs]
+        p.subseeds = p.seeds
+        p.hr_prompts = list(p.prompts)
+        p.scripts.before_process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds,
+                                       subseeds=p.subseeds)
+        p.parse_extra_network_prompts()
+        if not p.disable_extra_networks:
+            extra_networks.activate(p, p.extra_network_data)
+        p.scripts.process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds,
+                                subseeds=p.subseeds)
+        p.setup_conds()
+        gen = torch.Generator().manual_seed(p.seeds[0])
+        noise = torch.randn(len(p.prompts), 4, p.height // 8, p.width // 8, generator=gen)
+        with torch.no_grad():
+            samples = p.sample(noise)
+        images += list(samples)
+        p.prompts = p.all_prompts[n * bs:(n + 1) * bs]  # tags again, for the infotext
+        infotexts += [create_infotext(p, i) for i in range(len(samples))]
+    if p.extra_network_data:
+        extra_networks.deactivate(p, p.extra_network_data)
+    processed = Processed(p, images, infotexts)
+    p.scripts.postprocess(p, processed)
+    return processed
+
+
+def create_infotext(p, index):
+    params = {"Steps": p.steps, "Sampler": p.sampler_name, "Seed": p.seeds[index],
+              **p.extra_generation_params}
+    return p.prompts[index] + "\n" + ", ".join(f"{k}: {v}" for k, v in params.items() if v is not None)
+
+
+class SamplerConfig:
+    def __init__(self, name):
+        self.name = name
+        self.options = {"second_order": name in SECOND_ORDER}
+
+
+class Sampler:
+    def __init__(self, name, p):
+        self.config = SamplerConfig(name)
+        self.p = p
+        self.model_wrap_cfg = CFGDenoiser(self, p)
+
+    def callback_state(self, i):
+        shared.state.sampling_step = i
+
+    def launch_sampling(self, steps):
+        self.model_wrap_cfg.steps = steps
+        shared.state.sampling_steps = steps
+        shared.state.sampling_step = 0
+
+    def sample(self, x, c, uc, steps):
+        self.model_wrap_cfg.step = 0  # Sampler.initialize
+        self.launch_sampling(steps)
+        sigmas = torch.cat([torch.linspace(8.0, 0.5, steps), torch.zeros(1)])
+        x = x * sigmas[0]
+        model = self.model_wrap_cfg
+        for i in range(steps):
+            s, s_next = sigmas[i], sigmas[i + 1]
+            d = (x - model(x, s, c, uc)) / s
+            self.callback_state(i)
+            if self.config.options["second_order"] and s_next > 0:
+                x2 = x + d * (s_next - s)
+                d2 = (x2 - model(x2, s_next, c, uc)) / s_next
+                d = (d + d2) / 2
+            x = x + d * (s_next - s)
+        return x
+
+
+class CFGDenoiser:
+    def __init__(self, sampler, p):
+        self.sampler, self.p = sampler, p
+        self.step, self.steps = 0, 0
+
+    def __call__(self, x, sigma, cond, uncond):
+        b = x.shape[0]
+        x_in = torch.cat([x, x])  # conds then unconds (no AND sub-prompts here)
+        sigma_in = torch.full((2 * b,), float(sigma))
+        params = CFGDenoiserParams(x_in, None, sigma_in, shared.state.sampling_step,
+                                   shared.state.sampling_steps, cond, uncond, self)
+        cfg_denoiser_callback(params)
+        x_in, sigma_in = params.x, params.sigma
+        cond, uncond = params.text_cond, params.text_uncond
+        t = (sigma_in * 100).long().clamp(0, 999)
+        eps = self.p.sd_model.apply_model(x_in, t, torch.cat([cond, uncond]))
+        out = x_in - sigma_in.view(-1, 1, 1, 1) * eps
+        denoised = out[b:] + (out[:b] - out[b:]) * self.p.cfg_scale
+        self.step += 1
+        return denoised

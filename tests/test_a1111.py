@@ -1,0 +1,228 @@
+"""The A1111 adapter in stand-ins of A1111's host modules (tests/a1111_host, after hosts.md and
+the v1.10.1 source), driving the real LDM UNet (`stable-diffusion-sdkit`) and a CLIP text
+encoder through real sampling steps."""
+import os
+import sys
+
+import pytest
+import torch
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "a1111_host"))
+
+from modules import extra_networks, paths, processing, script_callbacks, scripts, shared  # noqa: E402
+
+import builtin_lora  # noqa: E402
+from netweave.network.synthetic import write_network  # noqa: E402
+from tinymodels import Wrapper, ldm_unet  # noqa: E402
+
+sys.modules.setdefault("networks", builtin_lora.networks)  # the built-in's module name
+
+
+class SDModel(torch.nn.Module):
+    """A1111's LatentDiffusion as NetWeave sees it: model.diffusion_model, cond_stage_model,
+    get_learned_conditioning, apply_model."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from netweave.extension.tokenizer import clip_tokenizer
+        self.model = Wrapper(diffusion_model=ldm_unet("sd1"))
+        torch.manual_seed(1)
+        clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=2, num_attention_heads=4,
+                                            max_position_embeddings=77, bos_token_id=49406,
+                                            eos_token_id=49407, pad_token_id=49407))
+        self.cond_stage_model = Wrapper(transformer=clip)
+        self.tokenizer = clip_tokenizer()
+        self.is_sdxl = self.is_sd2 = False
+        with torch.no_grad():  # LDM zero-initialises output layers: make every layer matter
+            gen = torch.Generator().manual_seed(5)
+            for p in self.model.parameters():
+                if not p.any():
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+    def get_learned_conditioning(self, texts):
+        ids = self.tokenizer(list(texts), padding="max_length", max_length=77, truncation=True,
+                             return_tensors="pt").input_ids
+        with torch.no_grad():
+            return self.cond_stage_model.transformer(ids).last_hidden_state
+
+    def apply_model(self, x, t, cond):
+        return self.model.diffusion_model(x, t, context=cond)
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    root = tmp_path_factory.mktemp("a1111")
+    shared.sd_model = SDModel()
+    shared.cmd_opts.lora_dir = str(root / "Lora")
+    shared.cmd_opts.data_dir = str(root)
+    paths.models_path = str(root)
+    os.makedirs(shared.cmd_opts.lora_dir)
+    trees = {"unet": shared.sd_model.model.diffusion_model, "te1": shared.sd_model.cond_stage_model}
+    spatial = lambda t: "time_embedding" not in t.name  # noqa: E731
+    write_network(root / "Lora" / "style.safetensors", trees, "lora", "kohya", "sd1", seed=1,
+                  scale=0.2, select=spatial)
+    write_network(root / "Lora" / "texture.safetensors", trees, "loha", "kohya", "sd1", seed=2,
+                  scale=0.2, select=spatial)
+    write_network(root / "Lora" / "words.safetensors", trees, "lora", "kohya", "sd1", seed=3,
+                  scale=0.5, components=("te1",))
+    # A1111's start-up: scripts load (our callbacks register), then the registry is cleared
+    # and the built-in registers "lora" in before_ui
+    from netweave.extension import a1111
+    extra_networks.initialize()
+    builtin = builtin_lora.ExtraNetworkLora()
+    script_callbacks.on_before_ui(lambda: extra_networks.register_extra_network(builtin))
+    script_callbacks.before_ui_callback()
+    return a1111, builtin, root
+
+
+def generate(prompt, enabled=True, options="", record=None, **kw):
+    from netweave.extension import a1111
+    runner = scripts.ScriptRunner([a1111.NetWeaveScript()])
+    p = processing.StableDiffusionProcessingTxt2Img(
+        prompt=prompt, script_args=[enabled, options], scripts=runner, **kw)
+    seen = []
+
+    def recorder(params):
+        e = a1111.ADAPTER.engine
+        seen.append((params.denoiser.step, params.denoiser.p.is_hr_pass,
+                     dict(e.strengths(record)) if record is not None and e.plan else None,
+                     params.text_cond.clone()))
+    script_callbacks.on_cfg_denoiser(recorder)
+    try:
+        return processing.process_images(p), seen
+    finally:
+        script_callbacks.callback_map["cfg_denoiser"].remove(recorder)
+
+
+def target(a1111, key):
+    (t,) = a1111.ADAPTER.engine.keymap.lookup(key)
+    return t
+
+
+@pytest.mark.parametrize("sampler, calls", [("Euler", [0, 1, 2, 3]),
+                                            ("Heun", [0, 0, 1, 1, 2, 2, 3])])
+def test_strengths_follow_the_steps_for_first_and_second_order_samplers(host, sampler, calls):
+    a1111, builtin, _ = host
+    generate("warm up <lora:style:0.1>")
+    key = "lora_unet_output_blocks_3_1_proj_in"  # OUT03
+    t = target(a1111, key)
+    out, seen = generate("a fox <lora:style:0@0,1@0.5> <lora:texture:0.5:out=0.5>", steps=4,
+                         sampler_name=sampler, record=t)
+    assert len(out.images) == 1 and "NetWeave errors" not in out.infotexts[0]
+    steps = [a1111.current_step(type("D", (), {"step": s, "sampler": type(
+        "S", (), {"config": processing.SamplerConfig(sampler)})(), "steps": 4})(), 4)
+        for s, *_ in seen]
+    assert steps == calls
+    for step, (_, hr, now, _) in zip(steps, seen):
+        assert now.get(0, 0.0) == (0.0 if step < 2 else 1.0)
+        assert now[1] == pytest.approx(0.25)
+
+
+def test_the_builtin_never_sees_our_tags_and_gets_them_back_when_disabled(host):
+    a1111, builtin, _ = host
+    builtin.seen.clear()
+    out, _ = generate("a <lora:style:0@0,1@0.5:region=left> <lyco:texture:0.5>")
+    assert all(items == [] for items in builtin.seen)  # told to load nothing, every time
+    assert extra_networks.extra_network_registry["lora"] is a1111.ADAPTER.ours["lora"]
+    builtin.seen.clear()
+    generate("a <lora:style:0.5>", enabled=False)
+    assert extra_networks.extra_network_registry["lora"] is builtin
+    assert builtin.seen[0] == [["style", "0.5"]]  # the built-in has its tags again
+    assert a1111.ADAPTER.engine.plan is None  # and NetWeave changed nothing
+
+
+def test_a_bad_tag_never_stops_a_generation(host):
+    out, _ = generate("a <lora:nope:1> <lora:style:0.5:regio=left> <lora:style:x>")
+    assert len(out.images) == 1
+    info = out.infotexts[0]
+    assert info.startswith("a <lora:nope:1>")  # the tags stay in the prompt
+    assert "NetWeave errors:" in info and "no lora named 'nope'" in info and "regio" in info
+
+
+def test_hires_pass_uses_its_own_steps_and_hr_strengths(host):
+    a1111 = host[0]
+    t = target(a1111, "lora_unet_output_blocks_3_1_proj_in")
+    out, seen = generate("a <lora:style:1:hr=0.25>", steps=3, enable_hr=True,
+                         hr_second_pass_steps=2, record=t)
+    base = [now for _, hr, now, _ in seen if not hr]
+    hires = [now for _, hr, now, _ in seen if hr]
+    assert len(base) == 3 and len(hires) == 2
+    assert all(now == {0: 1.0} for now in base) and all(now == {0: 0.25} for now in hires)
+
+
+def test_text_encoder_schedules_swap_the_conditioning(host):
+    out, seen = generate("a fox <lora:words:te=0@0,1@0.5:unet=0>", steps=4)
+    conds = [c for *_, c in seen]
+    assert torch.equal(conds[0], conds[1]) and torch.equal(conds[2], conds[3])
+    assert not torch.equal(conds[1], conds[2])
+    plain, seen_plain = generate("a fox", steps=4)
+    assert torch.equal(seen_plain[0][3], conds[0])  # te = 0: the plain encoding
+
+
+def test_weights_the_builtin_merged_are_released_before_netweave_copies_them(host):
+    a1111 = host[0]
+    layer = shared.sd_model.model.diffusion_model.input_blocks[1][1].proj_in
+    pristine = layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.network_weights_backup = pristine.clone()
+        layer.weight.add_(1.0)  # the built-in's merge from an earlier generation
+        layer.network_current_names = (("old", 1.0, 1.0, None),)
+    a1111.ADAPTER.off()
+    generate("a <lora:style:1>")
+    assert layer.network_current_names == ()
+    a1111.ADAPTER.off()  # NetWeave restores its pristine copy: the built-in's original
+    assert torch.equal(layer.weight.detach(), pristine)
+
+
+def test_ui_twice_and_api_inline_masks(host):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+    a1111 = host[0]
+    runner_a = scripts.ScriptRunner([a1111.NetWeaveScript()])
+    runner_b = scripts.ScriptRunner([a1111.NetWeaveScript()])  # the API builds ui() again
+    assert len(runner_a.inputs) == len(runner_b.inputs) == 2
+    buf = io.BytesIO()
+    Image.fromarray(np.tile(np.array([255, 0], np.uint8).repeat(32), (64, 1))).save(buf, "PNG")
+    options = {"masks": {"half": base64.b64encode(buf.getvalue()).decode()}}
+    out, _ = generate("a <lora:style:1:region=half>", options=options)
+    assert "NetWeave masks: half:" in out.infotexts[0] and "NetWeave errors" not in out.infotexts[0]
+    out, _ = generate("a <lora:style:1:region=half>", options={"masks": {"../x": "AAAA"}})
+    assert "NetWeave errors: masks:" in out.infotexts[0] and len(out.images) == 1
+
+
+def test_routes_are_added_when_the_app_starts(host):
+    app = FastAPI()
+    script_callbacks.app_started_callback(None, app)
+    client = TestClient(app)
+    assert client.get("/netweave/v1/masks").status_code == 200
+    plan = client.post("/netweave/v1/parse", json={"prompt": "<lora:style:0@0,1@0.5>", "steps": 4}).json()
+    assert plan["arch"] == "sd1" and plan["networks"][0]["strength"]["unet"] == [0, 0, 1, 1]
+    names = {n["name"] for n in client.get("/netweave/v1/networks").json()["networks"]}
+    assert names == {"style", "texture", "words"}
+    assert client.put("/netweave/v1/masks/bad name", content=b"x").status_code == 400
+
+
+def test_a_batch_of_different_prompts_gets_per_row_networks(host):
+    a1111 = host[0]
+    out, _ = generate(["a <lora:style:1>", "b <lora:texture:1> <lora:style:1>"], batch_size=2)
+    assert len(out.images) == 2
+    entries = a1111.ADAPTER.engine.entries
+    assert [(e.net.name, e.owner) for e in entries] == [("style", None), ("texture", 1)]
+
+
+def test_the_entry_script_exposes_the_script_to_a1111(host, repo_root):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "netweave_entry_test", os.path.join(repo_root, "scripts", "netweave_entry.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert issubclass(module.NetWeaveScript, scripts.Script)
+    assert module.NetWeaveScript().title() == "NetWeave"

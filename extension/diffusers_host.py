@@ -23,6 +23,7 @@ from ..network.plan import CompileContext, Plan, compile_prompt, region_masks
 from .library import Library
 from .masks import Overlay, mask_hash
 from .models import Model
+from .pipeline_run import PipelineRun
 
 
 class Interrupted(Exception):
@@ -132,33 +133,21 @@ class DiffusersHost:
         engine.masks = masks
         try:
             engine.activate(plan)  # its problems are in engine.errors, with those of the run
-            engine.set_rows([0] * engine.batch, [True] * b * cfg + [False] * b)
-            embeds = self._encodings(plan.prompt, req.negative_prompt, b, cfg)
-            state = {"segment": engine.segment_at(0)}
-            engine.set_step(0)
-            self._use(embeds, state["segment"], cfg)
+            run = PipelineRun(engine, pipe, self.model.arch, self.device, plan.prompt,
+                              req.negative_prompt, b, cfg, req.steps)
 
             def on_step_end(pipe_, i, t, kwargs):
                 self.progress.step = i + 1
                 if self.progress.interrupted:
                     raise Interrupted("interrupted")
-                k = i + 1
-                if k >= req.steps:
-                    return {}
-                engine.set_step(k)
-                seg = engine.segment_at(k)
-                if seg == state["segment"]:
-                    return {}
-                state["segment"] = seg
-                return {"prompt_embeds": self._use(embeds, seg, cfg)}
+                return run.step_end(i)
 
-            first = embeds[state["segment"]]
-            out = pipe(prompt_embeds=first["pos"], negative_prompt_embeds=first["neg"] if cfg else None,
-                       **self._pooled(first, cfg), num_inference_steps=req.steps,
+            out = pipe(**run.first_args(), num_inference_steps=req.steps,
                        guidance_scale=req.cfg_scale, height=req.height, width=req.width,
                        generator=torch.Generator("cpu").manual_seed(seed),
                        callback_on_step_end=on_step_end,
-                       callback_on_step_end_tensor_inputs=["prompt_embeds"], output_type="pil")
+                       callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs,
+                       output_type="pil")
         except BaseException:
             engine.deactivate()  # nothing stays changed after a failed generation
             raise
@@ -166,51 +155,6 @@ class DiffusersHost:
         images = list(out.images)
         info = [self.infotext(req, seed + i, plan, errors, masks) for i in range(len(images))]
         return Result(images, seed, plan, errors, info)
-
-    # ---- text ------------------------------------------------------------------------
-    def _encode(self, text: str, b: int) -> dict:
-        pipe = self.model.pipe
-        with torch.no_grad():
-            out = pipe.encode_prompt(prompt=text, device=self.device, num_images_per_prompt=b,
-                                     do_classifier_free_guidance=False)
-        if self.model.arch == "sdxl":  # (embeds, neg, pooled, neg_pooled)
-            return {"embeds": out[0], "pooled": out[2]}
-        return {"embeds": out[0]}
-
-    def _encodings(self, prompt: str, negative: str, b: int, cfg: bool) -> dict:
-        """Per segment: the prompt and negative encodings and the regional variants."""
-        engine, found = self.engine, {}
-        for seg in engine.te_segments():
-            engine.apply_te(seg)
-            pos = self._encode(prompt, b)
-            neg = None
-            if cfg:
-                engine.apply_te(seg, uncond=True)
-                neg = self._encode(negative, b)
-            variants = {}
-            for j in seg.variants:
-                engine.apply_te(seg, variant=j)
-                variants[j] = self._encode(prompt, b)["embeds"]
-            found[seg] = {"pos": pos["embeds"], "neg": None if neg is None else neg["embeds"],
-                          "pooled": pos.get("pooled"),
-                          "neg_pooled": None if neg is None else neg.get("pooled"),
-                          "variants": variants}
-        return found
-
-    def _use(self, embeds: dict, seg, cfg: bool) -> torch.Tensor:
-        """The UNet's conditioning for a segment ([negative; prompt] rows with CFG, as the
-        pipeline concatenates them), and the regional variants given to the engine."""
-        e = embeds[seg]
-        rows = torch.cat([e["neg"], e["pos"]]) if cfg else e["pos"]
-        self.engine.set_text_variants(rows, {
-            j: torch.cat([e["neg"], v]) if cfg else v for j, v in e["variants"].items()})
-        return rows
-
-    def _pooled(self, e: dict, cfg: bool) -> dict:
-        if self.model.arch != "sdxl":
-            return {}
-        return {"pooled_prompt_embeds": e["pooled"],
-                "negative_pooled_prompt_embeds": e["neg_pooled"] if cfg else None}
 
     # ---- infotext -----------------------------------------------------------------------
     def infotext(self, req: Request, seed: int, plan: Plan, errors: List[str], masks) -> str:

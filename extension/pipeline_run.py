@@ -1,0 +1,86 @@
+"""The engine through one diffusers pipeline call, for every host that runs diffusers (the
+standalone host, SD.Next): the text encoded once per text-encoder segment (the negative prompt
+with each network's `neg`, one more encoding per regional text-encoder network), the batch
+rows, and the step-end callback that moves the engine and swaps the embeddings where a segment
+ends. Step 0's weights are in place before the pipeline starts."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+
+
+class PipelineRun:
+    def __init__(self, engine, pipe, arch: str, device, prompt: str, negative: str,
+                 batch: int, cfg: bool, steps: int):
+        self.engine, self.pipe, self.arch, self.device = engine, pipe, arch, device
+        self.batch, self.cfg, self.steps = batch, cfg, steps
+        self.embeds = self._encodings(prompt, negative)
+        engine.set_rows([0] * (2 * batch if cfg else batch), [True] * batch * cfg + [False] * batch)
+        engine.set_step(0)
+        self.segment = engine.segment_at(0)
+        self._use(self.segment)
+
+    def first_args(self) -> dict:
+        """The pipeline's embedding arguments for step 0."""
+        e = self.embeds[self.segment]
+        args = {"prompt_embeds": e["pos"], "negative_prompt_embeds": e["neg"] if self.cfg else None}
+        if self.arch == "sdxl":
+            args.update(pooled_prompt_embeds=e["pooled"],
+                        negative_pooled_prompt_embeds=e["neg_pooled"] if self.cfg else None)
+        return args
+
+    def step_end(self, i: int) -> Dict[str, torch.Tensor]:
+        """After step i: weights for step i+1; new embeddings (as the pipeline holds them, with
+        [negative; prompt] rows) when i+1 starts another text-encoder segment."""
+        k = i + 1
+        if k >= self.steps:
+            return {}
+        self.engine.set_step(k)
+        seg = self.engine.segment_at(k)
+        if seg == self.segment:
+            return {}
+        self.segment = seg
+        out = {"prompt_embeds": self._use(seg)}
+        if self.arch == "sdxl":
+            e = self.embeds[seg]
+            out["add_text_embeds"] = torch.cat([e["neg_pooled"], e["pooled"]]) if self.cfg \
+                else e["pooled"]
+        return out
+
+    # ---- text ----------------------------------------------------------------------------
+    def _encode(self, text: str) -> dict:
+        with torch.no_grad():
+            out = self.pipe.encode_prompt(prompt=text, device=self.device,
+                                          num_images_per_prompt=self.batch,
+                                          do_classifier_free_guidance=False)
+        if self.arch == "sdxl":  # (embeds, neg, pooled, neg_pooled)
+            return {"embeds": out[0], "pooled": out[2]}
+        return {"embeds": out[0], "pooled": None}
+
+    def _encodings(self, prompt: str, negative: str) -> dict:
+        engine, found = self.engine, {}
+        for seg in engine.te_segments():
+            engine.apply_te(seg)
+            pos = self._encode(prompt)
+            neg: Optional[dict] = None
+            if self.cfg:
+                engine.apply_te(seg, uncond=True)
+                neg = self._encode(negative)
+            variants = {}
+            for j in seg.variants:
+                engine.apply_te(seg, variant=j)
+                variants[j] = self._encode(prompt)["embeds"]
+            found[seg] = {"pos": pos["embeds"], "neg": neg and neg["embeds"],
+                          "pooled": pos["pooled"], "neg_pooled": neg and neg["pooled"],
+                          "variants": variants}
+        return found
+
+    def _use(self, seg) -> torch.Tensor:
+        """The UNet's conditioning rows for a segment, and its regional variants given to the
+        engine (rows are matched by value, so the pipeline's batching does not matter)."""
+        e = self.embeds[seg]
+        rows = torch.cat([e["neg"], e["pos"]]) if self.cfg else e["pos"]
+        self.engine.set_text_variants(rows, {
+            j: torch.cat([e["neg"], v]) if self.cfg else v for j, v in e["variants"].items()})
+        return rows

@@ -19,8 +19,6 @@ Per generation (hooks in A1111's order):
 """
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -31,11 +29,10 @@ from modules import extra_networks, script_callbacks, scripts, shared  # the hos
 from ..network.engine import Engine
 from ..network.plan import CompileContext, Plan, compile_prompt, region_masks
 from .api import netweave_router
-from .library import Library
-from .masks import MaskError, MaskStore, Overlay, check_mask_name, decode_image, mask_hash
+from .masks import MaskError, MaskStore, Overlay
+from .webui import (ScriptParts, TagNames, data_folder, infotext_params, inline_masks,
+                    library)
 
-TITLE = "NetWeave"
-KINDS = ("lora", "lyco", "loractl", "model")
 PLMS = "PLMS"
 
 
@@ -63,10 +60,9 @@ class Adapter:
     def __init__(self):
         self.engine: Optional[Engine] = None
         self.model_id: Optional[int] = None
-        self.originals: Dict[str, object] = {}
-        self.ours = {kind: NetWeaveNetworks(kind) for kind in KINDS}
+        self.names = TagNames(NetWeaveNetworks)
         self.run: Optional[Run] = None
-        self.masks = MaskStore(_data_folder("netweave-masks"))
+        self.masks = MaskStore(data_folder("netweave-masks"))
 
     # ---- the model -----------------------------------------------------------------------
     @staticmethod
@@ -95,27 +91,11 @@ class Adapter:
 
     # ---- the registry --------------------------------------------------------------------
     def take_names(self, p) -> None:
-        registry = extra_networks.extra_network_registry
-        for kind in KINDS:
-            current = registry.get(kind)
-            if current is not None and current is not self.ours[kind]:
-                self.originals[kind] = current
-                if kind == "lora":  # the built-in loads nothing from now on
-                    current.activate(p, [])
-            registry[kind] = self.ours[kind]
+        self.names.take(p)
         release_builtin_weights(self.trees(shared.sd_model))
 
-    def give_names_back(self) -> None:
-        registry = extra_networks.extra_network_registry
-        for kind in KINDS:
-            if registry.get(kind) is self.ours[kind]:
-                if kind in self.originals:
-                    registry[kind] = self.originals[kind]
-                else:
-                    del registry[kind]
-
     def off(self) -> None:
-        self.give_names_back()
+        self.names.give_back()
         if self.engine is not None:
             self.engine.deactivate()
         self.run = None
@@ -141,13 +121,7 @@ class Adapter:
         self.run = Run(plans, te_swap)
         used = sorted({m for plan in plans for n in plan.networks if n.region is not None
                        for m in region_masks(n.region) if m in masks})
-        params = p.extra_generation_params
-        params.pop("NetWeave errors", None)
-        params.pop("NetWeave masks", None)
-        if used:
-            params["NetWeave masks"] = ",".join(f"{m}:{mask_hash(masks[m])}" for m in used)
-        if errors:
-            params["NetWeave errors"] = " | ".join(e.replace(",", ";") for e in errors)
+        infotext_params(p.extra_generation_params, errors, {m: masks[m] for m in used})
 
     def on_denoiser(self, params) -> None:
         if self.run is None or self.engine is None or self.engine.plan is None:
@@ -229,53 +203,11 @@ def _te_neg(plans: List[Plan]) -> bool:
     return any(n.neg != 1.0 for plan in plans for n in plan.networks)
 
 
-def _data_folder(name: str) -> str:
-    from modules import paths
-    base = getattr(shared.cmd_opts, "data_dir", None) or getattr(paths, "data_path", None) or "."
-    return os.path.join(base, name)
-
-
-def library() -> Library:
-    from modules import paths
-    models = getattr(paths, "models_path", None) or "models"
-    lora = getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(models, "Lora")
-    ckpt = getattr(shared.cmd_opts, "ckpt_dir", None) or os.path.join(models, "Stable-diffusion")
-    return Library([lora], [ckpt])
-
-
-def inline_masks(options) -> Dict:
-    """The script's second argument: {"masks": {name: base64 PNG}} (or that as JSON text)."""
-    if isinstance(options, str):
-        options = json.loads(options) if options.strip() else {}
-    found = {}
-    for name, data in ((options or {}).get("masks") or {}).items():
-        check_mask_name(name)
-        found[name] = decode_image(data, f"mask '{name}'")
-    return found
-
-
 ADAPTER = Adapter()
 
 
-class NetWeaveScript(scripts.Script):
-    def title(self):
-        return TITLE
-
-    def show(self, is_img2img):
-        return scripts.AlwaysVisible
-
-    def ui(self, is_img2img):
-        import gradio as gr  # builds nothing global: safe to call twice
-        with gr.Accordion(TITLE, open=False):
-            enabled = gr.Checkbox(value=True, label="Apply lora/lyco/loractl/model tags with NetWeave")
-            options = gr.Textbox(value="", visible=False, label="NetWeave options (JSON)")
-        return [enabled, options]
-
-    def process(self, p, enabled=True, options=""):
-        if enabled:
-            ADAPTER.take_names(p)
-        else:
-            ADAPTER.off()
+class NetWeaveScript(ScriptParts, scripts.Script):
+    adapter = ADAPTER
 
     def before_process_batch(self, p, enabled=True, options="", **kwargs):
         if not enabled:

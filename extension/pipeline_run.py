@@ -74,6 +74,8 @@ class PipelineRun:
             found[seg] = {"pos": pos["embeds"], "neg": neg and neg["embeds"],
                           "pooled": pos["pooled"], "neg_pooled": neg and neg["pooled"],
                           "variants": variants}
+        if found:  # leave the text encoders as step 0 has them: a host may encode again
+            engine.apply_te(next(iter(found)))
         return found
 
     def _use(self, seg) -> torch.Tensor:

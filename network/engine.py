@@ -101,6 +101,7 @@ class _Slot:
     # ((adapter, strength), ...) as merged now, () when pristine. The adapters themselves, not
     # their ids: a reloaded file must never look like the one merged before.
     applied: Tuple = ()
+    merged_now: Dict[int, float] = field(default_factory=dict)  # network -> strength merged
     hook: Optional[object] = None  # the forward hook of its bypass contributions
     emb_norm: Optional[nn.Module] = None  # route "emb": the norm its delta is added before
     views: Dict[Tuple[bool, bool], nn.Module] = field(default_factory=dict)
@@ -278,8 +279,7 @@ class Engine:
         slot = self._slots.get(target)
         if slot is None:
             return {}
-        ids = {id(c.adapter): c.network for c in slot.contributions}
-        now = {ids[id(a)]: s for a, s in slot.applied}
+        now = dict(slot.merged_now)
         if self._phase_step is not None and target.component == "unet":
             now.update({c.network: c.at(*self._phase_step) for c in slot.contributions
                         if c.bypass and c.at(*self._phase_step)})
@@ -456,6 +456,7 @@ class Engine:
             if wanted != slot.applied:
                 self._merge(slot, live)
                 slot.applied = wanted
+            slot.merged_now = {c.network: s for c, s in live}
 
     def _merge(self, slot: _Slot, live: List[Tuple[Contribution, float]]) -> None:
         target = slot.target

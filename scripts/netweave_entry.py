@@ -26,5 +26,8 @@ import netweave.extension  # noqa: E402,F401  - host adapters hang off this pack
 
 if importlib.util.find_spec("modules") is not None and \
         importlib.util.find_spec("modules.scripts") is not None:
-    # inside a WebUI: A1111 picks up the Script subclasses this module holds
-    from netweave.extension.a1111 import NetWeaveScript  # noqa: E402,F401
+    # inside a WebUI, which picks up the Script subclasses this module holds
+    if importlib.util.find_spec("modules.processing_diffusers") is not None:  # SD.Next
+        from netweave.extension.sdnext import NetWeaveScript  # noqa: E402,F401
+    else:  # A1111, Forge
+        from netweave.extension.a1111 import NetWeaveScript  # noqa: E402,F401

@@ -128,7 +128,7 @@ def test_the_builtin_never_sees_our_tags_and_gets_them_back_when_disabled(host):
     builtin.seen.clear()
     out, _ = generate("a <lora:style:0@0,1@0.5:region=left> <lyco:texture:0.5>")
     assert all(items == [] for items in builtin.seen)  # told to load nothing, every time
-    assert extra_networks.extra_network_registry["lora"] is a1111.ADAPTER.ours["lora"]
+    assert extra_networks.extra_network_registry["lora"] is a1111.ADAPTER.names.ours["lora"]
     builtin.seen.clear()
     generate("a <lora:style:0.5>", enabled=False)
     assert extra_networks.extra_network_registry["lora"] is builtin

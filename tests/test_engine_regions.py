@@ -444,3 +444,14 @@ def test_the_next_generation_drops_every_hook_of_the_last():
     other = make_engine(fresh, "sd1", NETS[0], latent=LATENT)
     other.activate(plan("<lora:full:0.5>"))
     assert torch.equal(out, run_unet(fresh))
+
+
+def test_one_file_twice_in_a_prompt_is_two_networks():
+    trees = build()
+    engine = make_engine(trees, "sd1", NETS[0], latent=LATENT)
+    engine.activate(plan("<lora:lora:0.5> <lora:lora:0.25:region=left>"))
+    (t,) = engine.keymap.lookup("lora_unet_down_blocks_1_attentions_0_proj_in")
+    assert engine.strengths(t) == {0: 0.5, 1: 0.25}
+    slot = engine._slots[t]
+    assert slot.contributions[0].adapter is slot.contributions[1].adapter  # cached once
+    engine.deactivate()

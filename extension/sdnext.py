@@ -1,0 +1,142 @@
+"""SD.Next host adapter (diffusers pipelines; facts: shared/reference/hosts.md §4 and the
+notes of the issue). SD.Next has no per-step script callback (`on_cfg_denoiser` is never
+fired), activates extra networks once per pass right before it encodes the prompt, and merges
+`p.task_args` over the pipeline's arguments. So:
+
+- `process`: take the `lora`, `lyco`, `loractl` and `model` names; the built-in Lora is first
+  told to load nothing (it puts back what it merged). Disabled: names back, weights restored.
+- `before_process_batch` (the prompts still have their tags): the plan.
+- our handler's `activate` (SD.Next calls it in `process_base`, just before encoding): the
+  engine activated and the text encoders left as step 0 has them, so SD.Next's own encoding
+  is right; `p.task_args["callback_on_step_end"]` becomes a wrapper that first runs SD.Next's
+  `diffusers_callback` (progress, interrupt, previews), then moves the engine and swaps the
+  embeddings where a text-encoder segment ends (PipelineRun, as in the standalone host).
+- The tags stay in `p.network_data`, part of SD.Next's prompt-embedding cache key.
+One prompt per batch: SD.Next keeps one network set per batch, so NetWeave uses the first
+prompt's plan for every image.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+from modules import extra_networks, processing_callbacks, script_callbacks, scripts, shared
+
+from ..network.engine import Engine
+from ..network.plan import CompileContext, Plan, compile_prompt, region_masks
+from .api import netweave_router
+from .masks import MaskError, MaskStore, Overlay
+from .pipeline_run import PipelineRun
+from .webui import ScriptParts, TagNames, data_folder, infotext_params, inline_masks, library
+
+
+class NetWeaveNetworks(extra_networks.ExtraNetwork):
+    """Holds our tag names. SD.Next calls every handler once per pass right before encoding;
+    the first call of a pass starts NetWeave's run."""
+
+    def activate(self, p, params_list, step=0, include=None, exclude=None):
+        ADAPTER.start_pass(p)
+
+    def deactivate(self, p, force=False):
+        pass
+
+
+def pipeline():
+    return getattr(shared.sd_model, "pipe", shared.sd_model)  # some wrappers nest it
+
+
+class Adapter:
+    def __init__(self):
+        self.engine: Optional[Engine] = None
+        self.model_id: Optional[int] = None
+        self.names = TagNames(NetWeaveNetworks)
+        self.masks = MaskStore(data_folder("netweave-masks"))
+        self.plan: Optional[Plan] = None
+        self.inline: Dict = {}
+        self.problems = []
+        self.started = None  # the p whose pass has begun
+        self.run: Optional[PipelineRun] = None
+
+    @staticmethod
+    def arch() -> str:
+        if shared.sd_model_type == "sdxl":
+            return "sdxl"
+        unet = pipeline().unet
+        return "sd2" if getattr(unet.config, "cross_attention_dim", 768) == 1024 else "sd1"
+
+    def engine_for(self) -> Engine:
+        pipe = pipeline()
+        if self.engine is None or self.model_id != id(pipe.unet):
+            if self.engine is not None:
+                self.engine.deactivate()
+            trees = {"unet": pipe.unet, "te1": pipe.text_encoder}
+            if getattr(pipe, "text_encoder_2", None) is not None:
+                trees["te2"] = pipe.text_encoder_2
+            self.engine = Engine(trees, self.arch(), library().find)
+            self.model_id = id(pipe.unet)
+        return self.engine
+
+    def take_names(self, p) -> None:
+        self.names.take(p)  # the built-in puts back what it merged before NetWeave copies
+
+    def off(self) -> None:
+        self.names.give_back()
+        if self.engine is not None:
+            self.engine.deactivate()
+        self.plan = self.run = None
+
+    def plan_batch(self, p, prompts, options) -> None:
+        self.inline, self.problems = {}, []
+        try:
+            self.inline = inline_masks(options)
+        except (MaskError, ValueError) as exc:
+            self.problems.append(f"masks: {exc}")
+        masks = Overlay(self.inline, self.masks)
+        ctx = CompileContext(arch=self.arch(), steps=p.steps, masks=frozenset(masks))
+        self.plan = compile_prompt(prompts[0], ctx)
+        self.started = None
+        p.task_args["callback_on_step_end"] = self.step_end
+
+    def start_pass(self, p) -> None:
+        if self.plan is None or self.started is p:
+            return  # the other names of the same pass
+        self.started = p
+        engine = self.engine_for()
+        masks = Overlay(self.inline, self.masks)
+        vae_scale = getattr(pipeline(), "vae_scale_factor", 8)
+        cfg = p.cfg_scale > 1
+        engine.latent = (p.height // vae_scale, p.width // vae_scale)
+        engine.batch = (2 if cfg else 1) * p.batch_size
+        engine.masks = masks
+        engine.activate(self.plan)
+        self.run = PipelineRun(engine, pipeline(), engine.arch, pipeline().device,
+                               self.plan.prompt, p.negative_prompts[0], p.batch_size, cfg, p.steps)
+        errors = self.problems + [f"{e.message} (column {e.column})" for e in self.plan.errors]
+        used = sorted({m for n in self.plan.networks if n.region is not None
+                       for m in region_masks(n.region) if m in masks})
+        infotext_params(p.extra_generation_params, errors + engine.errors,
+                        {m: masks[m] for m in used})
+
+    def step_end(self, pipe, step, timestep, kwargs):
+        kwargs = processing_callbacks.diffusers_callback(pipe, step, timestep, kwargs)
+        if self.run is not None:
+            kwargs.update(self.run.step_end(step))
+        return kwargs
+
+
+ADAPTER = Adapter()
+
+
+class NetWeaveScript(ScriptParts, scripts.Script):
+    adapter = ADAPTER
+
+    def before_process_batch(self, p, enabled=True, options="", **kwargs):
+        if enabled:
+            ADAPTER.plan_batch(p, list(kwargs.get("prompts", p.prompts)), options)
+
+
+def on_app_started(demo, app) -> None:
+    app.include_router(netweave_router(ADAPTER.masks, library(), Adapter.arch))
+
+
+script_callbacks.on_app_started(on_app_started)
+script_callbacks.on_script_unloaded(ADAPTER.off)

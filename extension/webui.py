@@ -1,0 +1,108 @@
+"""What the WebUI adapters (A1111/Forge, SD.Next) share: where their network folders and
+NetWeave's mask folder are, and the script's options argument. Reads the host's
+`modules.shared` / `modules.paths` when called, so both hosts' modules fit."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict
+
+from .library import Library
+from .masks import check_mask_name, decode_image
+
+KINDS = ("lora", "lyco", "loractl", "model")
+TITLE = "NetWeave"
+
+
+def data_folder(name: str) -> str:
+    from modules import paths, shared
+    base = getattr(shared.cmd_opts, "data_dir", None) or getattr(paths, "data_path", None) or "."
+    return os.path.join(base, name)
+
+
+def library() -> Library:
+    from modules import paths, shared
+    models = getattr(paths, "models_path", None) or "models"
+    lora = getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(models, "Lora")
+    ckpt = getattr(shared.cmd_opts, "ckpt_dir", None) or os.path.join(models, "Stable-diffusion")
+    return Library([lora], [ckpt])
+
+
+def inline_masks(options) -> Dict:
+    """The script's options argument: {"masks": {name: base64 PNG}} (or that as JSON text)."""
+    if isinstance(options, str):
+        options = json.loads(options) if options.strip() else {}
+    found = {}
+    for name, data in ((options or {}).get("masks") or {}).items():
+        check_mask_name(name)
+        found[name] = decode_image(data, f"mask '{name}'")
+    return found
+
+
+def infotext_params(params: dict, errors, used_masks: Dict) -> None:
+    """NetWeave's entries in p.extra_generation_params: problems and the masks used."""
+    from .masks import mask_hash
+    params.pop("NetWeave errors", None)
+    params.pop("NetWeave masks", None)
+    if used_masks:
+        params["NetWeave masks"] = ",".join(f"{m}:{mask_hash(img)}" for m, img in used_masks.items())
+    if errors:
+        params["NetWeave errors"] = " | ".join(e.replace(",", ";") for e in errors)
+
+
+class TagNames:
+    """The `lora`, `lyco`, `loractl` and `model` entries of the host's extra-network registry:
+    taken for NetWeave's handlers at run time (the registry is cleared and refilled after
+    scripts load, so never at import), and given back when NetWeave is switched off."""
+
+    def __init__(self, handler_class):
+        self.ours = {kind: handler_class(kind) for kind in KINDS}
+        self.originals: Dict[str, object] = {}
+
+    def take(self, p) -> None:
+        from modules import extra_networks
+        registry = extra_networks.extra_network_registry
+        for kind in KINDS:
+            current = registry.get(kind)
+            if current is not None and current is not self.ours[kind]:
+                self.originals[kind] = current
+                if kind == "lora":  # the built-in loads nothing from now on
+                    current.activate(p, [])
+            registry[kind] = self.ours[kind]
+
+    def give_back(self) -> None:
+        from modules import extra_networks
+        registry = extra_networks.extra_network_registry
+        for kind in KINDS:
+            if registry.get(kind) is self.ours[kind]:
+                if kind in self.originals:
+                    registry[kind] = self.originals[kind]
+                else:
+                    del registry[kind]
+
+
+class ScriptParts:
+    """The NetWeave script's title, show, ui and process, for every WebUI: an adapter mixes
+    this into its host's `scripts.Script` and sets `adapter` (with take_names(p) and off())."""
+
+    adapter = None
+
+    def title(self):
+        return TITLE
+
+    def show(self, is_img2img):
+        from modules import scripts
+        return scripts.AlwaysVisible
+
+    def ui(self, is_img2img):
+        import gradio as gr  # builds nothing global: safe to call twice
+        with gr.Accordion(TITLE, open=False):
+            enabled = gr.Checkbox(value=True, label="Apply lora/lyco/loractl/model tags with NetWeave")
+            options = gr.Textbox(value="", visible=False, label="NetWeave options (JSON)")
+        return [enabled, options]
+
+    def process(self, p, enabled=True, options=""):
+        if enabled:
+            self.adapter.take_names(p)
+        else:
+            self.adapter.off()

@@ -1,0 +1,2 @@
+data_path = None
+models_path = None

@@ -1,0 +1,69 @@
+"""modules/processing.py + processing_diffusers.process_base + processing_args (SD.Next):
+per batch before_process_batch (tags in the prompts) → parse_prompts → process_batch →
+process_base: parse again, activate_filtered, encode the prompt, the pipeline call with
+diffusers_callback, p.task_args merged last; deactivate before decode; postprocess."""
+import inspect
+
+import torch
+
+from . import extra_networks, shared
+from .processing_callbacks import diffusers_callback
+
+
+class Processed:
+    def __init__(self, p, images):
+        self.images = images
+        self.extra_generation_params = dict(p.extra_generation_params)
+
+
+class StableDiffusionProcessing:
+    def __init__(self, prompt="", negative_prompt="", steps=4, cfg_scale=6.0, width=64,
+                 height=64, seed=1, batch_size=1, script_args=(), scripts=None):
+        self.prompt, self.negative_prompt = prompt, negative_prompt
+        self.steps, self.cfg_scale, self.width, self.height = steps, cfg_scale, width, height
+        self.seed, self.batch_size = seed, batch_size
+        self.script_args, self.per_script_args, self.scripts = tuple(script_args), {}, scripts
+        self.task_args, self.network_data, self.extra_generation_params = {}, {}, {}
+
+
+def process_images(p):
+    p.scripts.process(p)
+    p.all_prompts = [p.prompt] * p.batch_size
+    p.prompts, p.negative_prompts = list(p.all_prompts), [p.negative_prompt] * p.batch_size
+    p.seeds = [p.seed + i for i in range(p.batch_size)]
+    p.scripts.before_process_batch(p, batch_number=0, prompts=p.prompts, seeds=p.seeds,
+                                   subseeds=p.seeds)
+    p.prompts, p.network_data = extra_networks.parse_prompts(p.prompts)
+    p.scripts.process_batch(p, batch_number=0, prompts=p.prompts, seeds=p.seeds, subseeds=p.seeds)
+    images = process_base(p)
+    processed = Processed(p, images)
+    p.scripts.postprocess(p, processed)
+    return processed
+
+
+def process_base(p):
+    pipe = shared.sd_model
+    p.prompts, p.network_data = extra_networks.parse_prompts(p.prompts, p.network_data)
+    extra_networks.activate_filtered(p)  # networks patch weights before the prompt is encoded
+    args = set_pipeline_args(p, pipe)
+    out = pipe(**args)
+    extra_networks.deactivate(p)
+    return list(out.images)
+
+
+def set_pipeline_args(p, pipe):
+    possible = set(inspect.signature(type(pipe).__call__).parameters)
+    cfg = p.cfg_scale > 1
+    with torch.no_grad():
+        encoded = pipe.encode_prompt(prompt=p.prompts[0], device="cpu",
+                                     num_images_per_prompt=p.batch_size,
+                                     do_classifier_free_guidance=cfg,
+                                     negative_prompt=p.negative_prompts[0])
+    args = {"prompt_embeds": encoded[0], "negative_prompt_embeds": encoded[1],
+            "num_inference_steps": p.steps, "guidance_scale": p.cfg_scale,
+            "height": p.height, "width": p.width, "output_type": "pil",
+            "generator": torch.Generator("cpu").manual_seed(p.seeds[0]),
+            "callback_on_step_end": diffusers_callback,
+            "callback_on_step_end_tensor_inputs": list(pipe._callback_tensor_inputs)}
+    args.update({k: v for k, v in p.task_args.items() if k in possible})
+    return args

@@ -1,0 +1,30 @@
+"""modules/script_callbacks.py (SD.Next): on_cfg_denoiser registers but is never fired."""
+from collections import defaultdict
+
+callback_map = defaultdict(list)
+
+
+def on_app_started(callback):
+    callback_map["app_started"].append(callback)
+
+
+def on_before_ui(callback):
+    callback_map["before_ui"].append(callback)
+
+
+def on_script_unloaded(callback):
+    callback_map["script_unloaded"].append(callback)
+
+
+def on_cfg_denoiser(callback):
+    callback_map["cfg_denoiser"].append(callback)  # nothing calls these on SD.Next
+
+
+def app_started_callback(demo, app):
+    for c in callback_map["app_started"]:
+        c(demo, app)
+
+
+def before_ui_callback():
+    for c in reversed(callback_map["before_ui"]):
+        c()

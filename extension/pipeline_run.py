@@ -2,7 +2,9 @@
 standalone host, SD.Next): the text encoded once per text-encoder segment (the negative prompt
 with each network's `neg`, one more encoding per regional text-encoder network), the batch
 rows, and the step-end callback that moves the engine and swaps the embeddings where a segment
-ends. Step 0's weights are in place before the pipeline starts."""
+ends. Step 0's weights are in place before the pipeline starts. With a hires pass, the last
+base step's callback puts the weights (text encoders included) at hires step 0, since the
+host's next UNet call, after it encodes the prompt again, is that step."""
 from __future__ import annotations
 
 from typing import Dict, Optional
@@ -12,10 +14,12 @@ import torch
 
 class PipelineRun:
     def __init__(self, engine, pipe, arch: str, device, prompt: str, negative: str,
-                 batch: int, cfg: bool, steps: int):
+                 batch: int, cfg: bool, steps: int, hires_steps: Optional[int] = None):
         self.engine, self.pipe, self.arch, self.device = engine, pipe, arch, device
-        self.batch, self.cfg, self.steps = batch, cfg, steps
-        self.embeds = self._encodings(prompt, negative)
+        self.batch, self.cfg = batch, cfg
+        self.prompt, self.negative = prompt, negative
+        self.phase, self.steps, self.hires_steps = "base", steps, hires_steps
+        self.embeds = self._encodings("base")
         engine.set_rows([0] * (2 * batch if cfg else batch), [True] * batch * cfg + [False] * batch)
         engine.set_step(0)
         self.segment = engine.segment_at(0)
@@ -35,9 +39,15 @@ class PipelineRun:
         [negative; prompt] rows) when i+1 starts another text-encoder segment."""
         k = i + 1
         if k >= self.steps:
+            if self.phase == "base" and self.hires_steps:
+                self.phase, self.steps = "hires", self.hires_steps
+                self.embeds.update(self._encodings("hires"))  # leaves the TEs at hires step 0
+                self.engine.set_step(0, "hires")
+                self.segment = self.engine.segment_at(0, "hires")
+                self._use(self.segment)
             return {}
-        self.engine.set_step(k)
-        seg = self.engine.segment_at(k)
+        self.engine.set_step(k, self.phase)
+        seg = self.engine.segment_at(k, self.phase)
         if seg == self.segment:
             return {}
         self.segment = seg
@@ -58,19 +68,19 @@ class PipelineRun:
             return {"embeds": out[0], "pooled": out[2]}
         return {"embeds": out[0], "pooled": None}
 
-    def _encodings(self, prompt: str, negative: str) -> dict:
+    def _encodings(self, phase: str) -> dict:
         engine, found = self.engine, {}
-        for seg in engine.te_segments():
+        for seg in engine.te_segments(phase):
             engine.apply_te(seg)
-            pos = self._encode(prompt)
+            pos = self._encode(self.prompt)
             neg: Optional[dict] = None
             if self.cfg:
                 engine.apply_te(seg, uncond=True)
-                neg = self._encode(negative)
+                neg = self._encode(self.negative)
             variants = {}
             for j in seg.variants:
                 engine.apply_te(seg, variant=j)
-                variants[j] = self._encode(prompt)["embeds"]
+                variants[j] = self._encode(self.prompt)["embeds"]
             found[seg] = {"pos": pos["embeds"], "neg": neg and neg["embeds"],
                           "pooled": pos["pooled"], "neg_pooled": neg and neg["pooled"],
                           "variants": variants}

@@ -12,6 +12,8 @@ fired), activates extra networks once per pass right before it encodes the promp
   `diffusers_callback` (progress, interrupt, previews), then moves the engine and swaps the
   embeddings where a text-encoder segment ends (PipelineRun, as in the standalone host).
 - The tags stay in `p.network_data`, part of SD.Next's prompt-embedding cache key.
+- The hires pass (a second pipeline call with the same callback): the last base step moves the
+  weights to hires step 0 and the `hr*` strengths follow.
 One prompt per batch: SD.Next keeps one network set per batch, so NetWeave uses the first
 prompt's plan for every image.
 """
@@ -91,7 +93,10 @@ class Adapter:
         except (MaskError, ValueError) as exc:
             self.problems.append(f"masks: {exc}")
         masks = Overlay(self.inline, self.masks)
-        ctx = CompileContext(arch=self.arch(), steps=p.steps, masks=frozenset(masks))
+        hires = (getattr(p, "hr_second_pass_steps", 0) or p.steps) \
+            if getattr(p, "enable_hr", False) else None
+        ctx = CompileContext(arch=self.arch(), steps=p.steps, hires_steps=hires,
+                             masks=frozenset(masks))
         self.plan = compile_prompt(prompts[0], ctx)
         self.started = None
         p.task_args["callback_on_step_end"] = self.step_end
@@ -109,7 +114,8 @@ class Adapter:
         engine.masks = masks
         engine.activate(self.plan)
         self.run = PipelineRun(engine, pipeline(), engine.arch, pipeline().device,
-                               self.plan.prompt, p.negative_prompts[0], p.batch_size, cfg, p.steps)
+                               self.plan.prompt, p.negative_prompts[0], p.batch_size, cfg,
+                               p.steps, self.plan.hires_steps)
         errors = self.problems + [f"{e.message} (column {e.column})" for e in self.plan.errors]
         used = sorted({m for n in self.plan.networks if n.region is not None
                        for m in region_masks(n.region) if m in masks})

@@ -140,3 +140,24 @@ def test_routes_and_entry_script(sdnext, repo_root):
     spec.loader.exec_module(module)
     assert module.NetWeaveScript is adapter.NetWeaveScript
     assert issubclass(module.NetWeaveScript, scripts.Script)
+
+
+def test_hires_pass_follows_hr_strengths(sdnext):
+    adapter = sdnext[0]
+    generate(adapter, "warm up")
+    engine = adapter.ADAPTER.engine_for()
+    original, seen = engine.set_step, []
+
+    def spy(k, phase="base"):
+        original(k, phase)
+        (t,) = engine.keymap.lookup("lora_unet_up_blocks_1_attentions_0_proj_in")
+        seen.append((phase, k, dict(engine.strengths(t))))
+    engine.set_step = spy
+    try:
+        out, p = generate(adapter, "a <lora:style:1:hr=0.25>", steps=3, enable_hr=True,
+                          hr_second_pass_steps=2)
+    finally:
+        engine.set_step = original
+    assert [(ph, k) for ph, k, _ in seen] == [("base", 0), ("base", 1), ("base", 2),
+                                              ("hires", 0), ("hires", 1)]
+    assert [now[0] for ph, _, now in seen] == [1.0, 1.0, 1.0, 0.25, 0.25]

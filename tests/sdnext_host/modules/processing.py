@@ -1,7 +1,8 @@
 """modules/processing.py + processing_diffusers.process_base + processing_args (SD.Next):
 per batch before_process_batch (tags in the prompts) → parse_prompts → process_batch →
 process_base: parse again, activate_filtered, encode the prompt, the pipeline call with
-diffusers_callback, p.task_args merged last; deactivate before decode; postprocess."""
+diffusers_callback, p.task_args merged last; the hires pass encodes again and calls the
+pipeline again with the same arguments; deactivate before decode; postprocess."""
 import inspect
 
 import torch
@@ -18,12 +19,14 @@ class Processed:
 
 class StableDiffusionProcessing:
     def __init__(self, prompt="", negative_prompt="", steps=4, cfg_scale=6.0, width=64,
-                 height=64, seed=1, batch_size=1, script_args=(), scripts=None):
+                 height=64, seed=1, batch_size=1, script_args=(), scripts=None,
+                 enable_hr=False, hr_second_pass_steps=0):
         self.prompt, self.negative_prompt = prompt, negative_prompt
         self.steps, self.cfg_scale, self.width, self.height = steps, cfg_scale, width, height
         self.seed, self.batch_size = seed, batch_size
         self.script_args, self.per_script_args, self.scripts = tuple(script_args), {}, scripts
         self.task_args, self.network_data, self.extra_generation_params = {}, {}, {}
+        self.enable_hr, self.hr_second_pass_steps = enable_hr, hr_second_pass_steps
 
 
 def process_images(p):
@@ -47,11 +50,14 @@ def process_base(p):
     extra_networks.activate_filtered(p)  # networks patch weights before the prompt is encoded
     args = set_pipeline_args(p, pipe)
     out = pipe(**args)
+    if p.enable_hr:  # no re-activation without a refiner prompt: the same networks, callback
+        args = set_pipeline_args(p, pipe, steps=p.hr_second_pass_steps or p.steps)
+        out = pipe(**args)
     extra_networks.deactivate(p)
     return list(out.images)
 
 
-def set_pipeline_args(p, pipe):
+def set_pipeline_args(p, pipe, steps=None):
     possible = set(inspect.signature(type(pipe).__call__).parameters)
     cfg = p.cfg_scale > 1
     with torch.no_grad():
@@ -60,7 +66,7 @@ def set_pipeline_args(p, pipe):
                                      do_classifier_free_guidance=cfg,
                                      negative_prompt=p.negative_prompts[0])
     args = {"prompt_embeds": encoded[0], "negative_prompt_embeds": encoded[1],
-            "num_inference_steps": p.steps, "guidance_scale": p.cfg_scale,
+            "num_inference_steps": steps or p.steps, "guidance_scale": p.cfg_scale,
             "height": p.height, "width": p.width, "output_type": "pil",
             "generator": torch.Generator("cpu").manual_seed(p.seeds[0]),
             "callback_on_step_end": diffusers_callback,

@@ -2,6 +2,8 @@
 FastAPI app bound to 127.0.0.1."""
 from __future__ import annotations
 
+import threading
+
 from fastapi import FastAPI
 
 from ..network.explain import explain_table, heatmap
@@ -29,13 +31,24 @@ def page(host: DiffusersHost):
     size = 64 if host.model.name.startswith("netweave-tiny") else 512
 
     def generate(prompt, negative, steps, seed, width, height, progress=gr.Progress()):
-        progress(0, desc="sampling")
         req = Request(prompt=prompt, negative_prompt=negative, steps=int(steps), seed=int(seed),
                       width=int(width), height=int(height))
-        try:
-            result = host.txt2img(req)
-        except ValueError as exc:
-            raise gr.Error(str(exc)) from None
+        done = {}
+
+        def work():
+            try:
+                done["result"] = host.txt2img(req)
+            except Exception as exc:  # shown to the user below
+                done["error"] = exc
+        worker = threading.Thread(target=work, daemon=True)
+        worker.start()
+        while worker.is_alive():  # the progress bar follows the sampler's steps
+            p = host.progress
+            progress(p.fraction if p.busy else 0.0, desc=f"step {p.step}/{p.steps or req.steps}")
+            worker.join(0.25)
+        if "error" in done:
+            raise gr.Error(str(done["error"]))
+        result = done["result"]
         return result.images, "\n".join(result.infotexts), "\n".join(result.errors) or "no errors"
 
     def explain(prompt, steps):

@@ -449,3 +449,15 @@ def test_published_configs_build_the_real_shapes(arch):
     assert vae.config.latent_channels == 4 and len(vae.config.block_out_channels) == 4
     te = CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder")
     assert te.hidden_size == 768 and te.vocab_size == 49408
+
+
+def test_the_pages_generate_button_reports_progress(setup):
+    from netweave.extension.server import page
+    host = setup[0]
+    blocks = page(host)
+    (generate,) = [d.fn for d in blocks.fns.values() if getattr(d.fn, "__name__", "") == "generate"]
+    calls = []
+    images, info, problems = generate("a fox <lora:demo_style:1> <lora:typo:1>", "", 3, 1, 64, 64,
+                                      progress=lambda *a, **k: calls.append((a, k)))
+    assert len(images) == 1 and "Seed: 1" in info and "no lora named 'typo'" in problems
+    assert calls and all(0.0 <= a[0] <= 1.0 for a, _ in calls)

@@ -17,3 +17,12 @@ cd "$(dirname "$0")"
 [ -d .venv/a1111-transformers/transformers ] || .venv/bin/python -m pip install --quiet \
     --disable-pip-version-check --no-deps --target .venv/a1111-transformers \
     transformers==4.30.2 tokenizers==0.13.3
+# Debian's chromium for the browser tests (Playwright drives it; nothing is downloaded by
+# Playwright itself). Needs root and apt; without them the browser tests are skipped.
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "setup.sh: chromium is not installed and this is not root: browser tests will be skipped" >&2
+    fi
+fi

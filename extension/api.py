@@ -12,7 +12,9 @@ from fastapi import APIRouter, Body, HTTPException, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..network.blocks import BLOCKS, PRESETS
 from ..network.plan import CompileContext, compile_prompt
+from ..parser import BUILTIN_REGIONS, INTERPOLATIONS, KINDS, KNOWN_KEYS
 from .diffusers_host import DiffusersHost, Interrupted
 from .diffusers_host import Request as Txt2Img
 from .library import Library
@@ -90,6 +92,15 @@ def netweave_router(masks: MaskStore, library: Library, arch: Callable[[], str])
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
         return compile_prompt(req.prompt, ctx).to_dict()
+
+    @r.get("/vocabulary")
+    def vocabulary():
+        """What the prompt box completes: tag kinds, keys (block names included), lbw presets,
+        interpolations, built-in regions."""
+        a = arch()
+        return {"kinds": list(KINDS), "keys": list(KNOWN_KEYS) + list(BLOCKS[a]),
+                "presets": sorted(PRESETS[a]), "interpolations": list(INTERPOLATIONS),
+                "regions": list(BUILTIN_REGIONS)}
 
     @r.get("/networks")
     def networks():

@@ -2,6 +2,7 @@
 FastAPI app bound to 127.0.0.1."""
 from __future__ import annotations
 
+import os
 import threading
 
 from fastapi import FastAPI
@@ -13,6 +14,9 @@ from .diffusers_host import DiffusersHost, Request
 from .library import Library
 from .masks import MaskStore
 
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "javascript",
+                      "netweave.js")
+
 
 def build_app(host: DiffusersHost, library: Library, masks: MaskStore, ui: bool = True) -> FastAPI:
     app = FastAPI(title="NetWeave")
@@ -20,7 +24,9 @@ def build_app(host: DiffusersHost, library: Library, masks: MaskStore, ui: bool 
     app.include_router(sdapi_router(host, library))
     if ui:
         import gradio as gr
-        app = gr.mount_gradio_app(app, page(host), path="/")
+        with open(SCRIPT, encoding="utf-8") as f:  # the prompt-box helpers WebUIs load too
+            head = f"<script>{f.read()}</script>"
+        app = gr.mount_gradio_app(app, page(host), path="/", head=head)
     return app
 
 

@@ -1,0 +1,114 @@
+"""The standalone page in a real browser (Debian's chromium through Playwright): completion in
+the prompt box, inline validation, generating an image. Screenshots go to $NETWEAVE_SHOTS
+(default: the test's temporary folder)."""
+import os
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed "
+                                "(setup.sh installs Debian's package when it runs as root)")
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory):
+    import uvicorn
+
+    from netweave.extension.diffusers_host import DiffusersHost
+    from netweave.extension.library import Library
+    from netweave.extension.masks import MaskStore
+    from netweave.extension.models import tiny_library, tiny_model
+    from netweave.extension.server import build_app
+
+    root = tmp_path_factory.mktemp("page")
+    model = tiny_model()
+    loras, models = tiny_library(model, str(root / "demo"))
+    library = Library([loras], [models])
+    host = DiffusersHost(model, library, MaskStore(str(root / "masks")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(build_app(host, library, host.masks), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/"
+    server.should_exit = True
+    thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def page(url, tmp_path_factory):
+    from playwright.sync_api import sync_playwright
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(url)
+        page.wait_for_selector("#netweave_prompt textarea", timeout=30000)
+        page.wait_for_function("document.querySelector('#netweave_prompt textarea')"
+                               ".dataset.netweave === '1'", timeout=10000)
+        yield page
+        browser.close()
+
+
+def shot(page, name, tmp_path):
+    folder = os.environ.get("NETWEAVE_SHOTS") or str(tmp_path)
+    os.makedirs(folder, exist_ok=True)
+    page.screenshot(path=os.path.join(folder, name))
+
+
+def test_typing_a_tag_completes_names_and_keys(page, tmp_path):
+    box = page.locator("#netweave_prompt textarea")
+    box.fill("")
+    box.type("a fox <lora:demo_s")
+    item = page.locator(".netweave-complete li", has_text="demo_style")
+    item.wait_for(state="visible", timeout=10000)
+    shot(page, "complete-name.png", tmp_path)
+    box.press("Enter")
+    assert box.input_value() == "a fox <lora:demo_style"
+    box.type(":inte")
+    page.locator(".netweave-complete li", has_text="interp=").wait_for(state="visible")
+    box.press("Tab")
+    box.type("ease_")
+    page.locator(".netweave-complete li", has_text="ease_in_out").wait_for(state="visible")
+    box.press("Escape")
+    assert page.locator(".netweave-complete").first.is_hidden()
+    assert box.input_value() == "a fox <lora:demo_style:interp=ease_"
+
+
+def test_a_broken_tag_shows_its_message_without_blocking_typing(page, tmp_path):
+    box = page.locator("#netweave_prompt textarea")
+    box.fill("")
+    box.type("a fox <lora:demo_style:te=> and more")
+    problems = page.locator(".netweave-problems").first
+    page.wait_for_function("document.querySelector('.netweave-problems').textContent"
+                           ".includes('column')", timeout=10000)
+    assert "column 27" in problems.text_content()  # the ">" where a number belongs
+    assert box.get_attribute("aria-invalid") == "true"
+    assert box.input_value() == "a fox <lora:demo_style:te=> and more"
+    shot(page, "validation.png", tmp_path)
+    box.fill("")
+    box.type("a fox <lora:demo_style:0.5>")
+    page.wait_for_function("document.querySelector('.netweave-problems').textContent === ''",
+                           timeout=10000)
+    assert box.get_attribute("aria-invalid") is None
+
+
+def test_generate_shows_the_image(page, tmp_path):
+    box = page.locator("#netweave_prompt textarea")
+    box.fill("a fox <lora:demo_style:0@0,1@0.5:region=left> <model:demo_blend:0.5>")
+    page.click("#netweave_generate")
+    page.locator("#netweave_gallery img").first.wait_for(state="visible", timeout=60000)
+    page.wait_for_function("document.querySelector('#netweave_errors textarea').value"
+                           " === 'no errors'", timeout=30000)
+    shot(page, "generated.png", tmp_path)

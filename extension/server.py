@@ -7,8 +7,7 @@ import threading
 
 from fastapi import FastAPI
 
-from ..network.explain import explain_table, heatmap
-from ..network.plan import compile_prompt
+from . import tab
 from .api import netweave_router, sdapi_router
 from .diffusers_host import DiffusersHost, Request
 from .library import Library
@@ -35,6 +34,7 @@ def page(host: DiffusersHost):
     import gradio as gr
 
     size = 64 if host.model.name.startswith("netweave-tiny") else 512
+    last = {"image": None}  # the mask tab previews over it
 
     def generate(prompt, negative, steps, seed, width, height, progress=gr.Progress()):
         req = Request(prompt=prompt, negative_prompt=negative, steps=int(steps), seed=int(seed),
@@ -55,11 +55,8 @@ def page(host: DiffusersHost):
         if "error" in done:
             raise gr.Error(str(done["error"]))
         result = done["result"]
+        last["image"] = result.images[0] if result.images else None
         return result.images, "\n".join(result.infotexts), "\n".join(result.errors) or "no errors"
-
-    def explain(prompt, steps):
-        plan = compile_prompt(prompt, host.context(int(steps), host.masks))
-        return explain_table(plan), heatmap(plan)
 
     with gr.Blocks(title="NetWeave") as blocks:
         gr.Markdown("# NetWeave")
@@ -78,12 +75,7 @@ def page(host: DiffusersHost):
             button.click(generate, [prompt, negative, steps, seed, width, height],
                          [gallery, info, problems])
         with gr.Tab("NetWeave"):
-            ex_prompt = gr.Textbox(label="Prompt to explain", lines=3)
-            ex_steps = gr.Slider(1, 150, value=20, step=1, label="Steps")
-            ex_button = gr.Button("Explain")
-            table = gr.Textbox(label="Plan", lines=12, elem_id="netweave_plan")
-            image = gr.Image(label="Heatmap", type="pil")
-            ex_button.click(explain, [ex_prompt, ex_steps], [table, image])
+            tab.build(host.masks, lambda n: host.context(n, host.masks), lambda: last["image"])
     blocks.queue(default_concurrency_limit=1)
     return blocks
 

@@ -112,3 +112,38 @@ def test_generate_shows_the_image(page, tmp_path):
     page.wait_for_function("document.querySelector('#netweave_errors textarea').value"
                            " === 'no errors'", timeout=30000)
     shot(page, "generated.png", tmp_path)
+
+
+def test_draw_a_mask_and_see_it_listed(page, url, tmp_path):
+    page.get_by_role("tab", name="NetWeave").click()
+    page.get_by_role("tab", name="Masks").click()
+    canvas = page.locator("#netweave_mask_editor canvas").first
+    canvas.wait_for(state="visible", timeout=10000)
+    page.locator("#netweave_mask_editor button[aria-label='Brush']").click()
+    box = canvas.bounding_box()  # the 256² drawing area sits in the middle of the canvas
+    cx, cy = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(cx - 80, cy)
+    page.mouse.down()
+    for i in range(1, 11):
+        page.mouse.move(cx - 80 + 10 * i, cy + 3 * i, steps=3)
+    page.mouse.up()
+    page.locator("#netweave_mask_name textarea, #netweave_mask_name input").first.fill("drawn")
+    page.click("#netweave_mask_save_drawing")
+    page.wait_for_function("document.querySelector('#netweave_mask_status textarea, "
+                           "#netweave_mask_status input').value.includes('drawn')", timeout=20000)
+    status = page.locator("#netweave_mask_status textarea, #netweave_mask_status input").first
+    assert status.input_value() == "saved 'drawn'"
+    page.locator("#netweave_masks img").first.wait_for(state="visible", timeout=10000)
+    shot(page, "mask-drawn.png", tmp_path)
+    import urllib.request
+    with urllib.request.urlopen(url + "netweave/v1/masks") as r:
+        import json
+        masks = {m["name"]: m for m in json.load(r)["masks"]}
+    assert "drawn" in masks
+    with urllib.request.urlopen(url + "netweave/v1/masks/drawn") as r:
+        import io
+
+        import numpy as np
+        from PIL import Image
+        a = np.asarray(Image.open(io.BytesIO(r.read())))
+    assert a.max() == 255 and (a > 0).mean() < 0.5  # a stroke, not the whole canvas

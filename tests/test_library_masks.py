@@ -58,3 +58,28 @@ def test_mask_store_checks_uploads(tmp_path):
     store.delete("m")
     with pytest.raises(KeyError):
         store.delete("m")
+
+
+def test_mask_tools():
+    from netweave.extension import mask_tools as mt
+    left = np.asarray(mt.preset("left half", 10, 4))
+    assert left[:, :5].min() == 255 and left[:, 5:].max() == 0
+    thirds = [np.asarray(mt.preset(n, 9, 3)) for n in ("left third", "middle third", "right third")]
+    assert (sum(t.astype(int) for t in thirds) == 255).all()  # they tile the image once
+    quarters = [np.asarray(mt.preset(n, 8, 8)) for n in mt.PRESETS if n.endswith("quarter")]
+    assert (sum(q.astype(int) for q in quarters) == 255).all()
+    centre = np.asarray(mt.preset("centre", 8, 8))
+    assert centre[2:6, 2:6].min() == 255 and centre.sum() == 16 * 255
+    with pytest.raises(ValueError, match="no preset"):
+        mt.preset("diagonal")
+    assert (np.asarray(mt.invert(Image.fromarray(left))) == 255 - left).all()
+    soft = np.asarray(mt.feather(mt.preset("left half", 64, 8), 4))
+    assert 0 < soft[4, 32] < 255 and soft[4, 0] > 250 and soft[4, 63] < 5
+    layer = Image.new("RGBA", (6, 6), (0, 0, 0, 0))
+    layer.putpixel((1, 2), (255, 0, 0, 255))
+    drawn = mt.from_drawing({"background": None, "layers": [layer], "composite": None})
+    assert drawn.getpixel((1, 2)) == 255 and np.asarray(drawn).sum() == 255
+    assert mt.from_drawing({"layers": [Image.new("RGBA", (6, 6))]}) is None
+    assert mt.from_drawing(None) is None
+    preview = mt.overlay(Image.fromarray(left), Image.new("RGB", (20, 8), (0, 0, 255)))
+    assert preview.size == (20, 8) and preview.getpixel((0, 0)) != preview.getpixel((19, 0))

@@ -1,0 +1,124 @@
+"""The NetWeave tab: masks (list, upload, draw, presets, invert, feather, rename, delete,
+preview over the last image) and explain (plan table and heatmap of a prompt). Built with
+Gradio; every action goes through the mask store, so the folder on disk is the truth."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+from ..network.explain import explain_table, heatmap
+from ..network.plan import CompileContext, compile_prompt
+from . import mask_tools
+from .masks import MaskError, MaskStore, check_mask_name
+
+
+def build(store: MaskStore, context: Callable[[int], CompileContext],
+          last_image: Callable[[], Optional[object]] = lambda: None):
+    """The tab's contents, inside the caller's gr.Blocks / gr.Tab."""
+    import gradio as gr
+
+    def listing():
+        return [(mask_tools.overlay(store[n], None), n) for n in store]
+
+    def choices():
+        return gr.update(choices=list(store))
+
+    def done(message, name=None):
+        return listing(), gr.update(choices=list(store), value=name), message
+
+    def save(name, image):
+        try:
+            check_mask_name(name)
+            if image is None:
+                raise MaskError("nothing to save: upload, draw or pick a preset first")
+            store.put(name, image)
+        except MaskError as exc:
+            return listing(), choices(), str(exc)
+        return done(f"saved '{name}'", name)
+
+    def save_drawing(name, drawing):
+        return save(name, mask_tools.from_drawing(drawing))
+
+    def save_preset(name, which, width, height):
+        return save(name, mask_tools.preset(which, int(width), int(height)))
+
+    def change(name, how, radius):
+        try:
+            img = store[name]
+        except KeyError:
+            return listing(), choices(), f"no mask named '{name}'"
+        store.put(name, mask_tools.invert(img) if how == "invert" else mask_tools.feather(img, radius))
+        return done(f"{how}ed '{name}'", name)
+
+    def rename(name, new):
+        try:
+            check_mask_name(new)
+            img = store[name]
+        except (KeyError, MaskError) as exc:
+            return listing(), choices(), str(exc) if isinstance(exc, MaskError) else f"no mask named '{name}'"
+        store.put(new, img)
+        store.delete(name)
+        return done(f"renamed '{name}' to '{new}'", new)
+
+    def delete(name):
+        try:
+            store.delete(name)
+        except (KeyError, MaskError):
+            return listing(), choices(), f"no mask named '{name}'"
+        return done(f"deleted '{name}'")
+
+    def preview(name):
+        return mask_tools.overlay(store[name], last_image()) if name in store else None
+
+    def explain(prompt, steps):
+        plan = compile_prompt(prompt or "", context(int(steps)))
+        errors = "\n".join(f"column {e.column}: {e.message}\n{e.snippet}" for e in plan.errors)
+        return explain_table(plan), heatmap(plan), errors or "no problems"
+
+    with gr.Tab("Masks"):
+        with gr.Row():
+            gallery = gr.Gallery(value=listing, label="Masks", elem_id="netweave_masks",
+                                 columns=6, height=220)
+        with gr.Row():
+            name = gr.Textbox(label="Name", elem_id="netweave_mask_name")
+            chosen = gr.Dropdown(choices=list(store), label="Mask", elem_id="netweave_mask_pick")
+        status = gr.Textbox(label="", interactive=False, elem_id="netweave_mask_status")
+        with gr.Tab("Draw"):
+            # painted pixels are the mask (their alpha), whatever the colour
+            editor = gr.ImageEditor(type="pil", canvas_size=(256, 256), image_mode="RGBA",
+                                    elem_id="netweave_mask_editor", sources=(),
+                                    brush=gr.Brush(colors=["#ff4020"], color_mode="fixed",
+                                                   default_size=24), layers=False)
+            save_drawn = gr.Button("Save drawing", elem_id="netweave_mask_save_drawing")
+        with gr.Tab("Upload"):
+            upload = gr.Image(type="pil", label="Mask image (white = inside)")
+            save_upload = gr.Button("Save upload")
+        with gr.Tab("Preset"):
+            which = gr.Dropdown(choices=list(mask_tools.PRESETS), value="left half", label="Preset")
+            width = gr.Number(value=512, precision=0, label="Width")
+            height = gr.Number(value=512, precision=0, label="Height")
+            save_pre = gr.Button("Save preset", elem_id="netweave_mask_save_preset")
+        with gr.Row():
+            radius = gr.Slider(0, 64, value=8, step=1, label="Feather radius (px)")
+            feather_b = gr.Button("Feather")
+            invert_b = gr.Button("Invert")
+            new_name = gr.Textbox(label="New name")
+            rename_b = gr.Button("Rename")
+            delete_b = gr.Button("Delete", variant="stop")
+        shown = gr.Image(label="Preview over the last image", type="pil")
+        outs = [gallery, chosen, status]
+        save_drawn.click(save_drawing, [name, editor], outs)
+        save_upload.click(save, [name, upload], outs)
+        save_pre.click(save_preset, [name, which, width, height], outs)
+        feather_b.click(lambda n, r: change(n, "feather", r), [chosen, radius], outs)
+        invert_b.click(lambda n, r: change(n, "invert", r), [chosen, radius], outs)
+        rename_b.click(rename, [chosen, new_name], outs)
+        delete_b.click(delete, [chosen], outs)
+        chosen.change(preview, [chosen], [shown])
+    with gr.Tab("Explain"):
+        prompt = gr.Textbox(label="Prompt to explain", lines=3, elem_id="netweave_explain_prompt")
+        steps = gr.Slider(1, 150, value=20, step=1, label="Steps")
+        go = gr.Button("Explain", elem_id="netweave_explain")
+        table = gr.Textbox(label="Plan", lines=12, elem_id="netweave_plan")
+        problems = gr.Textbox(label="Problems", lines=3, elem_id="netweave_explain_errors")
+        image = gr.Image(label="Heatmap", type="pil")
+        go.click(explain, [prompt, steps], [table, image, problems])

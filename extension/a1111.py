@@ -31,7 +31,7 @@ from ..network.plan import CompileContext, Plan, compile_prompt, region_masks
 from .api import netweave_router
 from .masks import MaskError, MaskStore, Overlay
 from .webui import (ScriptParts, TagNames, data_folder, infotext_params, inline_masks,
-                    library)
+                    library, register_settings, settings, ui_tab)
 
 PLMS = "PLMS"
 
@@ -101,12 +101,18 @@ class Adapter:
         self.run = None
 
     # ---- one batch -----------------------------------------------------------------------
+    def context(self, steps: int, hires=None, masks=None) -> CompileContext:
+        opts = settings()
+        return CompileContext(arch=self.arch(shared.sd_model), steps=steps, hires_steps=hires,
+                              masks=frozenset(self.masks if masks is None else masks),
+                              default_interp=opts.default_interp, strict=opts.strict)
+
     def start_batch(self, p, prompts: List[str], inline: Dict, problems: List[str]) -> None:
         engine = self.engine_for(p.sd_model)
+        settings().apply(engine)
         masks = Overlay(inline, self.masks)
         hires = (p.hr_second_pass_steps or p.steps) if getattr(p, "enable_hr", False) else None
-        ctx = CompileContext(arch=engine.arch, steps=p.steps, hires_steps=hires,
-                             masks=frozenset(masks))
+        ctx = self.context(p.steps, hires, masks)
         plans = [compile_prompt(text, ctx) for text in prompts]
         errors = problems + [f"{e.message} (column {e.column})" for plan in plans for e in plan.errors]
         engine.latent, engine.batch = (p.height // 8, p.width // 8), 2 * len(prompts)
@@ -209,15 +215,13 @@ ADAPTER = Adapter()
 class NetWeaveScript(ScriptParts, scripts.Script):
     adapter = ADAPTER
 
-    def before_process_batch(self, p, enabled=True, options="", **kwargs):
-        if not enabled:
-            return
+    def batch(self, p, prompts, options):
         inline, problems = {}, []
         try:
             inline = inline_masks(options)
         except (MaskError, ValueError) as exc:
             problems.append(f"masks: {exc}")
-        ADAPTER.start_batch(p, list(kwargs.get("prompts", p.prompts)), inline, problems)
+        ADAPTER.start_batch(p, prompts, inline, problems)
 
 
 def on_app_started(demo, app) -> None:
@@ -226,5 +230,7 @@ def on_app_started(demo, app) -> None:
 
 
 script_callbacks.on_cfg_denoiser(ADAPTER.on_denoiser)
+script_callbacks.on_ui_settings(register_settings)
+script_callbacks.on_ui_tabs(lambda: ui_tab(ADAPTER.masks, ADAPTER.context))
 script_callbacks.on_app_started(on_app_started)
 script_callbacks.on_script_unloaded(ADAPTER.off)

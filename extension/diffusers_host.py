@@ -9,6 +9,7 @@ a second request waits for the first.
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from .library import Library
 from .masks import Overlay, mask_hash
 from .models import Model
 from .pipeline_run import PipelineRun
+from .settings import Settings
 
 
 class Interrupted(Exception):
@@ -90,12 +92,12 @@ class Progress:
 
 class DiffusersHost:
     def __init__(self, model: Model, library: Library, masks: Optional[Mapping] = None,
-                 device: str = "cpu", strict: bool = False):
+                 device: str = "cpu", settings: Optional[Settings] = None):
         self.model = model
         self.library = library
         self.masks = masks if masks is not None else {}
         self.device = device
-        self.strict = strict
+        self.settings = settings or Settings()
         model.pipe.to(device)
         self.engine = Engine(model.trees(), model.arch, library.find)
         self.lock = threading.Lock()
@@ -104,7 +106,8 @@ class DiffusersHost:
 
     def context(self, steps: int, masks: Mapping) -> CompileContext:
         return CompileContext(arch=self.model.arch, steps=steps, masks=frozenset(masks),
-                              strict=self.strict)
+                              strict=self.settings.strict,
+                              default_interp=self.settings.default_interp)
 
     def interrupt(self) -> None:
         self.progress.interrupted = True
@@ -123,6 +126,9 @@ class DiffusersHost:
         pipe, engine = self.model.pipe, self.engine
         masks = Overlay(req.masks, self.masks)
         plan = compile_prompt(req.prompt, self.context(req.steps, masks))
+        if not self.settings.enabled:  # switched off: the tags are text NetWeave ignores
+            plan = dataclasses.replace(plan, networks=())
+        self.settings.apply(engine)
         self.last_plan = plan
         errors = [f"{e.severity}: {e.message} (column {e.column})" for e in plan.errors]
         seed = req.seed if req.seed >= 0 else int(np.random.default_rng().integers(2 ** 31))

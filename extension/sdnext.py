@@ -28,7 +28,8 @@ from ..network.plan import CompileContext, Plan, compile_prompt, region_masks
 from .api import netweave_router
 from .masks import MaskError, MaskStore, Overlay
 from .pipeline_run import PipelineRun
-from .webui import ScriptParts, TagNames, data_folder, infotext_params, inline_masks, library
+from .webui import (ScriptParts, TagNames, data_folder, infotext_params, inline_masks, library,
+                    register_settings, settings, ui_tab)
 
 
 class NetWeaveNetworks(extra_networks.ExtraNetwork):
@@ -86,6 +87,12 @@ class Adapter:
             self.engine.deactivate()
         self.plan = self.run = None
 
+    def context(self, steps: int, hires=None, masks=None) -> CompileContext:
+        opts = settings()
+        return CompileContext(arch=self.arch(), steps=steps, hires_steps=hires,
+                              masks=frozenset(self.masks if masks is None else masks),
+                              default_interp=opts.default_interp, strict=opts.strict)
+
     def plan_batch(self, p, prompts, options) -> None:
         self.inline, self.problems = {}, []
         try:
@@ -95,8 +102,7 @@ class Adapter:
         masks = Overlay(self.inline, self.masks)
         hires = (getattr(p, "hr_second_pass_steps", 0) or p.steps) \
             if getattr(p, "enable_hr", False) else None
-        ctx = CompileContext(arch=self.arch(), steps=p.steps, hires_steps=hires,
-                             masks=frozenset(masks))
+        ctx = self.context(p.steps, hires, masks)
         self.plan = compile_prompt(prompts[0], ctx)
         self.started = None
         p.task_args["callback_on_step_end"] = self.step_end
@@ -106,6 +112,7 @@ class Adapter:
             return  # the other names of the same pass
         self.started = p
         engine = self.engine_for()
+        settings().apply(engine)
         masks = Overlay(self.inline, self.masks)
         vae_scale = getattr(pipeline(), "vae_scale_factor", 8)
         cfg = p.cfg_scale > 1
@@ -135,9 +142,8 @@ ADAPTER = Adapter()
 class NetWeaveScript(ScriptParts, scripts.Script):
     adapter = ADAPTER
 
-    def before_process_batch(self, p, enabled=True, options="", **kwargs):
-        if enabled:
-            ADAPTER.plan_batch(p, list(kwargs.get("prompts", p.prompts)), options)
+    def batch(self, p, prompts, options):
+        ADAPTER.plan_batch(p, prompts, options)
 
 
 def on_app_started(demo, app) -> None:
@@ -145,4 +151,6 @@ def on_app_started(demo, app) -> None:
 
 
 script_callbacks.on_app_started(on_app_started)
+script_callbacks.on_ui_settings(register_settings)
+script_callbacks.on_ui_tabs(lambda: ui_tab(ADAPTER.masks, ADAPTER.context))
 script_callbacks.on_script_unloaded(ADAPTER.off)

@@ -75,7 +75,8 @@ def page(host: DiffusersHost):
             button.click(generate, [prompt, negative, steps, seed, width, height],
                          [gallery, info, problems])
         with gr.Tab("NetWeave"):
-            tab.build(host.masks, lambda n: host.context(n, host.masks), lambda: last["image"])
+            tab.build(host.masks, lambda n: host.context(n, host.masks), lambda: last["image"],
+                      host.settings)
     blocks.queue(default_concurrency_limit=1)
     return blocks
 

@@ -3,17 +3,21 @@ preview over the last image) and explain (plan table and heatmap of a prompt). B
 Gradio; every action goes through the mask store, so the folder on disk is the truth."""
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Callable, Optional
 
 from ..network.explain import explain_table, heatmap
 from ..network.plan import CompileContext, compile_prompt
 from . import mask_tools
 from .masks import MaskError, MaskStore, check_mask_name
+from .settings import Settings
 
 
 def build(store: MaskStore, context: Callable[[int], CompileContext],
-          last_image: Callable[[], Optional[object]] = lambda: None):
-    """The tab's contents, inside the caller's gr.Blocks / gr.Tab."""
+          last_image: Callable[[], Optional[object]] = lambda: None,
+          settings: Optional[Settings] = None):
+    """The tab's contents, inside the caller's gr.Blocks / gr.Tab; `settings`: a Settings
+    panel for hosts without a settings page of their own (the standalone page)."""
     import gradio as gr
 
     def listing():
@@ -122,3 +126,27 @@ def build(store: MaskStore, context: Callable[[int], CompileContext],
         problems = gr.Textbox(label="Problems", lines=3, elem_id="netweave_explain_errors")
         image = gr.Image(label="Heatmap", type="pil")
         go.click(explain, [prompt, steps], [table, image, problems])
+    if settings is not None:
+        with gr.Tab("Settings"):
+            inputs = []
+            for f in fields(Settings):
+                value, label, options = getattr(settings, f.name), Settings.LABELS[f.name], \
+                    Settings.choices(f.name)
+                if options:
+                    inputs.append(gr.Radio(options, value=value, label=label))
+                elif isinstance(value, bool):
+                    inputs.append(gr.Checkbox(value=value, label=label))
+                else:
+                    inputs.append(gr.Number(value=value, precision=0, label=label))
+            apply = gr.Button("Apply", elem_id="netweave_settings_apply")
+            said = gr.Textbox(label="", interactive=False, elem_id="netweave_settings_status")
+
+            def set_all(*values):
+                try:
+                    new = Settings(*values).check()
+                except (TypeError, ValueError) as exc:
+                    return str(exc)
+                for f in fields(Settings):
+                    setattr(settings, f.name, getattr(new, f.name))
+                return "applied"
+            apply.click(set_all, inputs, [said])

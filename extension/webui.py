@@ -9,6 +9,7 @@ from typing import Dict
 
 from .library import Library
 from .masks import check_mask_name, decode_image
+from .settings import Settings
 
 KINDS = ("lora", "lyco", "loractl", "model")
 TITLE = "NetWeave"
@@ -102,7 +103,39 @@ class ScriptParts:
         return [enabled, options]
 
     def process(self, p, enabled=True, options=""):
-        if enabled:
+        if enabled and settings().enabled:
             self.adapter.take_names(p)
-        else:
+        else:  # the built-in gets its names back
             self.adapter.off()
+
+    def before_process_batch(self, p, enabled=True, options="", **kwargs):
+        if enabled and settings().enabled:
+            self.batch(p, list(kwargs.get("prompts", p.prompts)), options)
+
+
+def settings() -> Settings:
+    from modules import shared
+    return Settings.from_options(getattr(shared.opts, "data", {}) or {})
+
+
+def register_settings() -> None:
+    """on_ui_settings: NetWeave's options in the host's Settings page, section "NetWeave"."""
+    import gradio as gr
+    from dataclasses import fields
+
+    from modules import shared
+    for f in fields(Settings):
+        choices = Settings.choices(f.name)
+        shared.opts.add_option("netweave_" + f.name, shared.OptionInfo(
+            f.default, Settings.LABELS[f.name], gr.Radio if choices else None,
+            {"choices": choices} if choices else None, section=("netweave", TITLE)))
+
+
+def ui_tab(masks, context) -> list:
+    """on_ui_tabs: the NetWeave tab (masks, explain) as the host wants it."""
+    import gradio as gr
+
+    from . import tab
+    with gr.Blocks(analytics_enabled=False) as blocks:
+        tab.build(masks, context)
+    return [(blocks, TITLE, "netweave")]

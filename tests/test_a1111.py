@@ -226,3 +226,32 @@ def test_the_entry_script_exposes_the_script_to_a1111(host, repo_root):
     spec.loader.exec_module(module)
     assert issubclass(module.NetWeaveScript, scripts.Script)
     assert module.NetWeaveScript().title() == "NetWeave"
+
+
+def test_settings_and_the_tab(host):
+    a1111 = host[0]
+    script_callbacks.ui_settings_callback()
+    labels = shared.opts.data_labels
+    assert {"netweave_enabled", "netweave_cache_mb", "netweave_pristine", "netweave_interp",
+            "netweave_strict"} <= set(labels)
+    assert labels["netweave_interp"].section == ("netweave", "NetWeave")
+    ((blocks, title, elem_id),) = script_callbacks.ui_tabs_callback()
+    assert title == "NetWeave" and elem_id == "netweave"
+    try:  # off in the settings: the built-in gets its names back, NetWeave changes nothing
+        shared.opts.data["netweave_enabled"] = False
+        generate("a <lora:style:0.5>")
+        assert extra_networks.extra_network_registry["lora"] is host[1]
+        assert a1111.ADAPTER.engine.plan is None
+        shared.opts.data.update(netweave_enabled=True, netweave_strict=True,
+                                netweave_interp="linear", netweave_cache_mb=7,
+                                netweave_pristine="CPU memory")
+        out, _ = generate("a <lora:style:0@0,1@1:regio=x>")
+        assert "unknown key 'regio'" in out.infotexts[0]  # strict: an error, the tag skipped
+        assert a1111.ADAPTER.engine.cache.max_bytes == 7 * 2 ** 20
+        assert a1111.ADAPTER.engine.pristine_on_cpu
+        ctx = a1111.ADAPTER.context(4)
+        assert ctx.strict and ctx.default_interp == "linear"
+    finally:
+        for key in list(shared.opts.data):
+            if key.startswith("netweave_"):
+                shared.opts.data[key] = labels[key].default

@@ -1,6 +1,7 @@
 """The standalone host end to end on the tiny default model: the generate command, the
 A1111-shaped API with every kind of tag, NetWeave's routes, serialized requests."""
 import base64
+import dataclasses
 import io
 import json
 import threading
@@ -461,3 +462,24 @@ def test_the_pages_generate_button_reports_progress(setup):
                                       progress=lambda *a, **k: calls.append((a, k)))
     assert len(images) == 1 and "Seed: 1" in info and "no lora named 'typo'" in problems
     assert calls and all(0.0 <= a[0] <= 1.0 for a, _ in calls)
+
+
+def test_settings_switch_netweave_off_and_make_tags_strict(setup, client):
+    host = setup[0]
+    saved = dataclasses.replace(host.settings)
+    try:
+        host.settings.enabled = False
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": "a <lora:demo_style:1>", "steps": 2,
+                                                    "width": 64, "height": 64})
+        assert json.loads(r.json()["info"])["netweave"]["plan"]["networks"] == []
+        assert host.engine.plan is not None and host.engine._slots == {}  # nothing patched
+        host.settings.enabled, host.settings.strict = True, True
+        host.settings.cache_mb = 3
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": "a <lora:demo_style:1:regio=x>",
+                                                    "steps": 2, "width": 64, "height": 64})
+        info = json.loads(r.json()["info"])["netweave"]
+        assert info["plan"]["networks"] == [] and any("regio" in e for e in info["errors"])
+        assert host.engine.cache.max_bytes == 3 * 2 ** 20
+    finally:
+        for f in dataclasses.fields(saved):
+            setattr(host.settings, f.name, getattr(saved, f.name))

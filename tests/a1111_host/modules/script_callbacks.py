@@ -34,6 +34,26 @@ def on_script_unloaded(callback, *, name=None):
     _add("script_unloaded", callback)
 
 
+def on_ui_settings(callback, *, name=None):
+    _add("ui_settings", callback)
+
+
+def on_ui_tabs(callback, *, name=None):
+    _add("ui_tabs", callback)
+
+
+def ui_settings_callback():
+    for c in callback_map["ui_settings"]:
+        c()
+
+
+def ui_tabs_callback():
+    tabs = []
+    for c in callback_map["ui_tabs"]:
+        tabs += c() or []
+    return tabs
+
+
 def _report(category):
     errors.append((category, traceback.format_exc()))  # like report_exception: sampling goes on
 

@@ -2,9 +2,21 @@
 from types import SimpleNamespace
 
 
+class OptionInfo:
+    def __init__(self, default=None, label="", component=None, component_args=None,
+                 onchange=None, section=None, **kwargs):
+        self.default, self.label, self.component = default, label, component
+        self.component_args, self.section = component_args, section
+
+
 class Options:
     def __init__(self):
         self.data = {}
+        self.data_labels = {}
+
+    def add_option(self, key, info):
+        self.data_labels[key] = info
+        self.data.setdefault(key, info.default)
 
     def __getattr__(self, item):
         data = self.__dict__["data"]

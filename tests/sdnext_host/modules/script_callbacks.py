@@ -16,6 +16,26 @@ def on_script_unloaded(callback):
     callback_map["script_unloaded"].append(callback)
 
 
+def on_ui_settings(callback):
+    callback_map["ui_settings"].append(callback)
+
+
+def on_ui_tabs(callback):
+    callback_map["ui_tabs"].append(callback)
+
+
+def ui_settings_callback():
+    for c in callback_map["ui_settings"]:
+        c()
+
+
+def ui_tabs_callback():
+    tabs = []
+    for c in callback_map["ui_tabs"]:
+        tabs += c() or []
+    return tabs
+
+
 def on_cfg_denoiser(callback):
     callback_map["cfg_denoiser"].append(callback)  # nothing calls these on SD.Next
 

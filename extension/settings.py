@@ -1,0 +1,59 @@
+"""NetWeave's settings, the same in every host: on/off, the network cache size, where pristine
+copies live, the default interpolation, strict mode. A1111 and SD.Next keep them in their
+Settings page (`netweave_*` options); the standalone page has them in its tab."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+from ..parser import INTERPOLATIONS
+
+DEFAULT_INTERP = "by kind"  # step for lora/lyco/model, linear for loractl
+PRISTINE = ("beside the weights", "CPU memory")
+
+
+@dataclass
+class Settings:
+    enabled: bool = True
+    cache_mb: int = 1024
+    pristine: str = PRISTINE[0]
+    interp: str = DEFAULT_INTERP
+    strict: bool = False
+
+    LABELS = {"enabled": "Apply lora/lyco/loractl/model tags with NetWeave",
+              "cache_mb": "Network file cache (MiB)",
+              "pristine": "Where the untouched copies of patched weights live",
+              "interp": "Default interpolation between keyframes",
+              "strict": "Strict tags: warnings (unknown keys, te2 on SD1, …) are errors"}
+
+    def check(self) -> "Settings":
+        if not 0 <= int(self.cache_mb) <= 1 << 20:
+            raise ValueError(f"cache size must be 0–{1 << 20} MiB, not {self.cache_mb}")
+        if self.pristine not in PRISTINE:
+            raise ValueError(f"pristine copies live {' or '.join(PRISTINE)}, not {self.pristine!r}")
+        if self.interp != DEFAULT_INTERP and self.interp not in INTERPOLATIONS:
+            raise ValueError(f"unknown interpolation {self.interp!r}")
+        return self
+
+    @property
+    def default_interp(self) -> Optional[str]:
+        return None if self.interp == DEFAULT_INTERP else self.interp
+
+    def apply(self, engine) -> None:
+        """Cache size and pristine location on an engine (new copies go where it says)."""
+        engine.cache.max_bytes = int(self.cache_mb) * 2 ** 20
+        engine.pristine_on_cpu = self.pristine == PRISTINE[1]
+
+    @classmethod
+    def from_options(cls, data: dict) -> "Settings":
+        """From a WebUI's opts.data (`netweave_<field>` keys); missing keys keep defaults."""
+        values = {f.name: data.get("netweave_" + f.name, f.default) for f in fields(cls)}
+        try:
+            return cls(**values).check()
+        except (TypeError, ValueError):
+            return cls()
+
+    @staticmethod
+    def choices(name: str):
+        return {"pristine": list(PRISTINE),
+                "interp": [DEFAULT_INTERP] + list(INTERPOLATIONS)}.get(name)

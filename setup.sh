@@ -26,3 +26,15 @@ if ! command -v chromium >/dev/null 2>&1; then
         echo "setup.sh: chromium is not installed and this is not root: browser tests will be skipped" >&2
     fi
 fi
+# The Gradio versions the WebUIs run, each in its own small venv, for the test that builds the
+# NetWeave tab under them: A1111 1.8–1.10 pin gradio 3.41.2, Forge 4.40.0 (whose import needs a
+# huggingface_hub that still has HfFolder).
+for spec in "3.41.2:" "4.40.0:huggingface_hub==0.26.2"; do
+    version=${spec%%:*}; extra=${spec#*:}
+    if [ ! -x ".venv/gradio-$version/bin/python" ] || \
+            ! ".venv/gradio-$version/bin/python" -c "import gradio, lark" >/dev/null 2>&1; then
+        python3 -m venv ".venv/gradio-$version"
+        ".venv/gradio-$version/bin/python" -m pip install --quiet --disable-pip-version-check \
+            "gradio==$version" lark==1.3.1 $extra
+    fi
+done

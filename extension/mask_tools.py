@@ -40,11 +40,14 @@ def feather(mask: Image.Image, radius: float) -> Image.Image:
 
 
 def from_drawing(value) -> Optional[Image.Image]:
-    """An image editor's value ({"background", "layers", "composite"}, PIL images) as a mask:
-    what the brush painted on the layers (their alpha; the eraser removes paint), white inside.
-    None when nothing was painted."""
+    """A drawing as a mask, white where the brush painted; None when nothing was painted.
+    Gradio 4+'s ImageEditor gives {"background", "layers", "composite"} (the paint is the
+    layers' alpha; the eraser removes it); Gradio 3's sketch tool {"image", "mask"}."""
     if not value:
         return None
+    if value.get("mask") is not None:
+        mask = value["mask"].convert("L")
+        return mask if mask.getbbox() else None
     layers = [l for l in (value.get("layers") or []) if l is not None]
     if not layers:
         return None

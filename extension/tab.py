@@ -13,6 +13,18 @@ from .masks import MaskError, MaskStore, check_mask_name
 from .settings import Settings
 
 
+def drawing(gr):
+    """A canvas to paint a mask on: Gradio 4+ (Forge, the standalone page) has ImageEditor,
+    Gradio 3.41 (A1111 1.8–1.10) a sketch tool on gr.Image; mask_tools.from_drawing reads both."""
+    if hasattr(gr, "ImageEditor"):  # painted pixels are the mask (their alpha), any colour
+        return gr.ImageEditor(type="pil", canvas_size=(256, 256), image_mode="RGBA",
+                              elem_id="netweave_mask_editor", sources=(), layers=False,
+                              brush=gr.Brush(colors=["#ff4020"], color_mode="fixed",
+                                             default_size=24))
+    return gr.Image(source="canvas", tool="sketch", type="pil", shape=(256, 256),
+                    brush_radius=12, elem_id="netweave_mask_editor")
+
+
 def build(store: MaskStore, context: Callable[[int], CompileContext],
           last_image: Callable[[], Optional[object]] = lambda: None,
           settings: Optional[Settings] = None):
@@ -87,11 +99,7 @@ def build(store: MaskStore, context: Callable[[int], CompileContext],
             chosen = gr.Dropdown(choices=list(store), label="Mask", elem_id="netweave_mask_pick")
         status = gr.Textbox(label="", interactive=False, elem_id="netweave_mask_status")
         with gr.Tab("Draw"):
-            # painted pixels are the mask (their alpha), whatever the colour
-            editor = gr.ImageEditor(type="pil", canvas_size=(256, 256), image_mode="RGBA",
-                                    elem_id="netweave_mask_editor", sources=(),
-                                    brush=gr.Brush(colors=["#ff4020"], color_mode="fixed",
-                                                   default_size=24), layers=False)
+            editor = drawing(gr)
             save_drawn = gr.Button("Save drawing", elem_id="netweave_mask_save_drawing")
         with gr.Tab("Upload"):
             upload = gr.Image(type="pil", label="Mask image (white = inside)")

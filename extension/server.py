@@ -76,7 +76,7 @@ def page(host: DiffusersHost):
                          [gallery, info, problems])
         with gr.Tab("NetWeave"):
             tab.build(host.masks, lambda n: host.context(n, host.masks), lambda: last["image"],
-                      host.settings)
+                      host.settings, prompt)
     blocks.queue(default_concurrency_limit=1)
     return blocks
 

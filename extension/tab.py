@@ -27,9 +27,10 @@ def drawing(gr):
 
 def build(store: MaskStore, context: Callable[[int], CompileContext],
           last_image: Callable[[], Optional[object]] = lambda: None,
-          settings: Optional[Settings] = None):
+          settings: Optional[Settings] = None, prompt_source=None):
     """The tab's contents, inside the caller's gr.Blocks / gr.Tab; `settings`: a Settings
-    panel for hosts without a settings page of their own (the standalone page)."""
+    panel for hosts without a settings page of their own (the standalone page);
+    `prompt_source`: the generation's prompt box, for Explain's "take the prompt" button."""
     import gradio as gr
 
     def listing():
@@ -128,6 +129,9 @@ def build(store: MaskStore, context: Callable[[int], CompileContext],
         chosen.change(preview, [chosen], [shown])
     with gr.Tab("Explain"):
         prompt = gr.Textbox(label="Prompt to explain", lines=3, elem_id="netweave_explain_prompt")
+        if prompt_source is not None:
+            take = gr.Button("Take the txt2img prompt", elem_id="netweave_take_prompt")
+            take.click(lambda text: text, [prompt_source], [prompt])
         steps = gr.Slider(1, 150, value=20, step=1, label="Steps")
         go = gr.Button("Explain", elem_id="netweave_explain")
         table = gr.Textbox(label="Plan", lines=12, elem_id="netweave_plan")

@@ -147,3 +147,19 @@ def test_draw_a_mask_and_see_it_listed(page, url, tmp_path):
         from PIL import Image
         a = np.asarray(Image.open(io.BytesIO(r.read())))
     assert a.max() == 255 and (a > 0).mean() < 0.5  # a stroke, not the whole canvas
+
+
+def test_explain_takes_the_prompt_and_points_at_the_column(page, tmp_path):
+    page.get_by_role("tab", name="txt2img").click()
+    page.locator("#netweave_prompt textarea").fill("a <lora:demo_style:0@0,1@0.5> <lora:x:te=>")
+    page.get_by_role("tab", name="NetWeave").click()
+    page.get_by_role("tab", name="Explain").click()
+    page.click("#netweave_take_prompt")
+    page.wait_for_function("document.querySelector('#netweave_explain_prompt textarea').value"
+                           ".includes('demo_style')", timeout=10000)
+    page.click("#netweave_explain")
+    page.wait_for_function("document.querySelector('#netweave_plan textarea').value"
+                           ".includes('demo_style')", timeout=20000)
+    errors = page.locator("#netweave_explain_errors textarea").input_value()
+    assert errors.startswith("column 42:")  # the ">" where a number belongs
+    shot(page, "explain.png", tmp_path)

@@ -124,6 +124,9 @@ class Adapter:
                       for s in segments) or _te_neg(plans)
         if segments[0]:
             engine.apply_te(segments[0][0])  # A1111 encodes next, with these weights
+        if te_swap and engine.arch == "sdxl":  # SDXL conds are dicts: not swapped yet
+            errors.append("text-encoder schedules, per-prompt or regional text-encoder networks "
+                          "and neg= on SDXL use step 0's text encoding in A1111 for now")
         self.run = Run(plans, te_swap)
         used = sorted({m for plan in plans for n in plan.networks if n.region is not None
                        for m in region_masks(n.region) if m in masks})
@@ -151,7 +154,7 @@ class Adapter:
         """Cond and uncond rows for this step, each prompt encoded with its own text-encoder
         segment (and negative strengths); regional TE networks get their own rows."""
         engine = self.engine
-        k = engine._phase_step[1]
+        k = engine.position[1]
         segs = tuple(engine.segment_at(k, phase, i) for i in range(len(self.run.plans)))
         if segs not in self.run.conds:
             encode = p.sd_model.get_learned_conditioning

@@ -286,6 +286,11 @@ class Engine:
         return now
 
     @property
+    def position(self) -> Optional[Tuple[str, int]]:
+        """(phase, step) the UNet weights are at now; None when nothing is active."""
+        return self._phase_step
+
+    @property
     def pristine_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for _, t in self._pristine.values())
 

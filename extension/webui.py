@@ -83,8 +83,9 @@ class TagNames:
 
 
 class ScriptParts:
-    """The NetWeave script's title, show, ui and process, for every WebUI: an adapter mixes
-    this into its host's `scripts.Script` and sets `adapter` (with take_names(p) and off())."""
+    """The NetWeave script's title, show, ui, process and before_process_batch, for every
+    WebUI: an adapter mixes this into its host's `scripts.Script`, sets `adapter` (with
+    take_names(p) and off()) and defines `batch(p, prompts, options)` (prompts with tags)."""
 
     adapter = None
 

@@ -18,3 +18,18 @@ def one_network(text, steps=30, arch="sd1", **kw):
 
 def series(values):
     return [round(float(v), 6) for v in values]
+
+
+def standalone_host(root):
+    """The standalone host on the tiny default model with its demo networks under `root`:
+    (host, library, masks)."""
+    from netweave.extension.diffusers_host import DiffusersHost
+    from netweave.extension.library import Library
+    from netweave.extension.masks import MaskStore
+    from netweave.extension.models import tiny_library, tiny_model
+
+    model = tiny_model()
+    loras, models = tiny_library(model, str(root / "demo"))
+    library = Library([loras], [models])
+    masks = MaskStore(str(root / "masks"))
+    return DiffusersHost(model, library, masks), library, masks

@@ -18,17 +18,10 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not instal
 def url(tmp_path_factory):
     import uvicorn
 
-    from netweave.extension.diffusers_host import DiffusersHost
-    from netweave.extension.library import Library
-    from netweave.extension.masks import MaskStore
-    from netweave.extension.models import tiny_library, tiny_model
+    from helpers import standalone_host
     from netweave.extension.server import build_app
 
-    root = tmp_path_factory.mktemp("page")
-    model = tiny_model()
-    loras, models = tiny_library(model, str(root / "demo"))
-    library = Library([loras], [models])
-    host = DiffusersHost(model, library, MaskStore(str(root / "masks")))
+    host, library, _ = standalone_host(tmp_path_factory.mktemp("page"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

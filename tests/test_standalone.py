@@ -16,19 +16,15 @@ from netweave.extension.cli import main
 from netweave.extension.diffusers_host import DiffusersHost
 from netweave.extension.library import Library
 from netweave.extension.masks import MaskStore
-from netweave.extension.models import tiny_library, tiny_model
 from netweave.extension.server import build_app
+
+from helpers import standalone_host
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("standalone")
-    model = tiny_model()
-    loras, models = tiny_library(model, str(root / "demo"))
-    library = Library([loras], [models])
-    masks = MaskStore(str(root / "masks"))
-    host = DiffusersHost(model, library, masks)
-    return host, library, masks, root
+    return (*standalone_host(root), root)
 
 
 @pytest.fixture(scope="module")

@@ -164,6 +164,8 @@ def inspect_command(args) -> int:
 
 def _host(args):
     """Model, folders and host from the generate/serve arguments (heavy imports: only here)."""
+    # transformers warns about image processors the pipelines import but never use
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from .diffusers_host import DiffusersHost
     from .library import Library
     from .masks import MaskStore

@@ -70,6 +70,8 @@ class Runtime:
         self.reported.clear()
 
     def set_rows(self, rows: Optional[Rows]) -> None:
+        if rows == self.rows:
+            return  # hosts say it at every denoiser call: keep the factors made for it
         self.rows = rows
         self._row_factors.clear()
 

@@ -19,6 +19,7 @@ from .blocks import ARCH_TITLES, BLOCKS, group_of, resolve_weights
 from .schedule import evaluate, window_mask
 
 ONE = Schedule.const(1.0)
+MAX_NETWORKS = 64  # per prompt: every one is a file to load and layers to patch
 NO_WINDOW = Window()
 BLOCK_INDEX = {arch: {b: i for i, b in enumerate(names)} for arch, names in BLOCKS.items()}
 GROUP_ROWS = {arch: {g: np.array([i for i, b in enumerate(names) if group_of(b) == g])
@@ -119,7 +120,15 @@ def compile_parsed(parsed: Prompt, source: str, ctx: CompileContext) -> Plan:
     rng = random.Random(ctx.seed)
     errors = list(parsed.errors)
     networks = []
-    for tag in parsed.tags:
+    tags = parsed.tags
+    if len(tags) > MAX_NETWORKS:
+        extra = tags[MAX_NETWORKS]
+        errors.append(Diagnostic(
+            f"{len(tags)} network tags; NetWeave applies at most {MAX_NETWORKS} per prompt, the "
+            f"{len(tags) - MAX_NETWORKS} from here on are ignored", extra.span[0] + 1,
+            snippet(source, extra.span[0], 0)))
+        tags = tags[:MAX_NETWORKS]
+    for tag in tags:
         problems = []
 
         def problem(key: str, message: str, severity: str = "error"):

@@ -125,3 +125,13 @@ def test_step_range_and_start_overlap_warns():
     w = parsed.tags[0].window
     assert (w.start.value, w.last.value) == (3, 10)
     assert len(parsed.errors) == 1 and "'start' is given twice" in parsed.errors[0].message
+
+
+def test_thousands_of_tags_are_capped_with_a_clear_error():
+    from netweave.network.plan import MAX_NETWORKS, CompileContext, compile_prompt
+    prompt = "a " + " ".join(f"<lora:n{i}:0.5@0,1@0.5:in=0>" for i in range(3000))
+    plan = compile_prompt(prompt, CompileContext(steps=30))
+    assert len(plan.networks) == MAX_NETWORKS
+    (cap,) = [e for e in plan.errors if "at most" in e.message]
+    assert cap.severity == "error" and "2936 from here on are ignored" in cap.message
+    assert prompt[cap.column - 1:].startswith(f"<lora:n{MAX_NETWORKS}:")

@@ -244,8 +244,8 @@ class Runtime:
                 if grid.empty:
                     continue
                 inside = grid.inside
-                a, kw = _with_tokens(args, kwargs, x[:, inside] if not grid.full else x)
-                a, kw = self._with_context(a, kw, j)
+                tokens = x if grid.full else x[:, inside]
+                a, kw = self._with_context((tokens,) + tuple(args[1:]), dict(kwargs), j)
                 self.variant, self.subset, self._full_tokens = j, inside, x.shape[1]
                 try:
                     out_j = module(*a, **kw)
@@ -300,10 +300,6 @@ def _context_of(args, kwargs):
     if len(args) > 1 and isinstance(args[1], Tensor):
         return args[1], "args"
     return None, None
-
-
-def _with_tokens(args, kwargs, x):
-    return (x,) + tuple(args[1:]), dict(kwargs)
 
 
 def _croppable(module: nn.Module) -> bool:

@@ -150,10 +150,6 @@ class Grid:
         return self.inside.numel() == self.values.numel()
 
     @property
-    def ones(self) -> bool:
-        return self.full and bool((self.values == 1).all())
-
-    @property
     def empty(self) -> bool:
         return self.inside.numel() == 0
 
@@ -166,9 +162,6 @@ class RegionMaps:
         self.size = canvas_size(self.latent)
         self._canvas: Dict[Hashable, np.ndarray] = {}
         self._grids: Dict[Tuple, Grid] = {}
-
-    def __contains__(self, key) -> bool:
-        return key in self._canvas
 
     def add(self, key: Hashable, region: Region, masks: Mapping[str, object],
             rest: Optional[np.ndarray] = None) -> None:

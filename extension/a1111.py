@@ -30,7 +30,7 @@ from ..network.engine import Engine
 from ..network.plan import CompileContext, Plan, compile_prompt, region_masks
 from .api import netweave_router
 from .masks import MaskError, MaskStore, Overlay
-from .webui import (ScriptParts, TagNames, data_folder, infotext_params, inline_masks,
+from .webui import (ScriptParts, TagNames, mask_folder, infotext_params, inline_masks,
                     library, register_settings, settings, ui_tab)
 
 PLMS = "PLMS"
@@ -62,7 +62,7 @@ class Adapter:
         self.model_id: Optional[int] = None
         self.names = TagNames(NetWeaveNetworks)
         self.run: Optional[Run] = None
-        self.masks = MaskStore(data_folder("netweave-masks"))
+        self.masks = MaskStore(mask_folder)
 
     # ---- the model -----------------------------------------------------------------------
     @staticmethod

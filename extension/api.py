@@ -122,7 +122,7 @@ class Txt2ImgBody(BaseModel):
     width: int = 512
     height: int = 512
     batch_size: int = 1
-    n_iter: int = 1
+    n_iter: int = Field(1, ge=1, le=100)  # unbounded, one request could hold the host for days
     send_images: bool = True
     alwayson_scripts: Dict[str, Any] = Field(default_factory=dict)
 
@@ -155,7 +155,7 @@ def sdapi_router(host: DiffusersHost, library: Library) -> APIRouter:
         images: List = []
         infos, seeds, errors = [], [], []
         seed = body.seed
-        for i in range(max(1, body.n_iter)):
+        for i in range(body.n_iter):
             req = Txt2Img(prompt=body.prompt, negative_prompt=body.negative_prompt,
                           steps=body.steps, cfg_scale=body.cfg_scale,
                           seed=seed if seed < 0 else seed + i * body.batch_size,

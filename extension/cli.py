@@ -169,16 +169,19 @@ def _host(args):
     from .diffusers_host import DiffusersHost
     from .library import Library
     from .masks import MaskStore
-    from .models import load_model, tiny_library
+    from .settings import Settings
+    from .models import demo_library, load_model
 
     model = load_model(args.checkpoint)
     loras, models = list(args.lora_dir), list(args.model_dir)
     if args.checkpoint is None:  # the default model brings networks to try every tag on
-        demo = tiny_library(model)
+        demo = demo_library()
         loras, models = loras + [demo[0]], models + [demo[1]]
     library = Library(loras, models)
-    masks = MaskStore(args.mask_dir)
-    return DiffusersHost(model, library, masks, device=args.device), library, masks
+    settings = Settings()  # the page's Settings tab may point masks elsewhere
+    masks = MaskStore(lambda: settings.mask_dir or args.mask_dir)
+    host = DiffusersHost(model, library, masks, device=args.device, settings=settings)
+    return host, library, masks
 
 
 def generate_command(args) -> int:
@@ -203,8 +206,7 @@ def generate_command(args) -> int:
     except (OSError, ValueError) as exc:
         print(f"netweave: cannot load the model: {exc}", file=sys.stderr)
         return 1
-    size = 64 if host.model.name.startswith("netweave-tiny") else \
-        (1024 if host.model.arch == "sdxl" else 512)
+    size = host.model.size
     req = Request(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps,
                   cfg_scale=args.cfg, seed=args.seed, width=args.width or size,
                   height=args.height or size, masks=inline)

@@ -15,7 +15,8 @@ import io
 import os
 import re
 import threading
-from typing import Dict, Iterator, Mapping, Optional
+import warnings
+from typing import Callable, Dict, Iterator, Mapping, Optional, Union
 
 from PIL import Image, UnidentifiedImageError
 
@@ -50,7 +51,10 @@ def decode_image(data, where: str = "mask") -> Image.Image:
     if len(data) > MAX_BYTES:
         raise MaskError(f"{where}: larger than {MAX_BYTES // 2 ** 20} MiB")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with warnings.catch_warnings():  # PIL's bomb warning: the store's own limit is lower
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+        with img:
             if img.width * img.height > MAX_PIXELS:
                 raise MaskError(f"{where}: {img.width}×{img.height} is more than "
                                 f"{MAX_PIXELS} pixels")
@@ -74,10 +78,22 @@ def mask_hash(img: Image.Image) -> str:
 
 
 class MaskStore(Mapping[str, Image.Image]):
-    def __init__(self, folder: str):
-        self.folder = folder
-        os.makedirs(folder, exist_ok=True)
+    """`folder`: a path, or a function giving it (a setting the user may change at any time:
+    the store follows it at the next call)."""
+
+    def __init__(self, folder: Union[str, Callable[[], str]]):
+        self._where = folder if callable(folder) else (lambda: folder)
+        self._made: Optional[str] = None
         self._lock = threading.Lock()
+        self.folder  # noqa: B018  (made now, so a bad path is said at start)
+
+    @property
+    def folder(self) -> str:
+        folder = self._where()
+        if folder != self._made:
+            os.makedirs(folder, exist_ok=True)
+            self._made = folder
+        return folder
 
     def _path(self, name: str) -> str:
         return os.path.join(self.folder, check_mask_name(name) + ".png")

@@ -4,8 +4,11 @@
 - a single-file SD1/SDXL .safetensors (A1111's format): diffusers' single-file loader, with a
   config folder written here from the published SD 1.5 / SDXL 1.0 configs (network/reference.py
   and the VAE and scheduler below) and the tokenizer built offline (tokenizer.py);
-- nothing: the default model. Until the embedded demo model exists, a tiny SD1-architecture
-  pipeline with fixed random weights (seed 0): it draws noise, but every path runs.
+- nothing: the embedded demo (`demo/weights`, trained by `python -m netweave.demo.train`): a
+  small SD1-architecture model that draws coloured shapes, with LoRAs whose effects are visible.
+
+`tiny_model` is an even smaller SD1-architecture pipeline with fixed random weights (seed 0),
+for tests of the mechanics: it draws noise, but every path runs in milliseconds.
 """
 from __future__ import annotations
 
@@ -21,6 +24,9 @@ import torch
 from .tokenizer import clip_tokenizer
 
 TINY_NAME = "netweave-tiny"
+DEMO_NAME = "netweave-demo"
+DEMO_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo",
+                         "weights")
 
 
 @dataclass
@@ -33,6 +39,11 @@ class Model:
     def vae_scale(self) -> int:
         return getattr(self.pipe, "vae_scale_factor", 8)
 
+    @property
+    def size(self) -> int:
+        """The picture size the model was trained at (512 for SD1, 1024 for SDXL, 64 here)."""
+        return int(self.pipe.unet.config.sample_size) * self.vae_scale
+
     def trees(self) -> dict:
         trees = {"unet": self.pipe.unet, "te1": self.pipe.text_encoder}
         if getattr(self.pipe, "text_encoder_2", None) is not None:
@@ -42,7 +53,7 @@ class Model:
 
 def load_model(checkpoint: Optional[str] = None) -> Model:
     if checkpoint is None:
-        return tiny_model()
+        return demo_model()
     if os.path.isdir(checkpoint):
         return _from_folder(checkpoint)
     if checkpoint.endswith(".safetensors") and os.path.isfile(checkpoint):
@@ -82,10 +93,39 @@ def tiny_model(seed: int = 0) -> Model:
     return Model(pipe, "sd1", TINY_NAME)
 
 
+def demo_model(root: str = DEMO_ROOT) -> Model:
+    """The embedded demo model (fp16 files, run in fp32)."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextModel
+
+    folder = os.path.join(root, DEMO_NAME)
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"the demo model is missing from {folder}; "
+                                "remake it with `python -m netweave.demo.train`")
+    part = lambda name: os.path.join(folder, name)  # noqa: E731
+    kw = dict(torch_dtype=torch.float32, local_files_only=True)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(part("vae"), **kw),
+        text_encoder=CLIPTextModel.from_pretrained(part("text_encoder"), **kw),
+        tokenizer=clip_tokenizer(), unet=UNet2DConditionModel.from_pretrained(part("unet"), **kw),
+        scheduler=EulerDiscreteScheduler.from_pretrained(part("scheduler")),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return Model(pipe, "sd1", DEMO_NAME)
+
+
+def demo_library(root: str = DEMO_ROOT) -> Tuple[str, str]:
+    """The demo's (lora folder, model folder): demo_sunset, demo_stripes, demo_boxy and
+    the checkpoint demo_pastel."""
+    return os.path.join(root, "loras"), os.path.join(root, "models")
+
+
 def tiny_library(model: Model, root: Optional[str] = None) -> Tuple[str, str]:
-    """Networks for the tiny default model, so that every kind of tag runs on a fresh
-    machine: `demo_style` (LoRA), `demo_texture` (LoHa) and the checkpoint `demo_blend` for
-    `<model:…>`, written once (deterministic) under `root`. Returns (lora folder, model folder)."""
+    """Networks for the tiny random model, so that tests run every kind of tag in
+    milliseconds: `demo_style` (LoRA), `demo_texture` (LoHa) and the checkpoint `demo_blend`
+    for `<model:…>`, written once (deterministic) under `root`. Returns (lora folder, model
+    folder)."""
     from ..network.synthetic import write_network
 
     root = root or os.path.join(os.path.expanduser("~"), ".cache", "netweave", TINY_NAME)

@@ -28,7 +28,7 @@ from ..network.plan import CompileContext, Plan, compile_prompt, region_masks
 from .api import netweave_router
 from .masks import MaskError, MaskStore, Overlay
 from .pipeline_run import PipelineRun
-from .webui import (ScriptParts, TagNames, data_folder, infotext_params, inline_masks, library,
+from .webui import (ScriptParts, TagNames, mask_folder, infotext_params, inline_masks, library,
                     register_settings, settings, ui_tab)
 
 
@@ -52,7 +52,7 @@ class Adapter:
         self.engine: Optional[Engine] = None
         self.model_id: Optional[int] = None
         self.names = TagNames(NetWeaveNetworks)
-        self.masks = MaskStore(data_folder("netweave-masks"))
+        self.masks = MaskStore(mask_folder)
         self.plan: Optional[Plan] = None
         self.inline: Dict = {}
         self.problems = []

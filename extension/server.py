@@ -33,7 +33,7 @@ def page(host: DiffusersHost):
     """Prompt, negative prompt, steps, seed, size; the gallery; NetWeave's explain panel."""
     import gradio as gr
 
-    size = 64 if host.model.name.startswith("netweave-tiny") else 512
+    size = host.model.size
     last = {"image": None}  # the mask tab previews over it
 
     def generate(prompt, negative, steps, seed, width, height, progress=gr.Progress()):

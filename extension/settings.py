@@ -1,5 +1,5 @@
 """NetWeave's settings, the same in every host: on/off, the network cache size, where pristine
-copies live, the default interpolation, strict mode. A1111 and SD.Next keep them in their
+copies live, the default interpolation, strict mode, the mask folder. A1111 and SD.Next keep them in their
 Settings page (`netweave_*` options); the standalone page has them in its tab."""
 from __future__ import annotations
 
@@ -19,12 +19,14 @@ class Settings:
     pristine: str = PRISTINE[0]
     interp: str = DEFAULT_INTERP
     strict: bool = False
+    mask_dir: str = ""  # empty: the host's own place (netweave-masks in its data folder)
 
     LABELS = {"enabled": "Apply lora/lyco/loractl/model tags with NetWeave",
               "cache_mb": "Network file cache (MiB)",
               "pristine": "Where the untouched copies of patched weights live",
               "interp": "Default interpolation between keyframes",
-              "strict": "Strict tags: warnings (unknown keys, te2 on SD1, …) are errors"}
+              "strict": "Strict tags: warnings (unknown keys, te2 on SD1, …) are errors",
+              "mask_dir": "Mask folder (empty: netweave-masks in the WebUI's data folder)"}
 
     def check(self) -> "Settings":
         if not 0 <= int(self.cache_mb) <= 1 << 20:
@@ -33,6 +35,8 @@ class Settings:
             raise ValueError(f"pristine copies live {' or '.join(PRISTINE)}, not {self.pristine!r}")
         if self.interp != DEFAULT_INTERP and self.interp not in INTERPOLATIONS:
             raise ValueError(f"unknown interpolation {self.interp!r}")
+        if not isinstance(self.mask_dir, str) or "\x00" in self.mask_dir:
+            raise ValueError(f"the mask folder must be a path, not {self.mask_dir!r}")
         return self
 
     @property

@@ -25,6 +25,12 @@ def drawing(gr):
                     brush_radius=12, elem_id="netweave_mask_editor")
 
 
+# A1111, Forge and SD.Next all give their txt2img prompt box this id (inside gradioApp()'s root)
+TAKE_PROMPT_JS = ("() => { const root = typeof gradioApp === 'function' ? gradioApp() : document;"
+                  " const box = root.querySelector('#txt2img_prompt textarea');"
+                  " return box ? box.value : ''; }")
+
+
 def build(store: MaskStore, context: Callable[[int], CompileContext],
           last_image: Callable[[], Optional[object]] = lambda: None,
           settings: Optional[Settings] = None, prompt_source=None):
@@ -129,9 +135,12 @@ def build(store: MaskStore, context: Callable[[int], CompileContext],
         chosen.change(preview, [chosen], [shown])
     with gr.Tab("Explain"):
         prompt = gr.Textbox(label="Prompt to explain", lines=3, elem_id="netweave_explain_prompt")
+        take = gr.Button("Take the txt2img prompt", elem_id="netweave_take_prompt")
         if prompt_source is not None:
-            take = gr.Button("Take the txt2img prompt", elem_id="netweave_take_prompt")
             take.click(lambda text: text, [prompt_source], [prompt])
+        else:  # a WebUI's tab cannot wire to its txt2img box: read the box in the browser
+            js = "js" if int(gr.__version__.split(".")[0]) >= 4 else "_js"
+            take.click(None, [], [prompt], **{js: TAKE_PROMPT_JS})
         steps = gr.Slider(1, 150, value=20, step=1, label="Steps")
         go = gr.Button("Explain", elem_id="netweave_explain")
         table = gr.Textbox(label="Plan", lines=12, elem_id="netweave_plan")
@@ -148,6 +157,8 @@ def build(store: MaskStore, context: Callable[[int], CompileContext],
                     inputs.append(gr.Radio(options, value=value, label=label))
                 elif isinstance(value, bool):
                     inputs.append(gr.Checkbox(value=value, label=label))
+                elif isinstance(value, str):
+                    inputs.append(gr.Textbox(value=value, label=label))
                 else:
                     inputs.append(gr.Number(value=value, precision=0, label=label))
             apply = gr.Button("Apply", elem_id="netweave_settings_apply")

@@ -21,6 +21,11 @@ def data_folder(name: str) -> str:
     return os.path.join(base, name)
 
 
+def mask_folder() -> str:
+    """The mask folder setting, else `netweave-masks` in the host's data folder."""
+    return settings().mask_dir or data_folder("netweave-masks")
+
+
 def library() -> Library:
     from modules import paths, shared
     models = getattr(paths, "models_path", None) or "models"

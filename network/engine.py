@@ -38,7 +38,7 @@ from .blocks import BLOCKS
 from .bypass import AttentionUnit, Rows, Runtime, layer_view
 from .cache import NetworkCache
 from .files import NetworkFileError
-from .keymap import KeyMap, Target
+from .keymap import KeyMap, Target, linear_like
 from .loader import LoadedNetwork, load_checkpoint, load_network
 from .plan import NetworkPlan, PassPlan, Plan
 from .regions import RegionError, RegionMaps, rest_of, uses_rest
@@ -115,14 +115,17 @@ class Engine:
     def __init__(self, trees: Mapping[str, nn.Module], arch: str,
                  find: Callable[[str, str], str], *, pristine_on_cpu: bool = False,
                  cache_bytes: int = 2 ** 30, latent: Tuple[int, int] = (64, 64), batch: int = 2,
-                 strategy: str = "auto", masks: Optional[Mapping[str, object]] = None):
+                 strategy: str = "auto", masks: Optional[Mapping[str, object]] = None,
+                 weight_scale: Optional[Callable[[nn.Module], Optional[Tensor]]] = None):
         """`trees`: {"unet", "te1"[, "te2"]} module roots; `find(kind, name)` → file path
         (raises FileNotFoundError when there is none); `pristine_on_cpu`: keep the pristine
         copies in CPU memory instead of beside the weights; `latent` (h, w) and `batch`: the
         generation's size, for regions and the cost of a bypass (set them before `activate`;
         set `latent` to the hires latent before the hires pass);
         `strategy`: "auto" (the cost model), or "merge" / "bypass" for every global
-        contribution that can; `masks`: the host's mask store, name → image (regions.as_mask)."""
+        contribution that can; `masks`: the host's mask store, name → image (regions.as_mask);
+        `weight_scale(module)`: the factor a host multiplies a stored weight by in its forward
+        (scaled low-precision storage), or None: merges then store (W + ΔW) / factor."""
         if strategy not in ("auto", "merge", "bypass"):
             raise ValueError(f"strategy must be auto, merge or bypass, not {strategy!r}")
         self.strategy = strategy
@@ -131,6 +134,7 @@ class Engine:
         self.arch = arch
         self.find = find
         self.masks: Mapping[str, object] = masks if masks is not None else {}
+        self.weight_scale = weight_scale
         self.pristine_on_cpu = pristine_on_cpu
         self.cache = NetworkCache(cache_bytes)
         self.latent, self.batch = latent, batch
@@ -178,6 +182,13 @@ class Engine:
                 loaded[i] = self._load(e.net)
             except (NetworkFileError, FileNotFoundError, KeyError, RegionError) as exc:
                 errors.append(f"{label}: {exc}")
+                continue
+            refused = self.keymap.refused(loaded[i].unmatched)
+            if refused:
+                (t, why), more = next(iter(refused.items())), len(refused) - 1
+                errors.append(f"{label}: left out on {len(refused)} layer(s) whose weights cannot "
+                              f"be merged: {t.component} {t.name}: {why}"
+                              + (f" (and {more} more)" if more else ""))
         slots = self._build_slots(entries, loaded)
         self._choose_strategies(slots)
         units = self._choose_routes(slots)
@@ -386,7 +397,7 @@ class Engine:
             for c in slot.contributions:
                 if not c.uniform:
                     c.bypass = True
-            if t.chunk is not None or not isinstance(t.module, (nn.Linear, nn.Conv2d)):
+            if t.chunk is not None or not (linear_like(t.module) or isinstance(t.module, nn.Conv2d)):
                 continue
             tokens = self._tokens(t, levels)
             for c in slot.contributions:
@@ -471,10 +482,16 @@ class Engine:
         w0 = self._pristine_slice(target, target.param)
         device = target.weight.device
         w0f = w0.to(device=device, dtype=torch.float32)
+        scale = self.weight_scale(target.module) if self.weight_scale is not None else None
+        if scale is not None:  # the layer computes with stored · scale: merge on that
+            scale = scale.detach().to(device=device, dtype=torch.float32)
+            w0f = w0f * scale
         dest = _chunk(self._param(target, target.param).data, target.chunk)
-        direct = dest.dtype == torch.float32 and dest.is_contiguous()
-        with torch.no_grad():
+        direct = dest.dtype == torch.float32 and dest.is_contiguous() and scale is None
+        with _writing(dest):
             w = self._merged_weight(w0f, live, out=dest if direct else None)
+            if scale is not None:
+                w = w / scale
         bias = None
         if target.bias_param is not None:  # full, norm and checkpoints change the bias too
             b0f = self._pristine_slice(target, target.bias_param).to(device=device,
@@ -525,16 +542,16 @@ class Engine:
         """Set a target's weight (and bias) from fp32 values, or back to pristine (None);
         `weight_done`: the weight was already written in place."""
         names = [target.param] + ([target.bias_param] if target.bias_param else [])
-        with torch.no_grad():
-            for name, value in zip(names, (weight, bias)):
-                if weight_done and name == target.param:
+        for name, value in zip(names, (weight, bias)):
+            if weight_done and name == target.param:
+                continue
+            key = (id(target.module), name)
+            if key not in self._pristine:
+                if value is None:
                     continue
-                key = (id(target.module), name)
-                if key not in self._pristine:
-                    if value is None:
-                        continue
-                    self._pristine_slice(target, name)
-                dest = _chunk(self._param(target, name).data, target.chunk)
+                self._pristine_slice(target, name)
+            dest = _chunk(self._param(target, name).data, target.chunk)
+            with _writing(dest):
                 if value is None:
                     dest.copy_(_chunk(self._pristine[key][1], target.chunk))
                 else:
@@ -551,9 +568,10 @@ class Engine:
     def _restore_all(self) -> None:
         self._remove_hooks()
         self._units = {}
-        with torch.no_grad():
-            for (_, name), (module, copy) in self._pristine.items():
-                module.get_parameter(name).data.copy_(copy)
+        for (_, name), (module, copy) in self._pristine.items():
+            dest = module.get_parameter(name).data
+            with _writing(dest):
+                dest.copy_(copy)
         self._pristine.clear()
         self._slots = {}
 
@@ -585,17 +603,21 @@ class Engine:
 def _entries(plans: List[Plan]) -> List[Entry]:
     """The networks of a batch's plans. A tag that every prompt has, in the same words, is one
     shared network (it may merge); the others belong to their prompt (per-row bypass). A region
-    that uses `rest` depends on its prompt's other regions, so it is never shared."""
-    def key(net):
-        return format_tag(net.tag)
-    counts = {}
+    that uses `rest` depends on its prompt's other regions, so it is never shared. The same tag
+    twice in one prompt is two networks (they add up, as two different strengths would)."""
+    def keyed(plan):
+        seen: Dict[str, int] = {}
+        for net in plan.networks:
+            text = format_tag(net.tag)
+            seen[text] = seen.get(text, 0) + 1
+            yield (text, seen[text]), net
+    counts: Dict = {}
     for p in plans:
-        for k in dict.fromkeys(key(n) for n in p.networks):
+        for k, _ in keyed(p):
             counts[k] = counts.get(k, 0) + 1
     entries, shared = [], set()
     for index, p in enumerate(plans):
-        for net in p.networks:
-            k = key(net)
+        for k, net in keyed(p):
             everywhere = len(plans) == 1 or (counts[k] == len(plans) and
                                              not (net.region is not None and uses_rest(net.region)))
             if everywhere and k in shared:
@@ -626,6 +648,12 @@ def _series(p: PassPlan, target: Target) -> np.ndarray:
     if target.block is not None:
         series = series * p.blocks[target.block]
     return series
+
+
+def _writing(dest: Tensor):
+    """The mode to write into `dest` in: a host may create its parameters inside
+    torch.inference_mode() (inference tensors), which take in-place writes only there."""
+    return torch.inference_mode() if dest.is_inference() else torch.no_grad()
 
 
 def _chunk(t: Tensor, chunk: Optional[Tuple[int, int]]) -> Tensor:

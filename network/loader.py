@@ -134,7 +134,8 @@ def load_network(path: str, keymap: KeyMap, arch: Optional[str] = None) -> Loade
 
 def _read(f: SafeFile, path: str, key: str) -> torch.Tensor:
     t = f.get(key)
-    if t.is_floating_point() and not torch.isfinite(t).all():
+    # fp8 has no isfinite of its own: check it widened
+    if t.is_floating_point() and not torch.isfinite(t.float() if t.element_size() == 1 else t).all():
         raise NetworkFileError(path, f"tensor '{key}' holds NaN or infinite values")
     return t
 

@@ -8,7 +8,8 @@ area-resampled to each layer grid when a layer first asks, and cached:
     maps.add(key, region, rest=...)
     maps.on_grid(key, (gh, gw), device)  → Grid: values (gh·gw,), indices inside, bounding box
 
-Operators: `a + b` max, `a & b` min, `!a` 1 − a, `a*w` a·w (clipped at 0; w > 1 strengthens).
+Operators: `a + b` max, `a & b` min, `!a` 1 − a and `a*w` a·w (both clipped at 0; w > 1
+strengthens).
 `rest` is 1 − max(every other region of the prompt that does not use rest), so `rest` and the
 others cover every token exactly once when the masks are hard.
 """
@@ -100,7 +101,8 @@ def evaluate(region: Region, size: Tuple[int, int], masks: Mapping[str, object],
         except RegionError as exc:
             raise RegionError(f"mask '{name}': {exc}") from None
     if isinstance(region, Not):
-        return 1.0 - evaluate(region.operand, size, masks, rest)
+        # clipped: the complement of a region scaled above 1 is empty there, not negative
+        return np.maximum(1.0 - evaluate(region.operand, size, masks, rest), 0)
     if isinstance(region, Scaled):
         return np.maximum(evaluate(region.operand, size, masks, rest) * np.float32(region.weight), 0)
     parts = [evaluate(r, size, masks, rest) for r in region.operands]

@@ -21,7 +21,21 @@ Problem = Tuple[int, str, str]  # (offset in the tag text, message, severity)
 KNOWN_KEYS = ("te", "te1", "te2", "unet", "in", "mid", "out", "down", "up", "lbw", "w", "x",
               "dyn", "start", "stop", "step", "hr", "hrte", "hrunet", "region", "interp", "neg",
               "BASE", "IN00", "M00", "OUT00")
+MAX_REGION_DEPTH = 32  # deeper expressions are refused: evaluating them would recurse too far
 GROUP_ALIASES = {"in": "in", "down": "in", "mid": "mid", "out": "out", "up": "out"}
+
+
+def region_depth(region) -> int:
+    """Nesting depth of a region expression, counted without recursion (the input is hostile)."""
+    deepest, stack = 0, [(region, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(node, (Not, Scaled)):
+            stack.append((node.operand, depth + 1))
+        elif isinstance(node, (Union_, Intersect)):
+            stack.extend((child, depth + 1) for child in node.operands)
+    return deepest
 
 
 @dataclass
@@ -158,6 +172,11 @@ class TagTransformer(Transformer):
 
     def region_item(self, children):
         key, value = children
+        depth = region_depth(value)
+        if depth > MAX_REGION_DEPTH:
+            return Item("region", None, key.start_pos,
+                        ((key.start_pos, f"region nests {depth} levels deep; at most "
+                          f"{MAX_REGION_DEPTH}", "error"),))
         return Item("region", value, key.start_pos)
 
     def interp_item(self, children):

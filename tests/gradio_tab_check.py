@@ -25,6 +25,11 @@ with gr.Blocks() as demo:
 names = {getattr(fn.fn, "__name__", "") for fn in (demo.fns.values() if isinstance(demo.fns, dict)
                                                    else demo.fns)}
 assert {"save_drawing", "save_preset", "rename", "delete", "explain", "set_all"} <= names, names
+# the WebUI tab (no prompt box of its own) reads the host's txt2img box in the browser
+with gr.Blocks() as webui_tab:
+    tab.build(store, lambda n: CompileContext(steps=n))
+scripts = [d.get("js") for d in webui_tab.get_config_file()["dependencies"]]
+assert any(js and "#txt2img_prompt" in js for js in scripts), scripts
 editor = [b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "netweave_mask_editor"]
 assert len(editor) == 1
 if hasattr(gr, "ImageEditor"):

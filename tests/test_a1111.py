@@ -8,6 +8,7 @@ import pytest
 import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "a1111_host"))
 
@@ -233,7 +234,7 @@ def test_settings_and_the_tab(host):
     script_callbacks.ui_settings_callback()
     labels = shared.opts.data_labels
     assert {"netweave_enabled", "netweave_cache_mb", "netweave_pristine", "netweave_interp",
-            "netweave_strict"} <= set(labels)
+            "netweave_strict", "netweave_mask_dir"} <= set(labels)
     assert labels["netweave_interp"].section == ("netweave", "NetWeave")
     ((blocks, title, elem_id),) = script_callbacks.ui_tabs_callback()
     assert title == "NetWeave" and elem_id == "netweave"
@@ -241,7 +242,7 @@ def test_settings_and_the_tab(host):
         shared.opts.data["netweave_enabled"] = False
         generate("a <lora:style:0.5>")
         assert extra_networks.extra_network_registry["lora"] is host[1]
-        assert a1111.ADAPTER.engine.plan is None
+        assert a1111.ADAPTER.engine is None or a1111.ADAPTER.engine.plan is None
         shared.opts.data.update(netweave_enabled=True, netweave_strict=True,
                                 netweave_interp="linear", netweave_cache_mb=7,
                                 netweave_pristine="CPU memory")
@@ -251,6 +252,15 @@ def test_settings_and_the_tab(host):
         assert a1111.ADAPTER.engine.pristine_on_cpu
         ctx = a1111.ADAPTER.context(4)
         assert ctx.strict and ctx.default_interp == "linear"
+        # the mask folder: a setting the store follows at once (the routes use the same store)
+        default = a1111.ADAPTER.masks.folder
+        assert default.endswith("netweave-masks")
+        elsewhere = os.path.join(os.path.dirname(default), "my masks")
+        shared.opts.data["netweave_mask_dir"] = elsewhere
+        a1111.ADAPTER.masks.put("moved", Image.new("L", (4, 4), 255))
+        assert os.listdir(elsewhere) == ["moved.png"] and "moved" in a1111.ADAPTER.masks
+        shared.opts.data["netweave_mask_dir"] = ""
+        assert a1111.ADAPTER.masks.folder == default and "moved" not in a1111.ADAPTER.masks
     finally:
         for key in list(shared.opts.data):
             if key.startswith("netweave_"):

@@ -98,7 +98,9 @@ def check_bypass(adapter, module, g, strength=1.0, dyn=None):
     db = adapter.bias_delta(module.bias, strength)
     bias = module.bias if db is None else module.bias + db
     expected = forward_with(module, x, module.weight + dw, bias) - y
-    close(adapter.bypass(x, module, y, strength, dyn), expected)
+    # the reference is a difference of two whole outputs: its round-off scales with |y|, not
+    # with the delta (seen at 3.5e-5 on a Tucker conv), hence the looser tolerance
+    close(adapter.bypass(x, module, y, strength, dyn), expected, tol=1e-4)
     return x, y
 
 

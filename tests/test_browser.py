@@ -156,3 +156,49 @@ def test_explain_takes_the_prompt_and_points_at_the_column(page, tmp_path):
     errors = page.locator("#netweave_explain_errors textarea").input_value()
     assert errors.startswith("column 42:")  # the ">" where a number belongs
     shot(page, "explain.png", tmp_path)
+
+
+# What a WebUI's own scripts do in the same prompt box, after AUTOMATIC1111 v1.10.1's
+# javascript/: edit-attention.js listens for keydown on the window (bubbling) and acts on
+# Ctrl/Meta + ↑/↓; the extra-network cards and the token counter go through `input` events
+# (script.js's updateInput dispatches one after a card writes the box).
+HOST_LISTENERS = """() => {
+    const box = document.querySelector('#netweave_prompt textarea');
+    window.hostSaw = {keys: [], inputs: 0};
+    window.addEventListener('keydown', (e) => {
+        if (e.ctrlKey || e.metaKey) hostSaw.keys.push([e.key, e.defaultPrevented]);
+    });
+    box.addEventListener('input', () => { hostSaw.inputs += 1; });
+}"""
+
+
+def test_the_hosts_own_prompt_box_behaviour_still_works(page, tmp_path):
+    box = page.locator("#netweave_prompt textarea")
+    page.get_by_role("tab", name="txt2img").click()
+    box.fill("")
+    page.evaluate(HOST_LISTENERS)
+    box.type("a fox <lora:demo_s")
+    completion = page.locator(".netweave-complete li", has_text="demo_style")
+    completion.wait_for(state="visible", timeout=10000)
+    # Ctrl+↑/↓ while our list is open: the host's weight editing gets it, untouched
+    box.press("Control+ArrowUp")
+    box.press("Control+ArrowDown")
+    saw = page.evaluate("hostSaw")
+    assert saw["keys"] == [["ArrowUp", False], ["ArrowDown", False]]
+    assert saw["inputs"] == len("a fox <lora:demo_s")  # every keystroke reached the counter
+    assert box.input_value() == "a fox <lora:demo_s"
+    # a card writes a whole tag and announces it with an input event: no list, no message
+    page.evaluate("""() => {
+        const box = document.querySelector('#netweave_prompt textarea');
+        box.value = 'a fox <lora:demo_style:1>';
+        box.selectionStart = box.selectionEnd = box.value.length;
+        box.dispatchEvent(new Event('input', {bubbles: true}));
+    }""")
+    page.wait_for_function("document.querySelector('.netweave-complete') === null || "
+                           "getComputedStyle(document.querySelector('.netweave-complete'))"
+                           ".display === 'none'", timeout=5000)
+    page.wait_for_timeout(800)  # past the validation's debounce
+    assert page.locator(".netweave-problems").first.text_content() == ""
+    assert box.input_value() == "a fox <lora:demo_style:1>"
+    assert page.evaluate("hostSaw.inputs") == len("a fox <lora:demo_s") + 1
+    shot(page, "host-behaviour.png", tmp_path)

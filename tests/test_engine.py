@@ -386,3 +386,27 @@ def test_a_plan_for_another_architecture_is_refused(netdir):
     engine = make_engine(ldm_trees("sd1"), "sd1", netdir)
     with pytest.raises(ValueError, match="compiled for sdxl"):
         engine.activate(plan("<lora:sd1_lora:1>", "sdxl"))
+
+
+def test_the_same_tag_twice_in_a_prompt_adds_up(netdir):
+    """Two identical tags are two networks, as `<lora:x:0.5> <lora:x:0.4>` is: they sum
+    (before, the second was taken for the batch-shared copy of the first and dropped)."""
+    trees = ldm_trees("sd1")
+    km = KeyMap(trees)
+    (t,) = km.lookup("lora_unet_input_blocks_1_1_proj_in")
+    merged = {}
+    for prompt in ("<lora:sd1_lora:0.5> <lora:sd1_lora:0.5>", "<lora:sd1_lora:1>"):
+        engine = make_engine(trees, "sd1", netdir)
+        engine.activate(plan(prompt, steps=2))
+        engine.set_step(0)
+        merged[prompt] = t.weight.detach().clone()
+        engine.deactivate()
+    twice, once = merged.values()
+    assert torch.allclose(twice, once, atol=1e-6)
+    # shared across a batch: each prompt has it twice, both copies stay
+    engine = make_engine(trees, "sd1", netdir)
+    p = plan("<lora:sd1_lora:0.5> <lora:sd1_lora:0.5>", steps=2)
+    engine.activate([p, p])
+    engine.set_step(0)
+    assert torch.allclose(t.weight.detach(), once, atol=1e-6)
+    engine.deactivate()

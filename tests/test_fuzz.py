@@ -1,57 +1,14 @@
-"""10,000 random and mutated prompts: parse and compile return their documented types and
-never raise."""
+"""Random and mutated input: parse and compile return their documented types and never raise;
+the fuzzers of fuzz.py (parser, regions, files, API) run briefly."""
 import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netweave.network.plan import CompileContext, Plan, compile_parsed
-from netweave.parser import Diagnostic, Prompt, Tag, parse
-
-SEEDS = [
-    "<lora:pixel:te=0.1@0,0.6@0.5:unet=1:in=0:mid=1:out=0:region=mask1>",
-    "<model:anime_v3:0.7> a cat", "<loractl:x:0@0~1@0.5;0@1:hr=1@0,0@1>",
-    "<lora:n:1:lbw=1,0,R,U,X+0.2,X-1,0,0,0,0,0,0,0,0,0,0,0:x=0.5:step=5-10>",
-    "(a:1.2) <lyco:sub/dir name:0.5:0.3:8> [a:b:0.5] AND c BREAK <lora:q:region=!(a+b)&left*0.5>",
-    "<lora:n:start=0.25:stop=75%:interp=ease_in_out:neg=0:IN04=0.5:BASE=0:OUT11=0@1,1@30>",
-]
-ALPHABET = "<>:=@~,;%!&+*()-_. /\\\t\n\x00\x7féß0123456789abcdefXRUloramyctdeinpsuwx" \
-           "LORAMODELYCOTBASEINOUT"
-CONTEXTS = [CompileContext(arch="sd1", steps=20, hires_steps=5),
-            CompileContext(arch="sdxl", steps=3, strict=True, masks=frozenset({"mask1"}))]
-
-
-def mutate(rng, text):
-    chars = list(text)
-    for _ in range(rng.randint(1, 5)):
-        op = rng.random()
-        i = rng.randint(0, len(chars))
-        if op < 0.4:
-            chars.insert(i, rng.choice(ALPHABET))
-        elif op < 0.7 and chars:
-            del chars[min(i, len(chars) - 1)]
-        elif op < 0.85 and chars:
-            j = rng.randint(0, len(chars))
-            chars[i:i] = chars[min(i, j):max(i, j)][:20]
-        elif chars:
-            chars[min(i, len(chars) - 1)] = rng.choice(ALPHABET)
-    return "".join(chars)
-
-
-def check(prompt):
-    parsed = parse(prompt)
-    assert isinstance(parsed, Prompt) and isinstance(parsed.text, str)
-    assert all(isinstance(t, Tag) for t in parsed.tags)
-    for e in parsed.errors:
-        assert isinstance(e, Diagnostic) and e.severity in ("error", "warning")
-        assert 1 <= e.column <= len(prompt) + 1 and "^" in e.snippet and e.message
-    for ctx in CONTEXTS:
-        plan = compile_parsed(parsed, prompt, ctx)
-        assert isinstance(plan, Plan)
-        for n in plan.networks:
-            assert all(len(v) == ctx.steps for v in n.base.strength.values())
-    return parsed
-
+from fuzz import ALPHABET, CONTEXTS, SEEDS, mutate
+from fuzz import check_prompt as check
+from netweave.network.plan import compile_parsed
+from netweave.parser import parse
 
 def test_ten_thousand_random_and_mutated_prompts():
     rng = random.Random(1234)
@@ -77,3 +34,66 @@ def test_arbitrary_unicode(prompt):
 @given(st.lists(st.sampled_from(SEEDS + ["<", ">", ":", "<lora:", "=", "@"]), max_size=8))
 def test_glued_fragments(parts):
     check("".join(parts))
+
+
+# ---- the fuzzers of tests/fuzz.py, briefly (the notes report long runs) --------------------
+
+def test_fuzz_parser_briefly():
+    from fuzz import fuzz_parser
+    stats = fuzz_parser(2000, 7)
+    assert stats["tags"] > 200 and stats["problems"] > 200
+
+
+def test_fuzz_region_compiler_briefly():
+    from fuzz import fuzz_regions
+    stats = fuzz_regions(300, 7)
+    assert stats["compiled"] > 100 and stats["missing mask"] > 10
+
+
+def test_fuzz_network_files_briefly():
+    from fuzz import fuzz_files
+    stats = fuzz_files(300, 7)
+    refused = sum(v for k, v in stats.items() if k.endswith("refused"))
+    assert refused > 150 and stats["inputs"] == 300
+
+
+def test_fuzz_http_api_briefly(tmp_path):
+    from fuzz import fuzz_api
+    stats = fuzz_api(150, 7, root=tmp_path)
+    assert any(k.startswith("POST txt2img: 200") for k in stats)
+    assert any(k.startswith("PUT masks: 200") for k in stats)
+    assert sum(v for k, v in stats.items() if ": 4" in k) > 50
+
+
+def test_http_api_driven_by_hypothesis(tmp_path_factory):
+    """The same random requests, drawn by hypothesis (so a failure shrinks to a small one)."""
+    from fuzz import ApiTarget, _request
+
+    target = ApiTarget(tmp_path_factory.mktemp("api"))
+    seen = set()
+
+    @settings(max_examples=120, deadline=None, database=None)
+    @given(st.randoms(use_true_random=False))
+    def one_request(rng):
+        seen.add(target.send(*_request(rng)))
+
+    one_request()
+    target.finish()
+    assert any(": 200" in s for s in seen) and any(": 4" in s for s in seen), seen
+
+
+def test_deep_region_nesting_is_refused_at_its_column():
+    from netweave.network.plan import compile_prompt
+    deep = "<lora:a:1:region=" + "!(" * 40 + "left" + ")" * 40 + "> ok <lora:b:1:region=!(!(left))>"
+    plan = compile_prompt(deep, CONTEXTS[0])
+    assert [e.column for e in plan.errors] == [11]
+    assert "nests 41 levels deep; at most 32" in plan.errors[0].message
+    assert [n.name for n in plan.networks] == ["b"]
+
+
+def test_complement_of_a_strengthened_region_is_not_negative():
+    import numpy as np
+    from netweave.network.regions import evaluate
+    region = compile_parsed(parse("<lora:a:region=!(left*3)>"), "", CONTEXTS[0]).networks[0].region
+    a = evaluate(region, (4, 4), {})
+    assert a.min() == 0 and a[:, 2:].min() == 1

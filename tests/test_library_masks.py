@@ -83,3 +83,41 @@ def test_mask_tools():
     assert mt.from_drawing(None) is None
     preview = mt.overlay(Image.fromarray(left), Image.new("RGB", (20, 8), (0, 0, 255)))
     assert preview.size == (20, 8) and preview.getpixel((0, 0)) != preview.getpixel((19, 0))
+
+
+def bomb(width, height, bit_depth=1) -> bytes:
+    """A real decompression bomb: a valid grayscale PNG of width × height zero pixels whose
+    rows compress about 1000:1 (40000² at 1 bit is 200 MB decoded from ~200 KB)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    row = b"\x00" * (1 + (width * bit_depth + 7) // 8)  # filter byte + the row
+    z = zlib.compressobj(9)
+    idat = b"".join(z.compress(row) for _ in range(height)) + z.flush()
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+@pytest.mark.parametrize("width, height, words", [
+    (40000, 40000, "broken image|pixels"),  # past PIL's own bomb limit
+    (12000, 12000, "pixels"),  # under PIL's limit, over the store's
+    (4097, 4096, "pixels"),
+])
+def test_decompression_bombs_are_refused_before_decoding(tmp_path, width, height, words):
+    data = bomb(width, height)
+    assert len(data) < 16 * 2 ** 20 and width * height > 4096 * 4096
+    store = MaskStore(str(tmp_path))
+    before = rss_mib()
+    with pytest.raises(MaskError, match=words):
+        store.put("bomb", data)
+    assert rss_mib() - before < 64  # the pixels were never decoded
+    assert list(store) == []
+    # the largest allowed size decodes, to 16 MiB of 8-bit gray
+    assert store.put("ok", bomb(4096, 4096)).size == (4096, 4096)

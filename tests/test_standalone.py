@@ -157,6 +157,7 @@ def test_bad_tags_never_stop_a_generation(client):
     ({"prompt": "x", "alwayson_scripts": {"NetWeave": {"args": [{"masks": {"../x": ""}}]}}},
      "not a valid mask name"),
     ({"prompt": ["not", "text"]}, "prompt"),
+    ({"prompt": "x", "n_iter": 10**9}, "n_iter"),
 ])
 def test_bad_requests_get_a_4xx_with_a_message(client, body, message):
     r = client.post("/sdapi/v1/txt2img", json={"steps": 2, "width": 64, "height": 64, **body})
@@ -262,20 +263,19 @@ def test_the_page_is_served(setup):
 
 
 # ---- the command line -----------------------------------------------------------------------
-def test_generate_command_on_the_default_model(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))  # the demo networks are written under ~/.cache
+def test_generate_command_on_the_default_model(tmp_path, capsys):
     mask = tmp_path / "m.png"
     mask.write_bytes(left_half(16, 16))
     out = tmp_path / "fox.png"
-    code = main(["generate", "--prompt", "a fox <lora:demo_style:te=0.2@0,1@0.5:in=0:region=m> "
-                 "<lora:demo_texture:0.5:lbw=MIDD> <model:demo_blend:0.5> <lora:typo:1>",
+    code = main(["generate", "--prompt", "a fox <lora:demo_sunset:te=0.2@0,1@0.5:in=0:region=m> "
+                 "<lyco:demo_boxy:0.5:lbw=MIDD> <model:demo_pastel:0.5> <lora:typo:1>",
                  "--steps", "4", "--mask", f"m={mask}", "--mask-dir", str(tmp_path / "masks"),
                  "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     img = Image.open(out)
     assert img.size == (64, 64)
-    assert img.text["parameters"].startswith("a fox <lora:demo_style")
+    assert img.text["parameters"].startswith("a fox <lora:demo_sunset")
     assert "no lora named 'typo'" in captured.err and "wrote" in captured.out
     assert main(["generate", "--prompt", "x", "--out", str(out), "--mask", "m"]) == 2
     assert main(["generate", "--prompt", "x", "--out", str(out),

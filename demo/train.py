@@ -41,7 +41,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "weights")
 BASE_NAME = "netweave-demo"
 # (steps, batch) per stage; --quick divides steps
-STEPS = {"vae": (500, 16), "base": (1800, 32), "network": (250, 32), "pastel": (250, 32)}
+STEPS = {"vae": (500, 16), "decoder": (800, 16), "base": (1800, 32), "network": (250, 32),
+         "pastel": (250, 32)}
 NETWORKS = {
     # name: (style, algorithm, rank, which layers, with the text encoder)
     "demo_sunset": ("sunset", "lora", 8, "attention", True),
@@ -294,12 +295,35 @@ def _save_component(module, folder):
     module.to(torch.float32)
 
 
+def decoder_only(out, steps, seed) -> int:
+    """The decoder stage alone, on a trained demo's VAE (written back in place)."""
+    from diffusers import AutoencoderKL
+
+    folder = os.path.join(out, BASE_NAME, "vae")
+    vae = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.float32)
+    started = time.time()
+    finetune_decoder(vae, *steps, seed)
+    _save_component(vae, folder)
+    record = os.path.join(out, "TRAINED.json")
+    with open(record, encoding="utf-8") as f:
+        trained = json.load(f)
+    trained["steps"]["decoder"] = list(steps)
+    trained["decoder_run_after"] = "python -m netweave.demo.train --decoder-only"
+    trained["seconds"] += round(time.time() - started)
+    with open(record, "w", encoding="utf-8") as f:
+        json.dump(trained, f, indent=1)
+    print(f"decoder fine-tuned in {time.time() - started:.0f} s")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m netweave.demo.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=DEFAULT_OUT)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a few steps per stage (a smoke run)")
+    ap.add_argument("--decoder-only", action="store_true",
+                    help="only the decoder stage, on the VAE already in --out")
     args = ap.parse_args(argv)
     from diffusers.utils import logging as diffusers_logging
 
@@ -307,12 +331,15 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     steps = {k: (max(2, s // 300) if args.quick else s, b) for k, (s, b) in STEPS.items()}
+    if args.decoder_only:
+        return decoder_only(args.out, steps["decoder"], args.seed)
     count = 512 if args.quick else 8192
     started = time.time()
     vae, text, unet, scheduler = build()
     train_vae(vae, *steps["vae"], args.seed)
     probe, _ = encode(vae, args.seed + 1, 512 if not args.quick else 64, "base")
     vae.register_to_config(scaling_factor=round(1.0 / probe.std().item(), 5))
+    finetune_decoder(vae, *steps["decoder"], args.seed)
     base = encode(vae, args.seed + 2, count, "base")
     unet, text = train_base(unet, text, base, *steps["base"], args.seed)
     unet.requires_grad_(False)

@@ -2,75 +2,22 @@
 takes the `lora`, `lyco`, `loractl` and `model` tag names, per-step control from
 `on_cfg_denoiser`, and NetWeave's HTTP routes (facts: shared/reference/hosts.md §1–2).
 
-Per generation (hooks in A1111's order):
-- `process`: take the four names in the extra-network registry (the built-in Lora would parse
-  our tags with float() and patch the same layers); the built-in is first told to load nothing
-  and every layer it changed is put back from its own backup, so NetWeave's pristine copies are
-  the model's. Disabled: give the names back and restore every weight.
-- `before_process_batch` (the prompts still have their tags): one plan per prompt of the batch,
-  the engine activated, the text encoders merged for step 0 — A1111 then encodes with them.
-- `on_cfg_denoiser`, at every model evaluation: the step (A1111's `sampling_step` lags by one,
-  so from the denoiser's own call counter), the pass (`p.is_hr_pass`), the batch rows; where
-  text-encoder strengths change during the pass (or a prompt of the batch has other TE networks,
-  or a regional TE network acts), the conditioning rows are swapped for an encoding made with
-  the right text-encoder weights, cached per segment.
-- Infotext: the tags stay in the prompt; problems go to "NetWeave errors", masks to
-  "NetWeave masks" (name:hash).
+Shared with Forge in a1111_family.py; here: A1111's module trees, its built-in Lora's
+backups put back in `process`, and its CFGDenoiser row layout (conds, then unconds).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+import sys
 
 import torch
 
-from modules import extra_networks, script_callbacks, scripts, shared  # the host's own
+from modules import scripts, shared  # the host's own
 
-from ..network.engine import Engine
-from ..network.plan import CompileContext, Plan, compile_prompt, region_masks
-from .api import netweave_router
-from .masks import MaskError, MaskStore, Overlay
-from .webui import (ScriptParts, TagNames, mask_folder, infotext_params, inline_masks,
-                    library, register_settings, settings, ui_tab)
-
-PLMS = "PLMS"
+from .a1111_family import (PLMS, Adapter, LdmScript, NetWeaveNetworks, Run,  # noqa: F401
+                           current_step, register)
 
 
-class NetWeaveNetworks(extra_networks.ExtraNetwork):
-    """Holds our tag names in the registry. NetWeave reads the tags from the prompts itself
-    (before A1111 strips them), so activation has nothing to do here."""
-
-    def activate(self, p, params_list):
-        pass
-
-    def deactivate(self, p):
-        pass
-
-
-@dataclass
-class Run:
-    """What one generation needs at every denoiser call."""
-
-    plans: List[Plan]
-    te_swap: bool
-    conds: Dict = field(default_factory=dict)  # (phase, segments) -> cond rows
-
-
-class Adapter:
-    def __init__(self):
-        self.engine: Optional[Engine] = None
-        self.model_id: Optional[int] = None
-        self.names = TagNames(NetWeaveNetworks)
-        self.run: Optional[Run] = None
-        self.masks = MaskStore(mask_folder)
-
-    # ---- the model -----------------------------------------------------------------------
-    @staticmethod
-    def arch(sd_model) -> str:
-        if getattr(sd_model, "is_sdxl", False):
-            return "sdxl"
-        return "sd2" if getattr(sd_model, "is_sd2", False) else "sd1"
-
+class A1111Adapter(Adapter):
     @staticmethod
     def trees(sd_model) -> dict:
         trees = {"unet": sd_model.model.diffusion_model}
@@ -81,121 +28,19 @@ class Adapter:
             trees["te1"] = sd_model.cond_stage_model
         return trees
 
-    def engine_for(self, sd_model) -> Engine:
-        if self.engine is None or self.model_id != id(sd_model):
-            if self.engine is not None:
-                self.engine.deactivate()
-            self.engine = Engine(self.trees(sd_model), self.arch(sd_model), library().find)
-            self.model_id = id(sd_model)
-        return self.engine
-
-    # ---- the registry --------------------------------------------------------------------
     def take_names(self, p) -> None:
-        self.names.take(p)
+        self.names.take(p)  # the built-in is told to load nothing
         release_builtin_weights(self.trees(shared.sd_model))
 
-    def off(self) -> None:
-        self.names.give_back()
-        if self.engine is not None:
-            self.engine.deactivate()
-        self.run = None
-
-    # ---- one batch -----------------------------------------------------------------------
-    def context(self, steps: int, hires=None, masks=None) -> CompileContext:
-        opts = settings()
-        return CompileContext(arch=self.arch(shared.sd_model), steps=steps, hires_steps=hires,
-                              masks=frozenset(self.masks if masks is None else masks),
-                              default_interp=opts.default_interp, strict=opts.strict)
-
-    def start_batch(self, p, prompts: List[str], inline: Dict, problems: List[str]) -> None:
-        engine = self.engine_for(p.sd_model)
-        settings().apply(engine)
-        masks = Overlay(inline, self.masks)
-        hires = (p.hr_second_pass_steps or p.steps) if getattr(p, "enable_hr", False) else None
-        ctx = self.context(p.steps, hires, masks)
-        plans = [compile_prompt(text, ctx) for text in prompts]
-        errors = problems + [f"{e.message} (column {e.column})" for plan in plans for e in plan.errors]
-        engine.latent, engine.batch = (p.height // 8, p.width // 8), 2 * len(prompts)
-        engine.masks = masks
-        engine.activate(plans)
-        errors += engine.errors
-        segments = [engine.te_segments("base", i) for i in range(len(plans))]
-        te_swap = any(len(s) > 1 or s[0].variants or s[0].strengths != segments[0][0].strengths
-                      for s in segments) or _te_neg(plans)
-        if segments[0]:
-            engine.apply_te(segments[0][0])  # A1111 encodes next, with these weights
-        if te_swap and engine.arch == "sdxl":  # SDXL conds are dicts: not swapped yet
-            errors.append("text-encoder schedules, per-prompt or regional text-encoder networks "
-                          "and neg= on SDXL use step 0's text encoding in A1111 for now")
-        self.run = Run(plans, te_swap)
-        used = sorted({m for plan in plans for n in plan.networks if n.region is not None
-                       for m in region_masks(n.region) if m in masks})
-        infotext_params(p.extra_generation_params, errors, {m: masks[m] for m in used})
-
-    def on_denoiser(self, params) -> None:
-        if self.run is None or self.engine is None or self.engine.plan is None:
-            return
-        d = params.denoiser
-        p = d.p
-        phase = "hires" if getattr(p, "is_hr_pass", False) else "base"
-        engine = self.engine
-        engine.set_step(current_step(d, engine.plan.hires_steps if phase == "hires"
-                                     else engine.plan.steps), phase)
-        conds = params.text_cond
-        rows = conds.shape[0] if isinstance(conds, torch.Tensor) else len(self.run.plans)
-        n = len(self.run.plans)
-        per = max(1, rows // n)  # AND sub-prompts repeat each image's cond row
-        engine.set_rows([i for i in range(n) for _ in range(per)] + list(range(n)),
-                        [False] * (per * n) + [True] * n)
-        if self.run.te_swap and isinstance(conds, torch.Tensor) and per == 1:
-            params.text_cond, params.text_uncond = self.conditioning(p, phase, params.text_uncond)
-
-    def conditioning(self, p, phase: str, uncond):
-        """Cond and uncond rows for this step, each prompt encoded with its own text-encoder
-        segment (and negative strengths); regional TE networks get their own rows."""
-        engine = self.engine
-        k = engine.position[1]
-        segs = tuple(engine.segment_at(k, phase, i) for i in range(len(self.run.plans)))
-        if segs not in self.run.conds:
-            encode = p.sd_model.get_learned_conditioning
-            cond, neg, variant_rows = [], [], {}
-            for i, seg in enumerate(segs):
-                engine.apply_te(seg)
-                cond.append(encode([p.prompts[i]]))
-                engine.apply_te(seg, uncond=True)
-                neg.append(encode([p.negative_prompts[i]]))
-                for j in seg.variants:
-                    engine.apply_te(seg, variant=j)
-                    variant_rows.setdefault(j, {})[i] = encode([p.prompts[i]])
-            variants = {j: torch.cat([rows.get(i, c) for i, c in enumerate(cond)])
-                        for j, rows in variant_rows.items()}
-            self.run.conds[segs] = (torch.cat(cond), torch.cat(neg), variants)
-        cond, neg, variants = self.run.conds[segs]
-        engine.set_text_variants(torch.cat([cond, neg]),
-                                 {j: torch.cat([v, neg]) for j, v in variants.items()})
-        return cond, neg
-
-
-def current_step(denoiser, steps: Optional[int]) -> int:
-    """The 0-based step of this model evaluation. A1111's `sampling_step` is set after a
-    step's first evaluation, so it lags; the denoiser counts its calls per pass instead: one
-    per step, two for second-order samplers (the last step one), PLMS one extra at the start."""
-    k = denoiser.step
-    config = getattr(denoiser.sampler, "config", None)
-    options = getattr(config, "options", {}) or {}
-    name = getattr(config, "name", "")
-    if options.get("second_order") and name != "Restart":
-        k //= 2
-    elif name == PLMS:
-        k = max(k - 1, 0)
-    n = steps or getattr(denoiser, "steps", k + 1)
-    return min(k, n - 1)
+    def describe_rows(self, n: int, per: int) -> None:
+        """A1111's CFGDenoiser batch: every prompt's cond rows, then one uncond row each."""
+        self.engine.set_rows([i for i in range(n) for _ in range(per)] + list(range(n)),
+                             [False] * (per * n) + [True] * n)
 
 
 def release_builtin_weights(trees: dict) -> None:
     """Layers the built-in Lora merged are put back from its own backups now (it would do so
     lazily at their next forward, after NetWeave took its pristine copies)."""
-    import sys
     builtin = sys.modules.get("networks")
     restore = getattr(builtin, "network_restore_weights_from_backup", None)
     if restore is None:
@@ -208,32 +53,11 @@ def release_builtin_weights(trees: dict) -> None:
                     module.network_current_names = ()
 
 
-def _te_neg(plans: List[Plan]) -> bool:
-    return any(n.neg != 1.0 for plan in plans for n in plan.networks)
+ADAPTER = A1111Adapter()
 
 
-ADAPTER = Adapter()
-
-
-class NetWeaveScript(ScriptParts, scripts.Script):
+class NetWeaveScript(LdmScript, scripts.Script):
     adapter = ADAPTER
 
-    def batch(self, p, prompts, options):
-        inline, problems = {}, []
-        try:
-            inline = inline_masks(options)
-        except (MaskError, ValueError) as exc:
-            problems.append(f"masks: {exc}")
-        ADAPTER.start_batch(p, prompts, inline, problems)
 
-
-def on_app_started(demo, app) -> None:
-    app.include_router(netweave_router(ADAPTER.masks, library(),
-                                       lambda: Adapter.arch(shared.sd_model)))
-
-
-script_callbacks.on_cfg_denoiser(ADAPTER.on_denoiser)
-script_callbacks.on_ui_settings(register_settings)
-script_callbacks.on_ui_tabs(lambda: ui_tab(ADAPTER.masks, ADAPTER.context))
-script_callbacks.on_app_started(on_app_started)
-script_callbacks.on_script_unloaded(ADAPTER.off)
+register(ADAPTER)

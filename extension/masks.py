@@ -40,6 +40,8 @@ def check_mask_name(name: str) -> str:
 
 def decode_image(data, where: str = "mask") -> Image.Image:
     """Bytes, or base64 text (a data: URL prefix allowed), to an 8-bit grayscale image."""
+    if not isinstance(data, (str, bytes, bytearray)):  # e.g. a number where JSON had base64
+        raise MaskError(f"{where}: expected PNG bytes or base64 text, not {type(data).__name__}")
     if isinstance(data, str):
         text = data.split(",", 1)[1] if data.startswith("data:") else data
         if len(text) > MAX_BYTES * 4 // 3 + 4:

@@ -65,7 +65,9 @@ class TagNames:
         self.ours = {kind: handler_class(kind) for kind in KINDS}
         self.originals: Dict[str, object] = {}
 
-    def take(self, p) -> None:
+    def take(self, p, quiet=None) -> None:
+        """`quiet(handler, p)`: how the host's own `lora` handler is made to load nothing
+        (default: activated with no tags, as A1111's own loop does for unmentioned handlers)."""
         from modules import extra_networks
         registry = extra_networks.extra_network_registry
         for kind in KINDS:
@@ -73,7 +75,7 @@ class TagNames:
             if current is not None and current is not self.ours[kind]:
                 self.originals[kind] = current
                 if kind == "lora":  # the built-in loads nothing from now on
-                    current.activate(p, [])
+                    (quiet or _activate_nothing)(current, p)
             registry[kind] = self.ours[kind]
 
     def give_back(self) -> None:
@@ -85,6 +87,10 @@ class TagNames:
                     registry[kind] = self.originals[kind]
                 else:
                     del registry[kind]
+
+
+def _activate_nothing(handler, p) -> None:
+    handler.activate(p, [])
 
 
 class ScriptParts:

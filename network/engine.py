@@ -397,7 +397,8 @@ class Engine:
             for c in slot.contributions:
                 if not c.uniform:
                     c.bypass = True
-            if t.chunk is not None or not (linear_like(t.module) or isinstance(t.module, nn.Conv2d)):
+            layer = linear_like(t.module) or isinstance(t.module, nn.Conv2d)
+            if t.chunk is not None or not layer:
                 continue
             tokens = self._tokens(t, levels)
             for c in slot.contributions:

@@ -20,6 +20,31 @@ PATCHABLE = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
 COMPONENTS = ("unet", "te1", "te2")
 
 
+def linear_like(module: nn.Module) -> bool:
+    """An nn.Linear, or a layer built like one without subclassing it: a leaf module holding
+    a 2-D `weight` [out, in] (hosts with their own layer classes keep the weight themselves
+    and call F.linear with it). Embeddings hold a 2-D weight too but are tables, not layers."""
+    if isinstance(module, nn.Linear):
+        return True
+    if isinstance(module, nn.Embedding) or next(module.children(), None) is not None:
+        return False
+    w = getattr(module, "weight", None)
+    return isinstance(w, Tensor) and len(w.shape) == 2  # .shape: a packed tensor may say its own
+
+
+def patchable(module: nn.Module) -> bool:
+    return isinstance(module, PATCHABLE) or linear_like(module)
+
+
+def frozen(weight: Tensor) -> Optional[str]:
+    """Why a weight cannot take a merge, or None: only a plain floating-point tensor can. A
+    tensor subclass that packs or quantizes its data (4-bit, GGUF blocks) would be written
+    as raw bytes."""
+    if type(weight) in (Tensor, nn.Parameter) and weight.is_floating_point():
+        return None
+    return f"its weight is stored quantized ({type(weight).__name__}, {weight.dtype})"
+
+
 @dataclass(frozen=True)
 class Target:
     """One thing a network can change: a module's weight, or one chunk of a fused weight."""
@@ -170,7 +195,7 @@ def _unet_layers(root: nn.Module) -> Iterator[Tuple[str, str, nn.Module]]:
     if not ldm and not hasattr(root, "down_blocks"):
         raise ValueError(f"{type(root).__name__} is neither an LDM nor a diffusers UNet")
     for path, module in root.named_modules():
-        if not isinstance(module, PATCHABLE):
+        if not patchable(module):
             continue
         if ldm:
             d, l = ldm_to_diffusers(path, root), path
@@ -206,7 +231,7 @@ def _text_layers(root: nn.Module) -> Iterator[Tuple[str, str, nn.Module, str, Op
     for rel, module in text.named_modules():
         path = prefix + rel
         if style == "hf":
-            if isinstance(module, PATCHABLE):
+            if patchable(module):
                 yield rel, path, module, "weight", None
             continue
         m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)$", rel)
@@ -215,11 +240,11 @@ def _text_layers(root: nn.Module) -> Iterator[Tuple[str, str, nn.Module, str, Op
             for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
                 yield f"{layer}.{proj}", path, module, "in_proj_weight", (i, 3)
             yield f"{layer}.out_proj", path, module, "out_proj.weight", None
-        elif isinstance(module, PATCHABLE) and m:
+        elif patchable(module) and m:
             hf = _rename(m.group(2), _OPENCLIP_TO_HF)
             if hf is not None:
                 yield f"encoder.layers.{m.group(1)}.{hf}", path, module, "weight", None
-        elif isinstance(module, PATCHABLE) and rel == "ln_final":
+        elif patchable(module) and rel == "ln_final":
             yield "final_layer_norm", path, module, "weight", None
 
 
@@ -274,7 +299,8 @@ _QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
 
 
 class KeyMap:
-    """Every host target by every name a file may give it."""
+    """Every host target by every name a file may give it. Layers whose weight cannot take a
+    merge (`frozen`) are kept apart: no file reaches them, `refused` says which keys meant to."""
 
     def __init__(self, trees: Mapping[str, nn.Module]):
         unknown = set(trees) - set(COMPONENTS)
@@ -282,6 +308,7 @@ class KeyMap:
             raise ValueError(f"unknown components {sorted(unknown)}; use {COMPONENTS}")
         self.targets: List[Target] = []
         self._by_name: Dict[str, List[Target]] = {}
+        self._frozen: Dict[str, Tuple[Target, str]] = {}  # spelling -> (target, why)
         if "unet" in trees:
             for d, l, module in _unet_layers(trees["unet"]):
                 path = l if hasattr(trees["unet"], "input_blocks") else d
@@ -293,6 +320,14 @@ class KeyMap:
                     self._add(target, text_spellings(component, hf))
 
     def _add(self, target: Target, spellings: List[str]) -> None:
+        try:
+            why = frozen(target.weight)
+        except AttributeError:  # no weight (a norm without affine): nothing a file could change
+            why = None
+        if why is not None:
+            for name in spellings:
+                self._frozen.setdefault(name, (target, why))
+            return
         self.targets.append(target)
         for name in dict.fromkeys(spellings):
             bucket = self._by_name.setdefault(name, [])
@@ -319,6 +354,21 @@ class KeyMap:
             if found:
                 return found
         return []
+
+    def refused(self, keys) -> Dict[Target, str]:
+        """{frozen target: why} for the file keys (`layer.part…`) that name a frozen layer."""
+        found: Dict[Target, str] = {}
+        if not self._frozen:
+            return found
+        for key in keys:
+            head = key
+            while "." in head:
+                head = head.rsplit(".", 1)[0]
+                if head in self._frozen:
+                    target, why = self._frozen[head]
+                    found[target] = why
+                    break
+        return found
 
     def lookup(self, layer: str) -> List[Target]:
         """Targets of a layer name: one, or three for an OpenCLIP `attn` in a checkpoint

@@ -121,3 +121,11 @@ def test_decompression_bombs_are_refused_before_decoding(tmp_path, width, height
     assert list(store) == []
     # the largest allowed size decodes, to 16 MiB of 8-bit gray
     assert store.put("ok", bomb(4096, 4096)).size == (4096, 4096)
+
+
+def test_a_mask_that_is_not_bytes_or_text_is_refused(tmp_path):
+    """Found by tests/fuzz.py: {"image": 3} through the API was a 500."""
+    store = MaskStore(str(tmp_path))
+    for junk in (3, None, [1, 2], {"a": 1}):
+        with pytest.raises(MaskError, match="expected PNG bytes or base64 text"):
+            store.put("m", junk)

@@ -1,0 +1,230 @@
+"""What the AUTOMATIC1111 and Forge adapters share (both run LDM module trees behind A1111's
+script and extra-network API): the tag handler, one generation's plans, the step from
+`on_cfg_denoiser`, the text-encoder swaps, the always-on script and the callbacks. A host's
+adapter subclasses `Adapter` with its module trees, how its own LoRA lets go of the model
+(`take_names`) and how the UNet batch rows are laid out (`describe_rows`).
+
+Per generation (hooks in A1111's order):
+- `process`: take the four names in the extra-network registry (the built-in Lora would parse
+  our tags with float() and patch the same layers); the built-in loads nothing and puts back
+  every layer it changed, so NetWeave's pristine copies are the model's. Disabled: give the
+  names back and restore every weight.
+- `before_process_batch` (the prompts still have their tags): one plan per prompt of the batch,
+  the engine activated, the text encoders merged for step 0 — the host then encodes with them.
+- `on_cfg_denoiser`, at every model evaluation: the step (A1111's `sampling_step` lags by one,
+  so from the denoiser's own call counter), the pass (`p.is_hr_pass`); where text-encoder
+  strengths change during the pass (or a prompt of the batch has other TE networks, or a
+  regional TE network acts), the conditioning rows are swapped for an encoding made with the
+  right text-encoder weights, cached per segment.
+- Infotext: the tags stay in the prompt; problems go to "NetWeave errors", masks to
+  "NetWeave masks" (name:hash).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from modules import extra_networks, shared  # the host's own
+
+from ..network.engine import Engine
+from ..network.plan import CompileContext, Plan, compile_prompt, region_masks
+from .masks import MaskError, MaskStore, Overlay
+from .webui import (ScriptParts, TagNames, infotext_params, inline_masks, library, mask_folder,
+                    settings)
+
+PLMS = "PLMS"
+
+
+class NetWeaveNetworks(extra_networks.ExtraNetwork):
+    """Holds our tag names in the registry. NetWeave reads the tags from the prompts itself
+    (before A1111 strips them), so activation has nothing to do here."""
+
+    def activate(self, p, params_list):
+        pass
+
+    def deactivate(self, p):
+        pass
+
+
+@dataclass
+class Run:
+    """What one generation needs at every denoiser call."""
+
+    plans: List[Plan]
+    te_swap: bool
+    conds: Dict = field(default_factory=dict)  # (phase, segments) -> cond rows
+
+
+class Adapter:
+    def __init__(self):
+        self.engine: Optional[Engine] = None
+        self.model_id: Optional[int] = None
+        self.names = TagNames(NetWeaveNetworks)
+        self.run: Optional[Run] = None
+        self.masks = MaskStore(mask_folder)
+
+    # ---- the model -----------------------------------------------------------------------
+    @staticmethod
+    def arch(sd_model) -> str:
+        if getattr(sd_model, "is_sdxl", False):
+            return "sdxl"
+        return "sd2" if getattr(sd_model, "is_sd2", False) else "sd1"
+
+    @staticmethod
+    def trees(sd_model) -> dict:
+        """{"unet", "te1"[, "te2"]}: the host model's module roots."""
+        raise NotImplementedError
+
+    def engine_options(self) -> dict:
+        """Extra Engine arguments the host needs (Forge: its scaled weights)."""
+        return {}
+
+    def engine_for(self, sd_model) -> Engine:
+        if self.engine is None or self.model_id != id(sd_model):
+            if self.engine is not None:
+                self.engine.deactivate()
+            self.engine = Engine(self.trees(sd_model), self.arch(sd_model), library().find,
+                                 **self.engine_options())
+            self.model_id = id(sd_model)
+        return self.engine
+
+    # ---- the registry --------------------------------------------------------------------
+    def take_names(self, p) -> None:
+        """The registry entries become NetWeave's; the host's own LoRA lets go of the model."""
+        raise NotImplementedError
+
+    def off(self) -> None:
+        self.names.give_back()
+        if self.engine is not None:
+            self.engine.deactivate()
+        self.run = None
+
+    # ---- one batch -----------------------------------------------------------------------
+    def context(self, steps: int, hires=None, masks=None) -> CompileContext:
+        opts = settings()
+        return CompileContext(arch=self.arch(shared.sd_model), steps=steps, hires_steps=hires,
+                              masks=frozenset(self.masks if masks is None else masks),
+                              default_interp=opts.default_interp, strict=opts.strict)
+
+    def start_batch(self, p, prompts: List[str], inline: Dict, problems: List[str]) -> None:
+        engine = self.engine_for(p.sd_model)
+        settings().apply(engine)
+        masks = Overlay(inline, self.masks)
+        hires = (p.hr_second_pass_steps or p.steps) if getattr(p, "enable_hr", False) else None
+        ctx = self.context(p.steps, hires, masks)
+        plans = [compile_prompt(text, ctx) for text in prompts]
+        errors = problems + [f"{e.message} (column {e.column})" for plan in plans for e in plan.errors]
+        engine.latent, engine.batch = (p.height // 8, p.width // 8), 2 * len(prompts)
+        engine.masks = masks
+        engine.activate(plans)
+        errors += engine.errors
+        segments = [engine.te_segments("base", i) for i in range(len(plans))]
+        te_swap = any(len(s) > 1 or s[0].variants or s[0].strengths != segments[0][0].strengths
+                      for s in segments) or _te_neg(plans)
+        if segments[0]:
+            engine.apply_te(segments[0][0])  # A1111 encodes next, with these weights
+        if te_swap and engine.arch == "sdxl":  # SDXL conds are dicts: not swapped yet
+            errors.append("text-encoder schedules, per-prompt or regional text-encoder networks "
+                          "and neg= on SDXL use step 0's text encoding in A1111 for now")
+        self.run = Run(plans, te_swap)
+        used = sorted({m for plan in plans for n in plan.networks if n.region is not None
+                       for m in region_masks(n.region) if m in masks})
+        infotext_params(p.extra_generation_params, errors, {m: masks[m] for m in used})
+
+    def on_denoiser(self, params) -> None:
+        if self.run is None or self.engine is None or self.engine.plan is None:
+            return
+        d = params.denoiser
+        p = d.p
+        phase = "hires" if getattr(p, "is_hr_pass", False) else "base"
+        engine = self.engine
+        engine.set_step(current_step(d, engine.plan.hires_steps if phase == "hires"
+                                     else engine.plan.steps), phase)
+        conds = params.text_cond
+        rows = conds.shape[0] if isinstance(conds, torch.Tensor) else len(self.run.plans)
+        n = len(self.run.plans)
+        per = max(1, rows // n)  # AND sub-prompts repeat each image's cond row
+        self.describe_rows(n, per)
+        if self.run.te_swap and isinstance(conds, torch.Tensor) and per == 1:
+            params.text_cond, params.text_uncond = self.conditioning(p, phase, params.text_uncond)
+
+    def describe_rows(self, n: int, per: int) -> None:
+        """Which prompt each UNet batch row is, for n prompts with `per` cond rows each."""
+        raise NotImplementedError
+
+    def conditioning(self, p, phase: str, uncond):
+        """Cond and uncond rows for this step, each prompt encoded with its own text-encoder
+        segment (and negative strengths); regional TE networks get their own rows."""
+        engine = self.engine
+        k = engine.position[1]
+        segs = tuple(engine.segment_at(k, phase, i) for i in range(len(self.run.plans)))
+        if segs not in self.run.conds:
+            encode = p.sd_model.get_learned_conditioning
+            cond, neg, variant_rows = [], [], {}
+            for i, seg in enumerate(segs):
+                engine.apply_te(seg)
+                cond.append(encode([p.prompts[i]]))
+                engine.apply_te(seg, uncond=True)
+                neg.append(encode([p.negative_prompts[i]]))
+                for j in seg.variants:
+                    engine.apply_te(seg, variant=j)
+                    variant_rows.setdefault(j, {})[i] = encode([p.prompts[i]])
+            variants = {j: torch.cat([rows.get(i, c) for i, c in enumerate(cond)])
+                        for j, rows in variant_rows.items()}
+            self.run.conds[segs] = (torch.cat(cond), torch.cat(neg), variants)
+        cond, neg, variants = self.run.conds[segs]
+        engine.set_text_variants(torch.cat([cond, neg]),
+                                 {j: torch.cat([v, neg]) for j, v in variants.items()})
+        return cond, neg
+
+
+def current_step(denoiser, steps: Optional[int]) -> int:
+    """The 0-based step of this model evaluation. A1111's `sampling_step` is set after a
+    step's first evaluation, so it lags; the denoiser counts its calls per pass instead: one
+    per step, two for second-order samplers (the last step one), PLMS one extra at the start."""
+    k = denoiser.step
+    config = getattr(denoiser.sampler, "config", None)
+    options = getattr(config, "options", {}) or {}
+    name = getattr(config, "name", "")
+    if options.get("second_order") and name != "Restart":
+        k //= 2
+    elif name == PLMS:
+        k = max(k - 1, 0)
+    n = steps or getattr(denoiser, "steps", k + 1)
+    return min(k, n - 1)
+
+
+def _te_neg(plans: List[Plan]) -> bool:
+    return any(n.neg != 1.0 for plan in plans for n in plan.networks)
+
+
+
+class LdmScript(ScriptParts):
+    """The always-on script of both hosts: one plan per prompt of each batch."""
+
+    def batch(self, p, prompts, options):
+        inline, problems = {}, []
+        try:
+            inline = inline_masks(options)
+        except (MaskError, ValueError) as exc:
+            problems.append(f"masks: {exc}")
+        self.adapter.start_batch(p, prompts, inline, problems)
+
+
+def register(adapter: Adapter) -> None:
+    """The host callbacks of an adapter: the step, settings, the tab, the routes, unloading."""
+    from modules import script_callbacks
+
+    from .api import netweave_router
+    from .webui import register_settings, ui_tab
+
+    def on_app_started(demo, app) -> None:
+        app.include_router(netweave_router(adapter.masks, library(),
+                                           lambda: Adapter.arch(shared.sd_model)))
+    script_callbacks.on_cfg_denoiser(adapter.on_denoiser)
+    script_callbacks.on_ui_settings(register_settings)
+    script_callbacks.on_ui_tabs(lambda: ui_tab(adapter.masks, adapter.context))
+    script_callbacks.on_app_started(on_app_started)
+    script_callbacks.on_script_unloaded(adapter.off)

@@ -1,0 +1,122 @@
+"""Forge 2 (lllyasviel/stable-diffusion-webui-forge, `backend/`) host adapter: A1111's script
+and extra-network API on Forge's own model objects (facts: shared/reference/hosts.md §3).
+
+What differs from A1111 (the rest is a1111_family.py):
+- Trees: `sd_model.forge_objects.unet.model.diffusion_model` (LDM names) and
+  `forge_objects.clip.cond_stage_model.clip_l` (+ `clip_g` on SDXL), Hugging Face CLIP.
+  Forge builds them from its own layer classes (`backend/operations.py`): its Linear is a
+  plain Module holding `weight`, which network/keymap.py recognises by structure.
+- Forge's own LoRA (`sd_forge_lora`) merges through the patchers' shared `LoraLoader` when a
+  model is loaded for sampling. In `process` its registry entry is taken, it is told to load
+  nothing (`networks.load_networks([], [], [], [])`: the patchers' patch lists emptied) and
+  the loader puts back the weights it merged now, before NetWeave copies them. Its `activate`
+  is never called: it would append the "sd_lora" setting's tag to every prompt.
+- Rows: Forge's sampling function runs the UNet in chunks of the whole image batch, unconds
+  first, as many per call as memory allows; `transformer_options['cond_or_uncond']` (0 cond,
+  1 uncond) says which, so a pre-hook on the diffusion model describes every call's rows.
+- Scaled low-precision weights (`scale_weight`): a merge stores (W·scale + ΔW) / scale.
+  Quantized weights (NF4, GGUF) take no merge: the engine leaves those layers out and says so.
+- The hires pass samples a larger latent: `process_before_every_sampling` (Forge calls it
+  before each pass, twice before hires) sets the engine's latent size for regions.
+- Forge samples inside torch.inference_mode() and its LoRA loader creates parameters there;
+  the engine writes such inference tensors in that mode.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from modules import scripts, shared  # the host's own
+
+from .a1111_family import Adapter, LdmScript, register
+
+
+class ForgeAdapter(Adapter):
+    def __init__(self):
+        super().__init__()
+        self._rows_hook = None  # (diffusion model, hook handle)
+
+    @staticmethod
+    def trees(sd_model) -> dict:
+        objects = sd_model.forge_objects
+        text = objects.clip.cond_stage_model
+        trees = {"unet": objects.unet.model.diffusion_model, "te1": text.clip_l}
+        if getattr(sd_model, "is_sdxl", False):
+            trees["te2"] = text.clip_g
+        return trees
+
+    def engine_options(self) -> dict:
+        return {"weight_scale": scale_weight}
+
+    def take_names(self, p) -> None:
+        self.names.take(p, quiet=lambda handler, p: None)
+        release_forge_lora(shared.sd_model)
+        self.hook_rows(self.trees(shared.sd_model)["unet"])
+
+    def off(self) -> None:
+        super().off()
+        self.unhook_rows()
+
+    # ---- the UNet's batch rows ---------------------------------------------------------
+    def describe_rows(self, n: int, per: int) -> None:
+        pass  # each UNet call says its own rows (rows_from_options)
+
+    def hook_rows(self, unet) -> None:
+        if self._rows_hook is not None and self._rows_hook[0] is unet:
+            return
+        self.unhook_rows()
+        handle = unet.register_forward_pre_hook(self.rows_from_options, with_kwargs=True,
+                                                prepend=True)  # before anything reads them
+        self._rows_hook = (unet, handle)
+
+    def unhook_rows(self) -> None:
+        if self._rows_hook is not None:
+            self._rows_hook[1].remove()
+            self._rows_hook = None
+
+    def rows_from_options(self, module, args, kwargs):
+        """diffusion_model(x, t, context=…, transformer_options={'cond_or_uncond': [1, 0]}):
+        x (chunks · B, C, H, W), chunk i the whole batch of B images, in prompt order."""
+        if self.run is None or self.engine is None or self.engine.plan is None:
+            return None
+        marks = (kwargs.get("transformer_options") or {}).get("cond_or_uncond")
+        x = args[0] if args else kwargs.get("x")
+        if not marks or x is None:
+            return None
+        per_chunk, n = x.shape[0] // len(marks), len(self.run.plans)
+        self.engine.set_rows([j % n for _ in marks for j in range(per_chunk)],
+                             [m == 1 for m in marks for _ in range(per_chunk)])
+        return None
+
+
+def scale_weight(module) -> Optional[object]:
+    """Forge's scaled fp8 layers compute with weight · scale_weight."""
+    return getattr(module, "scale_weight", None)
+
+
+def release_forge_lora(sd_model) -> None:
+    """Forge's LoRA loads nothing from now on, and the weights it merged are put back now
+    (its loader would do so at the next model load, after NetWeave took its pristine copies)."""
+    builtin = sys.modules.get("networks")  # extensions-builtin/sd_forge_lora/networks.py
+    load = getattr(builtin, "load_networks", None)
+    if load is not None:
+        load([], [], [], [])  # forge_objects' unet and clip back to the un-patched originals
+    objects = sd_model.forge_objects
+    for patcher in (objects.unet, objects.clip.patcher):
+        patcher.refresh_loras()  # no patches: the loader restores its backups
+
+
+ADAPTER = ForgeAdapter()
+
+
+class NetWeaveScript(LdmScript, scripts.Script):
+    adapter = ADAPTER
+
+    def process_before_every_sampling(self, p, enabled=True, options="", **kwargs):
+        x = kwargs.get("x")
+        engine = ADAPTER.engine
+        if enabled and engine is not None and engine.plan is not None and x is not None:
+            engine.latent = tuple(int(s) for s in x.shape[-2:])
+
+
+register(ADAPTER)

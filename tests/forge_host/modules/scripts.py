@@ -1,0 +1,4 @@
+"""modules/scripts.py at Forge dfdcbab: the parts NetWeave meets are A1111 v1.10.1's."""
+from . import same_as_a1111
+
+same_as_a1111("scripts", globals())

@@ -1,0 +1,333 @@
+"""The Forge adapter in stand-ins of Forge 2's host modules (tests/forge_host, after Forge HEAD
+dfdcbab), driving the real LDM UNet (`stable-diffusion-sdkit`) and a transformers CLIP whose
+layers are Forge's layer classes, through real sampling steps under torch.inference_mode()."""
+import os
+import sys
+
+import pytest
+import torch
+
+HOST = os.path.join(os.path.dirname(__file__), "forge_host")
+PATHS = [HOST, os.path.join(HOST, "sd_forge_lora")]  # Forge puts extension folders on sys.path
+SWAPPED = ("modules", "backend", "networks", "extra_networks_lora", "forge_model",
+           "netweave.extension.a1111", "netweave.extension.a1111_family",
+           "netweave.extension.forge")
+
+
+def _ours(name):
+    return any(name == s or name.startswith(s + ".") for s in SWAPPED)
+
+
+@pytest.fixture(scope="module")
+def forge(tmp_path_factory):
+    """Forge's `modules`, `backend` and `networks` in sys.modules for this file only (the A1111
+    stand-ins share those names)."""
+    saved = {k: v for k, v in sys.modules.items() if _ours(k)}
+    for k in saved:
+        del sys.modules[k]
+    sys.path[:0] = PATHS
+    try:
+        yield _start(tmp_path_factory.mktemp("forge"))
+    finally:
+        from netweave.extension import forge as adapter
+        adapter.ADAPTER.off()
+        for p in PATHS:
+            sys.path.remove(p)
+        for k in [k for k in sys.modules if _ours(k)]:
+            del sys.modules[k]
+        sys.modules.update(saved)
+
+
+def _start(root):
+    from extra_networks_lora import ExtraNetworkLora
+    from forge_model import StableDiffusion
+    from modules import extra_networks, paths, script_callbacks, shared
+
+    from netweave.network.synthetic import write_network
+    shared.sd_model = StableDiffusion()
+    shared.cmd_opts.lora_dir = str(root / "Lora")
+    shared.cmd_opts.data_dir = str(root)
+    paths.models_path = str(root)
+    os.makedirs(shared.cmd_opts.lora_dir)
+    from netweave.extension import forge as adapter
+    trees = adapter.ForgeAdapter.trees(shared.sd_model)
+    spatial = lambda t: "time_embedding" not in t.name  # noqa: E731
+    for name, fmt, seed, comps in (("style", "lora", 1, ("unet", "te1")),
+                                   ("texture", "loha", 2, ("unet", "te1")),
+                                   ("words", "lora", 3, ("te1",))):
+        write_network(root / "Lora" / f"{name}.safetensors", trees, fmt, "kohya", "sd1",
+                      seed=seed, scale=0.2, components=comps, select=spatial)
+    extra_networks.initialize()  # after scripts load; then the built-in registers "lora"
+    builtin = ExtraNetworkLora()
+    script_callbacks.on_before_ui(lambda: extra_networks.register_extra_network(builtin))
+    script_callbacks.before_ui_callback()
+    return adapter, builtin, shared.sd_model
+
+
+def generate(prompt, enabled=True, options="", record=None, unet_calls=None, **kw):
+    from modules import processing, script_callbacks, scripts
+
+    from netweave.extension import forge as adapter
+    runner = scripts.ScriptRunner([adapter.NetWeaveScript()])
+    p = processing.StableDiffusionProcessingTxt2Img(
+        prompt=prompt, script_args=[enabled, options], scripts=runner, **kw)
+    seen = []
+
+    def recorder(params):
+        e = adapter.ADAPTER.engine
+        seen.append((params.denoiser.step, params.denoiser.p.is_hr_pass,
+                     dict(e.strengths(record)) if record is not None and e.plan else None))
+    script_callbacks.on_cfg_denoiser(recorder)
+    unet = adapter.ADAPTER.trees(p.sd_model)["unet"]
+    hook = unet.register_forward_pre_hook(  # after NetWeave's: sees the rows it described
+        lambda m, a, kw: unet_calls.append((kw["transformer_options"]["cond_or_uncond"],
+                                            adapter.ADAPTER.engine.runtime.rows)),
+        with_kwargs=True) if unet_calls is not None else None
+    try:
+        return processing.process_images(p), seen
+    finally:
+        script_callbacks.callback_map["cfg_denoiser"].remove(recorder)
+        if hook is not None:
+            hook.remove()
+
+
+def target(adapter, name):
+    (t,) = [t for t in adapter.ADAPTER.engine.keymap.targets if t.path == name]
+    return t
+
+
+def snapshot(model):
+    from netweave.extension import forge as adapter
+    return {f"{c}.{k}": v.detach().clone() for c, tree in adapter.ForgeAdapter.trees(model).items()
+            for k, v in tree.named_parameters()}
+
+
+def same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+TO_Q = "input_blocks.1.1.transformer_blocks.0.attn2.to_q"  # a Forge Linear, IN01
+
+
+def test_strengths_follow_the_steps_on_forge_layers(forge):
+    adapter, _, model = forge
+    generate("warm up <lora:style:0.1>")
+    t = target(adapter, "output_blocks.3.1.transformer_blocks.0.attn1.to_v")  # OUT03
+    out, seen = generate("a fox <lora:style:0@0,1@0.5> <lora:texture:0.5:out=0.5>", steps=4,
+                         record=t)
+    assert len(out.images) == 1 and "NetWeave errors" not in out.infotexts[0]
+    assert [step for step, *_ in seen] == [0, 1, 2, 3]
+    for step, _, now in seen:
+        assert now.get(0, 0.0) == (0.0 if step < 2 else 1.0)
+        assert now[1] == pytest.approx(0.25)
+
+
+def test_a_plain_module_linear_is_patched_in_place(forge):
+    from backend.operations import ForgeOperations
+    adapter, _, model = forge
+    layer = model.forge_objects.unet.model.diffusion_model.get_submodule(TO_Q)
+    assert type(layer) is ForgeOperations.Linear and not isinstance(layer, torch.nn.Linear)
+    adapter.ADAPTER.off()  # weights stay merged between generations
+    pristine = layer.weight.detach().clone()
+    during = []
+    hook = layer.register_forward_hook(lambda m, a, o: during.append(m.weight.detach().clone()))
+    try:
+        generate("a <lora:style:1>", steps=2)
+    finally:
+        hook.remove()
+    assert target(adapter, TO_Q).module is layer
+    assert during and not torch.equal(during[0], pristine)  # Forge's forward read the merge
+    adapter.ADAPTER.off()
+    assert torch.equal(layer.weight.detach(), pristine)
+
+
+def test_forge_lora_never_applies_our_tags_and_gets_them_back_when_disabled(forge):
+    import networks
+    from modules import extra_networks
+    adapter, builtin, model = forge
+    adapter.ADAPTER.off()
+    pristine = snapshot(model)
+    loader = model.forge_objects.unet.lora_loader
+    builtin.seen.clear()
+    networks.calls.clear()
+    generate("a <lora:style:0.5> <lyco:texture:0.5>")
+    assert builtin.seen == [] and all(names == [] for names in networks.calls)
+    assert extra_networks.extra_network_registry["lora"] is adapter.ADAPTER.names.ours["lora"]
+    assert model.forge_objects.unet.lora_patches == {} and loader.backup == {}
+    adapter.ADAPTER.off()
+    assert same(snapshot(model), pristine)
+    generate("a <lora:style:0.5>", enabled=False)  # Forge's own LoRA: it merges its patch
+    assert extra_networks.extra_network_registry["lora"] is builtin
+    assert builtin.seen[-1] == [["style", "0.5"]] and adapter.ADAPTER.engine.plan is None
+    key = "unet." + networks.PATCHED["unet"][len("diffusion_model."):]
+    merged = snapshot(model)
+    assert torch.allclose(merged[key], pristine[key] + 0.005)
+    generate("a <lora:style:0.5>")  # NetWeave again: Forge's merge is put back first
+    adapter.ADAPTER.off()
+    assert same(snapshot(model), pristine)  # nothing of Forge's LoRA was taken as pristine
+
+
+@pytest.mark.parametrize("free_memory", [float("inf"), 1.5e6])
+def test_rows_come_from_cond_or_uncond(forge, free_memory):
+    _rows_run(forge, free_memory)
+
+
+def _rows_run(forge, free_memory):
+    """A batch of two prompts with per-prompt networks and neg=0, the UNet batch whole
+    (uncond and cond chunks in one call) or split by memory (one chunk per call)."""
+    from backend import memory_management
+    adapter, _, model = forge
+    calls = []
+    memory_management.free_memory = free_memory  # 1.5e6: one chunk of 2 images per call
+    try:
+        out, _ = generate(["a <lora:style:1:neg=0>", "b <lora:texture:1>"], batch_size=2,
+                          steps=2, unet_calls=calls)
+    finally:
+        memory_management.free_memory = float("inf")
+    assert "NetWeave errors" not in out.infotexts[0]
+    expected = [[1, 0]] if free_memory == float("inf") else [[1], [0]]
+    assert [marks for marks, _ in calls] == expected * 2  # unconds first, as Forge batches
+    for marks, rows in calls:
+        assert rows.prompts == tuple(j for _ in marks for j in range(2))
+        assert rows.uncond == tuple(m == 1 for m in marks for _ in range(2))
+    entries = adapter.ADAPTER.engine.entries
+    assert [(e.net.name, e.owner) for e in entries] == [("style", 0), ("texture", 1)]
+    return out
+
+
+def test_split_and_whole_batches_give_the_same_images(forge):
+    whole = _rows_run(forge, float("inf"))
+    split = _rows_run(forge, 1.5e6)
+    for a, b in zip(whole.images, split.images):
+        assert torch.allclose(a, b, atol=1e-4)
+    plain, _ = generate(["a <lora:style:1>", "b <lora:texture:1>"], batch_size=2, steps=2)
+    assert not torch.allclose(whole.images[0], plain.images[0], atol=1e-4)  # neg=0 acted
+    assert torch.allclose(whole.images[1], plain.images[1], atol=1e-4)  # on its prompt only
+
+
+def test_a_bad_tag_never_stops_a_generation(forge):
+    out, _ = generate("a <lora:nope:1> <lora:style:0.5:regio=left> <lora:style:x>")
+    assert len(out.images) == 1
+    info = out.infotexts[0]
+    assert info.startswith("a <lora:nope:1>")
+    assert "NetWeave errors:" in info and "no lora named 'nope'" in info and "regio" in info
+
+
+def test_hires_pass_uses_its_own_steps_strengths_and_latent(forge):
+    adapter = forge[0]
+    generate("warm up <lora:style:0.1>")
+    t = target(adapter, "output_blocks.3.1.transformer_blocks.0.attn1.to_v")
+    out, seen = generate("a <lora:style:1:hr=0.25>", steps=3, enable_hr=True,
+                         hr_second_pass_steps=2, record=t)
+    base = [now for _, hr, now in seen if not hr]
+    hires = [now for _, hr, now in seen if hr]
+    assert base == [{0: 1.0}] * 3 and hires == [{0: 0.25}] * 2
+    assert adapter.ADAPTER.engine.latent == (16, 16)  # the upscaled latent
+    out, _ = generate("a <lora:style:1:region=left>", steps=2, enable_hr=True,
+                      hr_second_pass_steps=2)
+    assert "NetWeave errors" not in out.infotexts[0]
+
+
+def test_weights_are_bit_identical_after_generation_and_after_an_exception(forge):
+    adapter, _, model = forge
+    adapter.ADAPTER.off()
+    pristine = snapshot(model)
+    generate("a <lora:style:0@0,1@0.5> <lora:words:1> <lora:texture:1:region=left>", steps=3)
+    adapter.ADAPTER.off()
+    assert same(snapshot(model), pristine)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        generate("a <lora:style:1> <lora:texture:0.5>", steps=3, fail_at_step=1)
+    adapter.ADAPTER.off()
+    assert same(snapshot(model), pristine)
+
+
+def test_inference_tensors_are_merged_and_restored(forge):
+    adapter, _, model = forge
+    adapter.ADAPTER.off()
+    layer = model.forge_objects.unet.model.diffusion_model.get_submodule(TO_Q)
+    with torch.inference_mode():  # as Forge's LoRA loader creates parameters
+        layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
+    assert layer.weight.is_inference()
+    pristine = layer.weight.detach().clone()
+    out, _ = generate("a <lora:style:0@0,1@0.5>", steps=2)
+    assert "NetWeave errors" not in out.infotexts[0]
+    adapter.ADAPTER.off()  # outside inference mode, as Forge's process() is
+    assert torch.equal(layer.weight.detach(), pristine)
+
+
+def _effective(layer):
+    from backend.operations import get_weight_and_bias
+    return get_weight_and_bias(layer)[0].detach().clone()
+
+
+def test_scaled_weights_merge_on_the_weight_the_layer_computes_with(forge):
+    adapter, _, model = forge
+    adapter.ADAPTER.off()
+    layer = model.forge_objects.unet.model.diffusion_model.get_submodule(TO_Q)
+    generate("a <lora:style:1>", steps=1)
+    plain = _effective(layer)
+    adapter.ADAPTER.off()
+    adapter.ADAPTER.engine = None  # a fresh engine sees the scaled layer
+    w = layer.weight.detach().clone()
+    layer.weight = torch.nn.Parameter(w * 4, requires_grad=False)  # stored ×4, computed ×0.25
+    layer.scale_weight = torch.nn.Parameter(torch.tensor(0.25), requires_grad=False)
+    try:
+        generate("a <lora:style:1>", steps=1)
+        assert torch.allclose(_effective(layer), plain, atol=1e-6)
+        adapter.ADAPTER.off()
+        assert torch.equal(layer.weight.detach(), w * 4)
+    finally:
+        layer.weight = torch.nn.Parameter(w, requires_grad=False)
+        layer.scale_weight = None
+        adapter.ADAPTER.engine = None
+
+
+def test_a_quantized_layer_is_refused_and_the_rest_applies(forge):
+    from backend.operations import gguf_linear
+    from forge_model import StableDiffusion
+    from modules import shared
+    adapter, _, model = forge
+
+    def quantize(unet):
+        block = unet.get_submodule(TO_Q.rsplit(".", 1)[0])
+        block.to_q = gguf_linear(block.to_q)
+    adapter.ADAPTER.off()
+    quantized = StableDiffusion(unet_layers=quantize)
+    shared.sd_model = quantized
+    try:
+        pristine = snapshot(quantized)
+        other = "output_blocks.3.1.transformer_blocks.0.attn1.to_v"
+        out, seen = generate("a <lora:style:1>", steps=2)
+        info = out.infotexts[0]
+        assert "NetWeave errors:" in info and "lora:style: left out on 1 layer(s)" in info
+        assert "stored quantized (ParameterGGUF" in info and len(out.images) == 1
+        assert adapter.ADAPTER.engine.strengths(target(adapter, other)) == {0: 1.0}
+        assert not [t for t in adapter.ADAPTER.engine.keymap.targets if t.path == TO_Q]
+        adapter.ADAPTER.off()
+        assert same(snapshot(quantized), pristine)
+    finally:
+        shared.sd_model = model
+
+
+def test_the_entry_script_picks_the_forge_adapter(forge, repo_root):
+    import importlib.util
+
+    from modules import scripts
+    spec = importlib.util.spec_from_file_location(
+        "netweave_entry_forge_test", os.path.join(repo_root, "scripts", "netweave_entry.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    from netweave.extension import forge as adapter
+    assert module.NetWeaveScript is adapter.NetWeaveScript
+    assert issubclass(module.NetWeaveScript, scripts.Script)
+
+
+def test_sdxl_trees_are_clip_l_and_clip_g(forge):
+    from types import SimpleNamespace as NS
+    adapter = forge[0]
+    text = NS(clip_l=object(), clip_g=object())
+    model = NS(is_sdxl=True, forge_objects=NS(unet=NS(model=NS(diffusion_model="unet")),
+                                              clip=NS(cond_stage_model=text)))
+    assert adapter.ForgeAdapter.trees(model) == {"unet": "unet", "te1": text.clip_l,
+                                                 "te2": text.clip_g}
+    assert adapter.ForgeAdapter.arch(model) == "sdxl"

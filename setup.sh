@@ -27,15 +27,20 @@ if ! command -v chromium >/dev/null 2>&1; then
         echo "setup.sh: chromium is not installed and this is not root: browser tests will be skipped" >&2
     fi
 fi
-# The Gradio versions the WebUIs run, each in its own small venv, for the test that builds the
-# NetWeave tab under them: A1111 1.8–1.10 pin gradio 3.41.2, Forge 4.40.0 (whose import needs a
-# huggingface_hub that still has HfFolder).
-for spec in "3.41.2:" "4.40.0:huggingface_hub==0.26.2"; do
-    version=${spec%%:*}; extra=${spec#*:}
-    if [ ! -x ".venv/gradio-$version/bin/python" ] || \
-            ! ".venv/gradio-$version/bin/python" -c "import gradio, lark" >/dev/null 2>&1; then
-        python3 -m venv ".venv/gradio-$version"
-        ".venv/gradio-$version/bin/python" -m pip install --quiet --disable-pip-version-check \
+# The Gradio versions the WebUIs run, each in its own small venv, for the tests that build the
+# NetWeave tab under them and click through it, with the web stack each WebUI pins (a newer
+# starlette breaks gradio 3's page templates, a newer pydantic gradio 4's API page):
+# A1111 1.8–1.10 gradio 3.41.2 + fastapi 0.94.0, Forge gradio 4.40.0 + fastapi 0.104.1,
+# pydantic 2.8.2, huggingface_hub 0.26.2 (its requirements_versions.txt). A venv made for
+# another spec is made again.
+for spec in "3.41.2:fastapi==0.94.0" "4.40.0:fastapi==0.104.1 pydantic==2.8.2 huggingface_hub==0.26.2"; do
+    version=${spec%%:*}; extra=${spec#*:}  # $extra unquoted below: one or more packages
+    venv=".venv/gradio-$version"
+    if [ ! -x "$venv/bin/python" ] || [ "$(cat "$venv/.netweave-spec" 2>/dev/null)" != "$spec" ] || \
+            ! "$venv/bin/python" -c "import gradio, lark" >/dev/null 2>&1; then
+        python3 -m venv "$venv"
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
             "gradio==$version" lark==1.3.1 $extra
+        echo "$spec" > "$venv/.netweave-spec"
     fi
 done

@@ -1,7 +1,7 @@
 """The picture in the README: the same prompt and seed on the demo model with and without
 NetWeave's features, side by side, each labelled with its tags.
 
-    python -m netweave.demo.showcase [--out docs/demo.png] [--seed 3]
+    python -m netweave.demo.showcase [--out docs/demo.png] [--seed 0]
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 
 from PIL import Image, ImageDraw
 
-PROMPT = "a yellow circle on a blue background"
+PROMPT = "a red square on a white background"
 # (label, tags added to the prompt)
 PANELS = [
     ("no LoRA", ""),
@@ -19,6 +19,7 @@ PANELS = [
     ("sunset from half-way", "<lora:demo_sunset:0@0,1@0.5>"),
     ("stripes", "<lora:demo_stripes:1>"),
     ("stripes out=0", "<lora:demo_stripes:1:out=0>"),
+    ("stripes in=0 mid=0", "<lora:demo_stripes:1:in=0:mid=0>"),
     ("boxy (LoHa)", "<lyco:demo_boxy:1>"),
     ("model pastel 0.7", "<model:demo_pastel:0.7>"),
 ]
@@ -55,7 +56,7 @@ def render(seed: int, panels=PANELS, prompt: str = PROMPT, steps: int = 20) -> I
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m netweave.demo.showcase", description=__doc__)
     ap.add_argument("--out", default=os.path.join("docs", "demo.png"))
-    ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--prompt", default=PROMPT)
     args = ap.parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

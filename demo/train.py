@@ -3,7 +3,8 @@
     python -m netweave.demo.train [--out netweave/demo/weights] [--quick]
 
 1. a VAE (diffusers AutoencoderKL, 4× down-sampling, 4 latent channels) on the shape pictures
-   of every style, so that it can draw all of them;
+   of every style, so that it can draw all of them, then its decoder alone on the encoder's
+   latent means (`--decoder-only` runs just that stage on a trained demo);
 2. the base model, text encoder (transformers' CLIPTextModel with CLIP's real 49408-token
    vocabulary) and cross-attention UNet (diffusers' UNet2DConditionModel, SD1's block layout at
    toy width) together, ε-prediction on SD1's noise schedule, 10 % empty captions for CFG, EMA;
@@ -316,6 +317,7 @@ def decoder_only(out, steps, seed) -> int:
     return 0
 
 
+@torch.enable_grad()  # whatever the caller's grad mode (a test before may have turned it off)
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m netweave.demo.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -166,7 +166,9 @@ HOST_LISTENERS = """() => {
     const box = document.querySelector('#netweave_prompt textarea');
     window.hostSaw = {keys: [], inputs: 0};
     window.addEventListener('keydown', (e) => {
-        if (e.ctrlKey || e.metaKey) hostSaw.keys.push([e.key, e.defaultPrevented]);
+        if ((e.ctrlKey || e.metaKey) && e.key.startsWith('Arrow')) {
+            hostSaw.keys.push([e.key, e.defaultPrevented]);
+        }
     });
     box.addEventListener('input', () => { hostSaw.inputs += 1; });
 }"""

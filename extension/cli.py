@@ -169,8 +169,8 @@ def _host(args):
     from .diffusers_host import DiffusersHost
     from .library import Library
     from .masks import MaskStore
-    from .settings import Settings
     from .models import demo_library, load_model
+    from .settings import Settings
 
     model = load_model(args.checkpoint)
     loras, models = list(args.lora_dir), list(args.model_dir)

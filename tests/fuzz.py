@@ -115,7 +115,7 @@ def fuzz_parser(n, seed):
         stats["tags"] += len(parsed.tags)
         stats["problems"] += len(parsed.errors)
     stats["inputs"] = n
-    return dict(stats, slowest_ms=round(slow.seconds * 1000, 2))
+    return dict(stats, slowest_ms=round(slow.seconds * 1000, 2), slowest_input=slow.input)
 
 
 # ---- regions ---------------------------------------------------------------------------

@@ -183,10 +183,13 @@ def train_base(unet, text, data, steps, batch, seed, lr=1e-3):
     """UNet and text encoder together; returns their EMA copies (what is shipped)."""
     tokens, noise_schedule = Tokens(), Noise()
     gen = torch.Generator().manual_seed(seed)
-    params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     ema = [copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)]
-    ema_params = list(ema[0].parameters()) + list(ema[1].parameters())
+    # a frozen text encoder (the pastel stage) is neither optimised nor averaged
+    pairs = [(e, p) for e, p in zip(list(ema[0].parameters()) + list(ema[1].parameters()),
+                                    list(unet.parameters()) + list(text.parameters()))
+             if p.requires_grad]
+    ema_params, params = [e for e, _ in pairs], [p for _, p in pairs]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     started = time.time()
     for step in range(steps):
         warm = min(1.0, (step + 1) / 100)

@@ -10,6 +10,7 @@ from fuzz import check_prompt as check
 from netweave.network.plan import compile_parsed
 from netweave.parser import parse
 
+
 def test_ten_thousand_random_and_mutated_prompts():
     rng = random.Random(1234)
     tags_seen = errors_seen = 0

@@ -16,14 +16,17 @@ PANELS = [
     ("no LoRA", ""),
     ("sunset", "<lora:demo_sunset:1>"),
     ("sunset region=left", "<lora:demo_sunset:1:region=left>"),
+    ("sunset region=!left", "<lora:demo_sunset:1:region=!left>"),
     ("sunset from half-way", "<lora:demo_sunset:0@0,1@0.5>"),
     ("stripes", "<lora:demo_stripes:1>"),
+    ("stripes in=0", "<lora:demo_stripes:1:in=0>"),
+    ("stripes mid=0", "<lora:demo_stripes:1:mid=0>"),
     ("stripes out=0", "<lora:demo_stripes:1:out=0>"),
-    ("stripes in=0 mid=0", "<lora:demo_stripes:1:in=0:mid=0>"),
     ("boxy (LoHa)", "<lyco:demo_boxy:1>"),
     ("model pastel 0.7", "<model:demo_pastel:0.7>"),
 ]
 SCALE = 3  # the demo draws 64 px: shown enlarged
+COLUMNS = 6
 
 
 def host():
@@ -41,15 +44,19 @@ def render(seed: int, panels=PANELS, prompt: str = PROMPT, steps: int = 20) -> I
     h = host()
     size = h.model.size * SCALE
     label_h = 14
-    sheet = Image.new("RGB", (size * len(panels), size + 2 * label_h), "white")
+    cell = size + label_h
+    cols = min(COLUMNS, len(panels))
+    rows = -(-len(panels) // cols)
+    sheet = Image.new("RGB", (size * cols, cell * rows), "white")
     draw = ImageDraw.Draw(sheet)
     for i, (label, tags) in enumerate(panels):
         result = h.txt2img(Request(f"{prompt} {tags}".strip(), steps=steps, seed=seed,
                                    width=h.model.size, height=h.model.size))
         if result.errors:
             raise RuntimeError(f"{tags}: {result.errors}")
-        sheet.paste(result.images[0].resize((size, size), Image.NEAREST), (i * size, 2 * label_h))
-        draw.text((i * size + 3, 1), label, fill="black")
+        x, y = (i % cols) * size, (i // cols) * cell
+        sheet.paste(result.images[0].resize((size, size), Image.NEAREST), (x, y + label_h))
+        draw.text((x + 3, y + 1), label, fill="black")
     return sheet
 
 

@@ -28,8 +28,8 @@ from ..network.plan import CompileContext, Plan, compile_prompt, region_masks
 from .api import netweave_router
 from .masks import MaskError, MaskStore, Overlay
 from .pipeline_run import PipelineRun
-from .webui import (ScriptParts, TagNames, mask_folder, infotext_params, inline_masks, library,
-                    register_settings, settings, ui_tab)
+from .webui import (ScriptParts, TagNames, inline_masks, library, mask_folder,
+                    register_settings, report, settings, ui_tab)
 
 
 class NetWeaveNetworks(extra_networks.ExtraNetwork):
@@ -126,7 +126,7 @@ class Adapter:
         errors = self.problems + [f"{e.message} (column {e.column})" for e in self.plan.errors]
         used = sorted({m for n in self.plan.networks if n.region is not None
                        for m in region_masks(n.region) if m in masks})
-        infotext_params(p.extra_generation_params, errors + engine.errors,
+        report(p.extra_generation_params, errors + engine.errors,
                         {m: masks[m] for m in used})
 
     def step_end(self, pipe, step, timestep, kwargs):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Dict
 
 from .library import Library
@@ -45,9 +46,12 @@ def inline_masks(options) -> Dict:
     return found
 
 
-def infotext_params(params: dict, errors, used_masks: Dict) -> None:
-    """NetWeave's entries in p.extra_generation_params: problems and the masks used."""
+def report(params: dict, errors, used_masks: Dict) -> None:
+    """A batch's problems to the console (one line each, as the host's own extensions print)
+    and NetWeave's entries in p.extra_generation_params: problems and the masks used."""
     from .masks import mask_hash
+    for e in errors:
+        print(f"NetWeave: {e}", file=sys.stderr)
     params.pop("NetWeave errors", None)
     params.pop("NetWeave masks", None)
     if used_masks:

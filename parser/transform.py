@@ -236,6 +236,10 @@ def _positional(index: int, value) -> Tuple[Optional[str], Any, Optional[Tuple[s
     preset in the later slots."""
     if isinstance(value, BlockWeights):
         if index == 1:
+            if value.preset is not None:  # a lone word: most likely a typo for a number
+                return None, None, (f"'{value.preset}' is not a strength: the first value is a "
+                                    "number or a schedule like 0@0,1@0.5 (a block-weight preset "
+                                    f"goes in lbw={value.preset})", "error")
             return None, None, ("the first value is a strength; put a block-weight vector or "
                                 "preset in lbw=", "error")
         return "lbw", value, None

@@ -137,12 +137,16 @@ def test_the_builtin_never_sees_our_tags_and_gets_them_back_when_disabled(host):
     assert a1111.ADAPTER.engine.plan is None  # and NetWeave changed nothing
 
 
-def test_a_bad_tag_never_stops_a_generation(host):
+def test_a_bad_tag_never_stops_a_generation(host, capsys):
     out, _ = generate("a <lora:nope:1> <lora:style:0.5:regio=left> <lora:style:x>")
     assert len(out.images) == 1
     info = out.infotexts[0]
     assert info.startswith("a <lora:nope:1>")  # the tags stay in the prompt
     assert "NetWeave errors:" in info and "no lora named 'nope'" in info and "regio" in info
+    console = capsys.readouterr().err.splitlines()  # and each problem reaches the console
+    assert any(line.startswith("NetWeave: ") and "no lora named 'nope'" in line
+               for line in console)
+    assert any("'x' is not a strength" in line for line in console)
 
 
 def test_hires_pass_uses_its_own_steps_and_hr_strengths(host):

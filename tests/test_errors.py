@@ -76,6 +76,15 @@ def test_vector_as_first_value_is_an_error():
     assert parsed.tags == () and "lbw=" in parsed.errors[0].message
 
 
+def test_a_word_as_first_value_says_it_is_not_a_strength():
+    """Found in a real A1111: `<lora:x:abc>` was told to move a block-weight vector."""
+    parsed = parse("<lora:x:abc>")
+    assert parsed.tags == ()
+    message = parsed.errors[0].message
+    assert "'abc' is not a strength" in message and "lbw=abc" in message
+    assert parsed.errors[0].column == 9
+
+
 @pytest.mark.parametrize("prompt,text", [
     ("(masterpiece:1.2), [cat:dog:0.5] AND a house BREAK sky", None),
     ("<hypernet:foo:1> <lora_unknown:x> <embedding> a < b > c", None),

@@ -205,12 +205,13 @@ def test_split_and_whole_batches_give_the_same_images(forge):
     assert torch.allclose(whole.images[1], plain.images[1], atol=1e-4)  # on its prompt only
 
 
-def test_a_bad_tag_never_stops_a_generation(forge):
+def test_a_bad_tag_never_stops_a_generation(forge, capsys):
     out, _ = generate("a <lora:nope:1> <lora:style:0.5:regio=left> <lora:style:x>")
     assert len(out.images) == 1
     info = out.infotexts[0]
     assert info.startswith("a <lora:nope:1>")
     assert "NetWeave errors:" in info and "no lora named 'nope'" in info and "regio" in info
+    assert "NetWeave: " in capsys.readouterr().err
 
 
 def test_hires_pass_uses_its_own_steps_strengths_and_latent(forge):

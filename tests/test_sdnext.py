@@ -111,12 +111,13 @@ def test_text_encoder_schedule_swaps_the_embeddings(sdnext):
     assert swapped == [False, True, False, False]  # after step 1: step 2 starts te = 1
 
 
-def test_bad_tags_and_disabling(sdnext):
+def test_bad_tags_and_disabling(sdnext, capsys):
     adapter, builtin, _ = sdnext
     out, p = generate(adapter, "a <lora:nope:1> <lora:style:0.5:regio=left>")
     assert len(out.images) == 1
     errors = out.extra_generation_params["NetWeave errors"]
     assert "no lora named 'nope'" in errors and "regio" in errors
+    assert "NetWeave: " in capsys.readouterr().err
     builtin.seen.clear()
     from modules import extra_networks
     generate(adapter, "a <lora:style:0.5>", enabled=False)

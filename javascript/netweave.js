@@ -158,6 +158,7 @@
         var text = textarea.value;
         if (!/<(lora|lyco|loractl|model):/i.test(text)) {
             box.textContent = "";
+            box.dataset.checked = text;
             textarea.removeAttribute("aria-invalid");
             return;
         }
@@ -170,6 +171,7 @@
                 box.textContent = errors.map(function (e) {
                     return "column " + e.column + ": " + e.message + "\n" + e.snippet;
                 }).join("\n");
+                box.dataset.checked = text;  // which text the box speaks for (tests wait on it)
                 if (errors.some(function (e) { return e.severity === "error"; })) {
                     textarea.setAttribute("aria-invalid", "true");
                 } else {

@@ -199,7 +199,9 @@ def test_the_hosts_own_prompt_box_behaviour_still_works(page, tmp_path):
     page.wait_for_function("document.querySelector('.netweave-complete') === null || "
                            "getComputedStyle(document.querySelector('.netweave-complete'))"
                            ".display === 'none'", timeout=5000)
-    page.wait_for_timeout(800)  # past the validation's debounce
+    # the validation has answered for this very text (not a sleep: CI's server may be slow)
+    page.wait_for_function("document.querySelector('.netweave-problems').dataset.checked === "
+                           "'a fox <lora:demo_style:1>'", timeout=10000)
     assert page.locator(".netweave-problems").first.text_content() == ""
     assert box.input_value() == "a fox <lora:demo_style:1>"
     assert page.evaluate("hostSaw.inputs") == len("a fox <lora:demo_s") + 1

@@ -15,7 +15,8 @@ Per generation (hooks in A1111's order):
   so from the denoiser's own call counter), the pass (`p.is_hr_pass`); where text-encoder
   strengths change during the pass (or a prompt of the batch has other TE networks, or a
   regional TE network acts), the conditioning rows are swapped for an encoding made with the
-  right text-encoder weights, cached per segment.
+  right text-encoder weights, cached per segment: made by the host's own prompt_parser as the
+  host makes its conds (prompt editing, AND, the hires prompt and size, SDXL's dicts).
 - Infotext: the tags stay in the prompt; problems go to "NetWeave errors", masks to
   "NetWeave masks" (name:hash).
 """
@@ -125,9 +126,6 @@ class Adapter:
                       for s in segments) or _te_neg(plans)
         if segments[0]:
             engine.apply_te(segments[0][0])  # A1111 encodes next, with these weights
-        if te_swap and engine.arch == "sdxl":  # SDXL conds are dicts: not swapped yet
-            errors.append("text-encoder schedules, per-prompt or regional text-encoder networks "
-                          "and neg= on SDXL use step 0's text encoding in A1111 for now")
         self.run = Run(plans, te_swap)
         used = sorted({m for plan in plans for n in plan.networks if n.region is not None
                        for m in region_masks(n.region) if m in masks})
@@ -142,42 +140,73 @@ class Adapter:
         engine = self.engine
         engine.set_step(current_step(d, engine.plan.hires_steps if phase == "hires"
                                      else engine.plan.steps), phase)
-        conds = params.text_cond
-        rows = conds.shape[0] if isinstance(conds, torch.Tensor) else len(self.run.plans)
         n = len(self.run.plans)
-        per = max(1, rows // n)  # AND sub-prompts repeat each image's cond row
+        # SDXL's conds are dicts with a shape (prompt_parser.DictWithShape): crossattn's
+        per = max(1, params.text_cond.shape[0] // n)  # AND sub-prompts repeat a cond row
         self.describe_rows(n, per)
-        if self.run.te_swap and isinstance(conds, torch.Tensor) and per == 1:
-            params.text_cond, params.text_uncond = self.conditioning(p, phase, params.text_uncond)
+        if self.run.te_swap:
+            params.text_cond, params.text_uncond = self.conditioning(p, phase, d)
 
     def describe_rows(self, n: int, per: int) -> None:
         """Which prompt each UNet batch row is, for n prompts with `per` cond rows each."""
         raise NotImplementedError
 
-    def conditioning(self, p, phase: str, uncond):
-        """Cond and uncond rows for this step, each prompt encoded with its own text-encoder
-        segment (and negative strengths); regional TE networks get their own rows."""
+    def conditioning(self, p, phase: str, denoiser):
+        """Cond and uncond rows for this model evaluation, each prompt encoded with its own
+        text-encoder segment (and negative strengths), the way the host encodes them (prompt
+        editing, the hires prompts and size, SDXL's dicts); regional TE networks get rows of
+        their own. Encodings are cached per segment and rebuilt at the denoiser's step."""
+        from modules import prompt_parser  # the host's own
+
         engine = self.engine
         k = engine.position[1]
         segs = tuple(engine.segment_at(k, phase, i) for i in range(len(self.run.plans)))
-        if segs not in self.run.conds:
-            encode = p.sd_model.get_learned_conditioning
-            cond, neg, variant_rows = [], [], {}
-            for i, seg in enumerate(segs):
-                engine.apply_te(seg)
-                cond.append(encode([p.prompts[i]]))
-                engine.apply_te(seg, uncond=True)
-                neg.append(encode([p.negative_prompts[i]]))
-                for j in seg.variants:
-                    engine.apply_te(seg, variant=j)
-                    variant_rows.setdefault(j, {})[i] = encode([p.prompts[i]])
-            variants = {j: torch.cat([rows.get(i, c) for i, c in enumerate(cond)])
-                        for j, rows in variant_rows.items()}
-            self.run.conds[segs] = (torch.cat(cond), torch.cat(neg), variants)
-        cond, neg, variants = self.run.conds[segs]
-        engine.set_text_variants(torch.cat([cond, neg]),
-                                 {j: torch.cat([v, neg]) for j, v in variants.items()})
-        return cond, neg
+        if (phase, segs) not in self.run.conds:
+            self.run.conds[phase, segs] = self._encode(p, phase, segs, denoiser, prompt_parser)
+        cond, uncond, variants = self.run.conds[phase, segs]
+        step = denoiser.step
+        rows = prompt_parser.reconstruct_multicond_batch(cond, step)[1]
+        neg = prompt_parser.reconstruct_cond_batch(uncond, step)
+        engine.set_text_variants(_crossattn(rows, neg), {
+            j: _crossattn(prompt_parser.reconstruct_multicond_batch(v, step)[1], neg)
+            for j, v in variants.items()})
+        return rows, neg
+
+    def _encode(self, p, phase, segs, denoiser, prompt_parser):
+        """(cond, uncond, {regional network: cond}) schedules of the batch, as A1111's
+        setup_conds / calculate_hr_conds make them, one prompt at a time with its segment."""
+        engine = self.engine
+        if phase == "hires":
+            prompts, negatives = p.hr_prompts, p.hr_negative_prompts
+            size = dict(width=p.hr_upscale_to_x, height=p.hr_upscale_to_y)
+            steps = (getattr(p, "firstpass_steps", p.steps),
+                     denoiser.sampler.config.total_steps(p.hr_second_pass_steps or p.steps))
+        else:
+            prompts, negatives = p.prompts, p.negative_prompts
+            size = dict(width=p.width, height=p.height)
+            steps = (getattr(p, "firstpass_steps", p.steps), None)
+
+        def learned(text, negative=False):
+            texts = prompt_parser.SdConditioning([text], is_negative_prompt=negative, **size)
+            if negative:
+                return prompt_parser.get_learned_conditioning(p.sd_model, texts, *steps)[0]
+            return prompt_parser.get_multicond_learned_conditioning(p.sd_model, texts,
+                                                                    *steps).batch[0]
+        cond, uncond, variant_rows = [], [], {}
+        for i, seg in enumerate(segs):
+            engine.apply_te(seg)
+            cond.append(learned(prompts[i]))
+            engine.apply_te(seg, uncond=True)
+            uncond.append(learned(negatives[i], negative=True))
+            for j in seg.variants:
+                engine.apply_te(seg, variant=j)
+                variant_rows.setdefault(j, {})[i] = learned(prompts[i])
+
+        def multicond(batch):
+            return prompt_parser.MulticondLearnedConditioning((len(batch),), batch)
+        return multicond(cond), uncond, {
+            j: multicond([rows.get(i, c) for i, c in enumerate(cond)])
+            for j, rows in variant_rows.items()}
 
 
 def current_step(denoiser, steps: Optional[int]) -> int:
@@ -194,6 +223,14 @@ def current_step(denoiser, steps: Optional[int]) -> int:
         k = max(k - 1, 0)
     n = steps or getattr(denoiser, "steps", k + 1)
     return min(k, n - 1)
+
+
+def _crossattn(cond, uncond) -> torch.Tensor:
+    """The UNet's cross-attention context rows (conds, then unconds): SDXL's are the dicts'
+    "crossattn" (its "vector" is global to a row, so regions cannot tell it apart)."""
+    if isinstance(cond, dict):
+        cond, uncond = cond["crossattn"], uncond["crossattn"]
+    return torch.cat([cond, uncond])
 
 
 def _te_neg(plans: List[Plan]) -> bool:

@@ -16,9 +16,33 @@ from modules import extra_networks, paths, processing, script_callbacks, scripts
 
 import builtin_lora  # noqa: E402
 from netweave.network.synthetic import write_network  # noqa: E402
-from tinymodels import Wrapper, ldm_unet  # noqa: E402
+from tinymodels import TE1_WIDTH, TE2_WIDTH, OpenCLIPText, Wrapper, ldm_unet  # noqa: E402
 
 sys.modules.setdefault("networks", builtin_lora.networks)  # the built-in's module name
+
+
+def _clip_l():
+    """A CLIP-L-like text model at toy width with CLIP's real vocabulary and 77 positions."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+    return CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=TE1_WIDTH,
+                                        intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, max_position_embeddings=77,
+                                        bos_token_id=49406, eos_token_id=49407,
+                                        pad_token_id=49407))
+
+
+def _wake(model):
+    """LDM zero-initialises output layers: make every layer matter."""
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(5)
+        for p in model.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+def _token_ids(tokenizer, texts):
+    return tokenizer(list(texts), padding="max_length", max_length=77, truncation=True,
+                     return_tensors="pt").input_ids
 
 
 class SDModel(torch.nn.Module):
@@ -27,28 +51,17 @@ class SDModel(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        from transformers import CLIPTextConfig, CLIPTextModel
-
         from netweave.extension.tokenizer import clip_tokenizer
         self.model = Wrapper(diffusion_model=ldm_unet("sd1"))
         torch.manual_seed(1)
-        clip = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=2, num_attention_heads=4,
-                                            max_position_embeddings=77, bos_token_id=49406,
-                                            eos_token_id=49407, pad_token_id=49407))
-        self.cond_stage_model = Wrapper(transformer=clip)
+        self.cond_stage_model = Wrapper(transformer=_clip_l())
         self.tokenizer = clip_tokenizer()
         self.is_sdxl = self.is_sd2 = False
-        with torch.no_grad():  # LDM zero-initialises output layers: make every layer matter
-            gen = torch.Generator().manual_seed(5)
-            for p in self.model.parameters():
-                if not p.any():
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+        _wake(self.model)
 
     def get_learned_conditioning(self, texts):
-        ids = self.tokenizer(list(texts), padding="max_length", max_length=77, truncation=True,
-                             return_tensors="pt").input_ids
         with torch.no_grad():
+            ids = _token_ids(self.tokenizer, texts)
             return self.cond_stage_model.transformer(ids).last_hidden_state
 
     def apply_model(self, x, t, cond):
@@ -92,12 +105,16 @@ def generate(prompt, enabled=True, options="", record=None, **kw):
         e = a1111.ADAPTER.engine
         seen.append((params.denoiser.step, params.denoiser.p.is_hr_pass,
                      dict(e.strengths(record)) if record is not None and e.plan else None,
-                     params.text_cond.clone()))
+                     _clone(params.text_cond), _clone(params.text_uncond)))
     script_callbacks.on_cfg_denoiser(recorder)
     try:
         return processing.process_images(p), seen
     finally:
         script_callbacks.callback_map["cfg_denoiser"].remove(recorder)
+
+
+def _clone(cond):
+    return {k: v.clone() for k, v in cond.items()} if isinstance(cond, dict) else cond.clone()
 
 
 def target(a1111, key):
@@ -119,7 +136,7 @@ def test_strengths_follow_the_steps_for_first_and_second_order_samplers(host, sa
         "S", (), {"config": processing.SamplerConfig(sampler)})(), "steps": 4})(), 4)
         for s, *_ in seen]
     assert steps == calls
-    for step, (_, hr, now, _) in zip(steps, seen):
+    for step, (_, hr, now, *_) in zip(steps, seen):
         assert now.get(0, 0.0) == (0.0 if step < 2 else 1.0)
         assert now[1] == pytest.approx(0.25)
 
@@ -154,15 +171,15 @@ def test_hires_pass_uses_its_own_steps_and_hr_strengths(host):
     t = target(a1111, "lora_unet_output_blocks_3_1_proj_in")
     out, seen = generate("a <lora:style:1:hr=0.25>", steps=3, enable_hr=True,
                          hr_second_pass_steps=2, record=t)
-    base = [now for _, hr, now, _ in seen if not hr]
-    hires = [now for _, hr, now, _ in seen if hr]
+    base = [now for _, hr, now, *_ in seen if not hr]
+    hires = [now for _, hr, now, *_ in seen if hr]
     assert len(base) == 3 and len(hires) == 2
     assert all(now == {0: 1.0} for now in base) and all(now == {0: 0.25} for now in hires)
 
 
 def test_text_encoder_schedules_swap_the_conditioning(host):
     out, seen = generate("a fox <lora:words:te=0@0,1@0.5:unet=0>", steps=4)
-    conds = [c for *_, c in seen]
+    conds = [c for *_, c, _ in seen]
     assert torch.equal(conds[0], conds[1]) and torch.equal(conds[2], conds[3])
     assert not torch.equal(conds[1], conds[2])
     plain, seen_plain = generate("a fox", steps=4)
@@ -269,3 +286,143 @@ def test_settings_and_the_tab(host):
         for key in list(shared.opts.data):
             if key.startswith("netweave_"):
                 shared.opts.data[key] = labels[key].default
+
+
+# ---- the conditioning NetWeave makes is the host's own ------------------------------------
+def _rows(seen, hr=False):
+    """(cond, uncond) of each base (or hires) model evaluation."""
+    return [(c, u) for _, h, _, c, u in seen if h == hr]
+
+
+def test_swapped_conditioning_keeps_prompt_editing_and_the_hires_prompt(host):
+    # [cat:dog:2]: "cat" up to the denoiser's call 2, "dog" after; the TE network is on from
+    # step 2. NetWeave's rows must be the host's own rows for the same text and weights.
+    prompt = "a [cat:dog:2] <lora:words:te=0@0,1@0.5:unet=0>"
+    _, seen = generate(prompt, steps=4)
+    _, off = generate("a [cat:dog:2] <lora:words:te=0:unet=0>", steps=4)
+    _, on = generate("a [cat:dog:2] <lora:words:te=1:unet=0>", steps=4)
+    rows, off, on = _rows(seen), _rows(off), _rows(on)
+    assert not torch.equal(off[2][0], off[3][0])  # the edit itself shows
+    for k, expected in enumerate([off[0], off[1], on[2], on[3]]):
+        assert torch.allclose(rows[k][0], expected[0], atol=1e-6), k
+        assert torch.allclose(rows[k][1], expected[1], atol=1e-6), k
+    # AND: the host's rows per sub-prompt, in its order, each with the right weights
+    _, seen = generate("a fox AND a cat:0.5 <lora:words:te=0@0,1@0.5:unet=0>", steps=4)
+    _, on = generate("a fox AND a cat:0.5 <lora:words:te=1:unet=0>", steps=4)
+    rows, on = _rows(seen), _rows(on)
+    assert rows[3][0].shape[0] == 2 and torch.allclose(rows[3][0], on[3][0], atol=1e-6)
+    assert not torch.allclose(rows[0][0], on[0][0], atol=1e-4)  # step 0: without it
+    # the hires pass encodes its own prompt
+    kw = dict(steps=2, enable_hr=True, hr_second_pass_steps=2, hr_prompt="a cat")
+    out, seen = generate("a fox <lora:words:te=0@0,1@0.5:hrte=1:unet=0>", **kw)
+    assert "NetWeave errors" not in out.infotexts[0]
+    _, ref = generate("a fox <lora:words:te=1:unet=0>", **kw)
+    hires, ref_hires = _rows(seen, hr=True), _rows(ref, hr=True)
+    assert len(hires) == 2 and torch.allclose(hires[0][0], ref_hires[0][0], atol=1e-6)
+    assert not torch.allclose(hires[0][0], _rows(ref)[0][0], atol=1e-3)  # "a cat", not "a fox"
+
+
+class SDXLModel(torch.nn.Module):
+    """A1111's SDXL DiffusionEngine as NetWeave sees it: model.diffusion_model (with sgm's
+    label_emb for the "vector" cond), conditioner.embedders (CLIP-L as `.transformer`,
+    OpenCLIP-G as `.model`) and get_learned_conditioning(SdConditioning) -> {"crossattn",
+    "vector"}, both penultimate layers, the pooled G row and the size embedding in the
+    vector, all zero for an empty negative prompt (force_zero_embeddings)."""
+
+    SIZE_DIM = 8  # sgm: 256 per number; six numbers (original size, crop, target size)
+
+    def __init__(self):
+        super().__init__()
+        from ldm.modules.diffusionmodules.util import timestep_embedding
+
+        from netweave.extension.tokenizer import clip_tokenizer
+        unet = ldm_unet("sdxl")
+        width = unet.model_channels * 4
+        torch.manual_seed(3)
+        unet.num_classes = "sequential"
+        unet.label_emb = torch.nn.Sequential(torch.nn.Sequential(
+            torch.nn.Linear(TE2_WIDTH + 6 * self.SIZE_DIM, width), torch.nn.SiLU(),
+            torch.nn.Linear(width, width)))
+        self.model = Wrapper(diffusion_model=unet)
+        self.conditioner = Wrapper(embedders=torch.nn.ModuleList([
+            Wrapper(transformer=_clip_l()),
+            Wrapper(model=OpenCLIPText(TE2_WIDTH, vocab=49408, context=77))]))
+        self.tokenizer, self.timestep_embedding = clip_tokenizer(), timestep_embedding
+        self.is_sdxl, self.is_sd2 = True, False
+        _wake(self.model)
+
+    def get_learned_conditioning(self, batch):
+        with torch.no_grad():
+            ids = _token_ids(self.tokenizer, batch)
+            l_states = self.conditioner.embedders[0].transformer(
+                ids, output_hidden_states=True).hidden_states[-2]
+            g_states, pooled = self.conditioner.embedders[1].model.encode(ids)
+        crossattn = torch.cat([l_states, g_states], dim=-1)
+        if getattr(batch, "is_negative_prompt", False) and all(x == "" for x in batch):
+            crossattn, pooled = torch.zeros_like(crossattn), torch.zeros_like(pooled)
+        h, w = (getattr(batch, "height", None) or 1024), (getattr(batch, "width", None) or 1024)
+        sizes = torch.tensor([[h, w, 0, 0, h, w]] * len(batch), dtype=torch.float32)
+        size_emb = self.timestep_embedding(sizes.flatten(), self.SIZE_DIM).view(len(batch), -1)
+        return {"crossattn": crossattn, "vector": torch.cat([pooled, size_emb], dim=-1)}
+
+    def apply_model(self, x, t, cond):
+        return self.model.diffusion_model(x, t, context=cond["crossattn"], y=cond["vector"])
+
+
+@pytest.fixture(scope="module")
+def sdxl(host):
+    a1111, _, root = host
+    before = shared.sd_model
+    shared.sd_model = model = SDXLModel()
+    embedders = model.conditioner.embedders
+    trees = {"unet": model.model.diffusion_model, "te1": embedders[0], "te2": embedders[1]}
+    files = [root / "Lora" / f"xl_{n}.safetensors" for n in ("words", "style")]
+    write_network(files[0], trees, "lora", "kohya", "sdxl", seed=4, scale=0.5,
+                  components=("te1", "te2"))
+    write_network(files[1], trees, "lora", "kohya", "sdxl", seed=5, scale=0.2,
+                  components=("unet",), select=lambda t: "time_embed" not in t.name)
+    yield a1111
+    for f in files:
+        f.unlink()
+    a1111.ADAPTER.off()
+    shared.sd_model = before
+
+
+def test_sdxl_text_encoder_schedules_swap_its_dict_conds(sdxl):
+    kw = dict(steps=4, width=64, height=32)
+    out, seen = generate("a fox <lora:xl_words:te=0@0,1@0.5:unet=0> <lora:xl_style:0.5>", **kw)
+    assert "NetWeave errors" not in out.infotexts[0]
+    _, off = generate("a fox <lora:xl_style:0.5>", **kw)
+    _, on = generate("a fox <lora:xl_words:te=1:unet=0> <lora:xl_style:0.5>", **kw)
+    rows, off, on = _rows(seen), _rows(off), _rows(on)
+    assert not torch.allclose(off[0][0]["vector"], on[0][0]["vector"])  # G's pooled row moved
+    for k, expected in enumerate([off[0], off[1], on[2], on[3]]):
+        for key in ("crossattn", "vector"):
+            assert torch.allclose(rows[k][0][key], expected[0][key], atol=1e-6), (k, key)
+            assert torch.allclose(rows[k][1][key], expected[1][key], atol=1e-6), (k, key)
+    # the empty negative prompt stays all zeros (encoded as the negative it is), the size
+    # embedding (64 × 32, not SDXL's 1024 default) in every vector
+    assert not rows[3][1]["crossattn"].any()
+    assert torch.equal(rows[3][1]["vector"][:, TE2_WIDTH:], on[0][1]["vector"][:, TE2_WIDTH:])
+
+
+def test_sdxl_regional_text_encoder_network_and_neg(sdxl):
+    import numpy as np
+    from PIL import Image
+    a1111 = sdxl
+    a1111.ADAPTER.masks.put("xl_left", Image.fromarray(
+        np.tile(np.array([255, 0], np.uint8).repeat(32), (64, 1))))
+    prompt = "a fox <lora:xl_words:1:region=xl_left:unet=0> <lora:xl_style:0.5:neg=0>"
+    out, seen = generate(prompt, negative_prompt="blurry", steps=2)
+    assert len(out.images) == 1 and "NetWeave errors" not in out.infotexts[0]
+    assert "NetWeave masks: xl_left:" in out.infotexts[0]
+    # the cross-attention gets the host's crossattn rows outside the region and the network's
+    # own encoding of the prompt inside it (the uncond rows are the negative's, unchanged)
+    base, variants = a1111.ADAPTER.engine.runtime.text
+    cond, uncond = _rows(seen)[-1]
+    assert torch.equal(base, torch.cat([cond["crossattn"], uncond["crossattn"]]))
+    (variant,) = variants.values()
+    assert not torch.allclose(variant[:1], base[:1], atol=1e-4)
+    assert torch.equal(variant[1:], base[1:])
+    without, _ = generate("a fox <lora:xl_style:0.5:neg=0>", negative_prompt="blurry", steps=2)
+    assert not torch.allclose(out.images[0], without.images[0], atol=1e-5)

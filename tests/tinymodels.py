@@ -66,6 +66,9 @@ class _MLP(nn.Module):
         self.c_fc, self.gelu, self.c_proj = nn.Linear(width, width * 2), nn.GELU(), \
             nn.Linear(width * 2, width)
 
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
 
 class _ResidualAttentionBlock(nn.Module):
     def __init__(self, width, heads):
@@ -74,6 +77,11 @@ class _ResidualAttentionBlock(nn.Module):
         self.attn = nn.MultiheadAttention(width, heads)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = _MLP(width)
+
+    def forward(self, x, mask):
+        h = self.ln_1(x)
+        x = x + self.attn(h, h, h, need_weights=False, attn_mask=mask)[0]
+        return x + self.mlp(self.ln_2(x))
 
 
 class _Transformer(nn.Module):
@@ -86,14 +94,27 @@ class OpenCLIPText(nn.Module):
     """open_clip's CLIP text tower: token_embedding, positional_embedding, transformer.resblocks,
     ln_final, text_projection."""
 
-    def __init__(self, width=TE2_WIDTH, layers=2, heads=4):
+    def __init__(self, width=TE2_WIDTH, layers=2, heads=4, vocab=1000, context=16):
         super().__init__()
         torch.manual_seed(2)
-        self.token_embedding = nn.Embedding(1000, width)
-        self.positional_embedding = nn.Parameter(torch.randn(16, width) * 0.01)
+        self.token_embedding = nn.Embedding(vocab, width)
+        self.positional_embedding = nn.Parameter(torch.randn(context, width) * 0.01)
         self.transformer = _Transformer(width, layers, heads)
         self.ln_final = nn.LayerNorm(width)
         self.text_projection = nn.Parameter(torch.randn(width, width) * 0.01)
+
+    def encode(self, ids):
+        """(penultimate layer's hidden states [N, T, W], pooled [N, W]) as SDXL's second text
+        encoder gives them: the pooled row is the end token's (the highest id), projected."""
+        n, t = ids.shape
+        x = (self.token_embedding(ids) + self.positional_embedding[:t]).permute(1, 0, 2)
+        causal = torch.full((t, t), float("-inf")).triu(1)
+        states = []
+        for block in self.transformer.resblocks:
+            x = block(x, causal)
+            states.append(x.permute(1, 0, 2))
+        last = self.ln_final(states[-1])
+        return states[-2], last[torch.arange(n), ids.argmax(-1)] @ self.text_projection
 
 
 class Wrapper(nn.Module):

@@ -55,7 +55,7 @@ class Run:
 
     plans: List[Plan]
     te_swap: bool
-    conds: Dict = field(default_factory=dict)  # (phase, segments) -> cond rows
+    conds: Dict = field(default_factory=dict)  # (phase, segments) -> the host's cond schedules
 
 
 class Adapter:
@@ -162,7 +162,7 @@ class Adapter:
         k = engine.position[1]
         segs = tuple(engine.segment_at(k, phase, i) for i in range(len(self.run.plans)))
         if (phase, segs) not in self.run.conds:
-            self.run.conds[phase, segs] = self._encode(p, phase, segs, denoiser, prompt_parser)
+            self.run.conds[phase, segs] = self._encode(p, phase, segs, denoiser)
         cond, uncond, variants = self.run.conds[phase, segs]
         step = denoiser.step
         rows = prompt_parser.reconstruct_multicond_batch(cond, step)[1]
@@ -172,9 +172,11 @@ class Adapter:
             for j, v in variants.items()})
         return rows, neg
 
-    def _encode(self, p, phase, segs, denoiser, prompt_parser):
+    def _encode(self, p, phase, segs, denoiser):
         """(cond, uncond, {regional network: cond}) schedules of the batch, as A1111's
         setup_conds / calculate_hr_conds make them, one prompt at a time with its segment."""
+        from modules import prompt_parser
+
         engine = self.engine
         if phase == "hires":
             prompts, negatives = p.hr_prompts, p.hr_negative_prompts

@@ -126,8 +126,7 @@ class Adapter:
         errors = self.problems + [f"{e.message} (column {e.column})" for e in self.plan.errors]
         used = sorted({m for n in self.plan.networks if n.region is not None
                        for m in region_masks(n.region) if m in masks})
-        report(p.extra_generation_params, errors + engine.errors,
-                        {m: masks[m] for m in used})
+        report(p.extra_generation_params, errors + engine.errors, {m: masks[m] for m in used})
 
     def step_end(self, pipe, step, timestep, kwargs):
         kwargs = processing_callbacks.diffusers_callback(pipe, step, timestep, kwargs)

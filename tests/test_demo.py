@@ -116,8 +116,7 @@ def test_a_regional_lora_changes_its_region_and_leaves_the_rest(host, base):
 
 def test_a_loha_changes_the_shape(host):
     """demo_boxy (LoHa, UNet and text encoder) draws shapes as squares: they fill more of
-    their bounding box. (The base draws circles round enough already; triangles, and the
-    blobs it draws for "square", show the change.)"""
+    their bounding box: triangles, and the blobs the base draws for "square"."""
     for prompt in ("a green triangle on a white background", "a red square on a white background"):
         fills = [np.mean([fill(shape_and_background(im)[2]) for im in draw(host, tags, prompt)])
                  for tags in ("", "<lyco:demo_boxy:1>")]

@@ -1,7 +1,8 @@
 """Parsed networks kept between generations, bounded in bytes, least recently used evicted first.
 
 An entry belongs to a file as it was on disk: it is keyed by the real path (symlinks resolved)
-together with the file's size and mtime, so a file that was retrained or re-downloaded in place
+together with the size, mtime and inode of every file read from it (each component file of a
+diffusers folder: files.content_stamp), so a file that was retrained or re-downloaded in place
 is loaded again. A WebUI calls from several threads (the generation thread, the API, the UI), so
 all bookkeeping happens under one lock, and two threads asking for the same file at once load it
 once (the load itself runs outside the lock).
@@ -13,12 +14,14 @@ import threading
 from collections import OrderedDict
 from typing import Callable, Dict, NamedTuple, Optional, Tuple, TypeVar
 
+from .files import Stamp, content_stamp
+
 T = TypeVar("T")
-_Stamp = Optional[Tuple[int, int]]  # (size, mtime_ns); None when the file cannot be stat'ed
+_Stamp = Optional[Stamp]  # None when a file cannot be stat'ed
 
 
 class _Entry(NamedTuple):
-    stamp: Tuple[int, int]
+    stamp: Stamp
     value: object
     nbytes: int
 
@@ -43,7 +46,7 @@ class _Pending:
 
 
 class NetworkCache:
-    """Loaded files by (real path, size, mtime_ns), at most `max_bytes` in all as `size_of` counts."""
+    """Loaded files by (real path, content stamp), at most `max_bytes` in all as `size_of` counts."""
 
     def __init__(self, max_bytes: int):
         self._lock = threading.Lock()
@@ -61,7 +64,7 @@ class NetworkCache:
         kept if `size_of(value)` fits. A load that raises caches nothing and re-raises (in every
         thread that was waiting for it)."""
         real = os.path.realpath(path)
-        stamp = _stamp(real)
+        stamp = content_stamp(real)
         with self._lock:
             entry = self._entries.get(real)
             if entry is not None and entry.stamp == stamp:
@@ -97,7 +100,7 @@ class NetworkCache:
             raise
         # Keep it only if the file did not change while it was read: otherwise the value may
         # mix two versions, and it would be stored under a stamp it does not match.
-        unchanged = stamp is not None and _stamp(real) == stamp
+        unchanged = stamp is not None and content_stamp(real) == stamp
         with self._lock:
             del self._pending[key]
             if unchanged and generation == self._generation:
@@ -152,14 +155,6 @@ class NetworkCache:
 
     def _remove(self, real: str) -> None:
         self._bytes -= self._entries.pop(real).nbytes
-
-
-def _stamp(real: str) -> _Stamp:
-    try:
-        st = os.stat(real)
-    except OSError:
-        return None  # not cached; load() reports what is wrong with the file
-    return st.st_size, st.st_mtime_ns
 
 
 def _check_max(max_bytes: int) -> int:

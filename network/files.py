@@ -4,9 +4,10 @@ A safetensors file is an 8-byte little-endian header length N, N bytes of JSON (
 tensor: dtype, shape, data_offsets relative to the data section; plus an optional
 `__metadata__` table of strings), then the data section. The header is validated here with the
 same rules safetensors applies, so that every damaged file is reported in words a WebUI user
-understands instead of as a Rust error or a crash; tensors are then read on demand through
-`safetensors.safe_open` (memory-mapped). Pickled files (.ckpt, .pt, ...) are refused without
-being unpickled: unpickling runs code from the file.
+understands instead of as a Rust error or a crash; tensors are then read on demand with plain
+reads from the file opened once, never memory-mapped: a mapped file that shrinks kills the
+process (SIGBUS), a short read is only an error for that file. Pickled files (.ckpt, .pt, ...)
+are refused without being unpickled: unpickling runs code from the file.
 """
 from __future__ import annotations
 
@@ -16,15 +17,17 @@ import os
 import re
 import stat
 import struct
+import threading
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
-from safetensors import safe_open
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
-# safetensors' own limit; a bigger header is a damaged or hostile file, not a network.
-MAX_HEADER_BYTES = 100_000_000
+# A bigger header or more tensors is a damaged or hostile file, not a network: an SDXL
+# checkpoint has about 2,500 tensors and a 300 KB header (kohya's training metadata adds a few MB).
+MAX_HEADER_BYTES = 16 * 2**20
+MAX_TENSORS = 100_000
 _U64_MAX = 2**64 - 1
 
 # safetensors dtype name → (torch dtype, bytes per element): the ones torch can hold.
@@ -70,18 +73,21 @@ class _Tensor(NamedTuple):
 
 
 class SafeFile:
-    """A .safetensors file opened lazily: the header is read and validated up front, tensors are
-    read on demand (memory-mapped through safetensors.safe_open) into memory of their own.
-    Use `open_safetensors`."""
+    """A .safetensors file opened once: the header is read and validated up front, tensors are
+    read on demand into memory of their own. Reads go through the descriptor opened first, so a
+    file replaced on disk (a new download moved over it) still reads as it was; one rewritten
+    or truncated in place is an error for this file. Use `open_safetensors`."""
 
-    def __init__(self, path: str, size: int, mtime_ns: int, tensors: Dict[str, _Tensor],
-                 metadata: dict, handle):
+    def __init__(self, path: str, file, st: os.stat_result, data_start: int,
+                 tensors: Dict[str, _Tensor], metadata: dict):
         self.path = path
-        self.size = size
-        self.mtime_ns = mtime_ns
+        self.size = st.st_size
+        self.mtime_ns = st.st_mtime_ns
         self.metadata = metadata
         self._tensors = tensors
-        self._handle = handle
+        self._file = file
+        self._data_start = data_start
+        self._lock = threading.Lock()  # seek + read is one step
 
     def keys(self) -> List[str]:
         return sorted(self._tensors)
@@ -100,30 +106,45 @@ class SafeFile:
 
     def get(self, key: str) -> torch.Tensor:
         entry = self._entry(key)
-        if self._handle is None:
-            raise NetworkFileError(self.path, "the file was already closed")
-        self._check_unchanged()
-        try:
-            mapped = self._handle.get_tensor(key)
-        except Exception as e:  # safetensors raises its own Rust error types; name file and key
-            raise NetworkFileError(self.path, f"tensor {key!r} could not be read ({e})") from e
-        if entry.dtype_name == "BOOL" and mapped.numel() and int(mapped.view(torch.uint8).max()) > 1:
+        dtype = DTYPES[entry.dtype_name][0]
+        buf = bytearray(entry.end - entry.start)
+        with self._lock:
+            if self._file is None:
+                raise NetworkFileError(self.path, "the file was already closed")
+            self._check_unchanged()
+            try:
+                self._file.seek(self._data_start + entry.start)
+                got = self._file.readinto(buf)
+            except OSError as e:
+                raise NetworkFileError(self.path, f"tensor {key!r} could not be read ({e.strerror})") from e
+            self._check_unchanged()  # rewritten in place while it was read
+        if got != len(buf):
+            raise NetworkFileError(self.path, f"tensor {key!r}: the file ended after {got} of its "
+                                   f"{len(buf)} bytes; it was truncated while NetWeave read it")
+        if not buf:
+            return torch.empty(entry.shape, dtype=dtype)
+        t = torch.frombuffer(buf, dtype=torch.uint8)
+        if entry.dtype_name == "BOOL" and int(t.max()) > 1:
             # torch assumes a bool byte is 0 or 1; anything else is corruption, not a value.
             raise NetworkFileError(self.path, f"tensor {key!r} is BOOL but holds bytes other than 0 and 1")
-        # safetensors returns a view of the memory map; the copy keeps the tensor valid when the
-        # file is later overwritten in place (touching a truncated map kills the process: SIGBUS).
-        return mapped.clone()
+        return t.view(dtype).reshape(entry.shape)  # little-endian, as the hosts' CPUs are
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.__exit__(None, None, None)
-            self._handle = None
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
 
     def __enter__(self) -> "SafeFile":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        file = getattr(self, "_file", None)
+        if file is not None:
+            file.close()
 
     def __repr__(self) -> str:
         return f"SafeFile({self.path!r}, {len(self._tensors)} tensors)"
@@ -135,29 +156,41 @@ class SafeFile:
             raise KeyError(f"{self.path}: no tensor named {key!r}") from None
 
     def _check_unchanged(self) -> None:
-        # The data is memory-mapped: reading a file that was rewritten or truncated since it
-        # was opened gives wrong numbers or kills the process (SIGBUS).
-        try:
-            st = os.stat(self.path)
-        except OSError as e:
-            raise NetworkFileError(self.path, f"the file went away after it was opened ({e.strerror})") from e
+        st = os.fstat(self._file.fileno())
         if (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns):
-            raise NetworkFileError(self.path, "the file changed on disk after it was opened; load it again")
+            raise NetworkFileError(self.path, "the file changed on disk after it was opened; "
+                                   "it is read again at the next generation")
 
 
 def open_safetensors(path) -> SafeFile:
     """Open and validate a .safetensors file; NetworkFileError for anything else or anything damaged."""
     path = os.fspath(path)
-    st = _stat_regular_file(path)
     if path.lower().endswith(PICKLE_SUFFIXES):
+        _stat_regular_file(path)
         raise NetworkFileError(path, _pickle_advice(path))
-    header_len, header = _read_header(path, st.st_size)
-    tensors, raw_metadata = _validate_header(path, header, st.st_size - 8 - header_len)
+    file = _open_regular_file(path)
     try:
-        handle = safe_open(path, framework="pt", device="cpu")
-    except Exception as e:  # a rule of safetensors' that the checks above do not mirror
-        raise NetworkFileError(path, f"safetensors could not open it ({e})") from e
-    return SafeFile(path, st.st_size, st.st_mtime_ns, tensors, _parse_metadata(raw_metadata), handle)
+        st = os.fstat(file.fileno())
+        header_len, header = _read_header(path, file, st.st_size)
+        tensors, raw_metadata = _validate_header(path, header, st.st_size - 8 - header_len)
+        return SafeFile(path, file, st, 8 + header_len, tensors, _parse_metadata(raw_metadata))
+    except BaseException:
+        file.close()
+        raise
+
+
+def _open_regular_file(path: str):
+    """The file opened for reading, after checking it is a regular file (opened without
+    blocking: a FIFO put in its place would wait forever)."""
+    _stat_regular_file(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except OSError as e:
+        raise NetworkFileError(path, f"the file cannot be opened ({e.strerror})") from e
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped since the check above
+        os.close(fd)
+        raise NetworkFileError(path, "this is not a regular file")
+    return os.fdopen(fd, "rb", buffering=0)
 
 
 def _stat_regular_file(path: str) -> os.stat_result:
@@ -175,28 +208,30 @@ def _stat_regular_file(path: str) -> os.stat_result:
     return st
 
 
-def _read_header(path: str, size: int) -> Tuple[int, bytes]:
+def _read_header(path: str, f, size: int) -> Tuple[int, bytes]:
     """The header length and the header bytes, after the checks that need only the first bytes."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(9)
-            if len(head) < 8:
-                raise NetworkFileError(path, "the file is empty" if not head else
-                                       f"the file is only {len(head)} bytes long, too short to be a safetensors file")
-            if _looks_pickled(head):
-                raise NetworkFileError(path, _pickle_advice(path))
-            (header_len,) = struct.unpack("<Q", head[:8])
-            if header_len > MAX_HEADER_BYTES:
-                raise NetworkFileError(path, f"the header claims to be {header_len} bytes long (the limit is "
-                                       f"{MAX_HEADER_BYTES}); the file is damaged or not a safetensors file")
-            if 8 + header_len > size:
-                raise NetworkFileError(path, f"the header claims to be {header_len} bytes long but only {size - 8} "
-                                       "bytes follow; the file is truncated (an interrupted download or copy?) "
-                                       "or not a safetensors file")
-            f.seek(8)
-            return header_len, f.read(header_len)
+        head = f.read(9)
+        if len(head) < 8:
+            raise NetworkFileError(path, "the file is empty" if not head else
+                                   f"the file is only {len(head)} bytes long, too short to be a safetensors file")
+        if _looks_pickled(head):
+            raise NetworkFileError(path, _pickle_advice(path))
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if header_len > MAX_HEADER_BYTES:
+            raise NetworkFileError(path, f"the header claims to be {header_len} bytes long (the limit is "
+                                   f"{MAX_HEADER_BYTES}); the file is damaged or not a safetensors file")
+        if 8 + header_len > size:
+            raise NetworkFileError(path, f"the header claims to be {header_len} bytes long but only {size - 8} "
+                                   "bytes follow; the file is truncated (an interrupted download or copy?) "
+                                   "or not a safetensors file")
+        f.seek(8)
+        header = f.read(header_len)
     except OSError as e:
         raise NetworkFileError(path, f"the file cannot be read ({e.strerror})") from e
+    if len(header) != header_len:
+        raise NetworkFileError(path, "the file was truncated while its header was read")
+    return header_len, header
 
 
 def _looks_pickled(head: bytes) -> bool:
@@ -222,15 +257,24 @@ def _pickle_advice(path: str) -> str:
 
 
 def _validate_header(path: str, header: bytes, data_len: int) -> Tuple[Dict[str, _Tensor], dict]:
+    # every tensor has its data_offsets: a count of them refuses a hostile file before parsing
+    _check_count(path, header.count(b'"data_offsets"'))
     doc = _parse_header_json(path, header)
     raw_metadata = doc.pop("__metadata__", None)
     if raw_metadata is None:
         raw_metadata = {}
     if not isinstance(raw_metadata, dict) or not all(isinstance(v, str) for v in raw_metadata.values()):
         raise NetworkFileError(path, "the header's __metadata__ is not a table of text values")
+    _check_count(path, len(doc))
     tensors = {key: _validate_entry(path, key, entry, data_len) for key, entry in doc.items()}
     _check_layout(path, tensors, data_len)
     return tensors, raw_metadata
+
+
+def _check_count(path: str, count: int) -> None:
+    if count > MAX_TENSORS:
+        raise NetworkFileError(path, f"the header lists {count} tensors (the limit is {MAX_TENSORS}); "
+                               "the file is damaged or not a network")
 
 
 def _parse_header_json(path: str, header: bytes) -> dict:
@@ -248,6 +292,11 @@ def _parse_header_json(path: str, header: bytes) -> dict:
     if not isinstance(doc, dict):
         raise NetworkFileError(path, f"the header is a JSON {_json_kind(doc)}, not an object; the file is "
                                "damaged or not a safetensors file")
+    try:  # JSON may escape a lone surrogate ("\\ud800"), which no UTF-8 text holds
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise NetworkFileError(path, "the header holds text that is not valid Unicode (a lone surrogate "
+                               "escape); the file is damaged or not a safetensors file") from None
     return doc
 
 
@@ -340,6 +389,58 @@ def _check_layout(path: str, tensors: Dict[str, _Tensor], data_len: int) -> None
     if position != data_len:
         raise NetworkFileError(path, f"the file has {data_len - position} bytes after the last tensor; "
                                "the header does not match the data")
+
+
+# ---- a diffusers folder's files, and what a path held when it was read --------------------
+
+COMPONENTS = (("unet", "unet."), ("text_encoder", "text_encoder."),
+              ("text_encoder_2", "text_encoder_2."))
+
+
+def checkpoint_files(path: str) -> List[Tuple[str, str]]:
+    """(file, key prefix) of a checkpoint: one single-file .safetensors, or a diffusers folder
+    whose component files get their component's name in front of every key. Component folders
+    and files that are symlinks leading out of the folder are refused."""
+    if not os.path.isdir(path):
+        return [(path, "")]
+    found = []
+    for folder, prefix in COMPONENTS:
+        d = os.path.join(path, folder)
+        if not os.path.isdir(d):
+            continue
+        _check_inside(path, d)
+        try:
+            names = sorted(n for n in os.listdir(d) if n.endswith(".safetensors"))
+        except OSError as e:
+            raise NetworkFileError(d, f"the folder cannot be read ({e.strerror})") from e
+        for n in names:
+            _check_inside(path, os.path.join(d, n))
+            found.append((os.path.join(d, n), prefix))
+    if not found:
+        raise NetworkFileError(path, "a diffusers folder needs unet/ or text_encoder/ .safetensors files")
+    return found
+
+
+def _check_inside(root: str, path: str) -> None:
+    real_root = os.path.realpath(root)
+    if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+        raise NetworkFileError(path, f"a symlink leading out of {root}; refused")
+
+
+Stamp = Tuple[Tuple[str, int, int, int], ...]
+
+
+def content_stamp(path: str) -> Optional[Stamp]:
+    """(file, size, mtime_ns, inode) of every file a network or checkpoint at `path` is read
+    from (each component file of a diffusers folder): it changes when any of them does. None
+    when one cannot be found or stat'ed."""
+    try:
+        files = [f for f, _ in checkpoint_files(path)]
+        stamps = [(f, st.st_size, st.st_mtime_ns, st.st_ino) for f, st in
+                  ((f, os.stat(f)) for f in files)]
+    except (OSError, NetworkFileError):
+        return None
+    return tuple(stamps)
 
 
 def _parse_metadata(raw: Dict[str, str]) -> dict:

@@ -6,10 +6,9 @@ import os
 from typing import Dict, Optional, Tuple
 
 from .detect import ARCHS
-from .files import NetworkFileError, describe_metadata, open_safetensors
+from .files import NetworkFileError, checkpoint_files, describe_metadata, open_safetensors
 from .keymap import KeyMap
-from .loader import (ArchitectureMismatch, LoadedNetwork, checkpoint_files, load_checkpoint,
-                     load_network)
+from .loader import ArchitectureMismatch, LoadedNetwork, load_checkpoint, load_network
 from .reference import reference_trees
 
 _CHECKPOINT_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.",

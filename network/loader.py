@@ -4,11 +4,11 @@
 builds one adapter per host layer; `load_checkpoint` turns another checkpoint of the same
 architecture into full-rank contributions W_target − W_base, read from the file only when a
 layer is merged (model-as-LoRA). Nothing here touches a weight: a bad file fails before the
-engine starts, with a message that names the file.
+engine starts, with a message that names the file: damaged, degenerate (empty, rank 0),
+non-finite or absurd tensors refuse their network here, so they never reach a weight.
 """
 from __future__ import annotations
 
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -20,7 +20,8 @@ from .algorithms import Adapter, FormatError, detect, make
 from .algorithms.checkpoint import CheckpointDelta
 from .blocks import ARCH_TITLES
 from .detect import detect_architecture
-from .files import NetworkFileError, SafeFile, base_architecture, open_safetensors
+from .files import (NetworkFileError, SafeFile, base_architecture, checkpoint_files,
+                    open_safetensors)
 from .keymap import KeyMap, Target
 
 
@@ -121,9 +122,10 @@ def load_network(path: str, keymap: KeyMap, arch: Optional[str] = None) -> Loade
             parts = {part: _read(f, path, key) for part, key in part_keys.items()}
             try:
                 adapter = make(parts, default_alpha)
-            except FormatError as exc:
+                problem = adapter.check(tuple(target.weight.shape))
+            except (FormatError, RuntimeError, ValueError, ArithmeticError, IndexError) as exc:
+                # odd shapes fail inside torch before an algorithm can say what is wrong
                 raise NetworkFileError(path, f"layer '{layer}': {exc}") from None
-            problem = adapter.check(tuple(target.weight.shape))
             if problem:
                 raise NetworkFileError(path, f"layer '{layer}' does not fit this {_title(arch)} model "
                                   f"({target.component} {target.name}): {problem}")
@@ -132,12 +134,30 @@ def load_network(path: str, keymap: KeyMap, arch: Optional[str] = None) -> Loade
                          tuple(embeddings), dict(f.metadata), tuple(reasons))
 
 
+# A weight or factor beyond this is damage, not training (real ones stay below a few hundred):
+# merged in half precision it would overflow to infinity and draw a black image.
+ABSURD = 1e4
+
+
 def _read(f: SafeFile, path: str, key: str) -> torch.Tensor:
     t = f.get(key)
-    # fp8 has no isfinite of its own: check it widened
-    if t.is_floating_point() and not torch.isfinite(t.float() if t.element_size() == 1 else t).all():
-        raise NetworkFileError(path, f"tensor '{key}' holds NaN or infinite values")
+    if t.numel() == 0:
+        raise NetworkFileError(path, f"tensor '{key}' is empty (shape {list(t.shape)}): a rank-0 "
+                                     "or damaged layer")
+    check_values(t, path, key)
     return t
+
+
+def check_values(t: torch.Tensor, path: str, key: str) -> None:
+    """NetworkFileError when a float tensor holds NaN, infinity or an absurd magnitude."""
+    if not t.is_floating_point():
+        return
+    peak = (t.float() if t.element_size() == 1 else t).abs().max()  # fp8 has no abs: widen it
+    if not torch.isfinite(peak):
+        raise NetworkFileError(path, f"tensor '{key}' holds NaN or infinite values")
+    if peak > ABSURD:
+        raise NetworkFileError(path, f"tensor '{key}' holds {float(peak):.3g}, far beyond any "
+                                     f"trained weight (|w| ≤ {ABSURD:g})")
 
 
 def _metadata_alpha(metadata: Mapping) -> Optional[float]:
@@ -156,29 +176,12 @@ NOT_PATCHED = re.compile(r"^(first_stage_model|model_ema|vae)\.|^[^.]+$|embeddin
                          r"text_projection|logit_scale")
 
 
-def checkpoint_files(path: str) -> List[Tuple[str, str]]:
-    """(file, key prefix) of a checkpoint: one single-file .safetensors, or a diffusers folder
-    whose component files get their component's name in front of every key."""
-    if not os.path.isdir(path):
-        return [(path, "")]
-    found = []
-    for folder, prefix in (("unet", "unet."), ("text_encoder", "text_encoder."),
-                           ("text_encoder_2", "text_encoder_2.")):
-        d = os.path.join(path, folder)
-        files = sorted(n for n in os.listdir(d) if n.endswith(".safetensors")) \
-            if os.path.isdir(d) else []
-        found += [(os.path.join(d, n), prefix) for n in files]
-    if not found:
-        raise NetworkFileError(path, "a diffusers folder needs unet/ or text_encoder/ .safetensors files")
-    return found
-
-
 def load_checkpoint(path: str, keymap: KeyMap, arch: Optional[str] = None) -> LoadedNetwork:
-    """Another checkpoint as a network: ΔW = W_target − W_base on every layer both have,
-    read from the (memory-mapped) file only when the engine merges that layer, so two full
-    models never sit in memory at once."""
+    """Another checkpoint as a network: ΔW = W_target − W_base on every layer both have. Each
+    tensor is read once here to check its values, then again from the file only when the engine
+    merges that layer, so two full models never sit in memory at once."""
     sources = []
-    try:  # the files stay open (memory-mapped) for the adapters; closed if loading fails
+    try:  # the files stay open for the adapters; closed if loading fails
         for file, prefix in checkpoint_files(path):
             sources.append((open_safetensors(file), prefix))
         layers, unmatched, found, reasons = _map_checkpoint(path, sources, keymap, arch)
@@ -215,4 +218,6 @@ def _map_checkpoint(path, sources, keymap: KeyMap, arch: Optional[str]):
             raise NetworkFileError(path, f"{target.component} {target.name} does not fit this "
                                          f"{_title(arch)} model: {problem}")
         layers[target] = adapter
+    for f, key in dict.fromkeys((f, key) for parts in tensors.values() for f, key, _ in parts.values()):
+        check_values(f.get(key), f.path, key)
     return layers, unmatched, found, reasons

@@ -1,28 +1,34 @@
 """The network folders: where `<lora:name>` and `<model:name>` files are found.
 
 Names are file names without extension, relative to a folder, "/" for sub-folders. Nothing
-outside the folders is ever opened: names with "..", absolute paths, NUL bytes, and symlinks
-that lead out of a folder are refused with a message.
+outside the folders is ever opened: names with "..", absolute paths, NUL bytes (the rule of
+parser/names.py), and symlinks that lead out of a folder are refused with a message. What the
+API lists about a file is kept until the file changes (its size, mtime and inode).
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Dict, List, Sequence
 
 from ..network.detect import detect_architecture
-from ..network.files import (NetworkFileError, base_architecture, describe_metadata,
-                             open_safetensors)
-from ..network.loader import checkpoint_files
+from ..network.files import (NetworkFileError, base_architecture, checkpoint_files,
+                             content_stamp, describe_metadata, open_safetensors)
+from ..parser.names import network_name_problem
+
+DESCRIBED = 4096  # listing entries kept
+
 
 class BadName(ValueError):
     """A network or mask name that could point outside its folder."""
 
 
-def check_name(name: str, what: str = "network") -> str:
-    if not name or "\x00" in name or name.startswith(("/", "\\")) or ":" in name[:2] \
-            or any(part in ("..", ".") for part in name.replace("\\", "/").split("/")):
-        raise BadName(f"'{name}' is not a valid {what} name: no '..', absolute paths or NUL")
+def check_name(name: str) -> str:
+    problem = network_name_problem(name)
+    if problem:
+        raise BadName(problem)
     return name
 
 
@@ -36,6 +42,10 @@ def inside(root: str, path: str) -> bool:
 class Library:
     lora_dirs: Sequence[str] = ()
     model_dirs: Sequence[str] = ()
+    _described: "OrderedDict" = field(default_factory=OrderedDict, init=False, repr=False,
+                                      compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False,
+                                  compare=False)
 
     def _dirs(self, kind: str) -> Sequence[str]:
         return self.model_dirs if kind == "model" else self.lora_dirs
@@ -75,6 +85,25 @@ class Library:
                        "trigger_words": [], "metadata": {}, "error": None}
         try:
             entry["path"] = path = self.find(kind, name)
+        except (FileNotFoundError, BadName) as exc:
+            entry["error"] = str(exc)
+            return entry
+        stamp = content_stamp(path)
+        with self._lock:
+            known = self._described.get((kind, path))
+            if known is not None and known[0] == stamp and stamp is not None:
+                self._described.move_to_end((kind, path))
+                return dict(known[1], name=name)
+        self._read_headers(kind, path, entry)
+        with self._lock:
+            self._described[(kind, path)] = (stamp, entry)
+            while len(self._described) > DESCRIBED:
+                self._described.popitem(last=False)
+        return dict(entry)
+
+    @staticmethod
+    def _read_headers(kind: str, path: str, entry: Dict) -> None:
+        try:
             keys, shapes, meta = [], {}, {}
             for file, prefix in checkpoint_files(path) if kind == "model" else [(path, "")]:
                 with open_safetensors(file) as f:
@@ -85,6 +114,5 @@ class Library:
                                                            base_architecture(meta))
             entry["metadata"] = describe_metadata(meta)
             entry["trigger_words"] = entry["metadata"]["trigger_words"]
-        except (FileNotFoundError, BadName, NetworkFileError) as exc:
+        except NetworkFileError as exc:
             entry["error"] = str(exc)
-        return entry

@@ -1,10 +1,12 @@
 """The mask store: grayscale PNG files in a folder the user can see, one per name.
 
-A mask is a map in [0, 1] (white = inside). Uploads are PNG (or any image PIL reads) as bytes or
-base64; they are checked before anything is written: size in bytes and in pixels (no
-decompression bombs), a real image, converted to 8-bit grayscale. Names are restricted to
-letters, digits, `_` and `-`, so a name can never leave the folder. The store is a read-only
-mapping name → PIL image for the engine (`Engine.masks`).
+A mask is a map in [0, 1] (white = inside). Uploads are PNG, JPEG, WebP, BMP, TIFF or GIF (formats
+PIL decodes itself: never one it hands to an external program) as bytes or base64; they are
+checked before anything is written: size in bytes and in pixels (no decompression bombs), a real
+image, converted to 8-bit grayscale. Names follow parser/names.py (letters, digits, `_ . -`), so
+a name can never leave the folder; symlinks in the folder are not followed. The store is a
+read-only mapping name → PIL image for the engine (`Engine.masks`); a stored file that cannot be
+read fails only the regions that use it (UnreadableMask is a RegionError).
 """
 from __future__ import annotations
 
@@ -13,26 +15,37 @@ import binascii
 import hashlib
 import io
 import os
-import re
+import stat
+import tempfile
 import threading
 import warnings
 from typing import Callable, Dict, Iterator, Mapping, Optional, Union
 
 from PIL import Image, UnidentifiedImageError
 
-NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+from ..network.regions import RegionError
+from ..parser import BUILTIN_REGIONS
+from ..parser.names import mask_name_problem
+
 MAX_BYTES = 16 * 2 ** 20
 MAX_PIXELS = 4096 * 4096
-RESERVED = frozenset(("full", "left", "right", "top", "bottom", "rest"))
+RESERVED = frozenset(BUILTIN_REGIONS)
+# PIL identifies a file by its content; these are the formats it decodes in-process.
+PIXEL_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 
 
 class MaskError(ValueError):
     """A bad mask name or upload; the message says what and why."""
 
 
+class UnreadableMask(MaskError, RegionError):
+    """A file in the mask folder that cannot be read as a mask."""
+
+
 def check_mask_name(name: str) -> str:
-    if not isinstance(name, str) or not NAME.match(name):
-        raise MaskError(f"'{name}' is not a valid mask name: 1–64 letters, digits, '_' or '-'")
+    problem = mask_name_problem(name)
+    if problem:
+        raise MaskError(problem)
     if name.lower() in RESERVED:
         raise MaskError(f"'{name}' is a built-in region; choose another name")
     return name
@@ -55,7 +68,7 @@ def decode_image(data, where: str = "mask") -> Image.Image:
     try:
         with warnings.catch_warnings():  # PIL's bomb warning: the store's own limit is lower
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=PIXEL_FORMATS)
         with img:
             if img.width * img.height > MAX_PIXELS:
                 raise MaskError(f"{where}: {img.width}×{img.height} is more than "
@@ -69,7 +82,7 @@ def decode_image(data, where: str = "mask") -> Image.Image:
     except MaskError:
         raise
     except UnidentifiedImageError:
-        raise MaskError(f"{where}: not an image PIL can read") from None
+        raise MaskError(f"{where}: not an image in one of {', '.join(PIXEL_FORMATS)}") from None
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise MaskError(f"{where}: a broken image ({exc})") from None
 
@@ -105,14 +118,34 @@ class MaskStore(Mapping[str, Image.Image]):
             path = self._path(name)
         except MaskError:
             raise KeyError(name) from None
-        if not os.path.isfile(path):
-            raise KeyError(name)
-        with open(path, "rb") as f:
-            return decode_image(f.read(), f"mask '{name}'")
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except FileNotFoundError:
+            raise KeyError(name) from None
+        except OSError as exc:  # a symlink (ELOOP), no permission, ...
+            raise UnreadableMask(f"mask '{name}': its file cannot be opened ({exc.strerror}); "
+                                 "symlinks in the mask folder are not followed") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnreadableMask(f"mask '{name}': its file is not a regular file")
+            data = f.read(MAX_BYTES + 1)
+        try:
+            return decode_image(data, f"mask '{name}'")
+        except MaskError as exc:
+            raise UnreadableMask(str(exc)) from None
+
+    def __contains__(self, name) -> bool:
+        try:
+            return os.path.lexists(self._path(name))
+        except MaskError:
+            return False
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(n[:-4] for n in os.listdir(self.folder)
-                           if n.endswith(".png") and NAME.match(n[:-4])))
+        with os.scandir(self.folder) as entries:
+            names = [e.name[:-4] for e in entries if e.name.endswith(".png")
+                     and e.is_file(follow_symlinks=False)]
+        return iter(sorted(n for n in names if not mask_name_problem(n)))
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
@@ -122,17 +155,22 @@ class MaskStore(Mapping[str, Image.Image]):
         path = self._path(name)
         img = data.convert("L") if isinstance(data, Image.Image) else decode_image(data, f"mask '{name}'")
         with self._lock:
-            tmp = path + ".tmp"
-            img.save(tmp, format="PNG")
-            os.replace(tmp, path)  # a reader never sees half a file
+            fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=os.path.dirname(path))  # a new file: no link followed
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    img.save(f, format="PNG")
+                os.replace(tmp, path)  # a reader never sees half a file; a link there is replaced
+            except BaseException:
+                os.unlink(tmp)
+                raise
         return img
 
     def delete(self, name: str) -> None:
         path = self._path(name)
         with self._lock:
-            if not os.path.isfile(path):
+            if not os.path.lexists(path):
                 raise KeyError(name)
-            os.remove(path)
+            os.remove(path)  # a symlink itself, never its target
 
 
 class Overlay(Mapping[str, Image.Image]):
@@ -143,6 +181,9 @@ class Overlay(Mapping[str, Image.Image]):
 
     def __getitem__(self, name):
         return self.inline[name] if name in self.inline else self.store[name]
+
+    def __contains__(self, name) -> bool:
+        return name in self.inline or name in self.store
 
     def __iter__(self):
         return iter(sorted(set(self.inline) | set(self.store)))

@@ -15,6 +15,7 @@ from lark import Token, Transformer
 
 from .ast import (BUILTIN_REGIONS, INTERPOLATIONS, BlockWeights, Intersect, Keyframe, Mask,
                   Not, Position, Scaled, Schedule, Tag, Union_, VectorEntry, Window)
+from .names import network_name_problem
 
 Problem = Tuple[int, str, str]  # (offset in the tag text, message, severity)
 
@@ -277,22 +278,9 @@ def _block_sort(item) -> Tuple[int, int]:
 
 
 def check_name(raw: str) -> Tuple[str, Optional[str]]:
-    """Network names may hold sub-folders ("/") and spaces; never "..", an absolute path,
-    NUL or control characters."""
+    """The name as written (spaces around it dropped, "\\" as "/") and its problem (names.py)."""
     name = raw.strip().replace("\\", "/")
-    if not name:
-        return name, "the network name is empty"
-    bad = next((c for c in name if ord(c) < 32 or ord(c) == 127), None)
-    if bad is not None:
-        return name, f"the network name holds a control character (code {ord(bad)})"
-    if name.startswith("/") or name.startswith("~"):
-        return name, f"the network name '{name}' is an absolute path; name it relative to the network folder"
-    parts = name.split("/")
-    if any(p.strip() in ("..", ".") for p in parts):
-        return name, f"the network name '{name}' may not use '.' or '..' folders"
-    if any(not p.strip() for p in parts):
-        return name, f"the network name '{name}' has an empty folder name"
-    return name, None
+    return name, network_name_problem(name)
 
 
 def shift_tag(tag: Tag, start: int, end: int, columns) -> Tag:

@@ -1,24 +1,48 @@
 """HTTP routes. `/netweave/v1/*` is NetWeave's own API, the same for every host (masks, parse,
 networks); `/sdapi/v1/*` is the subset of A1111's API the standalone host serves, shaped so an
-A1111 client works unchanged. Bad requests get a 4xx with a message, never a 500."""
+A1111 client works unchanged. Bad requests get a 4xx with a message, never a 500: bodies are
+typed (pydantic) down to every script argument, text must be valid Unicode, numbers finite and
+in range. Generations wait in a queue of their own, so an interrupt or a progress poll is
+answered at once however many are waiting."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Optional
 
 from fastapi import APIRouter, Body, HTTPException, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError,
+                      model_validator)
+from typing_extensions import Annotated
 
 from ..network.blocks import BLOCKS, PRESETS
+from ..network.files import NetworkFileError
 from ..network.plan import CompileContext, compile_prompt
 from ..parser import BUILTIN_REGIONS, INTERPOLATIONS, KINDS, KNOWN_KEYS
-from .diffusers_host import DiffusersHost, Interrupted
+from ..parser.names import valid_unicode
+from .diffusers_host import MAX_SEED, DiffusersHost, Interrupted
 from .diffusers_host import Request as Txt2Img
 from .library import Library
-from .masks import MaskError, MaskStore, check_mask_name, decode_image, mask_hash
+from .limits import OverBudget
+from .masks import (MAX_BYTES, MaskError, MaskStore, UnreadableMask, check_mask_name,
+                    decode_image, mask_hash)
+
+MAX_QUEUED = 100  # generations waiting; more are refused (503) instead of held in memory
+MASK_BODY = MAX_BYTES * 4 // 3 + 1024  # a mask as base64 in JSON
+
+
+def _unicode(text: str) -> str:
+    if not valid_unicode(text):
+        raise ValueError("not valid Unicode (a lone surrogate)")
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 SCRIPT_TITLE = "NetWeave"
 
@@ -34,7 +58,7 @@ def _mask_info(name: str, img) -> dict:
 
 
 class ParseRequest(BaseModel):
-    prompt: str = Field(max_length=100_000)
+    prompt: Text = Field(max_length=100_000)
     steps: int = Field(20, ge=1, le=500)
     hires_steps: Optional[int] = Field(None, ge=1, le=500)
     arch: Optional[str] = None
@@ -47,7 +71,15 @@ def netweave_router(masks: MaskStore, library: Library, arch: Callable[[], str])
 
     @r.get("/masks")
     def list_masks():
-        return {"masks": [_mask_info(n, masks[n]) for n in masks]}
+        found = []
+        for n in masks:
+            try:
+                found.append(_mask_info(n, masks[n]))
+            except UnreadableMask as exc:  # listed with its problem; the others still work
+                found.append({"name": n, "error": str(exc)})
+            except KeyError:  # deleted meanwhile
+                pass
+        return {"masks": found}
 
     @r.get("/masks/{name}")
     def get_mask(name: str):
@@ -55,11 +87,13 @@ def netweave_router(masks: MaskStore, library: Library, arch: Callable[[], str])
             img = masks[name]
         except KeyError:
             raise HTTPException(404, f"no mask named '{name}'") from None
+        except UnreadableMask as exc:
+            raise HTTPException(409, str(exc)) from None
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         return Response(buf.getvalue(), media_type="image/png")
 
-    @r.put("/masks/{name}")
+    @r.put("/masks/{name}", max_body_size=MASK_BODY)
     async def put_mask(name: str, request: Request):
         """Body: the image (PNG, any type PIL reads) or JSON {"image": base64}."""
         data = await request.body()
@@ -72,6 +106,8 @@ def netweave_router(masks: MaskStore, library: Library, arch: Callable[[], str])
             return _mask_info(name, masks.put(name, data))
         except MaskError as exc:
             raise HTTPException(413 if "larger than" in str(exc) else 400, str(exc)) from None
+        except OSError as exc:
+            raise HTTPException(507, f"the mask could not be written ({exc.strerror})") from None
 
     @r.delete("/masks/{name}")
     def delete_mask(name: str):
@@ -111,49 +147,105 @@ def netweave_router(masks: MaskStore, library: Library, arch: Callable[[], str])
     return r
 
 
+# A1111's txt2img request fields (1.10): echoed in "parameters" as A1111 does; other unknown
+# fields are accepted, ignored and not echoed.
+A1111_FIELDS = frozenset((
+    "prompt negative_prompt styles seed subseed subseed_strength seed_resize_from_h "
+    "seed_resize_from_w sampler_name sampler_index scheduler batch_size n_iter steps cfg_scale "
+    "distilled_cfg_scale width height restore_faces tiling do_not_save_samples do_not_save_grid "
+    "eta denoising_strength s_min_uncond s_churn s_tmax s_tmin s_noise override_settings "
+    "override_settings_restore_afterwards refiner_checkpoint refiner_switch_at "
+    "disable_extra_networks firstpass_image comments enable_hr firstphase_width "
+    "firstphase_height hr_scale hr_upscaler hr_second_pass_steps hr_resize_x hr_resize_y "
+    "hr_checkpoint_name hr_sampler_name hr_scheduler hr_prompt hr_negative_prompt force_task_id "
+    "script_name script_args send_images save_images alwayson_scripts infotext").split())
+
+
 class Txt2ImgBody(BaseModel):
     """A1111's /sdapi/v1/txt2img fields NetWeave's host uses; others are accepted and ignored."""
-    model_config = ConfigDict(extra="allow")
-    prompt: str = ""
-    negative_prompt: str = ""
-    steps: int = 20
-    cfg_scale: float = 7.0
-    seed: int = -1
-    width: int = 512
-    height: int = 512
-    batch_size: int = 1
-    n_iter: int = Field(1, ge=1, le=100)  # unbounded, one request could hold the host for days
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _encodable(cls, data):
+        """Every field, the ignored ones too, as JSON can say it back: no NaN, no lone
+        surrogate (it would fail only when the answer is written)."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                try:
+                    json.dumps([key, value], ensure_ascii=False, allow_nan=False).encode("utf-8")
+                except (ValueError, UnicodeEncodeError, RecursionError):
+                    raise ValueError(f"field {key!r} holds a non-finite number or text that is "
+                                     "not valid Unicode") from None
+        return data
+
+    prompt: Text = Field("", max_length=100_000)
+    negative_prompt: Text = Field("", max_length=100_000)
+    steps: int = Field(20, ge=1, le=500)
+    cfg_scale: float = Field(7.0, ge=0, le=100)
+    seed: int = Field(-1, ge=-1, le=MAX_SEED)
+    width: int = Field(512, ge=8, le=4096, multiple_of=8)
+    height: int = Field(512, ge=8, le=4096, multiple_of=8)
+    batch_size: int = Field(1, ge=1, le=16)
+    n_iter: int = Field(1, ge=1, le=100)
     send_images: bool = True
-    alwayson_scripts: Dict[str, Any] = Field(default_factory=dict)
+    alwayson_scripts: Dict[Text, Any] = Field(default_factory=dict)
 
 
-def script_args(alwayson: Dict[str, Any]) -> Dict[str, Any]:
+class ScriptArgs(BaseModel):
+    """NetWeave's own argument: inline masks, name → base64 image."""
+    model_config = ConfigDict(extra="ignore")
+    masks: Dict[Text, Text] = Field(default_factory=dict)
+
+
+def script_args(alwayson: Dict[str, Any]) -> ScriptArgs:
     """The NetWeave script's arguments from `alwayson_scripts`: {"args": [{"masks": {name:
-    base64 PNG}}]} (title matched case-insensitively, as A1111 does)."""
+    base64 PNG}}]}, or the WebUIs' [true, {"masks": …}] (title matched case-insensitively, as
+    A1111 does). Any other shape is a 422 that says where."""
     for title, entry in alwayson.items():
-        if title.lower() == SCRIPT_TITLE.lower():
-            args = entry.get("args", []) if isinstance(entry, dict) else None
-            if not isinstance(args, list) or (args and not isinstance(args[0], dict)):
-                raise HTTPException(422, 'alwayson_scripts.NetWeave.args must be [{"masks": {…}}]')
-            return args[0] if args else {}
-    return {}
+        if title.lower() != SCRIPT_TITLE.lower():
+            continue
+        where = f"alwayson_scripts.{title}"
+        if not isinstance(entry, dict):
+            raise HTTPException(422, f'{where} must be an object {{"args": [...]}}')
+        args = entry.get("args", [])
+        if not isinstance(args, list):
+            raise HTTPException(422, f"{where}.args must be a list, not {type(args).__name__}")
+        found = ScriptArgs()
+        for i, arg in enumerate(args):
+            if isinstance(arg, bool) or arg is None:  # the WebUIs' on/off flag
+                continue
+            if not isinstance(arg, dict):
+                raise HTTPException(422, f"{where}.args[{i}] must be true/false or "
+                                         f'{{"masks": {{name: base64}}}}, not {type(arg).__name__}')
+            try:
+                found = ScriptArgs.model_validate(arg)
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                loc = "".join(f"[{p!r}]" if isinstance(p, str) else f"[{p}]" for p in first["loc"])
+                raise HTTPException(422, f"{where}.args[{i}]{loc}: {first['msg']}") from None
+        return found
+    return ScriptArgs()
 
 
 def sdapi_router(host: DiffusersHost, library: Library) -> APIRouter:
     r = APIRouter(prefix="/sdapi/v1")
+    # Generations run one at a time on the model: waiting ones sit in this queue, not in the
+    # server's thread pool, which stays free for interrupts, progress and the mask routes.
+    queue = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netweave-txt2img")
+    waiting = [0]
+    count = threading.Lock()
 
-    @r.post("/txt2img")
-    def txt2img(body: Txt2ImgBody):
-        args = script_args(body.alwayson_scripts)
+    def generate(body: Txt2ImgBody, args: ScriptArgs) -> dict:
         inline = {}
-        for name, data in (args.get("masks") or {}).items():
+        for name, data in args.masks.items():
             try:
                 check_mask_name(name)
                 inline[name] = decode_image(data, f"mask '{name}'")
             except MaskError as exc:
                 raise HTTPException(422, str(exc)) from None
         images: List = []
-        infos, seeds, errors = [], [], []
+        infos, seeds, errors, plan = [], [], [], None
         seed = body.seed
         for i in range(body.n_iter):
             req = Txt2Img(prompt=body.prompt, negative_prompt=body.negative_prompt,
@@ -163,6 +255,8 @@ def sdapi_router(host: DiffusersHost, library: Library) -> APIRouter:
                           masks=inline)
             try:
                 result = host.txt2img(req)
+            except NetworkFileError as exc:  # changed on disk twice during one generation
+                raise HTTPException(409, str(exc)) from None
             except ValueError as exc:
                 raise HTTPException(422, str(exc)) from None
             except Interrupted:
@@ -170,8 +264,7 @@ def sdapi_router(host: DiffusersHost, library: Library) -> APIRouter:
             images += result.images
             infos += result.infotexts
             seeds += [result.seed + k for k in range(len(result.images))]
-            errors = result.errors
-        plan = host.last_plan.to_dict() if host.last_plan is not None else None
+            errors, plan = result.errors, result.plan.to_dict()  # this request's own
         info = {"prompt": body.prompt, "negative_prompt": body.negative_prompt,
                 "seed": seeds[0] if seeds else body.seed, "all_seeds": seeds,
                 "steps": body.steps, "cfg_scale": body.cfg_scale, "width": body.width,
@@ -179,7 +272,26 @@ def sdapi_router(host: DiffusersHost, library: Library) -> APIRouter:
                 "sd_model_name": host.model.name, "infotexts": infos,
                 "netweave": {"errors": errors, "plan": plan}}
         return {"images": [png_base64(im) for im in images] if body.send_images else [],
-                "parameters": body.model_dump(), "info": json.dumps(info)}
+                "parameters": {k: v for k, v in body.model_dump().items() if k in A1111_FIELDS},
+                "info": json.dumps(info)}
+
+    @r.post("/txt2img")
+    async def txt2img(body: Txt2ImgBody):
+        args = script_args(body.alwayson_scripts)
+        try:
+            host.limits.check_work(body.width, body.height, body.steps,
+                                   body.batch_size * body.n_iter)
+        except OverBudget as exc:
+            raise HTTPException(422, str(exc)) from None
+        with count:
+            if waiting[0] >= MAX_QUEUED:
+                raise HTTPException(503, f"{MAX_QUEUED} generations are waiting; try again later")
+            waiting[0] += 1
+        try:
+            return await asyncio.wrap_future(queue.submit(generate, body, args))
+        finally:
+            with count:
+                waiting[0] -= 1
 
     @r.get("/loras")
     def loras():
@@ -192,7 +304,7 @@ def sdapi_router(host: DiffusersHost, library: Library) -> APIRouter:
         return out
 
     @r.get("/progress")
-    def progress():
+    async def progress():
         p = host.progress
         return {"progress": p.fraction if p.busy else 0.0,
                 "eta_relative": p.eta(),
@@ -202,7 +314,7 @@ def sdapi_router(host: DiffusersHost, library: Library) -> APIRouter:
                 "current_image": None, "textinfo": None}
 
     @r.post("/interrupt")
-    def interrupt(_: Optional[dict] = Body(None)):
+    async def interrupt(_: Optional[dict] = Body(None)):
         host.interrupt()
         return {}
 

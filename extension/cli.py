@@ -11,7 +11,11 @@ bench [--quick] [--device cpu|cuda] [--json] times the engine's strategies side 
 
 generate --prompt P --out FILE [...] makes an image with the standalone host (no checkpoint:
 the embedded default model); serve [--port 7860] runs its page and A1111-style API on
-127.0.0.1. Both read LoRAs from --lora-dir and `<model:…>` checkpoints from --model-dir.
+127.0.0.1 (`--listen` or `--host ADDR` only with `--api-auth USER:PASS`). Both read LoRAs from
+--lora-dir and `<model:…>` checkpoints from --model-dir.
+
+Whatever is asked is bounded: steps up to 1000, prompts up to 100,000 characters, a presets
+file up to 1 MiB of UTF-8 text; anything else exits 2 with a message.
 """
 from __future__ import annotations
 
@@ -23,18 +27,44 @@ from typing import List, Optional
 
 from ..network.blocks import BLOCKS, parse_preset_file
 from ..network.explain import explain_table, heatmap
-from ..network.plan import CompileContext, compile_prompt
+from ..network.plan import MAX_STEPS, CompileContext, compile_prompt
 from ..parser import INTERPOLATIONS
+from .limits import DEFAULT_BODY_MB, DEFAULT_WORK, Limits
+
+MAX_PROMPT = 100_000
+MAX_PRESETS_BYTES = 2 ** 20
 
 
-def _positive(text: str) -> int:
+def _whole(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not from {low} to {high}")
+        return value
+    return parse
+
+
+def _positive_number(text: str) -> float:
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not ≥ 1")
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} is not a positive number")
     return value
+
+
+def _prompt(text: str) -> str:
+    if len(text) > MAX_PROMPT:
+        raise argparse.ArgumentTypeError(f"the prompt is longer than {MAX_PROMPT:,} characters")
+    return text
+
+
+_positive = _whole(1, 2 ** 31)
+_steps = _whole(1, MAX_STEPS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,14 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="NetWeave: LoRA tags compiled into one plan.")
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("explain", help="print the plan a prompt compiles to")
-    ex.add_argument("prompt", help="a prompt with <lora:…>, <lyco:…>, <loractl:…>, <model:…> tags")
-    ex.add_argument("--steps", type=_positive, required=True, help="sampling steps")
-    ex.add_argument("--hires-steps", type=_positive, default=None, help="hires-fix pass steps")
+    ex.add_argument("prompt", type=_prompt,
+                    help="a prompt with <lora:…>, <lyco:…>, <loractl:…>, <model:…> tags")
+    ex.add_argument("--steps", type=_steps, required=True, help="sampling steps")
+    ex.add_argument("--hires-steps", type=_steps, default=None, help="hires-fix pass steps")
     ex.add_argument("--arch", choices=sorted(BLOCKS), default="sd1", help="block layout")
     ex.add_argument("--seed", type=int, default=0, help="seed for lbw's random R and U values")
     ex.add_argument("--interp", choices=INTERPOLATIONS, default=None,
                     help="default interpolation (else step; linear for loractl)")
-    ex.add_argument("--presets", type=argparse.FileType("r", encoding="utf-8"), default=None,
+    ex.add_argument("--presets", metavar="FILE", default=None,
                     help="lora-block-weight presets file (NAME:v,v,… lines)")
     ex.add_argument("--strict", action="store_true", help="treat warnings as errors")
     ex.add_argument("--json", action="store_true", help="print the plan as one JSON object")
@@ -64,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--system-malloc", action="store_true",
                        help="keep glibc's default of returning freed memory to the OS")
     gen = sub.add_parser("generate", help="make an image with the standalone host")
-    gen.add_argument("--prompt", required=True, help="the prompt, tags included")
-    gen.add_argument("--negative", default="", help="the negative prompt")
-    gen.add_argument("--steps", type=_positive, default=20)
+    gen.add_argument("--prompt", type=_prompt, required=True, help="the prompt, tags included")
+    gen.add_argument("--negative", type=_prompt, default="", help="the negative prompt")
+    gen.add_argument("--steps", type=_steps, default=20)
     gen.add_argument("--seed", type=int, default=1)
     gen.add_argument("--cfg", type=float, default=7.0, help="CFG scale")
     gen.add_argument("--width", type=_positive, default=None, help="default: the model's size")
@@ -75,7 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a mask for region=NAME (repeatable)")
     gen.add_argument("--out", required=True, help="the PNG to write (parameters in its text)")
     srv = sub.add_parser("serve", help="the standalone page and API on 127.0.0.1")
-    srv.add_argument("--port", type=_positive, default=7860)
+    srv.add_argument("--port", type=_whole(1, 65535), default=7860)
+    where = srv.add_mutually_exclusive_group()
+    where.add_argument("--listen", action="store_const", const="0.0.0.0", dest="host",
+                       help="serve on every network interface (needs --api-auth)")
+    where.add_argument("--host", default="127.0.0.1",
+                       help="the address to serve on (beyond loopback only with --api-auth)")
+    srv.add_argument("--api-auth", default=None, metavar="USER:PASS[,USER:PASS…]",
+                     help="HTTP basic authentication for the API and the page")
+    srv.add_argument("--max-work", type=_positive_number, default=DEFAULT_WORK,
+                     help="most work one request may ask for, in megapixel-steps "
+                          "(width × height × steps × images / 10⁶; default %(default)s)")
+    srv.add_argument("--max-body-mb", type=_positive_number, default=DEFAULT_BODY_MB,
+                     help="largest request body in MiB (default %(default)s)")
     for p in (gen, srv):
         p.add_argument("--checkpoint", default=None,
                        help="a .safetensors SD1/SDXL checkpoint or a diffusers folder "
@@ -101,8 +144,32 @@ def main(argv: Optional[List[str]] = None) -> int:
             "generate": generate_command, "serve": serve_command}[args.command](args)
 
 
+def _read_presets(path: str) -> dict:
+    """ValueError with the reason for a presets file that is unreadable, too big or not text."""
+    if os.path.exists(path) and not os.path.isfile(path):  # a folder, or a FIFO that would block
+        raise ValueError(f"--presets {path}: not a regular file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PRESETS_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"--presets {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_PRESETS_BYTES:
+        raise ValueError(f"--presets {path}: larger than {MAX_PRESETS_BYTES // 2 ** 20} MiB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--presets {path}: not UTF-8 text (byte {exc.start})") from None
+    if "\x00" in text:
+        raise ValueError(f"--presets {path}: a binary file, not NAME:v,v,… lines")
+    return parse_preset_file(text)
+
+
 def explain_command(args) -> int:
-    presets = parse_preset_file(args.presets.read()) if args.presets else {}
+    try:
+        presets = _read_presets(args.presets) if args.presets else {}
+    except ValueError as exc:
+        print(f"netweave: {exc}", file=sys.stderr)
+        return 2
     ctx = CompileContext(arch=args.arch, steps=args.steps, hires_steps=args.hires_steps,
                          seed=args.seed, default_interp=args.interp, presets=presets,
                          strict=args.strict)
@@ -178,9 +245,11 @@ def _host(args):
         demo = demo_library()
         loras, models = loras + [demo[0]], models + [demo[1]]
     library = Library(loras, models)
-    settings = Settings()  # the page's Settings tab may point masks elsewhere
-    masks = MaskStore(lambda: settings.mask_dir or args.mask_dir)
-    host = DiffusersHost(model, library, masks, device=args.device, settings=settings)
+    masks = MaskStore(args.mask_dir)  # the command line's: never changed over HTTP
+    limits = Limits(int(args.max_body_mb * 2 ** 20), args.max_work) if args.command == "serve" \
+        else Limits(max_work=float("inf"))  # a command asks for what its user wants
+    host = DiffusersHost(model, library, masks, device=args.device, settings=Settings(),
+                         limits=limits)
     return host, library, masks
 
 
@@ -188,7 +257,7 @@ def generate_command(args) -> int:
     from PIL import PngImagePlugin
 
     from .diffusers_host import Request
-    from .masks import MaskError, check_mask_name, decode_image
+    from .masks import MAX_BYTES, MaskError, check_mask_name, decode_image
 
     inline = {}
     for item in args.mask:
@@ -196,8 +265,10 @@ def generate_command(args) -> int:
         try:
             if not sep:
                 raise MaskError(f"--mask {item}: write NAME=PATH")
-            with open(path, "rb") as f:
-                inline[check_mask_name(name)] = decode_image(f.read(), f"--mask {name}")
+            if os.path.exists(path) and not os.path.isfile(path):
+                raise MaskError(f"--mask {name}: {path} is not a regular file")
+            with open(path, "rb") as f:  # decode_image refuses more than MAX_BYTES
+                inline[check_mask_name(name)] = decode_image(f.read(MAX_BYTES + 1), f"--mask {name}")
         except (MaskError, OSError) as exc:
             print(f"netweave: {exc}", file=sys.stderr)
             return 2
@@ -230,8 +301,15 @@ def generate_command(args) -> int:
 
 
 def serve_command(args) -> int:
-    from .server import serve
+    from .auth import parse_credentials
+    from .server import check_address, serve
 
+    try:
+        auth = parse_credentials(args.api_auth) if args.api_auth is not None else []
+        check_address(args.host, auth)
+    except ValueError as exc:
+        print(f"netweave: {exc}", file=sys.stderr)
+        return 2
     host, library, masks = _host(args)
-    serve(host, library, masks, port=args.port)
+    serve(host, library, masks, port=args.port, address=args.host, auth=auth)
     return 0

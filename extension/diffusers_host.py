@@ -20,12 +20,18 @@ import torch
 from PIL import Image
 
 from ..network.engine import Engine
+from ..network.files import NetworkFileError
 from ..network.plan import CompileContext, Plan, compile_prompt, region_masks
+from ..parser.names import valid_unicode
 from .library import Library
-from .masks import Overlay, mask_hash
+from .limits import Limits
+from .masks import Overlay, UnreadableMask, mask_hash
 from .models import Model
 from .pipeline_run import PipelineRun
 from .settings import Settings
+
+
+MAX_SEED = 2 ** 62  # seed + image index stays a 64-bit generator seed
 
 
 class Interrupted(Exception):
@@ -56,8 +62,13 @@ class Request:
                 problems.append(f"{name} must be a multiple of 8 from 8 to 4096, not {v}")
         if not 0 <= self.cfg_scale <= 100:
             problems.append(f"cfg_scale must be 0–100, not {self.cfg_scale}")
+        if not -1 <= self.seed <= MAX_SEED:
+            problems.append(f"seed must be -1 (random) or 0–{MAX_SEED}, not {self.seed}")
         if len(self.prompt) + len(self.negative_prompt) > 100_000:
             problems.append("the prompt is longer than 100,000 characters")
+        for name in ("prompt", "negative_prompt"):
+            if not valid_unicode(getattr(self, name)):
+                problems.append(f"{name} is not valid Unicode (a lone surrogate)")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -92,8 +103,10 @@ class Progress:
 
 class DiffusersHost:
     def __init__(self, model: Model, library: Library, masks: Optional[Mapping] = None,
-                 device: str = "cpu", settings: Optional[Settings] = None):
+                 device: str = "cpu", settings: Optional[Settings] = None,
+                 limits: Optional[Limits] = None):
         self.model = model
+        self.limits = limits or Limits()
         self.library = library
         self.masks = masks if masks is not None else {}
         self.device = device
@@ -102,7 +115,6 @@ class DiffusersHost:
         self.engine = Engine(model.trees(), model.arch, library.find)
         self.lock = threading.Lock()
         self.progress = Progress()
-        self.last_plan: Optional[Plan] = None
 
     def context(self, steps: int, masks: Mapping) -> CompileContext:
         return CompileContext(arch=self.model.arch, steps=steps, masks=frozenset(masks),
@@ -113,12 +125,20 @@ class DiffusersHost:
         self.progress.interrupted = True
 
     def txt2img(self, req: Request) -> Result:
+        """One batch; ValueError (before anything runs) for a request out of bounds."""
         req.check()
+        self.limits.check_work(req.width, req.height, req.steps, req.batch_size)
         with self.lock:  # one generation at a time on this model
             self.progress = Progress(job=f"txt2img {time.time():.0f}", steps=req.steps,
                                      started=time.time(), busy=True)
             try:
                 return self._generate(req)
+            except NetworkFileError as exc:
+                # A file changed on disk while the generation read it (weights are restored):
+                # once more, the changed file read again or refused as its tag's error.
+                result = self._generate(req)
+                result.errors.insert(0, f"{exc}; the generation was run again")
+                return result
             finally:
                 self.progress.busy = False
 
@@ -129,7 +149,6 @@ class DiffusersHost:
         if not self.settings.enabled:  # switched off: the tags are text NetWeave ignores
             plan = dataclasses.replace(plan, networks=())
         self.settings.apply(engine)
-        self.last_plan = plan
         errors = [f"{e.severity}: {e.message} (column {e.column})" for e in plan.errors]
         seed = req.seed if req.seed >= 0 else int(np.random.default_rng().integers(2 ** 31))
         b = req.batch_size
@@ -170,8 +189,14 @@ class DiffusersHost:
                   "Seed": seed, "Size": f"{req.width}x{req.height}", "Model": self.model.name}
         used = sorted({m for n in plan.networks if n.region is not None
                        for m in region_masks(n.region) if m in masks})
-        if used:
-            params["NetWeave masks"] = ",".join(f"{m}:{mask_hash(masks[m])}" for m in used)
+        hashes = []
+        for m in used:
+            try:
+                hashes.append(f"{m}:{mask_hash(masks[m])}")
+            except UnreadableMask:  # reported in errors; its networks were skipped
+                pass
+        if hashes:
+            params["NetWeave masks"] = ",".join(hashes)
         if errors:
             params["NetWeave errors"] = " | ".join(e.replace(",", ";") for e in errors)
         text = req.prompt + ("\nNegative prompt: " + req.negative_prompt if req.negative_prompt else "")

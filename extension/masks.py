@@ -157,6 +157,7 @@ class MaskStore(Mapping[str, Image.Image]):
         with self._lock:
             fd, tmp = tempfile.mkstemp(suffix=".tmp", dir=os.path.dirname(path))  # a new file: no link followed
             try:
+                os.fchmod(fd, 0o644)  # as a plain write would leave it, not mkstemp's 0600
                 with os.fdopen(fd, "wb") as f:
                     img.save(f, format="PNG")
                 os.replace(tmp, path)  # a reader never sees half a file; a link there is replaced

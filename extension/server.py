@@ -1,14 +1,21 @@
 """The standalone server: A1111's API subset, NetWeave's routes, and a Gradio page, on one
-FastAPI app bound to 127.0.0.1."""
+FastAPI app bound to 127.0.0.1 (another address only with --api-auth). Request bodies are
+bounded (FastAPI's max_body_size: refused from Content-Length before they are read), and every
+error is JSON that says what and where."""
 from __future__ import annotations
 
+import ipaddress
 import os
 import threading
+from typing import Sequence
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 
 from . import tab
 from .api import netweave_router, sdapi_router
+from .auth import BasicAuth
 from .diffusers_host import DiffusersHost, Request
 from .library import Library
 from .masks import MaskStore
@@ -17,16 +24,49 @@ SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
                       "netweave.js")
 
 
-def build_app(host: DiffusersHost, library: Library, masks: MaskStore, ui: bool = True) -> FastAPI:
-    app = FastAPI(title="NetWeave")
+def build_app(host: DiffusersHost, library: Library, masks: MaskStore, ui: bool = True,
+              auth: Sequence[str] = ()) -> FastAPI:
+    """`auth`: "user:password" pairs; when given, every route and the page need one of them."""
+    app = FastAPI(title="NetWeave", max_body_size=host.limits.max_body_bytes)
     app.include_router(netweave_router(masks, library, lambda: host.model.arch))
     app.include_router(sdapi_router(host, library))
+    app.add_exception_handler(RequestValidationError, _invalid)
+    app.add_exception_handler(413, _too_large)
     if ui:
         import gradio as gr
         with open(SCRIPT, encoding="utf-8") as f:  # the prompt-box helpers WebUIs load too
             head = f"<script>{f.read()}</script>"
         app = gr.mount_gradio_app(app, page(host), path="/", head=head)
+    if auth:
+        app.add_middleware(BasicAuth, credentials=auth)
     return app
+
+
+async def _invalid(request: HTTPRequest, exc: RequestValidationError) -> JSONResponse:
+    """422 with where (loc) and what (msg) of each problem; the offending input is not echoed
+    (it may be huge, or text that cannot be encoded)."""
+    problems = []
+    for e in exc.errors():
+        loc = [p if isinstance(p, (int, str)) else str(p) for p in e.get("loc", ())]
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc[1:]).lstrip(".") \
+            or "the body"
+        msg = str(e.get("msg", "invalid"))
+        if isinstance(e.get("ctx"), dict) and "error" in e["ctx"]:
+            msg = f"{msg}: {e['ctx']['error']}"
+        msg = f"{where} must be{msg[len('Input should be'):]}" if msg.startswith("Input should be") \
+            else f"{where}: {msg}"
+        problems.append({"loc": loc, "msg": msg, "type": e.get("type", "")})
+    return JSONResponse({"detail": problems}, status_code=422)
+
+
+async def _too_large(request: HTTPRequest, exc) -> JSONResponse:
+    if getattr(exc, "detail", None) not in (None, "Content Too Large"):  # a route's own message
+        return JSONResponse({"detail": exc.detail}, status_code=413)
+    limit = request.scope.get("starlette.max_body_size")
+    said = request.headers.get("content-length")
+    size = f" ({said} bytes)" if said else ""
+    return JSONResponse({"detail": f"the request body{size} is over this route's limit of "
+                                   f"{limit} bytes"}, status_code=413)
 
 
 def page(host: DiffusersHost):
@@ -81,6 +121,24 @@ def page(host: DiffusersHost):
     return blocks
 
 
-def serve(host: DiffusersHost, library: Library, masks: MaskStore, port: int = 7860) -> None:
+def loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+def check_address(address: str, auth: Sequence[str]) -> None:
+    if not loopback(address) and not auth:
+        raise ValueError(f"serving on {address} would let anyone on the network generate and "
+                         "write masks; add --api-auth USER:PASSWORD or serve on 127.0.0.1")
+
+
+def serve(host: DiffusersHost, library: Library, masks: MaskStore, port: int = 7860,
+          address: str = "127.0.0.1", auth: Sequence[str] = ()) -> None:
     import uvicorn
-    uvicorn.run(build_app(host, library, masks), host="127.0.0.1", port=port, log_level="info")
+    check_address(address, auth)
+    uvicorn.run(build_app(host, library, masks, auth=auth), host=address, port=port,
+                log_level="info")

@@ -21,6 +21,10 @@ class Settings:
     strict: bool = False
     mask_dir: str = ""  # empty: the host's own place (netweave-masks in its data folder)
 
+    # Paths are set by the host's own settings page or command line, never over HTTP: the
+    # standalone page does not show them (anyone who can reach it could point them anywhere).
+    HOST_ONLY = ("mask_dir",)
+
     LABELS = {"enabled": "Apply lora/lyco/loractl/model tags with NetWeave",
               "cache_mb": "Network file cache (MiB)",
               "pristine": "Where the untouched copies of patched weights live",

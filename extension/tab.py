@@ -3,6 +3,7 @@ preview over the last image) and explain (plan table and heatmap of a prompt). B
 Gradio; every action goes through the mask store, so the folder on disk is the truth."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import fields
 from typing import Callable, Optional
 
@@ -149,10 +150,11 @@ def build(store: MaskStore, context: Callable[[int], CompileContext],
         go.click(explain, [prompt, steps], [table, image, problems])
     if settings is not None:
         with gr.Tab("Settings"):
+            shown = [f.name for f in fields(Settings) if f.name not in Settings.HOST_ONLY]
             inputs = []
-            for f in fields(Settings):
-                value, label, options = getattr(settings, f.name), Settings.LABELS[f.name], \
-                    Settings.choices(f.name)
+            for name in shown:
+                value, label, options = getattr(settings, name), Settings.LABELS[name], \
+                    Settings.choices(name)
                 if options:
                     inputs.append(gr.Radio(options, value=value, label=label))
                 elif isinstance(value, bool):
@@ -166,10 +168,10 @@ def build(store: MaskStore, context: Callable[[int], CompileContext],
 
             def set_all(*values):
                 try:
-                    new = Settings(*values).check()
-                except (TypeError, ValueError) as exc:
+                    new = dataclasses.replace(settings, **dict(zip(shown, values))).check()
+                except (TypeError, ValueError, OverflowError) as exc:
                     return str(exc)
-                for f in fields(Settings):
-                    setattr(settings, f.name, getattr(new, f.name))
+                for name in shown:
+                    setattr(settings, name, getattr(new, name))
                 return "applied"
             apply.click(set_all, inputs, [said])

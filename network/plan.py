@@ -27,6 +27,9 @@ GROUP_ROWS = {arch: {g: np.array([i for i, b in enumerate(names) if group_of(b) 
 ONES = {arch: np.ones(len(names)) for arch, names in BLOCKS.items()}
 
 
+MAX_STEPS = 1000  # a plan holds a value per step, network and block: bounded memory
+
+
 @dataclass(frozen=True)
 class CompileContext:
     arch: str = "sd1"  # sd1, sd2 or sdxl
@@ -42,8 +45,10 @@ class CompileContext:
     def __post_init__(self):
         if self.arch not in BLOCKS:
             raise ValueError(f"unknown architecture '{self.arch}'; use one of {', '.join(BLOCKS)}")
-        if self.steps < 1 or (self.hires_steps is not None and self.hires_steps < 1):
-            raise ValueError("steps and hires_steps must be ≥ 1")
+        for name in ("steps", "hires_steps"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and 1 <= value <= MAX_STEPS):
+                raise ValueError(f"{name} must be a whole number from 1 to {MAX_STEPS}, not {value!r}")
 
 
 @dataclass(frozen=True)

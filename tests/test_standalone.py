@@ -153,7 +153,7 @@ def test_bad_tags_never_stop_a_generation(client):
     ({"prompt": "x", "steps": 0}, "steps must be"),
     ({"prompt": "x", "alwayson_scripts": {"netweave": {"args": [{"masks": {"m": "%%%"}}]}}},
      "not valid base64"),
-    ({"prompt": "x", "alwayson_scripts": {"NetWeave": {"args": ["oops"]}}}, "args must be"),
+    ({"prompt": "x", "alwayson_scripts": {"NetWeave": {"args": ["oops"]}}}, "args[0] must be"),
     ({"prompt": "x", "alwayson_scripts": {"NetWeave": {"args": [{"masks": {"../x": ""}}]}}},
      "not a valid mask name"),
     ({"prompt": ["not", "text"]}, "prompt"),

@@ -31,7 +31,7 @@ from modules import extra_networks, shared  # the host's own
 
 from ..network.engine import Engine
 from ..network.plan import CompileContext, Plan, compile_prompt, region_masks
-from .masks import MaskError, MaskStore, Overlay
+from .masks import MaskError, MaskStore, Overlay, readable
 from .webui import (ScriptParts, TagNames, inline_masks, library, mask_folder, report,
                     settings)
 
@@ -129,7 +129,7 @@ class Adapter:
         self.run = Run(plans, te_swap)
         used = sorted({m for plan in plans for n in plan.networks if n.region is not None
                        for m in region_masks(n.region) if m in masks})
-        report(p.extra_generation_params, errors, {m: masks[m] for m in used})
+        report(p.extra_generation_params, errors, readable(masks, used))
 
     def on_denoiser(self, params) -> None:
         if self.run is None or self.engine is None or self.engine.plan is None:

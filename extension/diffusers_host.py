@@ -25,7 +25,7 @@ from ..network.plan import CompileContext, Plan, compile_prompt, region_masks
 from ..parser.names import valid_unicode
 from .library import Library
 from .limits import Limits
-from .masks import Overlay, UnreadableMask, mask_hash
+from .masks import Overlay, mask_hash, readable
 from .models import Model
 from .pipeline_run import PipelineRun
 from .settings import Settings
@@ -189,14 +189,9 @@ class DiffusersHost:
                   "Seed": seed, "Size": f"{req.width}x{req.height}", "Model": self.model.name}
         used = sorted({m for n in plan.networks if n.region is not None
                        for m in region_masks(n.region) if m in masks})
-        hashes = []
-        for m in used:
-            try:
-                hashes.append(f"{m}:{mask_hash(masks[m])}")
-            except UnreadableMask:  # reported in errors; its networks were skipped
-                pass
-        if hashes:
-            params["NetWeave masks"] = ",".join(hashes)
+        found = readable(masks, used)
+        if found:
+            params["NetWeave masks"] = ",".join(f"{m}:{mask_hash(img)}" for m, img in found.items())
         if errors:
             params["NetWeave errors"] = " | ".join(e.replace(",", ";") for e in errors)
         text = req.prompt + ("\nNegative prompt: " + req.negative_prompt if req.negative_prompt else "")

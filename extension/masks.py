@@ -87,6 +87,18 @@ def decode_image(data, where: str = "mask") -> Image.Image:
         raise MaskError(f"{where}: a broken image ({exc})") from None
 
 
+def readable(masks: Mapping, names) -> Dict[str, Image.Image]:
+    """name → image of those `names` whose masks read; an unreadable one is left out (the
+    regions using it were already reported as their tags' errors)."""
+    found = {}
+    for name in names:
+        try:
+            found[name] = masks[name]
+        except (KeyError, UnreadableMask):
+            continue
+    return found
+
+
 def mask_hash(img: Image.Image) -> str:
     """Short content hash of a mask, for infotexts and listings."""
     return hashlib.sha256(img.convert("L").tobytes()).hexdigest()[:10]

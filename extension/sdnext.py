@@ -26,7 +26,7 @@ from modules import extra_networks, processing_callbacks, script_callbacks, scri
 from ..network.engine import Engine
 from ..network.plan import CompileContext, Plan, compile_prompt, region_masks
 from .api import netweave_router
-from .masks import MaskError, MaskStore, Overlay
+from .masks import MaskError, MaskStore, Overlay, readable
 from .pipeline_run import PipelineRun
 from .webui import (ScriptParts, TagNames, inline_masks, library, mask_folder,
                     register_settings, report, settings, ui_tab)
@@ -126,7 +126,7 @@ class Adapter:
         errors = self.problems + [f"{e.message} (column {e.column})" for e in self.plan.errors]
         used = sorted({m for n in self.plan.networks if n.region is not None
                        for m in region_masks(n.region) if m in masks})
-        report(p.extra_generation_params, errors + engine.errors, {m: masks[m] for m in used})
+        report(p.extra_generation_params, errors + engine.errors, readable(masks, used))
 
     def step_end(self, pipe, step, timestep, kwargs):
         kwargs = processing_callbacks.diffusers_callback(pipe, step, timestep, kwargs)

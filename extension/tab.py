@@ -40,8 +40,16 @@ def build(store: MaskStore, context: Callable[[int], CompileContext],
     `prompt_source`: the generation's prompt box, for Explain's "take the prompt" button."""
     import gradio as gr
 
+    def readable():
+        """(name, image) of every mask whose file reads; a broken file leaves the rest listed."""
+        for n in store:
+            try:
+                yield n, store[n]
+            except (KeyError, MaskError):
+                continue
+
     def listing():
-        return [(mask_tools.overlay(store[n], None), n) for n in store]
+        return [(mask_tools.overlay(img, None), n) for n, img in readable()]
 
     def choices():
         return gr.update(choices=list(store))
@@ -70,6 +78,8 @@ def build(store: MaskStore, context: Callable[[int], CompileContext],
             img = store[name]
         except KeyError:
             return listing(), choices(), f"no mask named '{name}'"
+        except MaskError as exc:
+            return listing(), choices(), str(exc)
         store.put(name, mask_tools.invert(img) if how == "invert" else mask_tools.feather(img, radius))
         return done(f"{how}ed '{name}'", name)
 
@@ -91,7 +101,10 @@ def build(store: MaskStore, context: Callable[[int], CompileContext],
         return done(f"deleted '{name}'")
 
     def preview(name):
-        return mask_tools.overlay(store[name], last_image()) if name in store else None
+        try:
+            return mask_tools.overlay(store[name], last_image())
+        except (KeyError, MaskError):
+            return None
 
     def explain(prompt, steps):
         plan = compile_prompt(prompt or "", context(int(steps)))

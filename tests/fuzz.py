@@ -197,7 +197,8 @@ def _damage(rng, raw: bytes) -> bytes:
     n = int.from_bytes(raw[:8], "little")
     header = json.loads(raw[8:8 + n])
     body = bytearray(raw[8 + n:])
-    how = rng.choice(["bits", "cut", "shape", "dtype", "offsets", "length", "nan", "junk", "meta"])
+    how = rng.choice(["bits", "cut", "shape", "dtype", "offsets", "length", "nan", "junk", "meta",
+                      "huge", "absurd", "empty", "surrogate"])
     if how == "bits":
         out = bytearray(raw)
         for _ in range(rng.randint(1, 8)):
@@ -210,6 +211,12 @@ def _damage(rng, raw: bytes) -> bytes:
         return how, rng.choice([0, 7, n - 1, n + 1, 2**40, 2**64 - 1]).to_bytes(8, "little") + raw[8:]
     if how == "junk":
         return how, raw + bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+    if how == "huge":  # a header of a hundred thousand entries, or one claiming 17 MiB
+        if rng.random() < 0.5:
+            return how, (17 * 2 ** 20).to_bytes(8, "little") + raw[8:]
+        entry = b'"t%d": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}'
+        text = b"{" + b",".join(entry % i for i in range(100_001)) + b"}"
+        return how, len(text).to_bytes(8, "little") + text
     keys = [k for k in header if k != "__metadata__"
             and (how != "nan" or header[k]["dtype"] in ("F16", "F32"))]
     key = rng.choice(keys)
@@ -226,6 +233,20 @@ def _damage(rng, raw: bytes) -> bytes:
     elif how == "meta":
         header["__metadata__"] = rng.choice([{"ss_network_dim": "NaN"}, {"a": 1}, [],
                                              {"ss_network_alpha": "1e400"}, "meta"])
+    elif how == "surrogate":
+        header["__metadata__"] = {"ss_output_name": "\ud800"}
+    elif how in ("absurd", "empty") and entry["dtype"] in ("F16", "F32"):
+        a, b = entry["data_offsets"]
+        if how == "empty":  # rank 0: no data at all (the tensors after it move up)
+            entry["shape"] = [0] + entry["shape"][1:]
+            del body[a:b]
+            for other in header.values():
+                if isinstance(other, dict) and "data_offsets" in other and other["data_offsets"][0] >= b:
+                    other["data_offsets"] = [o - (b - a) for o in other["data_offsets"]]
+            entry["data_offsets"] = [a, a]
+        elif b > a:
+            dtype = np.float16 if entry["dtype"] == "F16" else np.float32
+            body[a:a + np.dtype(dtype).itemsize] = np.array([6e4], dtype).tobytes()
     elif how == "nan":
         a, b = entry["data_offsets"]
         if b > a:
@@ -302,6 +323,25 @@ FIELDS = {
 }
 
 
+def _alwayson(rng):
+    """alwayson_scripts of any shape around NetWeave's [flag, {"masks": {name: base64}}]."""
+    masks = {rng.choice(NAMES): rng.choice([random_json(rng), "%%%", ""])
+             for _ in range(rng.randint(0, 2))}
+    arg = rng.choice([{"masks": masks}, {"masks": random_json(rng)}, random_json(rng)])
+    args = rng.choice([[arg], [True, arg], [False, arg, arg], random_json(rng)])
+    return {rng.choice(["NetWeave", "netweave", "other"]):
+            rng.choice([{"args": args}, args, random_json(rng)])}
+
+
+def _raw_json(rng, body) -> bytes:
+    """The body as JSON text with one value made non-finite or one text an invalid surrogate."""
+    text = json.dumps(body)
+    bad = rng.choice(["NaN", "Infinity", "-Infinity", '"\\ud800"', '"a\\udfffb"', "1e999"])
+    key = rng.choice(list(body))
+    return text.replace(json.dumps(key) + ": " + json.dumps(body[key]), json.dumps(key) + ": " + bad,
+                        1).encode()
+
+
 def _image_bytes(rng):
     from PIL import Image
 
@@ -336,6 +376,11 @@ def _request(rng):
             return "POST", "/sdapi/v1/txt2img", {"json": junk}
         if rng.random() < 0.05:
             return "POST", "/sdapi/v1/txt2img", {"content": bytes(rng.randrange(256) for _ in range(20)),
+                                                 "headers": {"content-type": "application/json"}}
+        if rng.random() < 0.3:
+            body["alwayson_scripts"] = _alwayson(rng)
+        if rng.random() < 0.15:
+            return "POST", "/sdapi/v1/txt2img", {"content": _raw_json(rng, body),
                                                  "headers": {"content-type": "application/json"}}
         return "POST", "/sdapi/v1/txt2img", {"json": body}
     if r < 0.55:

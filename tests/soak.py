@@ -1,6 +1,7 @@
 """Soak: many generations on the tiny default model with random tag sets (every key, schedules,
 regions, model blends, bad tags mixed in) and injected failures (a network file that vanishes,
-an exception in a step callback, an interrupt mid-step, out-of-memory in a forward). After each
+files truncated in place while they load and while a blend reads them, an exception in a step
+callback, an interrupt mid-step, interrupts from another thread, out-of-memory in a forward). After each
 generation every parameter and buffer must be bit-identical to the pristine model once the
 engine lets go, and memory must stay bounded.
 
@@ -10,6 +11,8 @@ import os
 import random
 import sys
 import tempfile
+import threading
+import time
 from collections import Counter
 
 import numpy as np
@@ -27,6 +30,9 @@ KEYS = ["te={s}", "unet={s}", "te={s}:unet={s}", "in={v}:mid={v}:out={v}", "lbw=
         "lbw=1,0,1,0,1,0,1,0,1,0,1,0,1,0,1,0,1", "start=0.3", "stop=0.6", "step=2-4",
         "interp=linear", "interp=cosine", "neg=0", "region={r}", "dyn=2", "OUT03={v}",
         "hr=0.5", "regio=left", "te=", "unet=abc"]
+
+
+FAILURES = ("vanish", "callback", "interrupt", "oom", "rewrite", "interrupts")
 
 
 class Failure(Exception):
@@ -69,6 +75,17 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
+def truncate(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def interrupts(host, stop: threading.Event) -> None:
+    while not stop.is_set():
+        host.interrupt()
+        time.sleep(0.005)
+
+
 def soak(n: int = 1000, seed: int = 0) -> Counter:
     rng = random.Random(seed)
     root = __import__("pathlib").Path(tempfile.mkdtemp(prefix="netweave-soak-"))
@@ -79,18 +96,23 @@ def soak(n: int = 1000, seed: int = 0) -> Counter:
     trees = host.model.trees()
     pristine = snapshot(trees)
     engine = host.engine
+    style = os.path.join(library.lora_dirs[0], "demo_style.safetensors")
+    blend = os.path.join(library.model_dirs[0], "demo_blend", "unet",
+                         "diffusion_pytorch_model.safetensors")
     counts: Counter = Counter()
     rss = []
     for i in range(n):
         prompt = random_prompt(rng)
         steps = rng.randint(1, 6)
-        failure = rng.choice([None] * 6 + ["vanish", "callback", "interrupt", "oom"])
+        failure = FAILURES[i // 2 % len(FAILURES)] if i % 2 else None  # each one, in turn
         fail_at = rng.randrange(steps)
         moved = None
         hooks = []
         original = engine.set_step
 
         def set_step(k, phase="base", failure=failure, fail_at=fail_at):
+            if k == fail_at and failure == "rewrite":  # a blend's layers are read from it now
+                truncate(blend)
             original(k, phase)
             if k == fail_at and failure == "callback":
                 raise Failure("an extension's step callback failed")
@@ -100,6 +122,13 @@ def soak(n: int = 1000, seed: int = 0) -> Counter:
         if failure == "vanish":  # the file disappears between parse and load
             moved = os.path.join(library.lora_dirs[0], "demo_style.safetensors")
             os.rename(moved, moved + ".away")
+        if failure == "rewrite":  # rewritten in place, as a trainer saving over it would
+            kept = {path: open(path, "rb").read() for path in (style, blend)}
+            truncate(style)
+        if failure == "interrupts":  # another client stopping whatever runs, again and again
+            stop = threading.Event()
+            hooks.append(stop)
+            threading.Thread(target=interrupts, args=(host, stop), daemon=True).start()
         if failure == "oom":
             module = rng.choice([m for m in trees["unet"].modules()
                                  if isinstance(m, torch.nn.Conv2d)])
@@ -109,6 +138,7 @@ def soak(n: int = 1000, seed: int = 0) -> Counter:
             result = host.txt2img(Request(prompt, steps=steps, seed=i, width=64, height=64))
             counts["finished"] += 1
             counts["with tag problems"] += bool(result.errors)
+            counts["run again after a file changed"] += any("run again" in e for e in result.errors)
         except Failure:
             counts["failed: callback exception"] += 1
         except Interrupted:
@@ -118,7 +148,11 @@ def soak(n: int = 1000, seed: int = 0) -> Counter:
         finally:
             engine.set_step = original
             for h in hooks:
-                h.remove()
+                h.set() if isinstance(h, threading.Event) else h.remove()
+            if failure == "rewrite":
+                for path, data in kept.items():
+                    with open(path, "r+b") as f:
+                        f.write(data)
             if moved:
                 os.rename(moved + ".away", moved)
         if failure:

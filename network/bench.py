@@ -1,5 +1,6 @@
 """Engine benchmark: the same UNet and networks under every strategy, timed side by side in one
-run, so the ratios compare like with like (`python -m netweave bench [--quick] [--json]`).
+run, so the ratios compare like with like (`python -m netweave bench [--quick | --size 512|1024]
+[--repeats N] [--json]`).
 
 Workloads: the bare UNet; three static rank-32 LoRAs (one on the attention, one on the
 feed-forward, one on the conv layers) merged by the engine; the same with 4 keyframes each
@@ -10,17 +11,26 @@ halves plus one global, in one forward, against the peers' way — one UNet pass
 with its own networks merged, blended by the masks (Regional Prompter's latent mode, ComfyUI's
 per-region conditioning). Plus: what changing one network's strength between two generations
 costs, and the bytes of pristine copies.
+
+Each workload runs `repeats` times, interleaved with the others; ratios are of medians, with the
+spread (min–max over the repeats) beside them. The floor of a row is its arithmetic: the
+floating-point operations of its steps (forwards and merges, counted by torch's FlopCounterMode)
+over those of the bare UNet, so "above floor" is what the engine costs beyond its arithmetic.
 """
 from __future__ import annotations
 
 import os
 import platform
+import statistics
 import tempfile
 import time
-from typing import Dict
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from .calibrate import calibration
 from .engine import Engine
 from .plan import CompileContext, compile_prompt
 from .reference import UNET
@@ -36,29 +46,28 @@ SCHEDULED = ("<lora:net0:0.2@0,0.5@0.25,0.8@0.5,1@0.75> <lora:net1:1@0,0.6@0.25,
 CHANGED = "<lora:net0:0.8> <lora:net1:0.5> <lora:net2:0.4>"
 REGIONAL = "<lora:net0:0.8:region=left> <lora:net1:0.6:region=right> <lora:net2:0.4>"
 PER_REGION = ("<lora:net0:0.8> <lora:net2:0.4>", "<lora:net1:0.6> <lora:net2:0.4>")
+WORKLOADS = {"static": (STATIC, "auto"), "scheduled": (SCHEDULED, "auto"),
+             "remerge_every_change": (SCHEDULED, "merge"), "bypass_all": (STATIC, "bypass"),
+             "regional": (REGIONAL, "auto")}
 
 
-def _per_region_passes(engine: Engine, unet, plans, steps: int, latent: int, batch: int) -> float:
-    """Baseline: per step, one UNet pass per region with that region's networks merged (only
-    the layers that differ re-merge between passes), outputs blended by the half masks."""
-    dev, dtype = unet.device, unet.dtype
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 4, latent, latent, generator=gen).to(dev, dtype)
-    ctx = torch.randn(batch, 77, 768, generator=gen).to(dev, dtype)
-    left = torch.zeros(latent, latent, device=dev, dtype=dtype)
-    left[:, : latent // 2] = 1
-    _sync(dev)
-    start = time.perf_counter()
-    with torch.no_grad():
-        for k in range(steps):
-            outs = []
-            for p in plans:
-                engine.activate(p)
-                engine.set_step(k)
-                outs.append(unet(x, 999 - k * 999 // steps, encoder_hidden_states=ctx).sample)
-            outs[0] * left + outs[1] * (1 - left)
-    _sync(dev)
-    return time.perf_counter() - start
+@dataclass(frozen=True)
+class Setup:
+    """One benchmark size: which UNet, at which latent, for how many steps."""
+
+    label: str
+    arch: str
+    latent: int
+    steps: int
+    config: Dict  # diffusers UNet2DConditionModel arguments
+
+
+SETUPS = {
+    "quick": Setup("SD1.5 (narrow, --quick)", "sd1", 32, 8,
+                   {**UNET["sd1"], "block_out_channels": (64, 128, 128, 128)}),
+    "512": Setup("SD1.5 at 512 px", "sd1", 64, 20, UNET["sd1"]),
+    "1024": Setup("SDXL at 1024 px", "sdxl", 128, 20, UNET["sdxl"]),
+}
 
 
 class RemergeEverything(Engine):
@@ -72,31 +81,78 @@ class RemergeEverything(Engine):
         super().set_step(k, phase)
 
 
-def _unet(quick: bool, device: str, dtype: torch.dtype):
-    from diffusers import UNet2DConditionModel
-    config = dict(UNET["sd1"])
-    if quick:
-        config.update(block_out_channels=(64, 128, 128, 128))
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(layers_per_block=2, **config).eval()
-    return unet.to(device=device, dtype=dtype)
+class Bench:
+    """A UNet with its inputs for `steps` denoiser calls (cond and uncond rows in one batch, as
+    WebUIs run)."""
 
+    def __init__(self, setup: Setup, device: str, dtype: torch.dtype, batch: int):
+        from diffusers import UNet2DConditionModel
+        torch.manual_seed(0)
+        self.unet = UNet2DConditionModel(layers_per_block=2, **setup.config).eval() \
+            .to(device=device, dtype=dtype)
+        self.setup, self.device, self.batch = setup, device, batch
+        gen = torch.Generator().manual_seed(1)
+        n = setup.latent
+        self.x = torch.randn(batch, 4, n, n, generator=gen).to(device, dtype)
+        width = setup.config["cross_attention_dim"]
+        self.ctx = torch.randn(batch, 77, width, generator=gen).to(device, dtype)
+        self.extra = {}
+        if setup.config.get("addition_embed_type") == "text_time":  # SDXL's pooled text and sizes
+            self.extra["added_cond_kwargs"] = {
+                "text_embeds": torch.randn(batch, 1280, generator=gen).to(device, dtype),
+                "time_ids": torch.tensor([[1024., 1024., 0., 0., 1024., 1024.]] * batch,
+                                         device=device, dtype=dtype)}
 
-def _steps(unet, steps: int, latent: int, batch: int, on_step=None) -> float:
-    """Seconds for `steps` UNet calls (cond and uncond rows in one batch, as WebUIs run)."""
-    dev, dtype = unet.device, unet.dtype
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, 4, latent, latent, generator=gen).to(dev, dtype)
-    ctx = torch.randn(batch, 77, 768, generator=gen).to(dev, dtype)
-    _sync(dev)
-    start = time.perf_counter()
-    with torch.no_grad():
-        for k in range(steps):
-            if on_step is not None:
-                on_step(k)
-            unet(x, 999 - k * 999 // steps, encoder_hidden_states=ctx)
-    _sync(dev)
-    return time.perf_counter() - start
+    def forward(self, k: int, x: Optional[torch.Tensor] = None):
+        t = 999 - k * 999 // self.setup.steps
+        return self.unet(self.x if x is None else x, t, encoder_hidden_states=self.ctx,
+                         **self.extra).sample
+
+    def steps(self, on_step: Optional[Callable[[int], None]] = None, steps=None) -> float:
+        """Seconds for the pass (each step: `on_step(k)`, then one UNet call)."""
+        _sync(self.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            for k in range(self.setup.steps if steps is None else steps):
+                if on_step is not None:
+                    on_step(k)
+                self.forward(k)
+        _sync(self.device)
+        return time.perf_counter() - start
+
+    def per_region_passes(self, engine: Engine, plans) -> float:
+        """Baseline: per step, one UNet pass per region with that region's networks merged
+        (only the layers that differ re-merge between passes), blended by the half masks."""
+        n = self.setup.latent
+        left = torch.zeros(n, n, device=self.device, dtype=self.x.dtype)
+        left[:, : n // 2] = 1
+        _sync(self.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            for k in range(self.setup.steps):
+                outs = []
+                for p in plans:
+                    engine.activate(p)
+                    engine.set_step(k)
+                    outs.append(self.forward(k))
+                outs[0] * left + outs[1] * (1 - left)
+        _sync(self.device)
+        return time.perf_counter() - start
+
+    def flops(self, engine: Optional[Engine]) -> float:
+        """Floating-point operations of the pass: the step-0 forward times the steps, plus
+        every merge the engine makes at its keyframes."""
+        with torch.no_grad():
+            with FlopCounterMode(display=False) as counter:
+                self.forward(0)
+            total = counter.get_total_flops() * self.setup.steps
+            if engine is not None:
+                with FlopCounterMode(display=False) as counter:
+                    for k in range(1, self.setup.steps):
+                        engine.set_step(k)
+                total += counter.get_total_flops()
+                engine.set_step(0)
+        return total
 
 
 def _sync(device) -> None:
@@ -104,72 +160,92 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def run(quick: bool = False, device: str = "cpu", steps: int = 20, latent: int = 32,
-        batch: int = 2, rank: int = 32, repeats: int = 2) -> dict:
-    """Each workload `repeats` times, interleaved; the best run of each counts."""
+def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 32,
+        batch: int = 2, steps: Optional[int] = None, setup: Optional[Setup] = None) -> dict:
+    """Every workload `repeats` times, interleaved; medians and spreads. `setup` overrides
+    `size` (tests use a tiny UNet)."""
+    setup = setup or SETUPS[str(size)]
+    if steps is not None:
+        setup = Setup(setup.label, setup.arch, setup.latent, steps, setup.config)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    unet = _unet(quick, device, dtype)
-    ctx = CompileContext(arch="sd1", steps=steps)
-    best: Dict[str, float] = {}
-    extra: dict = {}
+    bench = Bench(setup, device, dtype, batch)
+    ctx = CompileContext(arch=setup.arch, steps=setup.steps)
+    times: Dict[str, List[float]] = {}
+    extra: dict = {"choices": {}, "floors": {}}
 
     def timed(name, seconds):
-        best[name] = min(best.get(name, float("inf")), seconds)
+        times.setdefault(name, []).append(seconds)
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
         for i, covers in enumerate(COVERS):
             paths[f"net{i}"] = os.path.join(tmp, f"net{i}.safetensors")
-            write_network(paths[f"net{i}"], {"unet": unet}, "lora", "kohya", "sd1", rank=rank,
-                          seed=i, components=("unet",), scale=0.02, select=covers)
-        engines = {name: cls({"unet": unet}, "sd1", lambda kind, n: paths[n],
-                             latent=(latent, latent), batch=batch, strategy=strategy)
-                   for name, cls, strategy in (("static", Engine, "auto"),
-                                               ("scheduled", Engine, "auto"),
-                                               ("remerge_every_change", RemergeEverything, "merge"),
-                                               ("bypass_all", Engine, "bypass"),
-                                               ("regional", Engine, "auto"))}
-        prompts = {"static": STATIC, "scheduled": SCHEDULED, "remerge_every_change": SCHEDULED,
-                   "bypass_all": STATIC, "regional": REGIONAL}
-        per_region = Engine({"unet": unet}, "sd1", lambda kind, n: paths[n],
-                            latent=(latent, latent), batch=batch)
+            write_network(paths[f"net{i}"], {"unet": bench.unet}, "lora", "kohya", setup.arch,
+                          rank=rank, seed=i, components=("unet",), scale=0.02, select=covers)
+
+        def engine(cls=Engine, strategy="auto"):
+            return cls({"unet": bench.unet}, setup.arch, lambda kind, n: paths[n],
+                       latent=(setup.latent, setup.latent), batch=batch, strategy=strategy)
+
+        engines = {name: engine(RemergeEverything if name == "remerge_every_change" else Engine,
+                                strategy) for name, (_, strategy) in WORKLOADS.items()}
+        per_region = engine()
         per_region_plans = [compile_prompt(p, ctx) for p in PER_REGION]
-        _steps(unet, 2, latent, batch)  # warm-up
+        base_flops = bench.flops(None)
+        for name, e in engines.items():
+            e.activate(compile_prompt(WORKLOADS[name][0], ctx))
+            extra["floors"][name] = bench.flops(e) / base_flops
+            extra["choices"][name] = _choices(e)
+            e.deactivate()
+        bench.steps(steps=2)  # warm-up
         for _ in range(repeats):
-            timed("base", _steps(unet, steps, latent, batch))
+            timed("base", bench.steps())
             for name, e in engines.items():
                 start = time.perf_counter()
-                e.activate(compile_prompt(prompts[name], ctx))
+                e.activate(compile_prompt(WORKLOADS[name][0], ctx))
                 timed(f"{name}_activate", time.perf_counter() - start)
                 merges = e.merges
-                timed(name, _steps(unet, steps, latent, batch, e.set_step))
+                timed(name, bench.steps(e.set_step))
                 extra[f"{name}_merges_during_steps"] = e.merges - merges
-                if name == "scheduled":
-                    extra["scheduled_bypassed_layers"] = sum(
-                        any(c.bypass for c in s.contributions) for s in e._slots.values())
                 if name == "static":
                     extra.update(_change_one_strength(e, ctx, timed))
                 e.deactivate()
-            timed("per_region_passes", _per_region_passes(per_region, unet, per_region_plans,
-                                                          steps, latent, batch))
+            timed("per_region_passes", bench.per_region_passes(per_region, per_region_plans))
             per_region.deactivate()
-    ratios = {"static_vs_base": best["static"] / best["base"],
-              "scheduled_vs_static": best["scheduled"] / best["static"],
-              "scheduled_vs_base": best["scheduled"] / best["base"],
-              "remerge_every_change_vs_static": best["remerge_every_change"] / best["static"],
-              "bypass_all_vs_base": best["bypass_all"] / best["base"],
-              "regional_vs_base": best["regional"] / best["base"],
-              "per_region_passes_vs_base": best["per_region_passes"] / best["base"]}
+    median = {k: statistics.median(v) for k, v in times.items()}
+    rows = {"static_vs_base": ("static", "base"), "scheduled_vs_static": ("scheduled", "static"),
+            "scheduled_vs_base": ("scheduled", "base"),
+            "remerge_every_change_vs_static": ("remerge_every_change", "static"),
+            "bypass_all_vs_base": ("bypass_all", "base"), "regional_vs_base": ("regional", "base"),
+            "per_region_passes_vs_base": ("per_region_passes", "base")}
+    ratios = {k: median[a] / median[b] for k, (a, b) in rows.items()}
+    # the spread of a ratio: its numerator's runs over the denominator's median
+    spread = {k: (min(times[a]) / median[b], max(times[a]) / median[b]) for k, (a, b) in rows.items()}
+    floors = extra.pop("floors")
+    floors["per_region_passes"] = 2 * floors["static"]  # two passes, each with merged networks
+    floor = {k: floors.get(a, 1.0) / floors.get(b, 1.0) for k, (a, b) in rows.items()}
+    cal = calibration(torch.device(device), dtype)
     return {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "cores": os.cpu_count(), "torch": torch.__version__,
                         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                         "threads": torch.get_num_threads()},
-            "config": {"unet": "SD1.5" + (" (narrow, --quick)" if quick else ""), "steps": steps,
-                       "latent": latent, "batch": batch, "rank": rank, "networks": 3,
+            "config": {"unet": setup.label, "steps": setup.steps, "latent": setup.latent,
+                       "batch": batch, "rank": rank, "networks": 3,
                        "dtype": str(dtype).replace("torch.", ""), "keyframes": 4,
                        "repeats": repeats},
-            "ratios": ratios, "pristine_mib": extra.pop("pristine_mib"),
-            "touched_layers": extra.pop("touched_layers"), "timings_s": best, **extra}
+            "ratios": ratios, "spread": spread, "floor": floor,
+            "calibration": cal.as_dict(),
+            "pristine_mib": extra.pop("pristine_mib"), "touched_layers": extra.pop("touched_layers"),
+            "timings_s": median, **extra}
+
+
+def _choices(e: Engine) -> Dict[str, int]:
+    """How the engine runs each UNet layer of a plan: merged, bypassed, or both."""
+    counts = {"merged": 0, "bypassed": 0, "both": 0}
+    for slot in e._unet_slots():
+        kinds = {c.bypass for c in slot.contributions}
+        counts["both" if len(kinds) == 2 else "bypassed" if True in kinds else "merged"] += 1
+    return counts
 
 
 def _change_one_strength(e: Engine, ctx: CompileContext, timed) -> dict:
@@ -190,28 +266,41 @@ def _change_one_strength(e: Engine, ctx: CompileContext, timed) -> dict:
                                     "same_plan_again_remerged": again}}
 
 
+TARGETS = {"static_vs_base": "≤ 1.01", "scheduled_vs_static": "≤ 1.05",
+           "remerge_every_change_vs_static": "(A1111)", "bypass_all_vs_base": "(PEFT)",
+           "regional_vs_base": "≤ 1.25", "per_region_passes_vs_base": "(RP)"}
+LABELS = {"static_vs_base": "3 static LoRAs vs base",
+          "scheduled_vs_static": "3 LoRAs × 4 keyframes vs static",
+          "scheduled_vs_base": "3 LoRAs × 4 keyframes vs base",
+          "remerge_every_change_vs_static": "baseline: re-merge all on change",
+          "bypass_all_vs_base": "baseline: bypass all vs base",
+          "regional_vs_base": "2 regional + 1 global LoRA vs base",
+          "per_region_passes_vs_base": "baseline: a UNet pass per region"}
+
+
 def table(result: dict) -> str:
-    r, t = result["ratios"], result["timings_s"]
+    r, t, cfg = result["ratios"], result["timings_s"], result["config"]
     c = result["change_one_strength"]
-    lines = [f"{result['config']['unet']} UNet, {result['config']['steps']} steps, latent "
-             f"{result['config']['latent']}², batch {result['config']['batch']}, "
-             f"{result['machine']['device']} ({result['machine']['cores']} cores, torch "
-             f"{result['machine']['torch']})",
-             f"  {'workload':<40}{'ratio':>8}{'target':>9}",
-             f"  {'3 static LoRAs, per step vs base':<40}{r['static_vs_base']:8.3f}{'≤ 1.01':>9}",
-             f"  {'3 LoRAs × 4 keyframes vs static':<40}{r['scheduled_vs_static']:8.3f}{'≤ 1.05':>9}",
-             f"  {'3 LoRAs × 4 keyframes vs base':<40}{r['scheduled_vs_base']:8.3f}{'':>9}",
-             f"  {'baseline: re-merge all on change':<40}{r['remerge_every_change_vs_static']:8.3f}"
-             f"{'(A1111)':>9}",
-             f"  {'baseline: bypass all vs base':<40}{r['bypass_all_vs_base']:8.3f}{'(PEFT)':>9}",
-             f"  {'2 regional + 1 global LoRA vs base':<40}{r['regional_vs_base']:8.3f}{'≤ 1.25':>9}",
-             f"  {'baseline: a UNet pass per region':<40}{r['per_region_passes_vs_base']:8.3f}"
-             f"{'(RP)':>9}",
-             f"  change one strength between runs: {c['layers_remerged']} layers re-merged "
-             f"(that network has {c['layers_of_that_network']}, {c['layers_patched']} patched; "
-             f"same plan again: {c['same_plan_again_remerged']})",
-             f"  pristine copies: {result['pristine_mib']:.1f} MiB for {result['touched_layers']} "
-             f"touched layers; activation {t['static_activate']:.2f} s; best of "
-             f"{result['config']['repeats']} interleaved runs",
-             "  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items())]
+    lines = [f"{cfg['unet']} UNet, {cfg['steps']} steps, latent {cfg['latent']}², batch "
+             f"{cfg['batch']}, {cfg['dtype']}, {result['machine']['device']} "
+             f"({result['machine']['cores']} cores, torch {result['machine']['torch']}); "
+             f"median of {cfg['repeats']} interleaved runs",
+             f"  {'workload':<36}{'ratio':>7}{'spread':>15}{'floor':>7}{'above':>7}{'target':>9}"]
+    for key, label in LABELS.items():
+        lo, hi = result["spread"][key]
+        lines.append(f"  {label:<36}{r[key]:7.3f}{f'{lo:.3f}–{hi:.3f}':>15}"
+                     f"{result['floor'][key]:7.3f}{r[key] - result['floor'][key]:+7.3f}"
+                     f"{TARGETS.get(key, ''):>9}")
+    lines.append("  layers (merged / bypassed / both): " + "; ".join(
+        f"{name} {v['merged']}/{v['bypassed']}/{v['both']}" for name, v in result["choices"].items()))
+    cal = result["calibration"]
+    lines.append(f"  cost model, measured here: merge {cal['merge_ns_per_mac']:.3f} ns/MAC + "
+                 f"{cal['merge_us_per_layer']:.0f} µs/layer, bypass {cal['bypass_ns_per_mac']:.3f} "
+                 f"ns/MAC + {cal['bypass_us_per_call']:.0f} µs/call")
+    lines += [f"  change one strength between runs: {c['layers_remerged']} layers re-merged "
+              f"(that network has {c['layers_of_that_network']}, {c['layers_patched']} patched; "
+              f"same plan again: {c['same_plan_again_remerged']})",
+              f"  pristine copies: {result['pristine_mib']:.1f} MiB for {result['touched_layers']} "
+              f"touched layers; activation {t['static_activate']:.2f} s",
+              "  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items())]
     return "\n".join(lines)

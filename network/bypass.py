@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .algorithms import factor_bypass_ok, is_conv, pointwise
 from .regions import RegionMaps, grid_for
 
 
@@ -43,7 +45,38 @@ class AttentionUnit:
     path: str
     networks: Set[int] = field(default_factory=set)  # entries re-run here
     slots: List[object] = field(default_factory=list)  # its q, k, v, out layers the plan changes
-    hook: Optional[object] = None
+    hooks: List[object] = field(default_factory=list)
+    # The main call's key and value projections of the text, id(layer) -> (input, output): a
+    # re-run on the same text reuses them and adds only the re-run network's own delta.
+    kv: Dict[int, Tuple[Tensor, Tensor]] = field(default_factory=dict)
+
+    def remove_hooks(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        self.kv.clear()
+
+
+KV_LAYERS = ("to_k", "to_v")  # the text projections, in diffusers' and LDM's attention alike
+
+
+@dataclass(frozen=True)
+class Factors:
+    """A plain two-factor contribution made ready once per generation: fp32 on the layer's
+    device, the file's scale in `up`. Δy = up · (weight ⊙ down · x): the strength, the region
+    and the row factors all multiply the rank-r intermediate, never an output-sized tensor."""
+
+    down: Tensor  # [r, in·kernel]
+    up: Tensor  # [out, r]
+
+
+@dataclass(frozen=True)
+class RowFactors:
+    """A contribution's factor per batch row: `values` (batch,) or None when every row takes it
+    whole; `none`: no row takes it (nothing to compute). Known without reading the device."""
+
+    values: Optional[Tensor]
+    none: bool = False
 
 
 class Runtime:
@@ -57,7 +90,10 @@ class Runtime:
         self.subset: Optional[Tensor] = None  # token indices of that re-run
         self._full_tokens = 0  # and how many tokens the layer has outside it
         self.text: Optional[Tuple[Tensor, Dict[int, Tensor]]] = None
-        self._row_factors: Dict[Tuple, Optional[Tensor]] = {}
+        self._reused: Dict[int, Tensor] = {}  # a layer whose output a re-run reuses: its input
+        self._row_factors: Dict[Tuple, RowFactors] = {}
+        self._factors: Dict[Tuple[int, str], Optional[Factors]] = {}
+        self._subsets: Dict[Tuple, Tuple[Tensor, Tensor, Tensor]] = {}
         self._contexts: Dict[Tuple, Tensor] = {}
         self._emb: Dict[int, List[Tuple[object, Tensor]]] = {}
         self.reported: Set[Tuple] = set()
@@ -65,6 +101,8 @@ class Runtime:
     def reset(self) -> None:
         self.variant, self.subset, self.text = None, None, None
         self._row_factors.clear()
+        self._factors.clear()
+        self._subsets.clear()
         self._contexts.clear()
         self._emb.clear()
         self.reported.clear()
@@ -87,10 +125,10 @@ class Runtime:
         step = self.engine._phase_step
         return 0.0 if step is None else c.at(*step)
 
-    def row_factors(self, c, batch: int, device) -> Optional[Tensor]:
-        """(batch,) factors of a contribution, or None when every row takes it whole."""
+    def row_factors(self, c, batch: int, device) -> RowFactors:
+        """A contribution's factors per row of a batch of `batch` rows (made once per rows)."""
         if c.owner is None and c.neg == 1.0:
-            return None
+            return WHOLE
         key = (c.owner, c.neg, batch, str(device))
         if key not in self._row_factors:
             rows = self.rows
@@ -101,9 +139,20 @@ class Runtime:
                                  f"{len(rows.prompts)}")
             f = [(0.0 if c.owner is not None and p != c.owner else 1.0) * (c.neg if u else 1.0)
                  for p, u in zip(rows.prompts, rows.uncond)]
-            self._row_factors[key] = None if all(v == 1.0 for v in f) else \
-                torch.tensor(f, dtype=torch.float32, device=device)
+            self._row_factors[key] = WHOLE if all(v == 1.0 for v in f) else RowFactors(
+                torch.tensor(f, dtype=torch.float32, device=device), not any(f))
         return self._row_factors[key]
+
+    def low_rank(self, c, device) -> Optional[Factors]:
+        """A contribution's two factors on `device` (made at its first use in a generation,
+        for its merges and its branch alike), or None where it has no such form (Tucker,
+        LoHa, LoKr, algorithms built on W)."""
+        key = (id(c), str(device))
+        if key not in self._factors:
+            pair = c.adapter.low_rank(1.0, c.dyn, device)
+            self._factors[key] = None if pair is None else \
+                Factors(pair[1].contiguous(), pair[0].contiguous())
+        return self._factors[key]
 
     def report(self, key: Tuple, message: str) -> None:
         if key not in self.reported:
@@ -116,6 +165,9 @@ class Runtime:
             if self.engine._phase_step is None:
                 return out
             x = args[0]
+            reused = self._reused.get(id(module))
+            if reused is not None:  # the output is the main call's, with everything but the
+                x = reused  # re-run network already in it; the layer ran on no tokens
             for c in slot.contributions:
                 if not c.bypass:
                     continue
@@ -123,6 +175,8 @@ class Runtime:
                     if self.variant != c.network:
                         continue
                     out = self._add(slot, c, x, out, region=None)
+                elif reused is not None:
+                    continue
                 elif c.route == "emb":
                     self._hold_emb(slot, c, x, out)
                 else:
@@ -135,38 +189,46 @@ class Runtime:
         if not s:
             return out
         rows = self.row_factors(c, out.shape[0], out.device)
-        if rows is not None and not bool(rows.any()):
+        if rows.none:
             return out
         if region is None:
-            return out + _by_rows(self._delta(slot, c, x, out, s), rows)
+            return _added(out, self._delta(slot, c, x, out, s, rows))
         if out.dim() == 4:  # conv or norm on (B, C, H, W)
             grid = self.maps.on_grid(region, out.shape[-2:], out.device)
             if grid.empty:
                 return out
             if not grid.full and _croppable(slot.target.module):
                 return self._add_conv_box(slot, c, x, out, s, rows, grid)
-            d = self._delta(slot, c, x, out, s)
-            return out + _by_rows(d * grid.values.view(1, 1, *grid.shape).to(d.dtype), rows)
+            mask = grid.values.view(1, 1, *grid.shape)
+            return _added(out, self._delta(slot, c, x, out, s, rows, mask))
         if out.dim() == 3:  # tokens (B, N, C)
             n = out.shape[1] if self.subset is None else self._full_tokens
             shape = grid_for(n, self.engine.latent)
             if shape is not None:
-                grid = self.maps.on_grid(region, shape, out.device)
-                values, inside = grid.values, grid.inside
-                if self.subset is not None:  # inside a cross-attention re-run: its tokens only
-                    values = values[self.subset]
-                    inside = torch.nonzero(values).flatten()
+                values, inside = self._tokens_inside(region, shape, out.device)
                 if inside.numel() == 0:
                     return out
                 if inside.numel() == values.numel():
-                    d = self._delta(slot, c, x, out, s)
-                    return out + _by_rows(d * values.view(1, -1, 1).to(d.dtype), rows)
-                d = self._delta(slot, c, x[:, inside], out[:, inside], s)
-                d = _by_rows(d * values[inside].view(1, -1, 1).to(d.dtype), rows)
-                return out.index_add(1, inside, d)
+                    return _added(out, self._delta(slot, c, x, out, s, rows, values.view(1, -1, 1)))
+                mask = values[inside].view(1, -1, 1)
+                d = self._delta(slot, c, x.index_select(1, inside),
+                                lambda: out.index_select(1, inside), s, rows, mask)
+                return _added(out, d, inside)
         self.report(("flat", slot.target), f"{slot.target.name}: its output has no image grid "
                     f"({list(out.shape)}), so a regional network cannot act on it; left out there")
         return out
+
+    def _tokens_inside(self, region, shape, device) -> Tuple[Tensor, Tensor]:
+        """A region's values on a token grid and the indices where it acts; inside a
+        cross-attention re-run, on the re-run's tokens only (made once per generation)."""
+        grid = self.maps.on_grid(region, shape, device)
+        if self.subset is None:
+            return grid.values, grid.inside
+        key = (region, tuple(shape), str(device), id(self.subset))
+        if key not in self._subsets:
+            values = grid.values[self.subset]
+            self._subsets[key] = (values, torch.nonzero(values).flatten(), self.subset)
+        return self._subsets[key][:2]
 
     def _add_conv_box(self, slot, c, x, out, s, rows, grid) -> Tensor:
         """A conv's delta on the region's bounding box only: the input window it needs
@@ -186,29 +248,42 @@ class Runtime:
             xs = torch.nn.functional.pad(xs, (*pad[1], *pad[0]))
         view = self.engine.view(slot, cropped=True)
         ys = out[..., top:bottom, left:right]
-        d = self._delta(slot, c, xs, ys, s, module=view)
-        m = grid.values.view(grid.shape)[top:bottom, left:right]
-        d = _by_rows(d * m.to(d.dtype), rows)
+        mask = grid.values.view(1, 1, *grid.shape)[..., top:bottom, left:right]
+        d = self._delta(slot, c, xs, ys, s, rows, mask, module=view)
         out = out.clone() if torch.is_grad_enabled() else out
-        out[..., top:bottom, left:right] += d.to(out.dtype)
+        out[..., top:bottom, left:right] += d
         return out
 
-    def _delta(self, slot, c, x, y, s, module=None) -> Tensor:
-        """One contribution's Δy. Algorithms built on W (DoRA, OFT, model, …) see the pristine
-        weight and its output, not the weight other networks are merged into."""
+    def _delta(self, slot, c, x, y, s, rows: RowFactors, mask: Optional[Tensor] = None,
+               module=None) -> Tensor:
+        """One contribution's Δy times its strength, row factors and `mask` (the caller casts
+        it to the output's dtype). `y`: the layer's output for x, or a function that gives it
+        (only algorithms that read it ask). Two-factor contributions take the fast path
+        (Factors); algorithms built on W (DoRA, OFT, model, …) see the pristine weight and its
+        output, not the weight other networks are merged into."""
+        cropped = module is not None
         module = module or slot.target.module
+        f = None if c.adapter.uses_weight or not factor_bypass_ok(module) else \
+            self.low_rank(c, x.device)
+        if f is not None:
+            return _low_rank_delta(module, x, f, s, rows.values, mask)
         if c.adapter.uses_weight and slot.applied:
-            module = self.engine.view(slot, cropped=module is not slot.target.module,
-                                      pristine=True)
+            module = self.engine.view(slot, cropped=cropped, pristine=True)
             y = module.forward(x)
-        return c.adapter.bypass(x, module, y, s, c.dyn)
+        d = c.adapter.bypass(x, module, y() if callable(y) else y, s, c.dyn)
+        if mask is not None:
+            d = d * mask.to(d.dtype)
+        return _by_rows(d, rows.values)
 
     # ---- the time-embedding route ------------------------------------------------------
     def _hold_emb(self, slot, c, x, out) -> None:
         s = self.strength(c)
         if not s:
             return
-        d = _by_rows(self._delta(slot, c, x, out, s), self.row_factors(c, out.shape[0], out.device))
+        rows = self.row_factors(c, out.shape[0], out.device)
+        if rows.none:
+            return
+        d = self._delta(slot, c, x, out, s, rows)
         self._emb.setdefault(id(slot.emb_norm), []).append((c.region, d))
 
     def emb_prehook(self, norm):
@@ -225,37 +300,87 @@ class Runtime:
         return hook
 
     # ---- the cross-attention route -----------------------------------------------------
+    def attach(self, unit: AttentionUnit) -> None:
+        """Hook a unit: its re-runs after the main call, and the reuse of its key and value
+        projections in them (the layer hooks of those projections come in between)."""
+        unit.hooks.append(unit.module.register_forward_hook(self.attention_hook(unit),
+                                                            with_kwargs=True))
+        for name in KV_LAYERS:
+            layer = getattr(unit.module, name, None)
+            if isinstance(layer, nn.Module):
+                unit.hooks += [layer.register_forward_pre_hook(self._kv_skip(unit, layer),
+                                                               prepend=True),
+                               layer.register_forward_hook(self._kv_reuse(unit, layer),
+                                                           prepend=True),
+                               layer.register_forward_hook(self._kv_record(unit, layer))]
+
+    def _kv_skip(self, unit, layer):
+        """In a re-run on the main call's very text tensor: run the layer on no tokens."""
+        def hook(module, args):
+            held = unit.kv.get(id(layer))
+            if self.variant is None or held is None or not args or args[0] is not held[0]:
+                return None
+            self._reused[id(layer)] = args[0]
+            return (args[0].narrow(-2, 0, 0),) + tuple(args[1:])
+        return hook
+
+    def _kv_reuse(self, unit, layer):
+        def hook(module, args, out):
+            if self.variant is None or id(layer) not in self._reused:
+                return None
+            return unit.kv[id(layer)][1].clone()
+        return hook
+
+    def _kv_record(self, unit, layer):
+        def hook(module, args, out):
+            if self.variant is None:
+                if args and isinstance(out, Tensor):
+                    unit.kv[id(layer)] = (args[0], out.detach().clone())
+            else:
+                self._reused.pop(id(layer), None)
+            return None
+        return hook
+
     def attention_hook(self, unit: AttentionUnit):
         def hook(module, args, kwargs, out):
-            if self.engine._phase_step is None or self.variant is not None:
+            if self.variant is not None:
                 return out
-            x = args[0]
-            if x.dim() != 3:
-                return out
-            shape = grid_for(x.shape[1], self.engine.latent)
-            if shape is None:
-                self.report(("attention", unit.path), f"{unit.path}: cross-attention on "
-                            f"{x.shape[1]} tokens fits no grid of the latent; regions skipped")
-                return out
-            for j in sorted(unit.networks):
-                if not self._wanted(unit, j):
-                    continue
-                grid = self.maps.on_grid(self.engine.entries[j].region, shape, x.device)
-                if grid.empty:
-                    continue
-                inside = grid.inside
-                tokens = x if grid.full else x[:, inside]
-                a, kw = self._with_context((tokens,) + tuple(args[1:]), dict(kwargs), j)
-                self.variant, self.subset, self._full_tokens = j, inside, x.shape[1]
-                try:
-                    out_j = module(*a, **kw)
-                finally:
-                    self.variant, self.subset = None, None
-                base = out if grid.full else out[:, inside]
-                d = (out_j - base) * grid.values[inside].view(1, -1, 1).to(out.dtype)
-                out = out + d if grid.full else out.index_add(1, inside, d)
-            return out
+            try:
+                return self._rerun(unit, module, args, kwargs, out)
+            finally:
+                unit.kv.clear()  # the text of this call only
         return hook
+
+    def _rerun(self, unit: AttentionUnit, module, args, kwargs, out):
+        """The unit's output with each regional network's re-run blended in by its region."""
+        if self.engine._phase_step is None:
+            return out
+        x = args[0]
+        if x.dim() != 3:
+            return out
+        shape = grid_for(x.shape[1], self.engine.latent)
+        if shape is None:
+            self.report(("attention", unit.path), f"{unit.path}: cross-attention on "
+                        f"{x.shape[1]} tokens fits no grid of the latent; regions skipped")
+            return out
+        for j in sorted(unit.networks):
+            if not self._wanted(unit, j):
+                continue
+            grid = self.maps.on_grid(self.engine.entries[j].region, shape, x.device)
+            if grid.empty:
+                continue
+            inside = grid.inside
+            tokens = x if grid.full else x.index_select(1, inside)
+            a, kw = self._with_context((tokens,) + tuple(args[1:]), dict(kwargs), j)
+            self.variant, self.subset, self._full_tokens = j, inside, x.shape[1]
+            try:
+                out_j = module(*a, **kw)
+            finally:
+                self.variant, self.subset = None, None
+            base = out if grid.full else out.index_select(1, inside)
+            d = (out_j - base) * grid.values[inside].view(1, -1, 1).to(out.dtype)
+            out = _added(out, d, None if grid.full else inside)
+        return out
 
     def _wanted(self, unit, j) -> bool:
         """Whether network j changes this attention now: strength on its layers, or a text
@@ -305,6 +430,31 @@ def _context_of(args, kwargs):
 def _croppable(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and isinstance(module.padding, tuple) and \
         module.padding_mode == "zeros"
+
+
+WHOLE = RowFactors(None)
+
+
+def _low_rank_delta(module: nn.Module, x: Tensor, f: Factors, s: float, rows: Optional[Tensor],
+                    mask: Optional[Tensor]) -> Tensor:
+    """up · (s · rows ⊙ mask ⊙ down · x) in fp32: the factors on the rank-r intermediate."""
+    x = x.to(torch.float32)
+    if is_conv(module):
+        h = module._conv_forward(x, f.down.view(f.down.shape[0], -1, *module.kernel_size), None)
+    else:
+        h = F.linear(x, f.down)
+    h.mul_(s if mask is None else mask.to(torch.float32) * s)
+    if rows is not None:
+        h.mul_(rows.view(-1, *([1] * (h.dim() - 1))))
+    return pointwise(module, h, f.up)
+
+
+def _added(out: Tensor, d: Tensor, index: Optional[Tensor] = None) -> Tensor:
+    """out + d (d on the token positions `index` only), in place unless autograd records."""
+    d = d.to(out.dtype)
+    if torch.is_grad_enabled():
+        return out + d if index is None else out.index_add(1, index, d)
+    return out.add_(d) if index is None else out.index_add_(1, index, d)
 
 
 def _by_rows(d: Tensor, rows: Optional[Tensor]) -> Tensor:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
@@ -36,7 +37,10 @@ from ..parser import format_tag
 from .algorithms import Adapter
 from .blocks import BLOCKS
 from .bypass import AttentionUnit, Rows, Runtime, layer_view
+from . import batched_merge
+from .batched_merge import Job
 from .cache import NetworkCache
+from .calibrate import Calibration, calibration
 from .files import NetworkFileError
 from .keymap import KeyMap, Target, linear_like
 from .loader import LoadedNetwork, load_checkpoint, load_network
@@ -44,6 +48,14 @@ from .plan import NetworkPlan, PassPlan, Plan
 from .regions import RegionError, RegionMaps, rest_of, uses_rest
 
 PHASES = ("base", "hires")
+
+
+class Strategy(str, Enum):
+    """How global contributions on the UNet run: the cost model's choice, or all one way."""
+
+    AUTO = "auto"
+    MERGE = "merge"
+    BYPASS = "bypass"
 CROSS_KV = re.compile(r"attn2\.to_[kv]$")  # cross-attention keys and values: they see the text
 ATTENTION_CHILD = re.compile(r"^(.*\.attn2)\.(to_q|to_k|to_v|to_out\.0)$")
 
@@ -116,19 +128,26 @@ class Engine:
                  find: Callable[[str, str], str], *, pristine_on_cpu: bool = False,
                  cache_bytes: int = 2 ** 30, latent: Tuple[int, int] = (64, 64), batch: int = 2,
                  strategy: str = "auto", masks: Optional[Mapping[str, object]] = None,
-                 weight_scale: Optional[Callable[[nn.Module], Optional[Tensor]]] = None):
+                 weight_scale: Optional[Callable[[nn.Module], Optional[Tensor]]] = None,
+                 costs: Optional[Calibration] = None, merge_batch_bytes: int = 64 * 2 ** 20):
         """`trees`: {"unet", "te1"[, "te2"]} module roots; `find(kind, name)` → file path
         (raises FileNotFoundError when there is none); `pristine_on_cpu`: keep the pristine
         copies in CPU memory instead of beside the weights; `latent` (h, w) and `batch`: the
         generation's size, for regions and the cost of a bypass (set them before `activate`;
         set `latent` to the hires latent before the hires pass);
         `strategy`: "auto" (the cost model), or "merge" / "bypass" for every global
-        contribution that can; `masks`: the host's mask store, name → image (regions.as_mask);
+        contribution that can; `costs`: the cost model's prices (default: measured on this
+        machine at first use, calibrate.py); `merge_batch_bytes`: the fp32 scratch one batch
+        of layers re-merged together may take (batched_merge.py); `masks`: the host's mask store, name → image (regions.as_mask);
         `weight_scale(module)`: the factor a host multiplies a stored weight by in its forward
         (scaled low-precision storage), or None: merges then store (W + ΔW) / factor."""
-        if strategy not in ("auto", "merge", "bypass"):
-            raise ValueError(f"strategy must be auto, merge or bypass, not {strategy!r}")
-        self.strategy = strategy
+        try:
+            self.strategy = Strategy(strategy)
+        except ValueError:
+            raise ValueError(f"strategy must be one of {[m.value for m in Strategy]}, "
+                             f"not {strategy!r}") from None
+        self.costs = costs
+        self.merge_batch_bytes = merge_batch_bytes
         self.trees = trees
         self.keymap = KeyMap(trees)
         self.arch = arch
@@ -138,10 +157,6 @@ class Engine:
         self.pristine_on_cpu = pristine_on_cpu
         self.cache = NetworkCache(cache_bytes)
         self.latent, self.batch = latent, batch
-        # A bypass also pays per call, whatever its size: the hook and its kernel launches;
-        # as multiply-adds, about 100 µs of a 2-core CPU (measured: tiny bypasses lost to
-        # re-merging at every keyframe without this term).
-        self.bypass_call_macs = 4_000_000
         self.plan: Optional[Plan] = None
         self.plans: List[Plan] = []
         self.entries: List[Entry] = []
@@ -351,8 +366,7 @@ class Engine:
         self._norm_hooks = [n.register_forward_pre_hook(self.runtime.emb_prehook(n))
                             for n in norms.values()]
         for unit in self._units.values():
-            unit.hook = unit.module.register_forward_hook(self.runtime.attention_hook(unit),
-                                                          with_kwargs=True)
+            self.runtime.attach(unit)
 
     def _remove_hooks(self) -> None:
         for slot in self._slots.values():
@@ -360,9 +374,7 @@ class Engine:
                 slot.hook.remove()
                 slot.hook = None
         for unit in self._units.values():
-            if unit.hook is not None:
-                unit.hook.remove()
-                unit.hook = None
+            unit.remove_hooks()
         for h in self._norm_hooks:
             h.remove()
         self._norm_hooks = []
@@ -387,8 +399,9 @@ class Engine:
     def _choose_strategies(self, slots: Dict[Target, _Slot]) -> None:
         """DESIGN §4's cost model, per layer and contribution: a scheduled contribution runs
         as a bypass where its low-rank forward over the pass costs less than re-merging the
-        layer at each of its keyframes (deep, low-resolution layers); everything else merges.
-        Regional and per-row contributions on the UNet always bypass: no merge is exact."""
+        layer at each of its keyframes (deep, low-resolution layers), both priced with the
+        costs measured on this machine (calibrate.py); everything else merges. Regional and
+        per-row contributions on the UNet always bypass: no merge is exact."""
         levels = 3 if self.arch == "sdxl" else 4
         for slot in slots.values():
             t = slot.target
@@ -400,16 +413,18 @@ class Engine:
             layer = linear_like(t.module) or isinstance(t.module, nn.Conv2d)
             if t.chunk is not None or not layer:
                 continue
+            weight = t.weight
             tokens = self._tokens(t, levels)
             for c in slot.contributions:
-                costs = c.adapter.costs(tuple(t.weight.shape), tokens)
-                if not c.uniform or costs is None or self.strategy == "merge":
+                costs = c.adapter.costs(tuple(weight.shape), tokens)
+                if not c.uniform or costs is None or self.strategy is Strategy.MERGE:
                     continue
                 series = c.series["base"]
                 merges = 1 + int(np.count_nonzero(np.diff(series)))
-                merge, bypass = costs
-                per_pass = (bypass + self.bypass_call_macs) * np.count_nonzero(series)
-                c.bypass = self.strategy == "bypass" or (merges > 1 and per_pass < merge * merges)
+                measured = self.costs or calibration(weight.device, weight.dtype)
+                merge = measured.merge_seconds(costs[0]) * merges
+                bypass = measured.bypass_seconds(costs[1]) * np.count_nonzero(series)
+                c.bypass = self.strategy is Strategy.BYPASS or (merges > 1 and bypass < merge)
 
     def _choose_routes(self, slots: Dict[Target, _Slot]) -> Dict[str, AttentionUnit]:
         """Where each regional contribution acts (bypass.py): at its layer; in a re-run of
@@ -462,7 +477,10 @@ class Engine:
     # ---- merging ---------------------------------------------------------------------
     def _merge_where_changed(self, phase: str, k: int, slots: List[_Slot], pick=None) -> None:
         """Re-merge the slots whose merged strengths differ from what they hold; `pick(c)`:
-        a contribution's strength (default: its own at the step, when it merges)."""
+        a contribution's strength (default: its own at the step, when it merges). Layers
+        with one plain LoRA merge as jobs, same-shaped ones in batches where the measured
+        costs say so (batched_merge.py); the others one by one."""
+        jobs: List[Job] = []
         for slot in slots:
             live = []
             for c in slot.contributions:
@@ -471,9 +489,42 @@ class Engine:
                     live.append((c, s))
             wanted = tuple((c.adapter, s) for c, s in live)
             if wanted != slot.applied:
-                self._merge(slot, live)
+                job = self._job(slot, live)
+                if job is None:
+                    self._merge(slot, live)
+                else:
+                    jobs.append(job)
                 slot.applied = wanted
             slot.merged_now = {c.network: s for c, s in live}
+        for group in batched_merge.groups(jobs).values():
+            if len(group) > 1 and self._batch_pays(group[0]):
+                batched_merge.merge(group, self.merge_batch_bytes)
+            else:
+                for job in group:
+                    batched_merge.merge_one(job)
+            self.merges += len(group)
+
+    def _job(self, slot: _Slot, live: List[Tuple[Contribution, float]]) -> Optional[Job]:
+        """The slot's merge as a job, when it is one plain LoRA on a whole, unscaled weight
+        whose bias nothing changed; None otherwise (_merge does it)."""
+        target = slot.target
+        if len(live) != 1 or target.chunk is not None or self.weight_scale is not None:
+            return None
+        (c, s), = live
+        bias = target.bias_param
+        if c.adapter.changes_bias or (bias and (id(target.module), bias) in self._pristine):
+            return None
+        dest = self._param(target, target.param).data
+        factors = self.runtime.low_rank(c, dest.device)
+        if factors is None or not dest.is_contiguous():
+            return None
+        return Job(dest, self._pristine_slice(target, target.param), factors, s)
+
+    def _batch_pays(self, job: Job) -> bool:
+        """Whether a batch merges a layer like this one for less than a merge of its own."""
+        measured = self.costs or calibration(job.dest.device, job.dest.dtype)
+        macs = job.dest.numel() * (job.factors.down.shape[0] + 1)
+        return measured.batch_seconds(macs) < measured.merge_seconds(macs)
 
     def _merge(self, slot: _Slot, live: List[Tuple[Contribution, float]]) -> None:
         target = slot.target
@@ -494,7 +545,7 @@ class Engine:
             if scale is not None:
                 w = w / scale
         bias = None
-        if target.bias_param is not None:  # full, norm and checkpoints change the bias too
+        if target.bias_param is not None and any(c.adapter.changes_bias for c, _ in live):
             b0f = self._pristine_slice(target, target.bias_param).to(device=device,
                                                                       dtype=torch.float32)
             deltas = [d for d in (c.adapter.bias_delta(b0f, s) for c, s in live) if d is not None]
@@ -506,19 +557,24 @@ class Engine:
     def _merged_weight(self, w0f: Tensor, live: List[Tuple[Contribution, float]],
                        out: Optional[Tensor] = None) -> Tensor:
         """W0 + Σ ΔW_i in fp32, into `out` when given (an fp32 weight: no temporary). Plain
-        two-factor contributions (LoRA) go into one fused multiply-add
-        W0 + [U_1 … U_n]·[D_1; …; D_n]: one pass over W instead of one per network."""
+        two-factor contributions (LoRA) go into one fused multiply-add, from their factors made
+        once per generation: W0 + s·U·D for one, W0 + [s_1·U_1 … s_n·U_n]·[D_1; …; D_n] for
+        several (one pass over W instead of one per network)."""
         factors, others = [], []
         for c, s in live:
-            lr = c.adapter.low_rank(s, c.dyn, w0f.device)
-            if lr is None:
+            f = self.runtime.low_rank(c, w0f.device)
+            if f is None:
                 others.append((c, s))
             else:
-                factors.append(lr)
+                factors.append((f, s))
         w = out if out is not None else torch.empty_like(w0f)
-        if factors:
-            torch.addmm(w0f.reshape(w0f.shape[0], -1), torch.cat([u for u, _ in factors], 1),
-                        torch.cat([d for _, d in factors], 0), out=w.view(w.shape[0], -1))
+        flat, flat0 = w.view(w.shape[0], -1), w0f.reshape(w0f.shape[0], -1)
+        if len(factors) == 1:
+            (f, s), = factors
+            torch.addmm(flat0, f.up, f.down, alpha=s, out=flat)
+        elif factors:
+            torch.addmm(flat0, torch.cat([f.up * s for f, s in factors], 1),
+                        torch.cat([f.down for f, _ in factors], 0), out=flat)
         else:
             w.copy_(w0f)
         for c, s in others:

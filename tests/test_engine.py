@@ -4,6 +4,7 @@ reach exactly their layers, merges match an fp64 reference, fp16 does not drift.
 import pytest
 import torch
 
+from netweave.network.calibrate import Calibration
 from netweave.network.engine import Engine
 from netweave.network.keymap import KeyMap
 from tinymodels import TREES, diffusers_trees, ldm_trees
@@ -322,8 +323,8 @@ def test_cost_model_bypasses_deep_layers_of_scheduled_networks(netdir):
     default = make_engine(ldm_trees("sd1"), "sd1", netdir, latent=(8, 8), batch=1)
     default.activate(plan(prompt, steps=20))  # a tiny tree's layers never pay for a hook
     assert not any(c.bypass for s in default._slots.values() for c in s.contributions)
-    engine = make_engine(ldm_trees("sd1"), "sd1", netdir, latent=(8, 8), batch=1)
-    engine.bypass_call_macs = 0  # multiply-adds alone
+    engine = make_engine(ldm_trees("sd1"), "sd1", netdir, latent=(8, 8), batch=1,
+                         costs=Calibration(1.0, 0.0, 1.0, 0.0))  # multiply-adds alone
     engine.activate(plan(prompt, steps=20))
     km = engine.keymap
 

@@ -198,6 +198,7 @@ class Adapter:
     algorithm: str = ""
     linear: bool = True
     uses_weight: bool = False  # ΔW depends on the host weight W (DoRA, GLoRA, IA3, OFT, BOFT, model)
+    changes_bias: bool = False  # bias_delta may be non-zero (full, norm, model)
     rank: Optional[int] = None
 
     def __init__(self, ignored=()):

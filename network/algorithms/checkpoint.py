@@ -37,6 +37,7 @@ def _read(source: Source) -> Tensor:
 
 class CheckpointDelta(Adapter):
     algorithm = "model"
+    changes_bias = True
     uses_weight = True
     linear = True
 

@@ -92,6 +92,10 @@ class DoRA(Adapter):
         inner = self.inner.delta(weight, 1.0, dyn)
         return delta_weight(weight, inner, self.magnitude, strength)
 
+    @property
+    def changes_bias(self):
+        return self.inner.changes_bias
+
     def bias_delta(self, bias, strength=1.0):
         return self.inner.bias_delta(bias, strength)
 

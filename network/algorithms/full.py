@@ -36,6 +36,7 @@ def bypass(x: Tensor, module, diff: Tensor, diff_b: Optional[Tensor] = None, str
 
 class Full(Adapter):
     algorithm = "full"
+    changes_bias = True
     linear = True
 
     def __init__(self, diff, diff_b, ignored=()):

@@ -50,6 +50,7 @@ def bypass(x: Tensor, module: nn.Module, w_norm: Tensor, b_norm: Optional[Tensor
 
 class Norm(Adapter):
     algorithm = "norm"
+    changes_bias = True
     linear = True
 
     def __init__(self, w_norm, b_norm, ignored=()):

@@ -1,0 +1,88 @@
+"""Many layers re-merged at one keyframe in a few large operations (DESIGN §4, merged path).
+
+Same-shaped layers that each take one plain two-factor contribution (LoRA) merge together:
+
+    B   = [W0_1; …; W0_n]                       one multi-tensor copy, into fp32
+    B  += [s_1·U_1; …; s_n·U_n] @ [D_1; …; D_n]  one batched multiply-add
+    W_i = B_i                                    one multi-tensor copy, cast to each weight
+
+instead of one Python round trip per layer. It costs one more pass over the weights than
+merging layer by layer straight into each weight, so it wins where the round trip dominates (a
+GPU, small layers) and loses where memory does (large layers on a CPU); the engine asks the
+measured cost model (calibrate.py) for each group. Values are the per-layer ones up to fp32
+rounding; restore never depends on them (it copies the pristine bits).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Tuple
+
+import torch
+from torch import Tensor
+
+from .bypass import Factors
+
+
+@dataclass(frozen=True)
+class Job:
+    """One layer's merge: `dest` = `w0` + strength · up · down, written in place."""
+
+    dest: Tensor  # the weight (or the chunk of it) the layer computes with
+    w0: Tensor  # its pristine copy, any dtype, on any device
+    factors: Factors  # fp32, on dest's device
+    strength: float
+
+    @property
+    def key(self) -> Tuple:
+        """Layers with the same key can share one batch."""
+        return (tuple(self.dest.shape), self.dest.dtype, self.dest.device,
+                self.factors.down.shape[0], self.dest.is_inference())
+
+    @property
+    def bytes(self) -> int:
+        return self.dest.numel() * 4  # its row of the fp32 batch
+
+
+def groups(jobs: Iterable[Job]) -> Dict[Tuple, List[Job]]:
+    out: Dict[Tuple, List[Job]] = {}
+    for job in jobs:
+        out.setdefault(job.key, []).append(job)
+    return out
+
+
+def merge_one(job: Job) -> None:
+    """One layer on its own: the fused multiply-add straight into an fp32 weight."""
+    rows = job.dest.shape[0]
+    dest = job.dest.view(rows, -1)
+    mode = torch.inference_mode() if job.dest.is_inference() else torch.no_grad()
+    with mode:
+        w0 = job.w0.reshape(rows, -1).to(job.dest.device, torch.float32)
+        f = job.factors
+        if dest.dtype == torch.float32:
+            torch.addmm(w0, f.up, f.down, alpha=job.strength, out=dest)
+        else:
+            dest.copy_(torch.addmm(w0, f.up, f.down, alpha=job.strength))
+
+
+def merge(jobs: List[Job], budget_bytes: int) -> None:
+    """Merge same-keyed jobs in batches of at most `budget_bytes` of fp32 scratch each."""
+    per_batch = max(1, budget_bytes // jobs[0].bytes)
+    for start in range(0, len(jobs), per_batch):
+        _merge_batch(jobs[start:start + per_batch])
+
+
+def _merge_batch(jobs: List[Job]) -> None:
+    first = jobs[0]
+    device = first.dest.device
+    rows = first.dest.shape[0]
+    flat = [j.dest.view(rows, -1) for j in jobs]
+    mode = torch.inference_mode() if first.dest.is_inference() else torch.no_grad()
+    with mode:
+        batch = torch.empty((len(jobs), *flat[0].shape), dtype=torch.float32, device=device)
+        parts = list(batch.unbind(0))
+        torch._foreach_copy_(parts, [j.w0.reshape(rows, -1).to(device, non_blocking=True)
+                                     for j in jobs])
+        strengths = torch.tensor([j.strength for j in jobs], dtype=torch.float32)
+        up = torch.stack([j.factors.up for j in jobs]) * strengths.to(device).view(-1, 1, 1)
+        batch.baddbmm_(up, torch.stack([j.factors.down for j in jobs]))
+        torch._foreach_copy_(flat, parts)

@@ -1,0 +1,138 @@
+"""The engine's cost model, measured on this machine (DESIGN §4, merge or bypass).
+
+A scheduled contribution either re-merges its layer at each keyframe or runs beside it as a
+low-rank branch at every step. Which is cheaper depends on the machine: per multiply-add a
+merge and a branch cost about the same, but each also pays per call — a branch its forward
+hook and kernel launches at every step, a merge its Python round trip at every keyframe — and
+that fixed part is what decides small, deep layers. So at the first use on a device and dtype,
+both are timed through the code the engine runs (a real Linear with a real hook for the
+branch; the fused multiply-add and the cast back for a merge) at two sizes, a few
+milliseconds in all, and fitted as `seconds = per_mac · macs + per_call`. Merging same-shaped
+layers in one batch (batched_merge.py) is priced the same way.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from . import batched_merge
+from .batched_merge import Job
+from .bypass import Factors, _added, _low_rank_delta
+
+# (width, rank, tokens) of the two sizes each cost is timed at: a small deep layer and a
+# large shallow one, so the fit separates the fixed part from the part per multiply-add.
+SIZES = ((64, 4, 16), (512, 32, 1024))
+REPEATS = 5
+LAYERS = 8  # layers merged per timing
+
+
+@dataclass(frozen=True)
+class Calibration:
+    merge_ns_per_mac: float  # a layer merged on its own
+    merge_us_per_layer: float
+    bypass_ns_per_mac: float  # a layer's low-rank branch
+    bypass_us_per_call: float
+    batch_ns_per_mac: float = float("inf")  # a layer merged in a batch (batched_merge.py)
+    batch_us_per_layer: float = 0.0
+
+    def merge_seconds(self, macs: float) -> float:
+        return (self.merge_ns_per_mac * macs) * 1e-9 + self.merge_us_per_layer * 1e-6
+
+    def bypass_seconds(self, macs: float) -> float:
+        return (self.bypass_ns_per_mac * macs) * 1e-9 + self.bypass_us_per_call * 1e-6
+
+    def batch_seconds(self, macs: float) -> float:
+        return (self.batch_ns_per_mac * macs) * 1e-9 + self.batch_us_per_layer * 1e-6
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@functools.lru_cache(maxsize=8)
+def _measured(device: str, dtype: torch.dtype) -> Calibration:
+    dev = torch.device(device)
+    threads = torch.get_num_threads()
+    if dev.type == "cpu":
+        # one thread: a parallel op stalls for a scheduler tick whenever another process
+        # holds a core, and all three costs scale alike with threads; their ratios count
+        torch.set_num_threads(1)
+    try:
+        merge = [_time_merges(dev, dtype, n, r, batched=False) for n, r, _ in SIZES]
+        batch = [_time_merges(dev, dtype, n, r, batched=True) for n, r, _ in SIZES]
+        bypass = [_time_bypass(dev, dtype, n, r, t) for n, r, t in SIZES]
+    finally:
+        torch.set_num_threads(threads)
+    m_macs = [n * n * (r + 1) for n, r, _ in SIZES]
+    b_macs = [t * r * 2 * n for n, r, t in SIZES]
+    fits = [_fit(m_macs, merge), _fit(b_macs, bypass), _fit(m_macs, batch)]
+    return Calibration(*(v * scale for fit in fits for v, scale in zip(fit, (1e9, 1e6))))
+
+
+def calibration(device, dtype: torch.dtype = torch.float32) -> Calibration:
+    """The measured costs for layers of `dtype` on `device` (timed once per process)."""
+    return _measured(str(torch.device(device)), dtype)
+
+
+def _fit(macs, seconds):
+    """Least squares through two points, never negative."""
+    per_mac = max((seconds[1] - seconds[0]) / (macs[1] - macs[0]), 0.0)
+    return per_mac, max(seconds[0] - per_mac * macs[0], 0.0)
+
+
+def _timed(fn, device) -> float:
+    fn()  # warm-up: first-call allocations and kernel selection
+    runs = []
+    for _ in range(REPEATS):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        runs.append(time.perf_counter() - start)
+    return min(runs)  # the cost without interference from other work on the machine
+
+
+def _time_merges(device, dtype, n, r, batched: bool) -> float:
+    """Seconds per layer to re-merge LAYERS same-shaped layers, each on its own or batched."""
+    gen = torch.Generator().manual_seed(0)
+    jobs = [Job(torch.zeros(n, n, dtype=dtype, device=device),
+                torch.randn(n, n, generator=gen).to(device=device, dtype=dtype),
+                Factors(torch.randn(r, n, generator=gen).to(device),
+                        torch.randn(n, r, generator=gen).to(device)), 0.5)
+            for _ in range(LAYERS)]
+
+    def merge():
+        if batched:
+            batched_merge.merge(jobs, 2 ** 30)
+        else:
+            for job in jobs:
+                batched_merge.merge_one(job)
+    return _timed(merge, device) / LAYERS
+
+
+def _time_bypass(device, dtype, n, r, tokens) -> float:
+    """One layer's low-rank branch through a forward hook, over the layer's own forward."""
+    gen = torch.Generator().manual_seed(0)
+    layer = nn.Linear(n, n, bias=False).to(device=device, dtype=dtype)
+    x = torch.randn(2, tokens // 2, n, generator=gen).to(device=device, dtype=dtype)
+    f = Factors(torch.randn(r, n, generator=gen).to(device), torch.randn(n, r, generator=gen).to(device))
+
+    def branch(module, args, out):
+        return _added(out, _low_rank_delta(module, args[0], f, 0.5, None, None))
+
+    with torch.no_grad():
+        plain = _timed(lambda: layer(x), device)
+        hook = layer.register_forward_hook(branch)
+        try:
+            hooked = _timed(lambda: layer(x), device)
+        finally:
+            hook.remove()
+    return max(hooked - plain, 0.0)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -1,0 +1,163 @@
+"""The engine's fast paths and its measured cost model (DESIGN §4): keyframe merges in batches,
+the low-rank branch on its rank-r intermediate, cross-attention re-runs that reuse the main
+call's key and value projections, the calibration, and the benchmark's own arithmetic."""
+import math
+
+import pytest
+import torch
+
+from netweave.network import batched_merge
+from netweave.network.batched_merge import Job
+from netweave.network.bench import Setup, run, table
+from netweave.network.bypass import Factors
+from netweave.network.calibrate import Calibration, calibration
+from tinymodels import LEVELS, TE1_WIDTH, diffusers_trees, ldm_trees
+
+from engine_helpers import assert_pristine, make_engine, plan, snapshot, unet_out
+
+
+# Batches always pay / never pay: the engine's choice, forced through its cost model.
+BATCH = Calibration(1.0, 100.0, 1.0, 0.0, 0.1, 0.0)
+ONE_BY_ONE = Calibration(1.0, 0.0, 1.0, 0.0, 10.0, 100.0)
+
+
+def jobs(n, shape, dtype, rank=4, seed=0, inference=False):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        w0 = torch.randn(shape, generator=gen).to(dtype)
+        with torch.inference_mode(inference):
+            dest = torch.zeros(shape, dtype=dtype)
+        fan_in = math.prod(shape[1:])
+        out.append(Job(dest, w0, Factors(torch.randn(rank, fan_in, generator=gen),
+                                         torch.randn(shape[0], rank, generator=gen)), 0.3 * i - 0.5))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(24, 16), (8, 6, 3, 3)])
+def test_a_batch_merges_what_each_layer_alone_would(dtype, shape):
+    alone, batched = jobs(5, shape, dtype), jobs(5, shape, dtype)
+    for job in alone:
+        batched_merge.merge_one(job)
+    (group,) = batched_merge.groups(batched).values()
+    batched_merge.merge(group, budget_bytes=2 * batched[0].bytes)  # batches of 2, 2 and 1
+    for a, b in zip(alone, batched):
+        assert b.dest.dtype == dtype and not torch.equal(b.dest, torch.zeros_like(b.dest))
+        expected = a.w0.float() + a.strength * (a.factors.up @ a.factors.down).reshape(shape)
+        tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+        torch.testing.assert_close(b.dest.float(), a.dest.float(), rtol=tol, atol=tol)
+        torch.testing.assert_close(b.dest.float(), expected.to(dtype).float(), rtol=tol, atol=tol)
+
+
+def test_batches_group_by_shape_dtype_rank_and_mode():
+    mixed = jobs(2, (8, 4), torch.float32) + jobs(2, (8, 4), torch.float16) + \
+        jobs(2, (8, 4), torch.float32, rank=2) + jobs(2, (4, 8), torch.float32) + \
+        jobs(2, (8, 4), torch.float32, inference=True)
+    groups = batched_merge.groups(mixed)
+    assert len(groups) == 5 and all(len(g) == 2 for g in groups.values())
+    (inference,) = [g for k, g in groups.items() if k[-1]]
+    batched_merge.merge(inference, 2 ** 20)  # inference tensors take writes in inference mode
+    assert all(j.dest.is_inference() and j.dest.abs().sum() > 0 for j in inference)
+
+
+@pytest.mark.parametrize("layout", ["ldm", "diffusers"])
+def test_keyframes_merge_the_same_in_batches_or_one_by_one(layout, netdir, monkeypatch):
+    batches = []
+    real = batched_merge.merge
+    monkeypatch.setattr(batched_merge, "merge", lambda group, budget: (batches.append(len(group)),
+                                                                       real(group, budget)))
+    trees_of = ldm_trees if layout == "ldm" else diffusers_trees
+    prompt = "<lora:sd1_lora:0.2@0,1@3,0.5@5>"
+    outs = {}
+    for name, costs in (("batch", BATCH), ("alone", ONE_BY_ONE)):
+        trees = trees_of("sd1")
+        before = snapshot(trees)
+        engine = make_engine(trees, "sd1", netdir, costs=costs, strategy="merge")
+        engine.activate(plan(prompt, steps=6))
+        outs[name] = []
+        for k in range(6):
+            engine.set_step(k)
+            outs[name].append(unet_out(trees, "sd1"))
+        engine.deactivate()
+        assert_pristine(trees, before)
+        if name == "batch":
+            assert batches and max(batches) > 4  # same-shaped layers went together
+            count = len(batches)
+        else:
+            assert len(batches) == count  # nothing batched when it does not pay
+    for a, b in zip(outs["batch"], outs["alone"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(outs["alone"][0], outs["alone"][3])  # the schedule shows
+
+
+@pytest.mark.parametrize("layout", ["ldm", "diffusers"])
+def test_a_cross_attention_rerun_reuses_the_main_calls_text_projections(layout, netdir):
+    """The re-run on a region computes its keys and values on no tokens: the main call's are
+    reused and only the network's own delta is added (exactness: test_engine_regions)."""
+    trees = (ldm_trees if layout == "ldm" else diffusers_trees)("sd1")
+    engine = make_engine(trees, "sd1", netdir, latent=(8, 8))
+    engine.activate(plan("<lora:sd1_lora:0.9:region=left>", steps=1))
+    tokens = []
+    hooks = [unit.module.to_k.register_forward_hook(
+        lambda m, args, out: tokens.append((engine.runtime.variant, args[0].shape[-2], out.shape[-2])))
+        for unit in engine._units.values()]
+    engine.set_step(0)
+    unet_out(trees, "sd1")
+    for h in hooks:
+        h.remove()
+    reruns = [t for t in tokens if t[0] is not None]
+    mains = [t for t in tokens if t[0] is None]
+    assert reruns and len(reruns) == len(mains)
+    assert all(seen == 0 and out == mains[0][2] for _, seen, out in reruns)
+    assert all(u.kv == {} for u in engine._units.values())  # nothing held after the call
+    engine.deactivate()
+
+
+def test_calibration_is_measured_once_and_prices_every_path():
+    first = calibration("cpu", torch.float32)
+    assert calibration(torch.device("cpu"), torch.float32) is first
+    for name, value in first.as_dict().items():
+        assert math.isfinite(value) and value >= 0, name
+    assert first.merge_ns_per_mac > 0 and first.bypass_ns_per_mac > 0
+    assert first.bypass_seconds(10 ** 6) > first.bypass_seconds(10 ** 3)
+    assert first.merge_seconds(0) == pytest.approx(first.merge_us_per_layer * 1e-6)
+
+
+def test_the_cost_model_follows_the_measured_prices(netdir):
+    """The same scheduled plan: a costly branch call keeps every layer merged; free calls and
+    cheap multiply-adds send the scheduled LoRA layers to the branch."""
+    prompt = "<lora:sd1_lora:0@0,0.3@0.25,0.6@0.5,1@0.75>"
+    costly = make_engine(ldm_trees("sd1"), "sd1", netdir, latent=(8, 8), batch=1,
+                         costs=Calibration(1.0, 0.0, 1.0, 10 ** 6))
+    costly.activate(plan(prompt, steps=20))
+    assert not any(c.bypass for s in costly._slots.values() for c in s.contributions)
+    cheap = make_engine(ldm_trees("sd1"), "sd1", netdir, latent=(8, 8), batch=1,
+                        costs=Calibration(1.0, 10 ** 6, 1e-6, 0.0))
+    cheap.activate(plan(prompt, steps=20))
+    unet = [c.bypass for s in cheap._slots.values() if s.target.component == "unet"
+            for c in s.contributions if s.target.chunk is None]
+    assert unet and all(unet)
+
+
+TINY = Setup("tiny SD1", "sd1", 8, 3, dict(
+    block_out_channels=LEVELS, cross_attention_dim=TE1_WIDTH, attention_head_dim=8,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")))
+
+
+def test_the_benchmark_reports_medians_spreads_floors_and_choices():
+    result = run(setup=TINY, repeats=2, rank=4)
+    floor, ratios = result["floor"], result["ratios"]
+    assert floor["static_vs_base"] == 1.0  # merged weights: the bare UNet's arithmetic
+    assert floor["scheduled_vs_static"] > 1.0  # the keyframe merges
+    assert floor["regional_vs_base"] > 1.0 and floor["bypass_all_vs_base"] > 1.0
+    assert floor["per_region_passes_vs_base"] == 2.0
+    for key, (lo, hi) in result["spread"].items():
+        assert lo <= hi and ratios[key] > 0, key
+    layers = result["touched_layers"]
+    assert sum(result["choices"]["static"].values()) == layers
+    assert result["choices"]["bypass_all"]["merged"] == 0
+    assert result["choices"]["regional"]["bypassed"] > 0
+    text = table(result)
+    assert "above" in text and "cost model, measured here" in text and "tiny SD1" in text

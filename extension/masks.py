@@ -23,7 +23,7 @@ from typing import Callable, Dict, Iterator, Mapping, Optional, Union
 
 from PIL import Image, UnidentifiedImageError
 
-from ..network.regions import RegionError
+from ..network.region_error import RegionError
 from ..parser import BUILTIN_REGIONS
 from ..parser.names import mask_name_problem
 

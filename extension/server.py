@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from . import tab
-from .api import netweave_router, sdapi_router
+from .api import MAX_QUEUED, netweave_router, sdapi_router
 from .auth import BasicAuth
 from .diffusers_host import DiffusersHost, Request
 from .library import Library
@@ -117,7 +117,7 @@ def page(host: DiffusersHost):
         with gr.Tab("NetWeave"):
             tab.build(host.masks, lambda n: host.context(n, host.masks), lambda: last["image"],
                       host.settings, prompt)
-    blocks.queue(default_concurrency_limit=1)
+    blocks.queue(default_concurrency_limit=1, max_size=MAX_QUEUED)  # the API's bound, on the page too
     return blocks
 
 

@@ -1,4 +1,4 @@
-"""Many layers re-merged at one keyframe in a few large operations (DESIGN §4, merged path).
+"""Many layers re-merged at one keyframe in a few large operations (the merged path, engine.py).
 
 Same-shaped layers that each take one plain two-factor contribution (LoRA) merge together:
 
@@ -31,6 +31,7 @@ class Job:
     w0: Tensor  # its pristine copy, any dtype, on any device
     factors: Factors  # fp32, on dest's device
     strength: float
+    source: object = None  # what the caller names in an Overflow (the engine: a contribution)
 
     @property
     def key(self) -> Tuple:
@@ -41,6 +42,21 @@ class Job:
     @property
     def bytes(self) -> int:
         return self.dest.numel() * 4  # its row of the fp32 batch
+
+
+class Overflow(ArithmeticError):
+    """A merged weight that does not fit its dtype (beyond its largest finite value, or NaN):
+    nothing of it was written."""
+
+    def __init__(self, job: Job):
+        super().__init__(f"the merged weight does not fit {job.dest.dtype}")
+        self.job = job
+
+
+def fits(values: Tensor, dtype: torch.dtype) -> Tensor:
+    """Per leading row, whether fp32 `values` fit `dtype` (fp32 itself: whether finite)."""
+    limit = torch.finfo(dtype).max
+    return (values.abs() <= limit).flatten(1).all(1)
 
 
 def groups(jobs: Iterable[Job]) -> Dict[Tuple, List[Job]]:
@@ -58,10 +74,13 @@ def merge_one(job: Job) -> None:
     with mode:
         w0 = job.w0.reshape(rows, -1).to(job.dest.device, torch.float32)
         f = job.factors
-        if dest.dtype == torch.float32:
+        if dest.dtype == torch.float32:  # finite factors and strengths cannot overflow fp32
             torch.addmm(w0, f.up, f.down, alpha=job.strength, out=dest)
         else:
-            dest.copy_(torch.addmm(w0, f.up, f.down, alpha=job.strength))
+            w = torch.addmm(w0, f.up, f.down, alpha=job.strength)
+            if not bool(fits(w[None], dest.dtype)[0]):
+                raise Overflow(job)
+            dest.copy_(w)
 
 
 def merge(jobs: List[Job], budget_bytes: int) -> None:
@@ -85,4 +104,8 @@ def _merge_batch(jobs: List[Job]) -> None:
         strengths = torch.tensor([j.strength for j in jobs], dtype=torch.float32)
         up = torch.stack([j.factors.up for j in jobs]) * strengths.to(device).view(-1, 1, 1)
         batch.baddbmm_(up, torch.stack([j.factors.down for j in jobs]))
+        if first.dest.dtype != torch.float32:
+            ok = fits(batch, first.dest.dtype)
+            if not bool(ok.all()):
+                raise Overflow(jobs[int((~ok).nonzero()[0])])
         torch._foreach_copy_(flat, parts)

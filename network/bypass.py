@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .algorithms import factor_bypass_ok, is_conv, pointwise
+from .keymap import frozen
 from .regions import RegionMaps, grid_for
 
 
@@ -307,7 +308,9 @@ class Runtime:
                                                             with_kwargs=True))
         for name in KV_LAYERS:
             layer = getattr(unit.module, name, None)
-            if isinstance(layer, nn.Module):
+            # only plain Linear layers are asked to run on no tokens (a quantized or exotic
+            # layer class may not take an empty input); the others simply run again
+            if isinstance(layer, nn.Linear) and frozen(layer.weight) is None:
                 unit.hooks += [layer.register_forward_pre_hook(self._kv_skip(unit, layer),
                                                                prepend=True),
                                layer.register_forward_hook(self._kv_reuse(unit, layer),

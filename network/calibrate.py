@@ -1,4 +1,4 @@
-"""The engine's cost model, measured on this machine (DESIGN §4, merge or bypass).
+"""The engine's cost model, measured on this machine (merge or bypass: engine.py).
 
 A scheduled contribution either re-merges its layer at each keyframe or runs beside it as a
 low-rank branch at every step. Which is cheaper depends on the machine: per multiply-add a

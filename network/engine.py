@@ -25,7 +25,7 @@ merged per encoding, and the host encodes once per segment, prompt and regional 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -213,7 +213,12 @@ class Engine:
         self._guarded(self._switch, slots, units)
         self.plan, self.plans, self.errors, self._segments = plans[0], plans, errors, {}
         self._changes = {phase: _change_steps(self._unet_slots(), phase) for phase in PHASES}
-        self._guarded(self._merge_where_changed, "base", 0, list(self._slots.values()))
+        try:
+            self._guarded(self._merge_where_changed, "base", 0, list(self._slots.values()))
+        except MergeOverflow as exc:  # everything is restored: again without that network
+            e = entries[exc.contribution.network]
+            return errors + [f"{e.net.kind}:{e.net.name}: {exc}"] + \
+                self.activate(_without(plans, e))
         self._phase_step = ("base", 0)
         return errors
 
@@ -496,13 +501,17 @@ class Engine:
                     jobs.append(job)
                 slot.applied = wanted
             slot.merged_now = {c.network: s for c, s in live}
-        for group in batched_merge.groups(jobs).values():
-            if len(group) > 1 and self._batch_pays(group[0]):
-                batched_merge.merge(group, self.merge_batch_bytes)
-            else:
-                for job in group:
-                    batched_merge.merge_one(job)
-            self.merges += len(group)
+        try:
+            for group in batched_merge.groups(jobs).values():
+                if len(group) > 1 and self._batch_pays(group[0]):
+                    batched_merge.merge(group, self.merge_batch_bytes)
+                else:
+                    for job in group:
+                        batched_merge.merge_one(job)
+                self.merges += len(group)
+        except batched_merge.Overflow as exc:
+            slot, c = exc.job.source
+            raise MergeOverflow(slot.target, c, exc.job.dest.dtype) from None
 
     def _job(self, slot: _Slot, live: List[Tuple[Contribution, float]]) -> Optional[Job]:
         """The slot's merge as a job, when it is one plain LoRA on a whole, unscaled weight
@@ -518,7 +527,7 @@ class Engine:
         factors = self.runtime.low_rank(c, dest.device)
         if factors is None or not dest.is_contiguous():
             return None
-        return Job(dest, self._pristine_slice(target, target.param), factors, s)
+        return Job(dest, self._pristine_slice(target, target.param), factors, s, (slot, c))
 
     def _batch_pays(self, job: Job) -> bool:
         """Whether a batch merges a layer like this one for less than a merge of its own."""
@@ -544,6 +553,8 @@ class Engine:
             w = self._merged_weight(w0f, live, out=dest if direct else None)
             if scale is not None:
                 w = w / scale
+        if not direct and not bool(batched_merge.fits(w.reshape(1, -1), dest.dtype)[0]):
+            raise MergeOverflow(target, live[0][0], dest.dtype)
         bias = None
         if target.bias_param is not None and any(c.adapter.changes_bias for c, _ in live):
             b0f = self._pristine_slice(target, target.bias_param).to(device=device,
@@ -655,6 +666,25 @@ class Engine:
         steps = self._steps(phase)
         if not 0 <= k < steps:
             raise ValueError(f"step {k} is outside the {phase} pass of {steps} steps")
+
+
+class MergeOverflow(ArithmeticError):
+    """A merge whose result does not fit the weight's dtype: never written. At activation the
+    network is left out and reported; at a later keyframe the weights are restored and the
+    error goes to the host (a strength the schedule reaches only then)."""
+
+    def __init__(self, target: Target, contribution: Contribution, dtype: torch.dtype):
+        super().__init__(f"left out: merged into {target.component} {target.name} at its "
+                         f"strength it does not fit {str(dtype).replace('torch.', '')} "
+                         f"(values beyond its range)")
+        self.contribution = contribution
+
+
+def _without(plans: List[Plan], entry: Entry) -> List[Plan]:
+    """The plans with one network's tags taken out (every prompt's, when it was shared)."""
+    text = format_tag(entry.net.tag)
+    return [replace(p, networks=tuple(n for n in p.networks if format_tag(n.tag) != text))
+            if entry.owner in (None, i) else p for i, p in enumerate(plans)]
 
 
 def _entries(plans: List[Plan]) -> List[Entry]:

@@ -24,13 +24,10 @@ from PIL import Image
 from torch import Tensor
 
 from ..parser import Mask, Not, Region, Scaled, Union_
+from .region_error import RegionError
 
 PIXELS_PER_LATENT = 8  # the VAE's downscale: masks are stretched to the image, not the latent
 MAX_CANVAS = 1024  # longest canvas side; a larger image is evaluated at this size
-
-
-class RegionError(ValueError):
-    """A region names a mask the store lacks, or a mask that is not an image."""
 
 
 def as_mask(value) -> np.ndarray:

@@ -13,7 +13,7 @@ from lark import Lark
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 
 from .ast import BlockWeights, Diagnostic, Prompt, Region, Tag
-from .transform import TagTransformer, shift_tag
+from .transform import NumberOutOfRange, TagTransformer, shift_tag
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _PROMPT = Lark.open(os.path.join(_HERE, "prompt.lark"), parser="lalr", lexer="basic")
@@ -77,6 +77,8 @@ def parse_region(text: str) -> Tuple[Optional[Region], Optional[Diagnostic]]:
     except UnexpectedInput as exc:
         offset, message = _explain_syntax_error(exc, text, "region")
         return None, _diagnostic(text, 0, offset, message, "error", whole=True)
+    except NumberOutOfRange as exc:
+        return None, _diagnostic(text, 0, exc.offset, str(exc), "error", whole=True)
 
 
 @functools.lru_cache(maxsize=256)
@@ -86,6 +88,8 @@ def parse_weights(text: str) -> Tuple[Optional[BlockWeights], Optional[str]]:
         return _TAGS.parse(text, start="lbw_value"), None
     except UnexpectedInput as exc:
         return None, _explain_syntax_error(exc, text, "value")[1]
+    except NumberOutOfRange as exc:
+        return None, str(exc)
 
 
 def _join(pieces: List[str], text: str) -> str:
@@ -105,6 +109,8 @@ def _parse_tag(text: str):
         tag, columns, problems = _TAGS.parse(text, start="tag")
     except UnexpectedInput as exc:
         return None, (_explain_syntax_error(exc, text, "tag") + ("error",),)
+    except NumberOutOfRange as exc:
+        return None, ((exc.offset, f"{_item_at(text, exc.offset)}{exc}", "error"),)
     return (tag, columns), problems
 
 

@@ -47,12 +47,29 @@ class Item:
     problems: Tuple[Problem, ...] = ()
 
 
-def _num(tok: Token) -> float:
-    return float(tok)
+MAX_NUMBER = 1000.0  # any number in a tag: strengths, positions (at most 1000 steps), scales
+
+
+class NumberOutOfRange(ValueError):
+    """A number beyond ±MAX_NUMBER (or one that overflows to infinity): never a strength a
+    weight survives, so the tag is refused where the number stands."""
+
+    def __init__(self, offset: int, text: str):
+        super().__init__(f"'{text}' is out of range: numbers in a tag lie within "
+                         f"±{MAX_NUMBER:g}")
+        self.offset = offset
+
+
+def _num(tok: Token, text: Optional[str] = None) -> float:
+    """The token's number (or `text`'s, a part of it), bounded."""
+    value = float(tok if text is None else text)
+    if not abs(value) <= MAX_NUMBER:
+        raise NumberOutOfRange(tok.start_pos, str(tok))
+    return value
 
 
 def _position(children) -> Position:
-    value = float(children[0])
+    value = _num(children[0])
     return Position(value, "percent" if len(children) > 1 else "auto")
 
 
@@ -86,11 +103,11 @@ class TagTransformer(Transformer):
     def ventry(self, children):
         tok = children[0]
         if tok.type == "NUMBER":
-            return VectorEntry("num", float(tok))
+            return VectorEntry("num", _num(tok))
         text = str(tok)
         if text in ("R", "U"):
             return VectorEntry(text)
-        return VectorEntry("X", float(text[1:]) if len(text) > 1 else 0.0)
+        return VectorEntry("X", _num(tok, text[1:]) if len(text) > 1 else 0.0)
 
     def vector(self, children):
         return BlockWeights(entries=tuple(children))
@@ -107,7 +124,7 @@ class TagTransformer(Transformer):
         node = Not(children[1]) if bang else children[0]
         last = children[-1]
         if isinstance(last, Token) and last.type == "POSNUM":
-            node = Scaled(node, float(last))
+            node = Scaled(node, _num(last))
         return node
 
     def intersection(self, children):
@@ -144,7 +161,7 @@ class TagTransformer(Transformer):
 
     def number_item(self, children):
         key, value = children
-        return Item(key.lower(), float(value), key.start_pos)
+        return Item(key.lower(), _num(value), key.start_pos)
 
     def dyn_item(self, children):
         key, value = children

@@ -411,3 +411,23 @@ def test_the_same_tag_twice_in_a_prompt_adds_up(netdir):
     engine.set_step(0)
     assert torch.allclose(t.weight.detach(), once, atol=1e-6)
     engine.deactivate()
+
+
+def test_a_merge_that_overflows_the_weights_dtype_leaves_its_network_out(tmp_path, netdir):
+    """Factors and strength each within bounds, but their product beyond fp16: the network is
+    left out with a message, nothing non-finite reaches a weight, the others apply."""
+    import shutil
+    from netweave.network.synthetic import write_network
+    trees = {k: m.half() for k, m in ldm_trees("sd1").items()}
+    shutil.copy(netdir / "sd1_lora.safetensors", tmp_path / "calm.safetensors")
+    write_network(tmp_path / "loud.safetensors", trees, "lora", "kohya", "sd1", seed=7, scale=30.0)
+    before = snapshot(trees)
+    engine = make_engine(trees, "sd1", tmp_path)
+    errors = engine.activate(plan("<lora:loud:1000> <lora:calm:0.5>"))
+    assert len(errors) == 1 and errors[0].startswith("lora:loud:") and "float16" in errors[0]
+    assert [e.net.name for e in engine.entries] == ["calm"]
+    now = snapshot(trees)
+    assert all(torch.isfinite(v).all() for v in now.values())
+    assert any(not torch.equal(v, before[k]) for k, v in now.items())  # calm applied
+    engine.deactivate()
+    assert_pristine(trees, before)

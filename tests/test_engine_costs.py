@@ -1,4 +1,4 @@
-"""The engine's fast paths and its measured cost model (DESIGN §4): keyframe merges in batches,
+"""The engine's fast paths and its measured cost model (README, "The engine"): keyframe merges in batches,
 the low-rank branch on its rank-r intermediate, cross-attention re-runs that reuse the main
 call's key and value projections, the calibration, and the benchmark's own arithmetic."""
 import math
@@ -161,3 +161,19 @@ def test_the_benchmark_reports_medians_spreads_floors_and_choices():
     assert result["choices"]["regional"]["bypassed"] > 0
     text = table(result)
     assert "above" in text and "cost model, measured here" in text and "tiny SD1" in text
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_a_merge_beyond_the_weights_dtype_writes_nothing(batched):
+    loud = jobs(3, (8, 8), torch.float16)
+    big = Factors(loud[1].factors.down * 300, loud[1].factors.up * 300)
+    loud[1] = Job(loud[1].dest, loud[1].w0, big, 1000.0, "the loud one")
+    with pytest.raises(batched_merge.Overflow) as caught:
+        if batched:
+            batched_merge.merge(loud, 2 ** 20)
+        else:
+            for job in loud:
+                batched_merge.merge_one(job)
+    assert caught.value.job.source == "the loud one"
+    assert not loud[1].dest.any()  # never written
+    assert all(torch.isfinite(j.dest).all() for j in loud)

@@ -144,3 +144,24 @@ def test_thousands_of_tags_are_capped_with_a_clear_error():
     (cap,) = [e for e in plan.errors if "at most" in e.message]
     assert cap.severity == "error" and "2936 from here on are ignored" in cap.message
     assert prompt[cap.column - 1:].startswith(f"<lora:n{MAX_NETWORKS}:")
+
+
+@pytest.mark.parametrize("prompt,column,number", [
+    ("<lora:x:1e30>", 9, "1e30"),  # a strength no weight survives
+    ("<lora:x:te=1e400>", 12, "1e400"),  # overflows to infinity
+    ("<lora:x:0@0,1@5e3>", 15, "5e3"),
+    ("<lora:x:x=-2000>", 11, "-2000"),
+    ("<lora:x:region=left*1e9>", 21, "1e9"),
+    ("<lora:x:lbw=1,0,1e6>", 17, "1e6"),
+])
+def test_numbers_beyond_the_bound_refuse_their_tag_where_they_stand(prompt, column, number):
+    parsed = parse(prompt + " <lora:ok:0.5>")
+    assert [t.name for t in parsed.tags] == ["ok"]
+    (err,) = parsed.errors
+    assert err.severity == "error" and err.column == column, (err.column, err.message)
+    assert f"'{number}' is out of range" in err.message and "1000" in err.message
+
+
+def test_the_bound_keeps_every_real_number():
+    parsed = parse("<lora:x:te=-1000:unet=1000:0@0,1@1000:region=left*2.5:x=0.7>")
+    assert not [e for e in parsed.errors if e.severity == "error"], parsed.errors

@@ -182,6 +182,8 @@ def test_the_page_cannot_change_a_folder(setup):
     labels = {getattr(b, "label", None) for b in blocks.blocks.values()}
     assert Settings.LABELS["enabled"] in labels
     assert not labels & {Settings.LABELS[f] for f in Settings.HOST_ONLY}
+    from netweave.extension.api import MAX_QUEUED
+    assert blocks._queue.max_size == MAX_QUEUED  # the page's queue is bounded as the API's is
 
 
 def test_api_auth_guards_everything_and_is_needed_beyond_loopback(setup):

@@ -12,20 +12,25 @@ with its own networks merged, blended by the masks (Regional Prompter's latent m
 per-region conditioning). Plus: what changing one network's strength between two generations
 costs, and the bytes of pristine copies.
 
-Each workload runs `repeats` times, interleaved with the others; ratios are of medians, with the
-spread (min–max over the repeats) beside them. The floor of a row is its arithmetic: the
+Timing is paired: the workloads run on one UNet while an identical twin with nothing applied
+runs the same step right before each of theirs, so each ratio compares seconds measured in the
+same moments (a shared or throttled machine drifts by ±10 % between runs of a minute; the
+pairs cancel that). Each workload runs `repeats` times; a ratio is the median of its runs,
+with the spread (min–max over the runs) beside it. The floor of a row is its arithmetic: the
 floating-point operations of its steps (forwards and merges, counted by torch's FlopCounterMode)
 over those of the bare UNet, so "above floor" is what the engine costs beyond its arithmetic.
 """
 from __future__ import annotations
 
+import collections
+import copy
 import os
 import platform
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -47,6 +52,7 @@ CHANGED = "<lora:net0:0.8> <lora:net1:0.5> <lora:net2:0.4>"
 REGIONAL = "<lora:net0:0.8:region=left> <lora:net1:0.6:region=right> <lora:net2:0.4>"
 PER_REGION = ("<lora:net0:0.8> <lora:net2:0.4>", "<lora:net1:0.6> <lora:net2:0.4>")
 WORKLOADS = {"static": (STATIC, "auto"), "scheduled": (SCHEDULED, "auto"),
+             "scheduled_merge_only": (SCHEDULED, "merge"),
              "remerge_every_change": (SCHEDULED, "merge"), "bypass_all": (STATIC, "bypass"),
              "regional": (REGIONAL, "auto")}
 
@@ -90,6 +96,7 @@ class Bench:
         torch.manual_seed(0)
         self.unet = UNet2DConditionModel(layers_per_block=2, **setup.config).eval() \
             .to(device=device, dtype=dtype)
+        self.twin = copy.deepcopy(self.unet)  # never patched: the base every step is paired with
         self.setup, self.device, self.batch = setup, device, batch
         gen = torch.Generator().manual_seed(1)
         n = setup.latent
@@ -103,41 +110,52 @@ class Bench:
                 "time_ids": torch.tensor([[1024., 1024., 0., 0., 1024., 1024.]] * batch,
                                          device=device, dtype=dtype)}
 
-    def forward(self, k: int, x: Optional[torch.Tensor] = None):
+    def forward(self, k: int, unet=None):
         t = 999 - k * 999 // self.setup.steps
-        return self.unet(self.x if x is None else x, t, encoder_hidden_states=self.ctx,
-                         **self.extra).sample
+        return (unet or self.unet)(self.x, t, encoder_hidden_states=self.ctx, **self.extra).sample
 
-    def steps(self, on_step: Optional[Callable[[int], None]] = None, steps=None) -> float:
-        """Seconds for the pass (each step: `on_step(k)`, then one UNet call)."""
-        _sync(self.device)
-        start = time.perf_counter()
+    def steps(self, on_step: Optional[Callable[[int], None]] = None,
+              steps: Optional[int] = None) -> Tuple[float, float]:
+        """(seconds of the workload, seconds of the bare twin) over the pass: each step the
+        twin runs, then the workload (`on_step(k)`, then its UNet call)."""
+        def step(k):
+            if on_step is not None:
+                on_step(k)
+            self.forward(k)
+        mine = base = 0.0
         with torch.no_grad():
             for k in range(self.setup.steps if steps is None else steps):
-                if on_step is not None:
-                    on_step(k)
-                self.forward(k)
+                base += self._timed(lambda: self.forward(k, self.twin))
+                mine += self._timed(lambda: step(k))
+        return mine, base
+
+    def _timed(self, fn) -> float:
+        _sync(self.device)
+        start = time.perf_counter()
+        fn()
         _sync(self.device)
         return time.perf_counter() - start
 
-    def per_region_passes(self, engine: Engine, plans) -> float:
+    def per_region_passes(self, engine: Engine, plans) -> Tuple[float, float]:
         """Baseline: per step, one UNet pass per region with that region's networks merged
         (only the layers that differ re-merge between passes), blended by the half masks."""
         n = self.setup.latent
         left = torch.zeros(n, n, device=self.device, dtype=self.x.dtype)
         left[:, : n // 2] = 1
-        _sync(self.device)
-        start = time.perf_counter()
+        mine = base = 0.0
         with torch.no_grad():
             for k in range(self.setup.steps):
-                outs = []
-                for p in plans:
-                    engine.activate(p)
-                    engine.set_step(k)
-                    outs.append(self.forward(k))
-                outs[0] * left + outs[1] * (1 - left)
-        _sync(self.device)
-        return time.perf_counter() - start
+                base += self._timed(lambda: self.forward(k, self.twin))
+
+                def passes():
+                    outs = []
+                    for p in plans:
+                        engine.activate(p)
+                        engine.set_step(k)
+                        outs.append(self.forward(k))
+                    return outs[0] * left + outs[1] * (1 - left)
+                mine += self._timed(passes)
+        return mine, base
 
     def flops(self, engine: Optional[Engine]) -> float:
         """Floating-point operations of the pass: the step-0 forward times the steps, plus
@@ -162,19 +180,22 @@ def _sync(device) -> None:
 
 def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 32,
         batch: int = 2, steps: Optional[int] = None, setup: Optional[Setup] = None) -> dict:
-    """Every workload `repeats` times, interleaved; medians and spreads. `setup` overrides
-    `size` (tests use a tiny UNet)."""
+    """Every workload `repeats` times, each step paired with the bare twin's; medians and
+    spreads. `setup` overrides `size` (tests use a tiny UNet)."""
     setup = setup or SETUPS[str(size)]
     if steps is not None:
         setup = Setup(setup.label, setup.arch, setup.latent, steps, setup.config)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     bench = Bench(setup, device, dtype, batch)
     ctx = CompileContext(arch=setup.arch, steps=setup.steps)
-    times: Dict[str, List[float]] = {}
+    seconds: Dict[str, List[float]] = collections.defaultdict(list)
+    runs: Dict[str, List[float]] = collections.defaultdict(list)  # workload / its paired base
     extra: dict = {"choices": {}, "floors": {}}
 
-    def timed(name, seconds):
-        times.setdefault(name, []).append(seconds)
+    def measured(name, mine, base):
+        seconds[name].append(mine)
+        seconds["base"].append(base)
+        runs[name].append(mine / base)
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
@@ -199,31 +220,26 @@ def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 
             e.deactivate()
         bench.steps(steps=2)  # warm-up
         for _ in range(repeats):
-            timed("base", bench.steps())
             for name, e in engines.items():
                 start = time.perf_counter()
                 e.activate(compile_prompt(WORKLOADS[name][0], ctx))
-                timed(f"{name}_activate", time.perf_counter() - start)
+                seconds[f"{name}_activate"].append(time.perf_counter() - start)
                 merges = e.merges
-                timed(name, bench.steps(e.set_step))
+                measured(name, *bench.steps(e.set_step))
                 extra[f"{name}_merges_during_steps"] = e.merges - merges
                 if name == "static":
-                    extra.update(_change_one_strength(e, ctx, timed))
+                    extra.update(_change_one_strength(e, ctx, seconds))
                 e.deactivate()
-            timed("per_region_passes", bench.per_region_passes(per_region, per_region_plans))
+            measured("per_region_passes", *bench.per_region_passes(per_region, per_region_plans))
             per_region.deactivate()
-    median = {k: statistics.median(v) for k, v in times.items()}
-    rows = {"static_vs_base": ("static", "base"), "scheduled_vs_static": ("scheduled", "static"),
-            "scheduled_vs_base": ("scheduled", "base"),
-            "remerge_every_change_vs_static": ("remerge_every_change", "static"),
-            "bypass_all_vs_base": ("bypass_all", "base"), "regional_vs_base": ("regional", "base"),
-            "per_region_passes_vs_base": ("per_region_passes", "base")}
-    ratios = {k: median[a] / median[b] for k, (a, b) in rows.items()}
-    # the spread of a ratio: its numerator's runs over the denominator's median
-    spread = {k: (min(times[a]) / median[b], max(times[a]) / median[b]) for k, (a, b) in rows.items()}
+    ratio_runs = {key: [a / b for a, b in zip(runs[num], runs[den])] if den != "base" else
+                  runs[num] for key, (num, den) in ROWS.items()}
+    ratios = {k: statistics.median(v) for k, v in ratio_runs.items()}
+    spread = {k: (min(v), max(v)) for k, v in ratio_runs.items()}
     floors = extra.pop("floors")
     floors["per_region_passes"] = 2 * floors["static"]  # two passes, each with merged networks
-    floor = {k: floors.get(a, 1.0) / floors.get(b, 1.0) for k, (a, b) in rows.items()}
+    floor = {k: floors.get(a, 1.0) / floors.get(b, 1.0) for k, (a, b) in ROWS.items()}
+    median = {k: statistics.median(v) for k, v in seconds.items()}
     cal = calibration(torch.device(device), dtype)
     return {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                         "cores": os.cpu_count(), "torch": torch.__version__,
@@ -239,6 +255,15 @@ def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 
             "timings_s": median, **extra}
 
 
+# ratio name -> (numerator, denominator); "base" is each workload's own paired twin
+ROWS = {"static_vs_base": ("static", "base"), "scheduled_vs_static": ("scheduled", "static"),
+        "scheduled_vs_base": ("scheduled", "base"),
+        "scheduled_vs_merge_only": ("scheduled", "scheduled_merge_only"),
+        "remerge_every_change_vs_static": ("remerge_every_change", "static"),
+        "bypass_all_vs_base": ("bypass_all", "base"), "regional_vs_base": ("regional", "base"),
+        "per_region_passes_vs_base": ("per_region_passes", "base")}
+
+
 def _choices(e: Engine) -> Dict[str, int]:
     """How the engine runs each UNet layer of a plan: merged, bypassed, or both."""
     counts = {"merged": 0, "bypassed": 0, "both": 0}
@@ -248,17 +273,17 @@ def _choices(e: Engine) -> Dict[str, int]:
     return counts
 
 
-def _change_one_strength(e: Engine, ctx: CompileContext, timed) -> dict:
+def _change_one_strength(e: Engine, ctx: CompileContext, seconds) -> dict:
     """Between two generations: the same plan again, then one network's strength changed."""
     layers_of_net1 = sum(1 for s in e._slots.values() if any(c.network == 1 for c in s.contributions))
     before = e.merges
     start = time.perf_counter()
     e.activate(compile_prompt(STATIC, ctx))
-    timed("same_plan_again", time.perf_counter() - start)
+    seconds["same_plan_again"].append(time.perf_counter() - start)
     again = e.merges - before
     start = time.perf_counter()
     e.activate(compile_prompt(CHANGED, ctx))
-    timed("one_strength_changed", time.perf_counter() - start)
+    seconds["one_strength_changed"].append(time.perf_counter() - start)
     return {"pristine_mib": e.pristine_bytes / 2 ** 20, "touched_layers": len(e._slots),
             "change_one_strength": {"layers_remerged": e.merges - before - again,
                                     "layers_of_that_network": layers_of_net1,
@@ -267,11 +292,13 @@ def _change_one_strength(e: Engine, ctx: CompileContext, timed) -> dict:
 
 
 TARGETS = {"static_vs_base": "≤ 1.01", "scheduled_vs_static": "≤ 1.05",
+           "scheduled_vs_merge_only": "≤ 1",
            "remerge_every_change_vs_static": "(A1111)", "bypass_all_vs_base": "(PEFT)",
            "regional_vs_base": "≤ 1.25", "per_region_passes_vs_base": "(RP)"}
 LABELS = {"static_vs_base": "3 static LoRAs vs base",
           "scheduled_vs_static": "3 LoRAs × 4 keyframes vs static",
           "scheduled_vs_base": "3 LoRAs × 4 keyframes vs base",
+          "scheduled_vs_merge_only": "  the cost model vs merging only",
           "remerge_every_change_vs_static": "baseline: re-merge all on change",
           "bypass_all_vs_base": "baseline: bypass all vs base",
           "regional_vs_base": "2 regional + 1 global LoRA vs base",
@@ -284,7 +311,7 @@ def table(result: dict) -> str:
     lines = [f"{cfg['unet']} UNet, {cfg['steps']} steps, latent {cfg['latent']}², batch "
              f"{cfg['batch']}, {cfg['dtype']}, {result['machine']['device']} "
              f"({result['machine']['cores']} cores, torch {result['machine']['torch']}); "
-             f"median of {cfg['repeats']} interleaved runs",
+             f"median of {cfg['repeats']} runs, each step timed beside a bare twin's",
              f"  {'workload':<36}{'ratio':>7}{'spread':>15}{'floor':>7}{'above':>7}{'target':>9}"]
     for key, label in LABELS.items():
         lo, hi = result["spread"][key]

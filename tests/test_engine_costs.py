@@ -158,6 +158,7 @@ def test_the_benchmark_reports_medians_spreads_floors_and_choices():
     layers = result["touched_layers"]
     assert sum(result["choices"]["static"].values()) == layers
     assert result["choices"]["bypass_all"]["merged"] == 0
+    assert result["choices"]["scheduled_merge_only"]["bypassed"] == 0
     assert result["choices"]["regional"]["bypassed"] > 0
     text = table(result)
     assert "above" in text and "cost model, measured here" in text and "tiny SD1" in text

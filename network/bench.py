@@ -251,7 +251,8 @@ def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 
                        "repeats": repeats},
             "ratios": ratios, "spread": spread, "floor": floor,
             "calibration": cal.as_dict(),
-            "pristine_mib": extra.pop("pristine_mib"), "touched_layers": extra.pop("touched_layers"),
+            "pristine_mib": extra.pop("pristine_mib"),
+            "touched_layers": extra.pop("touched_layers"),
             "timings_s": median, **extra}
 
 
@@ -319,10 +320,12 @@ def table(result: dict) -> str:
                      f"{result['floor'][key]:7.3f}{r[key] - result['floor'][key]:+7.3f}"
                      f"{TARGETS.get(key, ''):>9}")
     lines.append("  layers (merged / bypassed / both): " + "; ".join(
-        f"{name} {v['merged']}/{v['bypassed']}/{v['both']}" for name, v in result["choices"].items()))
+        f"{name} {v['merged']}/{v['bypassed']}/{v['both']}"
+        for name, v in result["choices"].items()))
     cal = result["calibration"]
     lines.append(f"  cost model, measured here: merge {cal['merge_ns_per_mac']:.3f} ns/MAC + "
-                 f"{cal['merge_us_per_layer']:.0f} µs/layer, bypass {cal['bypass_ns_per_mac']:.3f} "
+                 f"{cal['merge_us_per_layer']:.0f} µs/layer, bypass "
+                 f"{cal['bypass_ns_per_mac']:.3f} "
                  f"ns/MAC + {cal['bypass_us_per_call']:.0f} µs/call")
     lines += [f"  change one strength between runs: {c['layers_remerged']} layers re-merged "
               f"(that network has {c['layers_of_that_network']}, {c['layers_patched']} patched; "

@@ -228,6 +228,7 @@ class Runtime:
         key = (region, tuple(shape), str(device), id(self.subset))
         if key not in self._subsets:
             values = grid.values[self.subset]
+            # the subset is held too, so that its id stays its own for the generation
             self._subsets[key] = (values, torch.nonzero(values).flatten(), self.subset)
         return self._subsets[key][:2]
 

@@ -118,7 +118,8 @@ def _time_bypass(device, dtype, n, r, tokens) -> float:
     gen = torch.Generator().manual_seed(0)
     layer = nn.Linear(n, n, bias=False).to(device=device, dtype=dtype)
     x = torch.randn(2, tokens // 2, n, generator=gen).to(device=device, dtype=dtype)
-    f = Factors(torch.randn(r, n, generator=gen).to(device), torch.randn(n, r, generator=gen).to(device))
+    f = Factors(torch.randn(r, n, generator=gen).to(device),
+                torch.randn(n, r, generator=gen).to(device))
 
     def branch(module, args, out):
         return _added(out, _low_rank_delta(module, args[0], f, 0.5, None, None))

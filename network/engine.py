@@ -138,7 +138,8 @@ class Engine:
         `strategy`: "auto" (the cost model), or "merge" / "bypass" for every global
         contribution that can; `costs`: the cost model's prices (default: measured on this
         machine at first use, calibrate.py); `merge_batch_bytes`: the fp32 scratch one batch
-        of layers re-merged together may take (batched_merge.py); `masks`: the host's mask store, name → image (regions.as_mask);
+        of layers re-merged together may take (batched_merge.py); `masks`: the host's mask
+        store, name → image (regions.as_mask);
         `weight_scale(module)`: the factor a host multiplies a stored weight by in its forward
         (scaled low-precision storage), or None: merges then store (W + ΔW) / factor."""
         try:
@@ -217,7 +218,7 @@ class Engine:
             self._guarded(self._merge_where_changed, "base", 0, list(self._slots.values()))
         except MergeOverflow as exc:  # everything is restored: again without that network
             e = entries[exc.contribution.network]
-            return errors + [f"{e.net.kind}:{e.net.name}: {exc}"] + \
+            return errors + [f"{e.net.kind}:{e.net.name}: left out: {exc}"] + \
                 self.activate(_without(plans, e))
         self._phase_step = ("base", 0)
         return errors
@@ -674,9 +675,9 @@ class MergeOverflow(ArithmeticError):
     error goes to the host (a strength the schedule reaches only then)."""
 
     def __init__(self, target: Target, contribution: Contribution, dtype: torch.dtype):
-        super().__init__(f"left out: merged into {target.component} {target.name} at its "
-                         f"strength it does not fit {str(dtype).replace('torch.', '')} "
-                         f"(values beyond its range)")
+        super().__init__(f"merged into {target.component} {target.name} at its strength, it "
+                         f"does not fit {str(dtype).replace('torch.', '')} (values beyond its "
+                         f"range)")
         self.contribution = contribution
 
 

@@ -1,6 +1,7 @@
-"""The engine's fast paths and its measured cost model (README, "The engine"): keyframe merges in batches,
-the low-rank branch on its rank-r intermediate, cross-attention re-runs that reuse the main
-call's key and value projections, the calibration, and the benchmark's own arithmetic."""
+"""The engine's fast paths and its measured cost model (README, "The engine"): keyframe
+merges in batches, the low-rank branch on its rank-r intermediate, cross-attention re-runs
+that reuse the main call's key and value projections, the calibration, and the benchmark's
+own arithmetic."""
 import math
 
 import pytest
@@ -29,8 +30,9 @@ def jobs(n, shape, dtype, rank=4, seed=0, inference=False):
         with torch.inference_mode(inference):
             dest = torch.zeros(shape, dtype=dtype)
         fan_in = math.prod(shape[1:])
-        out.append(Job(dest, w0, Factors(torch.randn(rank, fan_in, generator=gen),
-                                         torch.randn(shape[0], rank, generator=gen)), 0.3 * i - 0.5))
+        factors = Factors(torch.randn(rank, fan_in, generator=gen),
+                          torch.randn(shape[0], rank, generator=gen))
+        out.append(Job(dest, w0, factors, 0.3 * i - 0.5))
     return out
 
 
@@ -99,9 +101,10 @@ def test_a_cross_attention_rerun_reuses_the_main_calls_text_projections(layout, 
     engine = make_engine(trees, "sd1", netdir, latent=(8, 8))
     engine.activate(plan("<lora:sd1_lora:0.9:region=left>", steps=1))
     tokens = []
-    hooks = [unit.module.to_k.register_forward_hook(
-        lambda m, args, out: tokens.append((engine.runtime.variant, args[0].shape[-2], out.shape[-2])))
-        for unit in engine._units.values()]
+
+    def seen(module, args, out):
+        tokens.append((engine.runtime.variant, args[0].shape[-2], out.shape[-2]))
+    hooks = [unit.module.to_k.register_forward_hook(seen) for unit in engine._units.values()]
     engine.set_step(0)
     unet_out(trees, "sd1")
     for h in hooks:

@@ -16,7 +16,7 @@ from .keymap import KeyMap, diffusers_to_ldm
 
 # format -> algorithm family as NetWeave reports it
 FORMATS = {
-    "lora": "lora", "lora_tucker": "lora", "peft": "lora", "dora_out": "lora", "dora_in": "lora",
+    "lora": "lora", "lora_tucker": "lora", "peft": "lora", "dora_out": "dora", "dora_in": "dora",
     "loha": "loha", "loha_tucker": "loha", "lokr": "lokr", "lokr_decomposed": "lokr",
     "glora": "glora", "ia3": "ia3", "oft": "oft", "boft": "boft", "full": "full", "norm": "norm",
 }

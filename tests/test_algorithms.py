@@ -332,7 +332,7 @@ def test_dora_matches_lycoris(algorithm, name, axis):
     W = module.weight
     m = magnitude(W, axis, g)
     a = make({**base, "dora_scale": m})
-    assert (a.algorithm, a.linear) == (algorithm, True)
+    assert (a.algorithm, a.linear) == ("dora" if algorithm == "lora" else f"{algorithm}+dora", True)
     dw = inner_delta(algorithm, base, W)
     if axis == "in":  # LyCORIS functional: W + s·(m·(W+ΔW)/‖W+ΔW‖_col − W), our form exactly
         for s in (1.0, 0.3):

@@ -84,3 +84,11 @@ def test_pruned_checkpoint(tmp_path):
     assert report["error"] is None, report["error"]
     assert (report["kind"], report["architecture"], report["layers"]) == ("checkpoint", "sd1", 2)
     assert report["algorithms"] == {"model": 2} and report["unmatched_keys"] == []
+
+
+@pytest.mark.parametrize("fmt", ["dora_out", "dora_in"])
+def test_a_lora_with_dora_scale_is_reported_as_dora(fmt, tmp_path):
+    path = tmp_path / "dora.safetensors"
+    written = write_network(path, reference_trees("sd1"), fmt, "kohya", "sd1", rank=2)
+    report = inspect(str(path))
+    assert report["error"] is None and report["algorithms"] == {"dora": len(written)}

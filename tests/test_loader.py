@@ -47,7 +47,7 @@ def test_full_coverage(arch, fmt, style, layout, files, keymaps):
     want = {(t.component, t.name) for t in written.values()}
     assert got == want and len(net.layers) == len(written)
     assert set(net.algorithms) == {FORMATS[fmt]}
-    if FORMATS[fmt] in ("lora", "full") or arch == "sdxl":
+    if FORMATS[fmt] in ("lora", "dora", "full") or arch == "sdxl":
         assert net.arch == arch  # detected from the keys and shapes alone
     else:  # tiny SD1 and SD2 differ only in proj_in's kind, which e.g. LoHa does not show
         assert net.arch in (arch, None)

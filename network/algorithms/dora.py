@@ -72,7 +72,8 @@ class DoRA(Adapter):
     def __init__(self, inner: Adapter, magnitude: Tensor):
         super().__init__(inner.ignored)
         self.inner, self.magnitude = inner, magnitude
-        self.algorithm = inner.algorithm
+        # what `inspect` reports: DoRA on a LoRA is "dora"; on another algorithm, both
+        self.algorithm = "dora" if inner.algorithm == "lora" else f"{inner.algorithm}+dora"
         self.rank = inner.rank
 
     def check(self, weight_shape):

@@ -134,7 +134,8 @@ def netweave_router(masks: MaskStore, library: Library, arch: Callable[[], str])
         """What the prompt box completes: tag kinds, keys (block names included), lbw presets,
         interpolations, built-in regions."""
         a = arch()
-        return {"kinds": list(KINDS), "keys": list(KNOWN_KEYS) + list(BLOCKS[a]),
+        keys = dict.fromkeys((*KNOWN_KEYS, *BLOCKS[a]))  # BASE, IN00, M00, OUT00 are in both
+        return {"kinds": list(KINDS), "keys": list(keys),
                 "presets": sorted(PRESETS[a]), "interpolations": list(INTERPOLATIONS),
                 "regions": list(BUILTIN_REGIONS)}
 

@@ -50,6 +50,7 @@ def report(params: dict, errors, used_masks: Dict) -> None:
     """A batch's problems to the console (one line each, as the host's own extensions print)
     and NetWeave's entries in p.extra_generation_params: problems and the masks used."""
     from .masks import mask_hash
+    errors = list(dict.fromkeys(errors))  # the prompts of a batch repeat each other's problems
     for e in errors:
         print(f"NetWeave: {e}", file=sys.stderr)
     params.pop("NetWeave errors", None)

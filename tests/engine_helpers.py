@@ -1,6 +1,7 @@
 """Shared by the engine tests: tiny trees' snapshots, network files for SD1 and SDXL, plans."""
 import torch
 
+from netweave.network.calibrate import Calibration
 from netweave.network.engine import Engine
 from netweave.network.plan import CompileContext, compile_prompt
 
@@ -18,13 +19,19 @@ def assert_pristine(trees, before):
             assert torch.equal(v.detach(), before[c, k]), (c, k)
 
 
+# Prices as a 2-core CPU measures them (calibrate.py), fixed so that which layers merge and
+# which run beside does not depend on the machine a test runs on or what else it is doing.
+TEST_COSTS = Calibration(merge_ns_per_mac=0.03, merge_us_per_layer=10.0, bypass_ns_per_mac=0.03,
+                         bypass_us_per_call=20.0, batch_ns_per_mac=0.045, batch_us_per_layer=15.0)
+
+
 def make_engine(trees, arch, netdir, **kw):
     def find(kind, name):
         path = netdir / f"{name}.safetensors"
         if not path.exists():
             raise FileNotFoundError(f"no {kind} named '{name}'")
         return str(path)
-    return Engine(trees, arch, find, **kw)
+    return Engine(trees, arch, find, **{"costs": TEST_COSTS, **kw})
 
 
 def plan(prompt, arch="sd1", steps=6, hires=None):

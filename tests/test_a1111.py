@@ -426,3 +426,11 @@ def test_sdxl_regional_text_encoder_network_and_neg(sdxl):
     assert torch.equal(variant[1:], base[1:])
     without, _ = generate("a fox <lora:xl_style:0.5:neg=0>", negative_prompt="blurry", steps=2)
     assert not torch.allclose(out.images[0], without.images[0], atol=1e-5)
+
+
+def test_a_batch_reports_each_problem_once(host, capsys):
+    out, _ = generate(["a <lora:nope:1>", "b <lora:nope:1>"], batch_size=2)
+    info = out.infotexts[0]
+    assert info.count("no lora named 'nope'") == 1, info
+    console = [line for line in capsys.readouterr().err.splitlines() if "'nope'" in line]
+    assert len(console) == 1, console

@@ -249,6 +249,12 @@ def test_parse_route(client):
     assert client.post("/netweave/v1/parse", json={"steps": 3}).status_code == 422
 
 
+def test_vocabulary_route_names_each_key_once(client):
+    vocabulary = client.get("/netweave/v1/vocabulary").json()
+    keys = vocabulary["keys"]
+    assert len(keys) == len(set(keys)) and {"te", "BASE", "IN00", "M00", "OUT11"} <= set(keys)
+
+
 def test_networks_route(client):
     nets = client.get("/netweave/v1/networks").json()["networks"]
     assert {(n["kind"], n["name"]) for n in nets} == {

@@ -6,8 +6,8 @@ merge and a branch cost about the same, but each also pays per call — a branch
 hook and kernel launches at every step, a merge its Python round trip at every keyframe — and
 that fixed part is what decides small, deep layers. So at the first use on a device and dtype,
 both are timed through the code the engine runs (a real Linear with a real hook for the
-branch; the fused multiply-add and the cast back for a merge) at two sizes, a few
-milliseconds in all, and fitted as `seconds = per_mac · macs + per_call`. Merging same-shaped
+branch; the fused multiply-add and the cast back for a merge) at two sizes, about a tenth of
+a second in all, and fitted as `seconds = per_mac · macs + per_call`. Merging same-shaped
 layers in one batch (batched_merge.py) is priced the same way.
 """
 from __future__ import annotations
@@ -78,7 +78,7 @@ def calibration(device, dtype: torch.dtype = torch.float32) -> Calibration:
 
 
 def _fit(macs, seconds):
-    """Least squares through two points, never negative."""
+    """The line through the two points, never negative."""
     per_mac = max((seconds[1] - seconds[0]) / (macs[1] - macs[0]), 0.0)
     return per_mac, max(seconds[0] - per_mac * macs[0], 0.0)
 

@@ -3,8 +3,8 @@ copies live, the default interpolation, strict mode, the mask folder. A1111 and 
 Settings page (`netweave_*` options); the standalone page has them in its tab."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Optional
+from dataclasses import dataclass, fields, replace
+from typing import Callable, Optional
 
 from ..parser import INTERPOLATIONS
 
@@ -53,13 +53,20 @@ class Settings:
         engine.pristine_on_cpu = self.pristine == PRISTINE[1]
 
     @classmethod
-    def from_options(cls, data: dict) -> "Settings":
-        """From a WebUI's opts.data (`netweave_<field>` keys); missing keys keep defaults."""
-        values = {f.name: data.get("netweave_" + f.name, f.default) for f in fields(cls)}
-        try:
-            return cls(**values).check()
-        except (TypeError, ValueError):
-            return cls()
+    def from_options(cls, data: dict, report: Callable[[str], None] = lambda message: None
+                     ) -> "Settings":
+        """From a WebUI's opts.data (`netweave_<field>` keys). A missing key keeps its default;
+        an invalid one keeps its default alone, the others apply, and `report` says which."""
+        settings = cls()
+        for f in fields(cls):
+            key = "netweave_" + f.name
+            if key not in data:
+                continue
+            try:  # the fields taken so far are valid: a failure is this one's
+                settings = replace(settings, **{f.name: data[key]}).check()
+            except (TypeError, ValueError) as exc:
+                report(f"setting {key}: {exc}; its default {f.default!r} applies")
+        return settings
 
     @staticmethod
     def choices(name: str):

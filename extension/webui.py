@@ -132,7 +132,17 @@ class ScriptParts:
 
 def settings() -> Settings:
     from modules import shared
-    return Settings.from_options(getattr(shared.opts, "data", {}) or {})
+    return Settings.from_options(getattr(shared.opts, "data", {}) or {}, _say_once)
+
+
+_SAID = set()
+
+
+def _say_once(message: str) -> None:
+    """A bad setting, on the console once (settings are read many times per generation)."""
+    if message not in _SAID:
+        _SAID.add(message)
+        print(f"NetWeave: {message}", file=sys.stderr)
 
 
 def register_settings() -> None:

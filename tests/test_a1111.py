@@ -434,3 +434,20 @@ def test_a_batch_reports_each_problem_once(host, capsys):
     assert info.count("no lora named 'nope'") == 1, info
     console = [line for line in capsys.readouterr().err.splitlines() if "'nope'" in line]
     assert len(console) == 1, console
+
+
+def test_an_invalid_setting_keeps_its_default_alone_and_says_so(host, capsys):
+    saved = dict(shared.opts.data)
+    try:
+        shared.opts.data.update(netweave_enabled=False, netweave_cache_mb="lots",
+                                netweave_interp="wobbly", netweave_strict=True)
+        from netweave.extension.webui import settings
+        s = settings()
+        assert (s.enabled, s.strict) == (False, True)  # the valid ones apply
+        assert (s.cache_mb, s.interp) == (1024, "by kind")  # the invalid ones: their defaults
+        settings()  # read again: said once
+        said = [line for line in capsys.readouterr().err.splitlines() if "netweave_" in line]
+        assert len(said) == 2 and "netweave_cache_mb" in said[0] and "wobbly" in said[1], said
+    finally:
+        shared.opts.data.clear()
+        shared.opts.data.update(saved)

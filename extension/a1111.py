@@ -1,6 +1,6 @@
 """AUTOMATIC1111 (v1.8–1.10) host adapter: the always-on script "NetWeave", the handler that
 takes the `lora`, `lyco`, `loractl` and `model` tag names, per-step control from
-`on_cfg_denoiser`, and NetWeave's HTTP routes (facts: shared/reference/hosts.md §1–2).
+`on_cfg_denoiser`, and NetWeave's HTTP routes (docs/design.md §6).
 
 Shared with Forge in a1111_family.py; here: A1111's module trees, its built-in Lora's
 backups put back in `process`, and its CFGDenoiser row layout (conds, then unconds).

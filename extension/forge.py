@@ -1,5 +1,5 @@
 """Forge 2 (lllyasviel/stable-diffusion-webui-forge, `backend/`) host adapter: A1111's script
-and extra-network API on Forge's own model objects (facts: shared/reference/hosts.md §3).
+and extra-network API on Forge's own model objects (docs/design.md §6).
 
 What differs from A1111 (the rest is a1111_family.py):
 - Trees: `sd_model.forge_objects.unet.model.diffusion_model` (LDM names) and

@@ -1,5 +1,4 @@
-"""SD.Next host adapter (diffusers pipelines; facts: shared/reference/hosts.md §4 and the
-notes of the issue). SD.Next has no per-step script callback (`on_cfg_denoiser` is never
+"""SD.Next host adapter (diffusers pipelines; docs/design.md §6). SD.Next has no per-step script callback (`on_cfg_denoiser` is never
 fired), activates extra networks once per pass right before it encodes the prompt, and merges
 `p.task_args` over the pipeline's arguments. So:
 

@@ -1,4 +1,4 @@
-"""The bypass path at run time (DESIGN §4 "Bypass"): y = layer(x) + Σ m ⊙ s_i·r·f_i(x).
+"""The bypass path at run time (docs/design.md §4): y = layer(x) + Σ m ⊙ s_i·r·f_i(x).
 
 m is a contribution's region on the layer's grid, s_i its strength at this step, r its factor
 per batch row (0 on the rows of prompts without the network, `neg` on unconditional rows).
@@ -193,7 +193,7 @@ class Runtime:
         if rows.none:
             return out
         if region is None:
-            return _added(out, self._delta(slot, c, x, out, s, rows))
+            return added(out, self._delta(slot, c, x, out, s, rows))
         if out.dim() == 4:  # conv or norm on (B, C, H, W)
             grid = self.maps.on_grid(region, out.shape[-2:], out.device)
             if grid.empty:
@@ -201,7 +201,7 @@ class Runtime:
             if not grid.full and _croppable(slot.target.module):
                 return self._add_conv_box(slot, c, x, out, s, rows, grid)
             mask = grid.values.view(1, 1, *grid.shape)
-            return _added(out, self._delta(slot, c, x, out, s, rows, mask))
+            return added(out, self._delta(slot, c, x, out, s, rows, mask))
         if out.dim() == 3:  # tokens (B, N, C)
             n = out.shape[1] if self.subset is None else self._full_tokens
             shape = grid_for(n, self.engine.latent)
@@ -210,11 +210,11 @@ class Runtime:
                 if inside.numel() == 0:
                     return out
                 if inside.numel() == values.numel():
-                    return _added(out, self._delta(slot, c, x, out, s, rows, values.view(1, -1, 1)))
+                    return added(out, self._delta(slot, c, x, out, s, rows, values.view(1, -1, 1)))
                 mask = values[inside].view(1, -1, 1)
                 d = self._delta(slot, c, x.index_select(1, inside),
                                 lambda: out.index_select(1, inside), s, rows, mask)
-                return _added(out, d, inside)
+                return added(out, d, inside)
         self.report(("flat", slot.target), f"{slot.target.name}: its output has no image grid "
                     f"({list(out.shape)}), so a regional network cannot act on it; left out there")
         return out
@@ -268,7 +268,7 @@ class Runtime:
         f = None if c.adapter.uses_weight or not factor_bypass_ok(module) else \
             self.low_rank(c, x.device)
         if f is not None:
-            return _low_rank_delta(module, x, f, s, rows.values, mask)
+            return low_rank_delta(module, x, f, s, rows.values, mask)
         if c.adapter.uses_weight and slot.applied:
             module = self.engine.view(slot, cropped=cropped, pristine=True)
             y = module.forward(x)
@@ -383,7 +383,7 @@ class Runtime:
                 self.variant, self.subset = None, None
             base = out if grid.full else out.index_select(1, inside)
             d = (out_j - base) * grid.values[inside].view(1, -1, 1).to(out.dtype)
-            out = _added(out, d, None if grid.full else inside)
+            out = added(out, d, None if grid.full else inside)
         return out
 
     def _wanted(self, unit, j) -> bool:
@@ -439,8 +439,8 @@ def _croppable(module: nn.Module) -> bool:
 WHOLE = RowFactors(None)
 
 
-def _low_rank_delta(module: nn.Module, x: Tensor, f: Factors, s: float, rows: Optional[Tensor],
-                    mask: Optional[Tensor]) -> Tensor:
+def low_rank_delta(module: nn.Module, x: Tensor, f: Factors, s: float, rows: Optional[Tensor],
+                   mask: Optional[Tensor]) -> Tensor:
     """up · (s · rows ⊙ mask ⊙ down · x) in fp32: the factors on the rank-r intermediate."""
     x = x.to(torch.float32)
     if is_conv(module):
@@ -453,7 +453,7 @@ def _low_rank_delta(module: nn.Module, x: Tensor, f: Factors, s: float, rows: Op
     return pointwise(module, h, f.up)
 
 
-def _added(out: Tensor, d: Tensor, index: Optional[Tensor] = None) -> Tensor:
+def added(out: Tensor, d: Tensor, index: Optional[Tensor] = None) -> Tensor:
     """out + d (d on the token positions `index` only), in place unless autograd records."""
     d = d.to(out.dtype)
     if torch.is_grad_enabled():

@@ -21,7 +21,7 @@ from torch import nn
 
 from . import batched_merge
 from .batched_merge import Job
-from .bypass import Factors, _added, _low_rank_delta
+from .bypass import Factors, added, low_rank_delta
 
 # (width, rank, tokens) of the two sizes each cost is timed at: a small deep layer and a
 # large shallow one, so the fit separates the fixed part from the part per multiply-add.
@@ -122,7 +122,7 @@ def _time_bypass(device, dtype, n, r, tokens) -> float:
                 torch.randn(n, r, generator=gen).to(device))
 
     def branch(module, args, out):
-        return _added(out, _low_rank_delta(module, args[0], f, 0.5, None, None))
+        return added(out, low_rank_delta(module, args[0], f, 0.5, None, None))
 
     with torch.no_grad():
         plain = _timed(lambda: layer(x), device)

@@ -1,4 +1,4 @@
-"""The engine: a plan applied to a host's module trees (DESIGN §4).
+"""The engine: a plan applied to a host's module trees (docs/design.md §4).
 
     engine.activate(plan)          networks loaded, weights at (base pass, step 0)
     engine.te_segments(phase)      step ranges with one set of text-encoder strengths each
@@ -403,7 +403,7 @@ class Engine:
 
     # ---- merge or bypass --------------------------------------------------------------
     def _choose_strategies(self, slots: Dict[Target, _Slot]) -> None:
-        """DESIGN §4's cost model, per layer and contribution: a scheduled contribution runs
+        """docs/design.md §4's cost model, per layer and contribution: a scheduled contribution runs
         as a bypass where its low-rank forward over the pass costs less than re-merging the
         layer at each of its keyframes (deep, low-resolution layers), both priced with the
         costs measured on this machine (calibrate.py); everything else merges. Regional and

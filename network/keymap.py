@@ -174,7 +174,7 @@ def diffusers_to_ldm(path: str, root: nn.Module) -> Optional[str]:
 
 
 def unet_block(name: str) -> Optional[str]:
-    """The lora-block-weight block of a canonical (diffusers) UNet name (DESIGN §3)."""
+    """The lora-block-weight block of a canonical (diffusers) UNet name (docs/design.md §3)."""
     if name.startswith("conv_in"):
         return "IN00"
     m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)",

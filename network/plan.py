@@ -1,5 +1,5 @@
 """The compiler: tags + context → Plan, the strength of every network on every component
-and block at every step (DESIGN §2, §3). Needs no model weights.
+and block at every step (docs/design.md §2, §3). Needs no model weights.
 
 Effective strength of a network on a layer of block b in component c at step k:
     strength[c][k] * blocks[b][k]

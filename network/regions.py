@@ -1,4 +1,4 @@
-"""Region expressions → masks on every layer grid (DESIGN §3 "Regions").
+"""Region expressions → masks on every layer grid (docs/design.md §3 "Regions").
 
 A region is evaluated once per generation on a canvas the size of the image (8 × the latent),
 where user masks are stretched and the built-ins are exact halves; the result is

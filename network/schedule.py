@@ -1,4 +1,4 @@
-"""Schedules, windows and interpolation resolved over the steps of one pass (DESIGN §3).
+"""Schedules, windows and interpolation resolved over the steps of one pass (docs/design.md §3).
 
 Everything works in step-index space: step k (0-based) of N sits at progress k/(N-1);
 a fraction p sits at p·(N-1); step number s (1-based) at s-1.

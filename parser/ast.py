@@ -19,7 +19,7 @@ class Position:
 
     unit "step": a step number counted from 1, as the progress bar shows;
     "fraction": progress in [0, 1]; "percent": progress in percent;
-    "auto": a schedule keyframe whose unit the whole schedule decides (DESIGN §3).
+    "auto": a schedule keyframe whose unit the whole schedule decides (docs/design.md §3).
     """
 
     value: float

@@ -1,6 +1,6 @@
 """WebUI entry point. A WebUI loads every file in scripts/; this one registers the
 extension folder as the package `netweave`, whatever the folder is called, so no module of
-ours ever goes by a bare name like `network` or `parser` (DESIGN §1)."""
+ours ever goes by a bare name like `network` or `parser` (docs/design.md §1)."""
 import importlib.util
 import os
 import sys

@@ -1,5 +1,5 @@
-"""Every dialect NetWeave reads, with examples from each one's own documentation
-(reference/peers.md, hosts.md) and every example of DESIGN §3."""
+"""Every dialect NetWeave reads (A1111, SD.Next, loractl, lora-block-weight), with examples
+from each one's own documentation, and every example of the README's tag table."""
 import pytest
 
 from helpers import one_network, one_tag, series
@@ -63,7 +63,7 @@ LBW = [
         VectorEntry("num", 1.0), VectorEntry("R"), VectorEntry("U"), VectorEntry("X", 0.0),
         VectorEntry("X", 0.2), VectorEntry("X", -0.1)))}),
 ]
-DESIGN = [
+README_EXAMPLES = [
     ("<lora:pixel:te=0.1@0,0.6@0.5:unet=1:in=0:mid=1:out=0:region=mask1>",
      {"te": kf((0.1, 0), (0.6, 0.5)), "unet": C(1), "region": Mask("mask1"),
       "groups": (("in", C(0)), ("mid", C(1)), ("out", C(0)))}),
@@ -86,7 +86,7 @@ def _get(tag, field):
     return obj
 
 
-@pytest.mark.parametrize("text,expected", A1111 + SDNEXT + LORACTL + LBW + DESIGN)
+@pytest.mark.parametrize("text,expected", A1111 + SDNEXT + LORACTL + LBW + README_EXAMPLES)
 def test_documented_examples_parse(text, expected):
     tag = one_tag(text)
     for field, value in expected.items():

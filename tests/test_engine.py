@@ -291,7 +291,7 @@ def test_cuda_bit_exact_restore(netdir):
     assert_pristine(trees, before)
 
 
-# ---- merge or bypass: the cost model (DESIGN §4) --------------------------------------------
+# ---- merge or bypass: the cost model (docs/design.md §4) --------------------------------------------
 @pytest.mark.parametrize("arch", ["sd1", "sdxl"])
 def test_bypass_equals_merge(arch, netdir):
     outputs = {}

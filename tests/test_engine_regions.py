@@ -1,5 +1,5 @@
 """Engine II invariants: regions, `rest`, per-row scales and `neg`, regional text encoders, in
-one forward, on tiny LDM and diffusers UNets and CLIP encoders (DESIGN §3 "Regions", §4)."""
+one forward, on tiny LDM and diffusers UNets and CLIP encoders (docs/design.md §3 "Regions", §4)."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Every row of DESIGN §3's key table, as the plan it compiles to (SD1 and SDXL)."""
+"""Every row of docs/design.md §3's key table, as the plan it compiles to (SD1 and SDXL)."""
 import pytest
 
 from helpers import one_network, series

@@ -1,4 +1,4 @@
-"""DESIGN §1 "One import namespace": the extension loads as `netweave` from any folder name,
+"""docs/design.md §1 "One import namespace": the extension loads as `netweave` from any folder name,
 while unrelated modules called `network`, `parser` and `extension` already sit in sys.modules."""
 import os
 import shutil

@@ -245,7 +245,7 @@ class Adapter:
 
     def costs(self, weight_shape, tokens: int) -> Optional[Tuple[float, float]]:
         """(multiply-adds of one merge, of one bypass forward over `tokens` rows), for the
-        engine's choice between re-merging at keyframes and a runtime branch (DESIGN §4);
+        engine's choice between re-merging at keyframes and a runtime branch (docs/design.md §4);
         None when the bypass is no cheaper than rebuilding ΔW (the default)."""
         return None
 

@@ -2,7 +2,7 @@
 
     ΔW = s · (W_target − W),  b' − b = s · (b_target − b)      W: the host's original weight
 
-so s = 1 gives the other model's layer and 0 < s < 1 blends toward it (DESIGN §3 `<model:…>`,
+so s = 1 gives the other model's layer and 0 < s < 1 blends toward it (docs/design.md §3 `<model:…>`,
 ComfyUI's model_as_lora). The target tensor stays in its memory-mapped file and is read only
 when a layer is merged, one layer at a time: two full models never sit in memory together.
 """

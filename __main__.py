@@ -1,5 +1,5 @@
 import sys
 
-from .extension.cli import main
+from .extension.standalone.cli import main
 
 sys.exit(main())

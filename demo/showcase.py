@@ -30,16 +30,16 @@ COLUMNS = 6
 
 
 def host():
-    from ..extension.diffusers_host import DiffusersHost
+    from ..extension.standalone.host import DiffusersHost
     from ..extension.library import Library
-    from ..extension.models import demo_library, demo_model
+    from ..extension.standalone.models import demo_library, demo_model
 
     loras, models = demo_library()
     return DiffusersHost(demo_model(), Library([loras], [models]))
 
 
 def render(seed: int, panels=PANELS, prompt: str = PROMPT, steps: int = 20) -> Image.Image:
-    from ..extension.diffusers_host import Request
+    from ..extension.standalone.host import Request
 
     h = host()
     size = h.model.size * SCALE

@@ -43,7 +43,7 @@ from torch import nn
 from ..extension.tokenizer import clip_tokenizer
 from ..network.algorithms import loha, lora
 from ..network.keymap import KeyMap
-from ..network.synthetic import layer_name
+from ..devtools.synthetic import layer_name
 from . import shapes
 
 HERE = os.path.dirname(os.path.abspath(__file__))

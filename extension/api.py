@@ -1,48 +1,52 @@
-"""HTTP routes. `/netweave/v1/*` is NetWeave's own API, the same for every host (masks, parse,
-networks); `/sdapi/v1/*` is the subset of A1111's API the standalone host serves, shaped so an
-A1111 client works unchanged. Bad requests get a 4xx with a message, never a 500: bodies are
-typed (pydantic) down to every script argument, text must be valid Unicode, numbers finite and
-in range. Generations wait in a queue of their own, so an interrupt or a progress poll is
-answered at once however many are waiting."""
+"""`/netweave/v1/*`: NetWeave's own HTTP API, the same in every host (masks, parse, vocabulary,
+networks). Bad requests get a 4xx with a message, never a 500: bodies are checked field by field,
+text must be valid Unicode, numbers finite and in range. The standalone host's A1111-shaped
+routes are in standalone/sdapi.py."""
 from __future__ import annotations
 
-import asyncio
 import base64
+import inspect
 import io
 import json
-import threading
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
 
-from fastapi import APIRouter, Body, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError,
-                      model_validator)
-from typing_extensions import Annotated
 
 from ..network.blocks import BLOCKS, PRESETS
-from ..network.files import NetworkFileError
 from ..network.plan import CompileContext, compile_prompt
 from ..parser import BUILTIN_REGIONS, INTERPOLATIONS, KINDS, KNOWN_KEYS
 from ..parser.names import valid_unicode
-from .diffusers_host import MAX_SEED, DiffusersHost, Interrupted
-from .diffusers_host import Request as Txt2Img
 from .library import Library
-from .limits import OverBudget
-from .masks import (MAX_BYTES, MaskError, MaskStore, UnreadableMask, check_mask_name,
-                    decode_image, mask_hash)
+from .masks import MAX_BYTES, MaskError, MaskStore, UnreadableMask, mask_hash
 
-MAX_QUEUED = 100  # generations waiting; more are refused (503) instead of held in memory
 MASK_BODY = MAX_BYTES * 4 // 3 + 1024  # a mask as base64 in JSON
+PARSE_BODY = 1 << 20  # a prompt of 100,000 characters, escaped
 
 
-def _unicode(text: str) -> str:
-    if not valid_unicode(text):
-        raise ValueError("not valid Unicode (a lone surrogate)")
-    return text
+# FastAPI refuses a body over a route's max_body_size from its Content-Length, unread; the
+# WebUIs' FastAPI (0.94–0.124) has no such argument: there the route reads at most the limit.
+ROUTE_LIMIT = {"max_body_size": MASK_BODY} \
+    if "max_body_size" in inspect.signature(APIRouter.put).parameters else {}
 
 
-Text = Annotated[str, AfterValidator(_unicode)]
+async def read_capped(request: Request, limit: int) -> bytes:
+    """The request body, or a 413 once it is known to be over `limit` bytes."""
+    said = request.headers.get("content-length", "")
+    if said.isdigit() and int(said) > limit:
+        raise HTTPException(413, f"the request body ({said} bytes) is over this route's limit "
+                                 f"of {limit} bytes")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise HTTPException(413, f"the request body is over this route's limit of "
+                                     f"{limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 
 SCRIPT_TITLE = "NetWeave"
 
@@ -57,12 +61,38 @@ def _mask_info(name: str, img) -> dict:
     return {"name": name, "width": img.width, "height": img.height, "hash": mask_hash(img)}
 
 
-class ParseRequest(BaseModel):
-    prompt: Text = Field(max_length=100_000)
-    steps: int = Field(20, ge=1, le=500)
-    hires_steps: Optional[int] = Field(None, ge=1, le=500)
+@dataclass(frozen=True)
+class ParseRequest:
+    """POST /parse's body. Checked by hand, not by a pydantic model: the WebUIs this router
+    runs in have pydantic 1 (A1111) or 2 (Forge, SD.Next)."""
+
+    prompt: str
+    steps: int = 20
+    hires_steps: Optional[int] = None
     arch: Optional[str] = None
     strict: bool = False
+
+    @classmethod
+    def from_json(cls, data) -> "ParseRequest":
+        """ValueError saying which field is wrong and how."""
+        if not isinstance(data, dict):
+            raise ValueError("the body must be a JSON object")
+        prompt = data.get("prompt")
+        if not isinstance(prompt, str):
+            raise ValueError("prompt: a string is required")
+        if len(prompt) > 100_000 or not valid_unicode(prompt):
+            raise ValueError("prompt: at most 100,000 characters of valid Unicode")
+        for name, default in (("steps", 20), ("hires_steps", None)):
+            value = data.get(name, default)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or not 1 <= value <= 500):
+                raise ValueError(f"{name} must be a whole number from 1 to 500, not {value!r}")
+        if not isinstance(data.get("arch") or "", str):
+            raise ValueError("arch: a string, such as sd1")
+        if not isinstance(data.get("strict", False), bool):
+            raise ValueError("strict: true or false")
+        return cls(prompt, data.get("steps", 20), data.get("hires_steps"), data.get("arch"),
+                   data.get("strict", False))
 
 
 def netweave_router(masks: MaskStore, library: Library, arch: Callable[[], str]) -> APIRouter:
@@ -93,10 +123,10 @@ def netweave_router(masks: MaskStore, library: Library, arch: Callable[[], str])
         img.save(buf, format="PNG")
         return Response(buf.getvalue(), media_type="image/png")
 
-    @r.put("/masks/{name}", max_body_size=MASK_BODY)
+    @r.put("/masks/{name}", **ROUTE_LIMIT)
     async def put_mask(name: str, request: Request):
         """Body: the image (PNG, any type PIL reads) or JSON {"image": base64}."""
-        data = await request.body()
+        data = await read_capped(request, MASK_BODY)
         if request.headers.get("content-type", "").startswith("application/json"):
             try:
                 data = json.loads(data)["image"]
@@ -120,11 +150,16 @@ def netweave_router(masks: MaskStore, library: Library, arch: Callable[[], str])
         return {"deleted": name}
 
     @r.post("/parse")
-    def parse(req: ParseRequest):
+    async def parse(request: Request):
+        try:
+            req = ParseRequest.from_json(json.loads(await read_capped(request, PARSE_BODY)))
+        except ValueError as exc:  # JSON's own errors are ValueErrors too
+            raise HTTPException(422, str(exc)) from None
         try:
             ctx = CompileContext(arch=req.arch or arch(), steps=req.steps,
                                  hires_steps=req.hires_steps, masks=frozenset(masks),
-                                 strict=req.strict)
+                                 networks=frozenset(library.names("lora")),
+                                 models=frozenset(library.names("model")), strict=req.strict)
         except ValueError as exc:
             raise HTTPException(400, str(exc)) from None
         return compile_prompt(req.prompt, ctx).to_dict()
@@ -146,178 +181,3 @@ def netweave_router(masks: MaskStore, library: Library, arch: Callable[[], str])
         return {"networks": found}
 
     return r
-
-
-# A1111's txt2img request fields (1.10): echoed in "parameters" as A1111 does; other unknown
-# fields are accepted, ignored and not echoed.
-A1111_FIELDS = frozenset((
-    "prompt negative_prompt styles seed subseed subseed_strength seed_resize_from_h "
-    "seed_resize_from_w sampler_name sampler_index scheduler batch_size n_iter steps cfg_scale "
-    "distilled_cfg_scale width height restore_faces tiling do_not_save_samples do_not_save_grid "
-    "eta denoising_strength s_min_uncond s_churn s_tmax s_tmin s_noise override_settings "
-    "override_settings_restore_afterwards refiner_checkpoint refiner_switch_at "
-    "disable_extra_networks firstpass_image comments enable_hr firstphase_width "
-    "firstphase_height hr_scale hr_upscaler hr_second_pass_steps hr_resize_x hr_resize_y "
-    "hr_checkpoint_name hr_sampler_name hr_scheduler hr_prompt hr_negative_prompt force_task_id "
-    "script_name script_args send_images save_images alwayson_scripts infotext").split())
-
-
-class Txt2ImgBody(BaseModel):
-    """A1111's /sdapi/v1/txt2img fields NetWeave's host uses; others are accepted and ignored."""
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _encodable(cls, data):
-        """Every field, the ignored ones too, as JSON can say it back: no NaN, no lone
-        surrogate (it would fail only when the answer is written)."""
-        if isinstance(data, dict):
-            for key, value in data.items():
-                try:
-                    json.dumps([key, value], ensure_ascii=False, allow_nan=False).encode("utf-8")
-                except (ValueError, UnicodeEncodeError, RecursionError):
-                    raise ValueError(f"field {key!r} holds a non-finite number or text that is "
-                                     "not valid Unicode") from None
-        return data
-
-    prompt: Text = Field("", max_length=100_000)
-    negative_prompt: Text = Field("", max_length=100_000)
-    steps: int = Field(20, ge=1, le=500)
-    cfg_scale: float = Field(7.0, ge=0, le=100)
-    seed: int = Field(-1, ge=-1, le=MAX_SEED)
-    width: int = Field(512, ge=8, le=4096, multiple_of=8)
-    height: int = Field(512, ge=8, le=4096, multiple_of=8)
-    batch_size: int = Field(1, ge=1, le=16)
-    n_iter: int = Field(1, ge=1, le=100)
-    send_images: bool = True
-    alwayson_scripts: Dict[Text, Any] = Field(default_factory=dict)
-
-
-class ScriptArgs(BaseModel):
-    """NetWeave's own argument: inline masks, name → base64 image."""
-    model_config = ConfigDict(extra="ignore")
-    masks: Dict[Text, Text] = Field(default_factory=dict)
-
-
-def script_args(alwayson: Dict[str, Any]) -> ScriptArgs:
-    """The NetWeave script's arguments from `alwayson_scripts`: {"args": [{"masks": {name:
-    base64 PNG}}]}, or the WebUIs' [true, {"masks": …}] (title matched case-insensitively, as
-    A1111 does). Any other shape is a 422 that says where."""
-    for title, entry in alwayson.items():
-        if title.lower() != SCRIPT_TITLE.lower():
-            continue
-        where = f"alwayson_scripts.{title}"
-        if not isinstance(entry, dict):
-            raise HTTPException(422, f'{where} must be an object {{"args": [...]}}')
-        args = entry.get("args", [])
-        if not isinstance(args, list):
-            raise HTTPException(422, f"{where}.args must be a list, not {type(args).__name__}")
-        found = ScriptArgs()
-        for i, arg in enumerate(args):
-            if isinstance(arg, bool) or arg is None:  # the WebUIs' on/off flag
-                continue
-            if not isinstance(arg, dict):
-                raise HTTPException(422, f"{where}.args[{i}] must be true/false or "
-                                         f'{{"masks": {{name: base64}}}}, not {type(arg).__name__}')
-            try:
-                found = ScriptArgs.model_validate(arg)
-            except ValidationError as exc:
-                first = exc.errors()[0]
-                loc = "".join(f"[{p!r}]" if isinstance(p, str) else f"[{p}]" for p in first["loc"])
-                raise HTTPException(422, f"{where}.args[{i}]{loc}: {first['msg']}") from None
-        return found
-    return ScriptArgs()
-
-
-def sdapi_router(host: DiffusersHost, library: Library) -> APIRouter:
-    r = APIRouter(prefix="/sdapi/v1")
-    # Generations run one at a time on the model: waiting ones sit in this queue, not in the
-    # server's thread pool, which stays free for interrupts, progress and the mask routes.
-    queue = ThreadPoolExecutor(max_workers=1, thread_name_prefix="netweave-txt2img")
-    waiting = [0]
-    count = threading.Lock()
-
-    def generate(body: Txt2ImgBody, args: ScriptArgs) -> dict:
-        inline = {}
-        for name, data in args.masks.items():
-            try:
-                check_mask_name(name)
-                inline[name] = decode_image(data, f"mask '{name}'")
-            except MaskError as exc:
-                raise HTTPException(422, str(exc)) from None
-        images: List = []
-        infos, seeds, errors, plan = [], [], [], None
-        seed = body.seed
-        for i in range(body.n_iter):
-            req = Txt2Img(prompt=body.prompt, negative_prompt=body.negative_prompt,
-                          steps=body.steps, cfg_scale=body.cfg_scale,
-                          seed=seed if seed < 0 else seed + i * body.batch_size,
-                          width=body.width, height=body.height, batch_size=body.batch_size,
-                          masks=inline)
-            try:
-                result = host.txt2img(req)
-            except NetworkFileError as exc:  # changed on disk twice during one generation
-                raise HTTPException(409, str(exc)) from None
-            except ValueError as exc:
-                raise HTTPException(422, str(exc)) from None
-            except Interrupted:
-                break
-            images += result.images
-            infos += result.infotexts
-            seeds += [result.seed + k for k in range(len(result.images))]
-            errors, plan = result.errors, result.plan.to_dict()  # this request's own
-        info = {"prompt": body.prompt, "negative_prompt": body.negative_prompt,
-                "seed": seeds[0] if seeds else body.seed, "all_seeds": seeds,
-                "steps": body.steps, "cfg_scale": body.cfg_scale, "width": body.width,
-                "height": body.height, "batch_size": body.batch_size,
-                "sd_model_name": host.model.name, "infotexts": infos,
-                "netweave": {"errors": errors, "plan": plan}}
-        return {"images": [png_base64(im) for im in images] if body.send_images else [],
-                "parameters": {k: v for k, v in body.model_dump().items() if k in A1111_FIELDS},
-                "info": json.dumps(info)}
-
-    @r.post("/txt2img")
-    async def txt2img(body: Txt2ImgBody):
-        args = script_args(body.alwayson_scripts)
-        try:
-            host.limits.check_work(body.width, body.height, body.steps,
-                                   body.batch_size * body.n_iter)
-        except OverBudget as exc:
-            raise HTTPException(422, str(exc)) from None
-        with count:
-            if waiting[0] >= MAX_QUEUED:
-                raise HTTPException(503, f"{MAX_QUEUED} generations are waiting; try again later")
-            waiting[0] += 1
-        try:
-            return await asyncio.wrap_future(queue.submit(generate, body, args))
-        finally:
-            with count:
-                waiting[0] -= 1
-
-    @r.get("/loras")
-    def loras():
-        out = []
-        for name in library.names("lora"):
-            path = library.find("lora", name)
-            entry = library.describe("lora", name)
-            out.append({"name": name, "alias": name, "path": path,
-                        "metadata": entry["metadata"]})
-        return out
-
-    @r.get("/progress")
-    async def progress():
-        p = host.progress
-        return {"progress": p.fraction if p.busy else 0.0,
-                "eta_relative": p.eta(),
-                "state": {"skipped": False, "interrupted": p.interrupted, "job": p.job,
-                          "job_count": 1 if p.busy else 0, "job_timestamp": "",
-                          "job_no": 0, "sampling_step": p.step, "sampling_steps": p.steps},
-                "current_image": None, "textinfo": None}
-
-    @r.post("/interrupt")
-    async def interrupt(_: Optional[dict] = Body(None)):
-        host.interrupt()
-        return {}
-
-    return r
-

@@ -11,11 +11,12 @@ import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from ..network.detect import detect_architecture
 from ..network.files import (NetworkFileError, base_architecture, checkpoint_files,
-                             content_stamp, describe_metadata, open_safetensors)
+                             content_stamp, describe_metadata, open_safetensors,
+                             tensor_data_hash)
 from ..parser.names import network_name_problem
 
 DESCRIBED = 4096  # listing entries kept
@@ -32,6 +33,22 @@ def check_name(name: str) -> str:
     return name
 
 
+def scrub_paths(text: str, folders: Sequence, base: str) -> str:
+    """Each (folder, label) of `folders` in `text` named relative to `base` when inside it,
+    else as "the <label>"; longest folders first, spelled as given and as resolved."""
+    spelled = []
+    for folder, label in folders:
+        if not folder:
+            continue
+        name = os.path.relpath(folder, base) if inside(base, folder) else f"the {label}"
+        for form in {os.path.abspath(folder), os.path.realpath(folder), folder}:
+            spelled.append((form, name))
+    for form, name in sorted(spelled, key=lambda f: -len(f[0])):
+        if os.path.isabs(form):
+            text = text.replace(form, name)
+    return text
+
+
 def inside(root: str, path: str) -> bool:
     """`path`, with every symlink resolved, lies in `root`."""
     root = os.path.realpath(root)
@@ -40,8 +57,14 @@ def inside(root: str, path: str) -> bool:
 
 @dataclass
 class Library:
+    """`base`: the folder messages name the network folders relative to (the WebUI's own);
+    a folder outside it is named by its kind. None: messages keep the paths."""
+
     lora_dirs: Sequence[str] = ()
     model_dirs: Sequence[str] = ()
+    base: Optional[str] = None
+    _hashes: "OrderedDict" = field(default_factory=OrderedDict, init=False, repr=False,
+                                   compare=False)
     _described: "OrderedDict" = field(default_factory=OrderedDict, init=False, repr=False,
                                       compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False,
@@ -79,8 +102,16 @@ class Library:
         return sorted(set(found))
 
     def describe(self, kind: str, name: str) -> Dict:
-        """What the API lists: name, path, architecture (from the file's keys, shapes and
-        metadata: headers only, nothing loaded), trigger words, or the file's error."""
+        """What the API lists: name, path (relative to `base`), architecture (from the file's
+        keys, shapes and metadata: headers only, nothing loaded), trigger words, or the file's
+        error."""
+        entry = self._describe(kind, name)
+        for key in ("path", "error"):
+            if entry[key]:
+                entry[key] = self.scrub(entry[key])
+        return entry
+
+    def _describe(self, kind: str, name: str) -> Dict:
         entry: Dict = {"name": name, "kind": kind, "path": None, "architecture": None,
                        "trigger_words": [], "metadata": {}, "error": None}
         try:
@@ -100,6 +131,35 @@ class Library:
             while len(self._described) > DESCRIBED:
                 self._described.popitem(last=False)
         return dict(entry)
+
+    def short_hash(self, kind: str, name: str) -> Optional[str]:
+        """The first 12 characters of the file's tensor-data hash (files.tensor_data_hash), as
+        A1111 writes it in `Lora hashes`; kept until the file changes. None when it cannot be
+        read (its tag's error says why)."""
+        try:
+            path = self.find(kind, name)
+            stamp = content_stamp(path)
+            with self._lock:
+                known = self._hashes.get(path)
+            if known is not None and stamp is not None and known[0] == stamp:
+                return known[1]
+            digest = tensor_data_hash(path)[:12]
+        except (FileNotFoundError, BadName, NetworkFileError):
+            return None
+        with self._lock:
+            self._hashes[path] = (stamp, digest)
+            while len(self._hashes) > DESCRIBED:
+                self._hashes.popitem(last=False)
+        return digest
+
+    def scrub(self, text: str) -> str:
+        """`text` with every network folder named relative to `base`, or by its kind when
+        outside it, never by its absolute path."""
+        if self.base is None:
+            return text
+        folders = [(d, "Lora folder") for d in self.lora_dirs] + \
+                  [(d, "checkpoint folder") for d in self.model_dirs]
+        return scrub_paths(text, folders, self.base)
 
     @staticmethod
     def _read_headers(kind: str, path: str, entry: Dict) -> None:

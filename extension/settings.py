@@ -47,10 +47,10 @@ class Settings:
     def default_interp(self) -> Optional[str]:
         return None if self.interp == DEFAULT_INTERP else self.interp
 
-    def apply(self, engine) -> None:
-        """Cache size and pristine location on an engine (new copies go where it says)."""
-        engine.cache.max_bytes = int(self.cache_mb) * 2 ** 20
-        engine.pristine_on_cpu = self.pristine == PRISTINE[1]
+    def engine_options(self) -> dict:
+        """Engine.configure's arguments: cache size, where new pristine copies go."""
+        return {"cache_bytes": int(self.cache_mb) * 2 ** 20,
+                "pristine_on_cpu": self.pristine == PRISTINE[1]}
 
     @classmethod
     def from_options(cls, data: dict, report: Callable[[str], None] = lambda message: None

@@ -26,18 +26,23 @@ def drawing(gr):
                     brush_radius=12, elem_id="netweave_mask_editor")
 
 
-# A1111, Forge and SD.Next all give their txt2img prompt box this id (inside gradioApp()'s root)
-TAKE_PROMPT_JS = ("() => { const root = typeof gradioApp === 'function' ? gradioApp() : document;"
+# A1111, Forge and SD.Next all give their txt2img prompt box and steps slider these ids (inside
+# gradioApp()'s root); the slider's number field holds its value. Unreadable: what Explain has.
+TAKE_PROMPT_JS = ("(prompt, steps) => { const root = typeof gradioApp === 'function' ?"
+                  " gradioApp() : document;"
                   " const box = root.querySelector('#txt2img_prompt textarea');"
-                  " return box ? box.value : ''; }")
+                  " const n = root.querySelector('#txt2img_steps input[type=number]');"
+                  " const k = n ? parseInt(n.value, 10) : NaN;"
+                  " return [box ? box.value : prompt, k >= 1 ? k : steps]; }")
 
 
 def build(store: MaskStore, context: Callable[[int], CompileContext],
           last_image: Callable[[], Optional[object]] = lambda: None,
-          settings: Optional[Settings] = None, prompt_source=None):
+          settings: Optional[Settings] = None, prompt_source=None, steps_source=None):
     """The tab's contents, inside the caller's gr.Blocks / gr.Tab; `settings`: a Settings
     panel for hosts without a settings page of their own (the standalone page);
-    `prompt_source`: the generation's prompt box, for Explain's "take the prompt" button."""
+    `prompt_source`, `steps_source`: the generation's prompt box and steps, for Explain's
+    "take the prompt" button (a WebUI's are read in the browser)."""
     import gradio as gr
 
     def readable():
@@ -149,13 +154,14 @@ def build(store: MaskStore, context: Callable[[int], CompileContext],
         chosen.change(preview, [chosen], [shown])
     with gr.Tab("Explain"):
         prompt = gr.Textbox(label="Prompt to explain", lines=3, elem_id="netweave_explain_prompt")
-        take = gr.Button("Take the txt2img prompt", elem_id="netweave_take_prompt")
+        take = gr.Button("Take the txt2img prompt and steps", elem_id="netweave_take_prompt")
+        steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="netweave_explain_steps")
         if prompt_source is not None:
-            take.click(lambda text: text, [prompt_source], [prompt])
+            take.click(lambda text, n: (text, n), [prompt_source, steps_source or steps],
+                       [prompt, steps])
         else:  # a WebUI's tab cannot wire to its txt2img box: read the box in the browser
             js = "js" if int(gr.__version__.split(".")[0]) >= 4 else "_js"
-            take.click(None, [], [prompt], **{js: TAKE_PROMPT_JS})
-        steps = gr.Slider(1, 150, value=20, step=1, label="Steps")
+            take.click(None, [prompt, steps], [prompt, steps], **{js: TAKE_PROMPT_JS})
         go = gr.Button("Explain", elem_id="netweave_explain")
         table = gr.Textbox(label="Plan", lines=12, elem_id="netweave_plan")
         problems = gr.Textbox(label="Problems", lines=3, elem_id="netweave_explain_errors")

@@ -7,9 +7,12 @@
 (function () {
     "use strict";
 
+    // A1111/Forge/SD.Next's boxes (SD.Next's Control tab: control_*), the standalone page's
     var PROMPTS = ["#txt2img_prompt textarea", "#img2img_prompt textarea",
         "#txt2img_neg_prompt textarea", "#img2img_neg_prompt textarea",
-        "#txt2img_hr_prompt textarea", "#netweave_prompt textarea"];
+        "#txt2img_hr_prompt textarea", "#txt2img_hr_neg_prompt textarea",
+        "#control_prompt textarea", "#control_neg_prompt textarea",
+        "#netweave_prompt textarea"];
     var API = "/netweave/v1";
     var DEBOUNCE_MS = 400;
     var cache = {};
@@ -74,8 +77,9 @@
     }
 
     // ---- the completion list ----------------------------------------------------------------
-    function List(textarea) {
+    function List(textarea, below) {
         this.textarea = textarea;
+        this.below = below;  // the problems box: the list opens under it, never over it
         this.el = document.createElement("ul");
         this.el.className = "netweave-complete";
         this.el.setAttribute("role", "listbox");
@@ -106,11 +110,16 @@
             li.addEventListener("mousedown", function (e) { e.preventDefault(); self.pick(i); });
             self.el.appendChild(li);
         });
-        var box = this.textarea.getBoundingClientRect();
-        this.el.style.left = (window.scrollX + box.left) + "px";
-        this.el.style.top = (window.scrollY + box.bottom) + "px";
         this.el.style.display = "block";
+        this.place();
         this.mark();
+    };
+
+    List.prototype.place = function () {  // again whenever the problems box changes size
+        var box = this.textarea.getBoundingClientRect();
+        var bottom = Math.max(box.bottom, this.below.getBoundingClientRect().bottom);
+        this.el.style.left = (window.scrollX + box.left) + "px";
+        this.el.style.top = (window.scrollY + bottom) + "px";
     };
 
     List.prototype.mark = function () {
@@ -149,12 +158,14 @@
         var box = document.createElement("div");
         box.className = "netweave-problems";
         box.setAttribute("role", "status");
-        box.style.cssText = "color:var(--error-text-color,#c00);font-size:85%;white-space:pre-wrap";
+        // monospace: the caret line under a snippet points at its column
+        box.style.cssText = "color:var(--error-text-color,#c00);font-size:85%;white-space:pre-wrap;" +
+            "font-family:var(--font-mono,ui-monospace,monospace)";
         textarea.parentNode.insertBefore(box, textarea.nextSibling);
         return box;
     }
 
-    function validate(textarea, box) {
+    function validate(textarea, box, shown) {
         var text = textarea.value;
         if (!/<(lora|lyco|loractl|model):/i.test(text)) {
             box.textContent = "";
@@ -172,6 +183,7 @@
                     return "column " + e.column + ": " + e.message + "\n" + e.snippet;
                 }).join("\n");
                 box.dataset.checked = text;  // which text the box speaks for (tests wait on it)
+                shown();
                 if (errors.some(function (e) { return e.severity === "error"; })) {
                     textarea.setAttribute("aria-invalid", "true");
                 } else {
@@ -185,8 +197,8 @@
     function attach(textarea) {
         if (textarea.dataset.netweave) { return; }
         textarea.dataset.netweave = "1";
-        var list = new List(textarea);
         var box = problemsBox(textarea);
+        var list = new List(textarea, box);
         var timer = null;
 
         function complete() {
@@ -201,9 +213,15 @@
         }
 
         textarea.addEventListener("input", function () {
+            if (textarea.value !== box.dataset.checked) {  // it spoke of the text before
+                box.textContent = "";
+                textarea.removeAttribute("aria-invalid");
+            }
             complete();
             clearTimeout(timer);
-            timer = setTimeout(function () { validate(textarea, box); }, DEBOUNCE_MS);
+            timer = setTimeout(function () {
+                validate(textarea, box, function () { if (list.open()) { list.place(); } });
+            }, DEBOUNCE_MS);
         });
         textarea.addEventListener("keydown", function (e) {
             if (!list.open() || e.ctrlKey || e.metaKey || e.altKey) { return; }

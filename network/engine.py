@@ -162,6 +162,7 @@ class Engine:
         self.plans: List[Plan] = []
         self.entries: List[Entry] = []
         self.errors: List[str] = []
+        self.applied: Tuple[Tuple[str, str], ...] = ()  # (kind, name) of the networks loaded
         self.merges = 0  # layers merged so far (benchmarks and tests read it)
         self.runtime = Runtime(self)
         self._slots: Dict[Target, _Slot] = {}
@@ -173,10 +174,33 @@ class Engine:
         self._segments: Dict[Tuple[str, int], List[Segment]] = {}
 
     # ---- public ----------------------------------------------------------------------
-    def activate(self, plan) -> List[str]:
+    def configure(self, *, cache_bytes: Optional[int] = None,
+                  pristine_on_cpu: Optional[bool] = None) -> None:
+        """The user's settings, which may change between generations: the network cache's
+        size, and where new pristine copies go."""
+        if cache_bytes is not None:
+            self.cache.max_bytes = int(cache_bytes)
+        if pristine_on_cpu is not None:
+            self.pristine_on_cpu = bool(pristine_on_cpu)
+
+    def set_latent(self, latent: Tuple[int, int]) -> None:
+        """The latent (h, w) of the coming UNet calls: the hires pass's, after an upscale."""
+        self.latent = tuple(int(v) for v in latent)
+
+    def activate(self, plan, *, latent: Optional[Tuple[int, int]] = None,
+                 batch: Optional[int] = None,
+                 masks: Optional[Mapping[str, object]] = None) -> List[str]:
         """Load the networks of a plan — or of one plan per prompt of the batch — and merge
-        them at (base, step 0). Returns the problems (a missing or bad file, or a missing
-        mask, skips its network; the generation goes on)."""
+        them at (base, step 0). `latent` (h, w), `batch` (UNet rows) and `masks` (name →
+        image) describe this generation; each left out keeps the last one given. Returns the
+        problems (a missing or bad file, or a missing mask, skips its network; the generation
+        goes on); `errors` holds them, and those found while sampling."""
+        if latent is not None:
+            self.set_latent(latent)
+        if batch is not None:
+            self.batch = int(batch)
+        if masks is not None:
+            self.masks = masks
         plans = [plan] if isinstance(plan, Plan) else list(plan)
         for p in plans:
             if BLOCKS[p.arch] != BLOCKS[self.arch]:  # the host compiled for another model
@@ -213,13 +237,17 @@ class Engine:
         self.entries = entries
         self._guarded(self._switch, slots, units)
         self.plan, self.plans, self.errors, self._segments = plans[0], plans, errors, {}
+        self.applied = tuple(dict.fromkeys((entries[i].net.kind, entries[i].net.name)
+                                           for i in sorted(loaded)))
         self._changes = {phase: _change_steps(self._unet_slots(), phase) for phase in PHASES}
         try:
             self._guarded(self._merge_where_changed, "base", 0, list(self._slots.values()))
         except MergeOverflow as exc:  # everything is restored: again without that network
             e = entries[exc.contribution.network]
-            return errors + [f"{e.net.kind}:{e.net.name}: left out: {exc}"] + \
+            errors = errors + [f"{e.net.kind}:{e.net.name}: left out: {exc}"] + \
                 self.activate(_without(plans, e))
+            self.errors = list(errors)
+            return errors
         self._phase_step = ("base", 0)
         return errors
 
@@ -302,7 +330,7 @@ class Engine:
     def deactivate(self) -> None:
         """Every weight back to its pristine bits; all patches dropped."""
         self._restore_all()
-        self.plan, self.plans, self._phase_step = None, [], None
+        self.plan, self.plans, self._phase_step, self.applied = None, [], None, ()
         self.runtime.reset()
         self.runtime.set_rows(None)
 

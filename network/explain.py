@@ -2,7 +2,7 @@
 (one panel per network, grouped by region; rows are components and blocks, columns steps)."""
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -87,6 +87,15 @@ def explain_table(plan: Plan) -> str:
 
 # ---- heatmap -------------------------------------------------------------------------
 CELL_H, LABEL_W, TITLE_H, PAD = 12, 92, 16, 8
+CHAR_W = 6  # PIL's default bitmap font
+
+
+def _text_w(text: str) -> int:
+    return CHAR_W * len(text)
+
+
+def _pass_label(p, n) -> str:
+    return f"hires 1-{p.steps}" if p is n.hires else f"steps 1-{p.steps}"
 
 
 def _colour(values: np.ndarray, scale: float) -> np.ndarray:
@@ -99,39 +108,46 @@ def _colour(values: np.ndarray, scale: float) -> np.ndarray:
     return rgb.astype(np.uint8)
 
 
-def heatmap(plan: Plan) -> Image.Image:
-    """One panel per network (base pass, then hires to its right), sorted by region."""
-    order = sorted(plan.networks, key=lambda n: "" if n.region is None else format_region(n.region))
-    passes = [[p for p in (n.base, n.hires) if p is not None] for n in order]
+def heatmap(plan: Plan, texts: Optional[list] = None) -> Image.Image:
+    """One panel per network in the table's order (base pass, then hires to its right): its
+    title on one line, each pass's step label on the next, then the blocks' rows. `texts`,
+    when given, receives every ((x, y), text) drawn (tests check none is clipped)."""
+    passes = [[p for p in (n.base, n.hires) if p is not None] for n in plan.networks]
     all_rows = [[_rows(plan, p) for p in ps] for ps in passes]
     scale = max([1.0] + [float(np.abs(v).max()) for rs in all_rows for r in rs for _, v in r])
     cell_w = max(4, min(24, 480 // plan.steps))
-    width = max([420] + [LABEL_W + 2 * PAD + sum(p.steps * cell_w + PAD for p in ps)
-                         for ps in passes])
-    heights = [TITLE_H + max(len(r) for r in rs) * CELL_H + PAD for rs in all_rows]
+    widths = [[max(p.steps * cell_w, _text_w(_pass_label(p, n))) for p in ps]
+              for n, ps in zip(plan.networks, passes)]
+    width = max([420] + [LABEL_W + 2 * PAD + sum(w + PAD for w in ws) for ws in widths]
+                + [2 * PAD + _text_w(_title(n)) for n in plan.networks])
+    heights = [2 * TITLE_H + max(len(r) for r in rs) * CELL_H + PAD for rs in all_rows]
     height = PAD + sum(heights) + 40
     img = Image.new("RGB", (width, height), (250, 250, 250))
     draw = ImageDraw.Draw(img)
+    said = texts if texts is not None else []
+
+    def text(xy, words, fill=(40, 40, 40)):
+        said.append((xy, words))
+        draw.text(xy, words, fill=fill)
     y = PAD
-    for n, ps, rs, h in zip(order, passes, all_rows, heights):
-        draw.text((PAD, y), _title(n)[: width // 6], fill=(20, 20, 20))
+    for n, ps, rs, ws, h in zip(plan.networks, passes, all_rows, widths, heights):
+        text((PAD, y), _title(n), fill=(20, 20, 20))
         x = PAD + LABEL_W
-        for p, rows in zip(ps, rs):
+        for p, rows, w in zip(ps, rs, ws):
             grid = _colour(np.stack([v for _, v in rows]), scale)
             cells = np.repeat(np.repeat(grid, CELL_H, axis=0), cell_w, axis=1)
-            img.paste(Image.fromarray(cells), (x, y + TITLE_H))
-            label = f"hires 1-{p.steps}" if p is n.hires else f"steps 1-{p.steps}"
-            draw.text((x + p.steps * cell_w - 6 * len(label), y), label, fill=(90, 90, 90))
-            x += p.steps * cell_w + PAD
+            img.paste(Image.fromarray(cells), (x, y + 2 * TITLE_H))
+            text((x, y + TITLE_H), _pass_label(p, n), fill=(90, 90, 90))
+            x += w + PAD
         for j, (name, _) in enumerate(rs[0]):
-            draw.text((PAD, y + TITLE_H + j * CELL_H), name.replace("–", "-"), fill=(40, 40, 40))
+            text((PAD, y + 2 * TITLE_H + j * CELL_H), name.replace("–", "-"))
         y += h
     # legend: -scale … 0 … +scale
     bar = _colour(np.linspace(-scale, scale, 200)[None, :], scale)
     img.paste(Image.fromarray(np.repeat(bar, 10, axis=0)), (PAD + LABEL_W, y + 4))
-    draw.text((PAD, y + 2), "strength", fill=(40, 40, 40))
+    text((PAD, y + 2), "strength")
     for frac, v in ((0, -scale), (0.5, 0.0), (1, scale)):
-        draw.text((PAD + LABEL_W + int(frac * 190), y + 16), _num(v), fill=(40, 40, 40))
+        text((PAD + LABEL_W + int(frac * 190), y + 16), _num(v))
     if not plan.networks:
-        draw.text((PAD, PAD), "no networks", fill=(40, 40, 40))
+        text((PAD, PAD), "no networks")
     return img

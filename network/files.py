@@ -11,6 +11,7 @@ are refused without being unpickled: unpickling runs code from the file.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -441,6 +442,27 @@ def content_stamp(path: str) -> Optional[Stamp]:
     except (OSError, NetworkFileError):
         return None
     return tuple(stamps)
+
+
+def tensor_data_hash(path: str) -> str:
+    """SHA-256 (hex) of a network or checkpoint's tensor data: for a .safetensors file the
+    bytes after its header, metadata excluded — the "addnet" hash A1111, Forge and SD.Next
+    write to `Lora hashes` (first 12 characters) and Civitai indexes; for a diffusers folder,
+    the hash of its component files' hashes in order."""
+    files = checkpoint_files(path)
+    if len(files) > 1 or os.path.isdir(path):
+        return hashlib.sha256("".join(tensor_data_hash(f) for f, _ in files)
+                              .encode("ascii")).hexdigest()
+    digest = hashlib.sha256()
+    with _open_regular_file(path) as f:
+        header_len, _ = _read_header(path, f, os.fstat(f.fileno()).st_size)
+        f.seek(8 + header_len)
+        try:
+            for chunk in iter(lambda: f.read(2 ** 20), b""):
+                digest.update(chunk)
+        except OSError as e:
+            raise NetworkFileError(path, f"the file cannot be read ({e.strerror})") from e
+    return digest.hexdigest()
 
 
 def _parse_metadata(raw: Dict[str, str]) -> dict:

@@ -7,8 +7,9 @@ where strength holds S_c(k)·W(k) (schedule times window) and blocks holds B_b(k
 """
 from __future__ import annotations
 
+import difflib
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import FrozenSet, Mapping, Optional, Tuple
 
 import numpy as np
@@ -39,7 +40,8 @@ class CompileContext:
     default_interp: Optional[str] = None  # a setting; None: step for lora/lyco/model, linear for loractl
     presets: Mapping[str, str] = field(default_factory=dict)  # user lbw presets, NAME -> "v,v,..."
     masks: Optional[FrozenSet[str]] = None  # mask names the host has; None: not checked
-    networks: Optional[FrozenSet[str]] = None  # network names the host has; None: not checked
+    networks: Optional[FrozenSet[str]] = None  # lora/lyco/loractl names the host has; None: not checked
+    models: Optional[FrozenSet[str]] = None  # <model:> checkpoint names the host has; None: not checked
     strict: bool = False  # warnings become errors
 
     def __post_init__(self):
@@ -161,10 +163,46 @@ def compile_parsed(parsed: Prompt, source: str, ctx: CompileContext) -> Plan:
     return Plan(parsed.text, ctx.arch, ctx.steps, ctx.hires_steps, tuple(networks), tuple(errors))
 
 
+def with_hires_prompt(main: Plan, hires: Plan) -> Plan:
+    """The plan of a generation whose hires pass has a prompt of its own (the WebUIs' hires
+    prompt), as the hosts apply it: the hires pass takes its networks from that prompt, each
+    with its own hires strengths (`hr*` keys, else its curves). A network of the main prompt
+    the hires prompt does not name acts in the hires pass only where its tag says how, with
+    `hr*` keys; the rest stop after the base pass. Hires prompt tags equal to the main
+    prompt's (the host copies the prompt when the field is empty) change nothing."""
+    if main.hires_steps is None or hires.hires_steps != main.hires_steps:
+        raise ValueError("both plans need the same hires steps")
+    if [format_tag(n.tag) for n in hires.networks] == [format_tag(n.tag) for n in main.networks]:
+        return replace(main, errors=main.errors + _hires_errors(main, hires))
+    named = {(n.kind, n.name) for n in hires.networks}
+    kept = tuple(n if (n.kind, n.name) not in named and _says_hires(n.tag)
+                 else replace(n, hires=_off(n.hires)) for n in main.networks)
+    added = tuple(replace(n, base=_off(n.base)) for n in hires.networks)
+    return replace(main, networks=kept + added,
+                   errors=main.errors + _hires_errors(main, hires))
+
+
+def _says_hires(tag: Tag) -> bool:
+    return any(v is not None for v in (tag.hr, tag.hrte, tag.hrunet))
+
+
+def _off(p: PassPlan) -> PassPlan:
+    return replace(p, strength={c: np.zeros_like(v) for c, v in p.strength.items()})
+
+
+def _hires_errors(main: Plan, hires: Plan) -> Tuple[Diagnostic, ...]:
+    """The hires prompt's problems, said to be its own (their columns count in that prompt)."""
+    seen = {(e.message, e.column) for e in main.errors}
+    return tuple(replace(e, message=f"hires prompt: {e.message}") for e in hires.errors
+                 if (e.message, e.column) not in seen)
+
+
 def _check(tag: Tag, ctx: CompileContext, problem) -> None:
     arch = ARCH_TITLES[ctx.arch]
-    if ctx.networks is not None and tag.name not in ctx.networks:
-        problem("name", f"no {tag.kind} network named '{tag.name}' was found")
+    known = ctx.models if tag.kind == "model" else ctx.networks
+    if known is not None and tag.name not in known:
+        problem("name", f"no {tag.kind} network named '{tag.name}' was found"
+                + _did_you_mean(tag.name, known))
     blocks = BLOCKS[ctx.arch]
     for name, _ in tag.blocks:
         if name not in blocks:
@@ -177,7 +215,13 @@ def _check(tag: Tag, ctx: CompileContext, problem) -> None:
     if tag.region is not None and ctx.masks is not None:
         missing = sorted(region_masks(tag.region) - ctx.masks)
         if missing:
-            problem("region", "no mask named " + ", ".join(f"'{m}'" for m in missing))
+            problem("region", "no mask named " + ", ".join(f"'{m}'" for m in missing)
+                    + _did_you_mean(missing[0], ctx.masks))
+
+
+def _did_you_mean(name: str, known: FrozenSet[str]) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else ""
 
 
 def region_masks(region: Region) -> FrozenSet[str]:

@@ -6,6 +6,7 @@ another place is the same tag.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Optional, Tuple, Union
 
 KINDS = ("lora", "lyco", "loractl", "model")
@@ -130,6 +131,18 @@ class Tag:
         return self.span[0] + 1
 
 
+class Severity(str, Enum):
+    """How bad a problem is: an error skips its tag (or network); a warning ignores one item."""
+
+    ERROR = "error"
+    WARNING = "warning"
+
+    def __str__(self) -> str:  # Python 3.10's WebUIs and 3.11+ format it alike
+        return self.value
+
+    __format__ = str.__format__
+
+
 @dataclass(frozen=True)
 class Diagnostic:
     """A problem in the prompt. "error": the tag is skipped; "warning": the item is ignored."""
@@ -137,11 +150,14 @@ class Diagnostic:
     message: str
     column: int  # 1-based character offset in the whole prompt
     snippet: str  # the tag text and a caret line under the column
-    severity: str = "error"
+    severity: Severity = Severity.ERROR
+
+    def __post_init__(self):
+        object.__setattr__(self, "severity", Severity(self.severity))
 
     def to_dict(self) -> dict:
         return {"message": self.message, "column": self.column, "snippet": self.snippet,
-                "severity": self.severity}
+                "severity": self.severity.value}
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ if importlib.util.find_spec("modules") is not None and \
         importlib.util.find_spec("modules.scripts") is not None:
     # inside a WebUI, which picks up the Script subclasses this module holds
     if importlib.util.find_spec("modules.processing_diffusers") is not None:  # SD.Next
-        from netweave.extension.sdnext import NetWeaveScript  # noqa: E402,F401
+        from netweave.extension.webui.sdnext import NetWeaveScript  # noqa: E402,F401
     elif importlib.util.find_spec("backend") is not None and \
             importlib.util.find_spec("backend.memory_management") is not None:  # Forge 2
-        from netweave.extension.forge import NetWeaveScript  # noqa: E402,F401
+        from netweave.extension.webui.forge import NetWeaveScript  # noqa: E402,F401
     else:  # A1111
-        from netweave.extension.a1111 import NetWeaveScript  # noqa: E402,F401
+        from netweave.extension.webui.a1111 import NetWeaveScript  # noqa: E402,F401

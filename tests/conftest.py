@@ -13,7 +13,7 @@ def repo_root():
 @pytest.fixture(scope="session")
 def netdir(tmp_path_factory):
     """Networks for both tiny SD1 and SDXL trees: {name: path}."""
-    from netweave.network.synthetic import write_network
+    from netweave.devtools.synthetic import write_network
     from tinymodels import ldm_trees
     root = tmp_path_factory.mktemp("loras")
     for arch in ("sd1", "sdxl"):

@@ -262,7 +262,7 @@ def fuzz_files(n, seed):
     """Damaged network files of several formats through the whole load path (header checks,
     tensor reads, algorithm detection, shapes against the model): a loaded network, or a
     NetworkFileError that names the file."""
-    from netweave.network.synthetic import write_network
+    from netweave.devtools.synthetic import write_network
 
     rng = random.Random(seed)
     trees = _tiny_trees()
@@ -416,7 +416,7 @@ class ApiTarget:
         from helpers import standalone_host
         from soak import snapshot
 
-        from netweave.extension.server import build_app
+        from netweave.extension.standalone.server import build_app
 
         host, library, self.masks = standalone_host(root)
         self.trees = host.model.trees()

@@ -23,13 +23,13 @@ def series(values):
 def standalone_host(root):
     """The standalone host on the tiny default model with its demo networks under `root`:
     (host, library, masks)."""
-    from netweave.extension.diffusers_host import DiffusersHost
+    from netweave.extension.standalone.host import DiffusersHost
     from netweave.extension.library import Library
     from netweave.extension.masks import MaskStore
-    from netweave.extension.models import tiny_library, tiny_model
+    from netweave.extension.standalone.models import tiny_library, tiny_model
 
     model = tiny_model()
     loras, models = tiny_library(model, str(root / "demo"))
-    library = Library([loras], [models])
+    library = Library([loras], [models], base=str(root))  # messages name folders from root
     masks = MaskStore(str(root / "masks"))
     return DiffusersHost(model, library, masks), library, masks

@@ -22,7 +22,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers import standalone_host  # noqa: E402
 
-from netweave.extension.diffusers_host import Interrupted, Request  # noqa: E402
+from netweave.extension.standalone.host import Interrupted, Request  # noqa: E402
 
 NAMES = ["demo_style", "demo_texture", "demo_style", "typo_name"]
 REGIONS = ["left", "right", "top&!left", "rest", "half", "half*0.5+bottom", "nosuchmask", "!("]

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "a1111_host"))
 from modules import extra_networks, paths, processing, script_callbacks, scripts, shared  # noqa: E402
 
 import builtin_lora  # noqa: E402
-from netweave.network.synthetic import write_network  # noqa: E402
+from netweave.devtools.synthetic import write_network  # noqa: E402
 from tinymodels import TE1_WIDTH, TE2_WIDTH, OpenCLIPText, Wrapper, ldm_unet  # noqa: E402
 
 sys.modules.setdefault("networks", builtin_lora.networks)  # the built-in's module name
@@ -86,7 +86,7 @@ def host(tmp_path_factory):
                   scale=0.5, components=("te1",))
     # A1111's start-up: scripts load (our callbacks register), then the registry is cleared
     # and the built-in registers "lora" in before_ui
-    from netweave.extension import a1111
+    from netweave.extension.webui import a1111
     extra_networks.initialize()
     builtin = builtin_lora.ExtraNetworkLora()
     script_callbacks.on_before_ui(lambda: extra_networks.register_extra_network(builtin))
@@ -95,7 +95,7 @@ def host(tmp_path_factory):
 
 
 def generate(prompt, enabled=True, options="", record=None, **kw):
-    from netweave.extension import a1111
+    from netweave.extension.webui import a1111
     runner = scripts.ScriptRunner([a1111.NetWeaveScript()])
     p = processing.StableDiffusionProcessingTxt2Img(
         prompt=prompt, script_args=[enabled, options], scripts=runner, **kw)
@@ -215,9 +215,9 @@ def test_ui_twice_and_api_inline_masks(host):
     Image.fromarray(np.tile(np.array([255, 0], np.uint8).repeat(32), (64, 1))).save(buf, "PNG")
     options = {"masks": {"half": base64.b64encode(buf.getvalue()).decode()}}
     out, _ = generate("a <lora:style:1:region=half>", options=options)
-    assert "NetWeave masks: half:" in out.infotexts[0] and "NetWeave errors" not in out.infotexts[0]
+    assert "NetWeave masks: \"half:" in out.infotexts[0] and "NetWeave errors" not in out.infotexts[0]
     out, _ = generate("a <lora:style:1:region=half>", options={"masks": {"../x": "AAAA"}})
-    assert "NetWeave errors: masks:" in out.infotexts[0] and len(out.images) == 1
+    assert "NetWeave errors: \"error: masks:" in out.infotexts[0] and len(out.images) == 1
 
 
 def test_routes_are_added_when_the_app_starts(host):
@@ -316,7 +316,7 @@ def test_swapped_conditioning_keeps_prompt_editing_and_the_hires_prompt(host):
     kw = dict(steps=2, enable_hr=True, hr_second_pass_steps=2, hr_prompt="a cat")
     out, seen = generate("a fox <lora:words:te=0@0,1@0.5:hrte=1:unet=0>", **kw)
     assert "NetWeave errors" not in out.infotexts[0]
-    _, ref = generate("a fox <lora:words:te=1:unet=0>", **kw)
+    _, ref = generate("a fox <lora:words:te=1:hrte=1:unet=0>", **kw)
     hires, ref_hires = _rows(seen, hr=True), _rows(ref, hr=True)
     assert len(hires) == 2 and torch.allclose(hires[0][0], ref_hires[0][0], atol=1e-6)
     assert not torch.allclose(hires[0][0], _rows(ref)[0][0], atol=1e-3)  # "a cat", not "a fox"
@@ -369,6 +369,113 @@ class SDXLModel(torch.nn.Module):
         return self.model.diffusion_model(x, t, context=cond["crossattn"], y=cond["vector"])
 
 
+def a1111_engine():
+    from netweave.extension.webui import a1111
+    return a1111.ADAPTER.engine
+
+
+def _addnet_hash(path) -> str:
+    """A1111's `Lora hashes` entry, computed here from its definition: SHA-256 of the bytes
+    after the safetensors header, first 12 hex digits."""
+    import hashlib
+    data = open(path, "rb").read()
+    n = int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[8 + n:]).hexdigest()[:12]
+
+
+def test_the_hires_prompt_brings_its_own_networks(host):
+    """Issue 16 item 1: tags in the hires prompt drive the hires pass, as the host's own Lora
+    does; a main-prompt tag's hr keys still say its hires strength."""
+    kw = dict(steps=2, enable_hr=True, hr_second_pass_steps=2)
+    tagged, seen = generate("a fox", hr_prompt="a fox <lora:style:1>", **kw)
+    plain, seen_plain = generate("a fox", hr_prompt="a fox", **kw)
+    by_key, _ = generate("a fox <lora:style:0:hr=1>", **kw)  # empty hires prompt: the prompt
+    assert "NetWeave errors" not in tagged.infotexts[0]
+    # the hires conds are encoded with the network's text-encoder part, the base ones without
+    assert torch.equal(_rows(seen)[0][0], _rows(seen_plain)[0][0])
+    assert not torch.allclose(_rows(seen, hr=True)[0][0], _rows(seen_plain, hr=True)[0][0],
+                              atol=1e-4)
+    assert not torch.allclose(tagged.images[0], plain.images[0], atol=1e-4)
+    assert torch.allclose(tagged.images[0], by_key.images[0], atol=1e-5)
+    # a hires prompt without tags ends the main prompt's networks after the base pass, unless
+    # their own hr keys say otherwise
+    base_only, _ = generate("a fox <lora:style:1>", hr_prompt="a fox", **kw)
+    kept, _ = generate("a fox <lora:style:1:hr=1>", hr_prompt="a fox", **kw)
+    everywhere, _ = generate("a fox <lora:style:1>", **kw)
+    assert not torch.allclose(base_only.images[0], everywhere.images[0], atol=1e-4)
+    assert torch.allclose(kept.images[0], everywhere.images[0], atol=1e-5)
+    # its problems are said, as the hires prompt's
+    bad, _ = generate("a fox", hr_prompt="a fox <lora:nope:1>", **kw)
+    assert "hires prompt" not in bad.infotexts[0]  # a missing file is the engine's to say
+    assert "no lora named 'nope'" in bad.infotexts[0]
+
+
+def test_the_infotext_has_lora_hashes_as_a1111_writes_them(host):
+    """Issue 16 item 2: `Lora hashes: "name: addnet12, …"` for the networks applied."""
+    a1111, _, root = host
+    out, _ = generate("a fox <lora:style:0.5> <lora:texture:0.3> <lora:nope:1>")
+    style, texture = (_addnet_hash(root / "Lora" / f"{n}.safetensors") for n in ("style", "texture"))
+    assert f'Lora hashes: "style: {style}, texture: {texture}"' in out.infotexts[0]
+    none, _ = generate("a fox")
+    assert "Lora hashes" not in none.infotexts[0]
+
+
+def test_a_problem_found_while_sampling_reaches_the_infotext(host, capsys):
+    """Issue 16 item 4: a regional network on the time-embedding MLP (no image grid) is left
+    out there at the first UNet call; the user is told, in the infotext and the console."""
+    a1111, _, root = host
+    trees = {"unet": shared.sd_model.model.diffusion_model}
+    write_network(root / "Lora" / "timed.safetensors", trees, "lora", "kohya", "sd1", seed=4,
+                  scale=0.2, components=("unet",),
+                  select=lambda t: "time_embed" in t.path or "attn2.to_q" in t.name)
+    out, _ = generate("a fox <lora:timed:1:region=left>")
+    assert "no image grid" in out.infotexts[0], out.infotexts[0]
+    assert any("no image grid" in line for line in capsys.readouterr().err.splitlines())
+
+
+def test_the_hires_pass_finds_its_regions_on_the_upscaled_latent(host):
+    """Issue 16 item 4 as the real A1111 showed it: the hires pass samples a latent twice the
+    size; a regional network must find its grid there on every layer, not be left out."""
+    out, seen = generate("a fox <lora:style:1:region=left>", steps=2, enable_hr=True,
+                         hr_second_pass_steps=2)
+    assert "NetWeave errors" not in out.infotexts[0], out.infotexts[0]
+    assert any(hr for _, hr, *_ in seen)
+    assert a1111_engine().latent == (16, 16)  # 64 px × hr_scale 2 / 8
+
+
+def test_messages_never_carry_the_servers_folders(host):
+    """Issue 16 item 5: folders are named relative to the WebUI (or by their kind)."""
+    a1111, _, root = host
+    out, _ = generate("a fox <lora:nope:1>")
+    assert "no lora named 'nope'" in out.infotexts[0]
+    assert str(root) not in out.infotexts[0] and os.path.realpath(root) not in out.infotexts[0]
+    saved = getattr(paths, "script_path", None)
+    paths.script_path = str(root)  # the WebUI's folder: the Lora folder inside it
+    try:
+        out, _ = generate("a fox <lora:nope:1>")
+    finally:
+        paths.script_path = saved
+    assert "in Lora" in out.infotexts[0] and str(root) not in out.infotexts[0]
+
+
+def test_strict_tags_make_a_warning_an_error_the_user_sees(host):
+    """Issue 16 item 6: with strict tags an unknown key is an error: the tag is not applied,
+    and the infotext says `error:`; without, a warning and the tag applies."""
+    plain, _ = generate("a fox")
+    saved = dict(shared.opts.data)
+    try:
+        shared.opts.data["netweave_strict"] = True
+        strict, _ = generate("a fox <lora:style:1:fooo=1>")
+    finally:
+        shared.opts.data.clear()
+        shared.opts.data.update(saved)
+    lenient, _ = generate("a fox <lora:style:1:fooo=1>")
+    assert torch.equal(strict.images[0], plain.images[0])
+    assert "error: unknown key 'fooo'" in strict.infotexts[0]
+    assert not torch.allclose(lenient.images[0], plain.images[0], atol=1e-4)
+    assert "warning: unknown key 'fooo'" in lenient.infotexts[0]
+
+
 @pytest.fixture(scope="module")
 def sdxl(host):
     a1111, _, root = host
@@ -415,7 +522,7 @@ def test_sdxl_regional_text_encoder_network_and_neg(sdxl):
     prompt = "a fox <lora:xl_words:1:region=xl_left:unet=0> <lora:xl_style:0.5:neg=0>"
     out, seen = generate(prompt, negative_prompt="blurry", steps=2)
     assert len(out.images) == 1 and "NetWeave errors" not in out.infotexts[0]
-    assert "NetWeave masks: xl_left:" in out.infotexts[0]
+    assert "NetWeave masks: \"xl_left:" in out.infotexts[0]
     # the cross-attention gets the host's crossattn rows outside the region and the network's
     # own encoding of the prompt inside it (the uncond rows are the negative's, unchanged)
     base, variants = a1111.ADAPTER.engine.runtime.text
@@ -441,7 +548,7 @@ def test_an_invalid_setting_keeps_its_default_alone_and_says_so(host, capsys):
     try:
         shared.opts.data.update(netweave_enabled=False, netweave_cache_mb="lots",
                                 netweave_interp="wobbly", netweave_strict=True)
-        from netweave.extension.webui import settings
+        from netweave.extension.webui.common import settings
         s = settings()
         assert (s.enabled, s.strict) == (False, True)  # the valid ones apply
         assert (s.cache_mb, s.interp) == (1024, "by kind")  # the invalid ones: their defaults
@@ -451,3 +558,4 @@ def test_an_invalid_setting_keeps_its_default_alone_and_says_so(host, capsys):
     finally:
         shared.opts.data.clear()
         shared.opts.data.update(saved)
+

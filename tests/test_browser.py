@@ -19,7 +19,7 @@ def url(tmp_path_factory):
     import uvicorn
 
     from helpers import standalone_host
-    from netweave.extension.server import build_app
+    from netweave.extension.standalone.server import build_app
 
     host, library, _ = standalone_host(tmp_path_factory.mktemp("page"))
     with socket.socket() as s:
@@ -92,9 +92,34 @@ def test_a_broken_tag_shows_its_message_without_blocking_typing(page, tmp_path):
     shot(page, "validation.png", tmp_path)
     box.fill("")
     box.type("a fox <lora:demo_style:0.5>")
-    page.wait_for_function("document.querySelector('.netweave-problems').textContent === ''",
-                           timeout=10000)
+    page.wait_for_function("document.querySelector('.netweave-problems').dataset.checked === "
+                           "'a fox <lora:demo_style:0.5>'", timeout=10000)
+    assert problems.text_content() == ""
     assert box.get_attribute("aria-invalid") is None
+
+
+def test_the_message_is_monospace_goes_stale_at_once_and_the_list_opens_below_it(page):
+    """Issue 16 item 11: the caret under a snippet lines up (monospace); a message about the
+    text before a keystroke goes at that keystroke; the completion list never covers it."""
+    box = page.locator("#netweave_prompt textarea")
+    box.fill("")
+    box.type("a <lora:demo_style:te=> <lora:demo_s")
+    page.wait_for_function("document.querySelector('.netweave-problems').textContent"
+                           ".includes('column')", timeout=10000)
+    font = page.evaluate("getComputedStyle(document.querySelector('.netweave-problems'))"
+                         ".fontFamily")
+    assert "mono" in font.lower(), font
+    page.locator(".netweave-complete li", has_text="demo_style").wait_for(state="visible")
+    geometry = page.evaluate("""() => {
+        const list = [...document.querySelectorAll('.netweave-complete')]
+            .find((el) => el.style.display === 'block');
+        const problems = document.querySelector('.netweave-problems');
+        return [list.getBoundingClientRect().top, problems.getBoundingClientRect().bottom];
+    }""")
+    assert geometry[0] >= geometry[1] - 1, geometry
+    box.press("Escape")
+    box.type("t")  # the message spoke of the text before: gone now, not after the debounce
+    assert page.evaluate("document.querySelector('.netweave-problems').textContent") == ""
 
 
 def test_generate_shows_the_image(page, tmp_path):
@@ -145,6 +170,8 @@ def test_draw_a_mask_and_see_it_listed(page, url, tmp_path):
 def test_explain_takes_the_prompt_and_points_at_the_column(page, tmp_path):
     page.get_by_role("tab", name="txt2img").click()
     page.locator("#netweave_prompt textarea").fill("a <lora:demo_style:0@0,1@0.5> <lora:x:te=>")
+    page.locator("#netweave_steps input[type=number]").fill("7")
+    page.locator("#netweave_steps input[type=number]").press("Enter")
     page.get_by_role("tab", name="NetWeave").click()
     page.get_by_role("tab", name="Explain").click()
     page.click("#netweave_take_prompt")
@@ -155,6 +182,9 @@ def test_explain_takes_the_prompt_and_points_at_the_column(page, tmp_path):
                            ".includes('demo_style')", timeout=20000)
     errors = page.locator("#netweave_explain_errors textarea").input_value()
     assert errors.startswith("column 42:")  # the ">" where a number belongs
+    # the generation's steps came with the prompt (issue 16 item 11), not the default 20
+    steps = page.locator("#netweave_explain_steps input[type=number]").input_value()
+    assert steps == page.locator("#netweave_steps input[type=number]").input_value() == "7"
     shot(page, "explain.png", tmp_path)
 
 

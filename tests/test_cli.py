@@ -82,3 +82,31 @@ def test_bad_arguments_exit_2(args):
 def test_unwritable_png_is_a_clear_failure(tmp_path):
     result = run("explain", "<lora:x>", "--steps", "2", "--png", str(tmp_path / "no" / "dir.png"))
     assert result.returncode == 1 and "cannot write" in result.stderr
+
+
+def test_the_heatmap_follows_the_table_and_clips_no_label():
+    """Issue 16 item 11: panels in the table's order (not sorted by region); every label,
+    long titles and short passes' step labels included, lies inside the image and no two
+    labels on one line overlap."""
+    from PIL import ImageDraw
+
+    from netweave.network.explain import explain_table, heatmap
+    from netweave.network.plan import CompileContext, compile_prompt
+    prompt = ("<lora:zeta_with_a_long_name_that_goes_on_and_on:1:region=right:te=0.1@0,0.6@0.5>"
+              " <lora:alpha:0.5:hr=1> <lora:mid:1:region=left>")
+    plan = compile_prompt(prompt, CompileContext(steps=3, hires_steps=2))
+    texts = []
+    img = heatmap(plan, texts)
+    draw = ImageDraw.Draw(img)
+    boxes = [(draw.textbbox(xy, t), t) for xy, t in texts]
+    for (x0, y0, x1, y1), t in boxes:
+        assert 0 <= x0 and x1 <= img.width and 0 <= y0 and y1 <= img.height, t
+    for i, (a, ta) in enumerate(boxes):
+        for b, tb in boxes[i + 1:]:
+            overlap = a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+            assert not overlap, (ta, tb)
+    table_order = [line.split()[1] for line in explain_table(plan).splitlines()
+                   if line.startswith("#")]
+    titles = [t.split()[0] for _, t in texts if t.startswith("lora:")]
+    assert titles == table_order == ["lora:zeta_with_a_long_name_that_goes_on_and_on",
+                                     "lora:alpha", "lora:mid"]

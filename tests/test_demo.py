@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from netweave.demo.shapes import COLOURS, SUNSET
-from netweave.extension.diffusers_host import Request
-from netweave.extension.models import DEMO_ROOT, demo_library, demo_model
+from netweave.extension.standalone.host import Request
+from netweave.extension.standalone.models import DEMO_ROOT, demo_library, demo_model
 
 PROMPT = "a red square on a white background"  # a bright background shows every effect
 SEEDS = 4  # one batch: seeds 0..3

@@ -418,7 +418,7 @@ def test_a_merge_that_overflows_the_weights_dtype_leaves_its_network_out(tmp_pat
     """Factors and strength each within bounds, but their product beyond fp16: the network is
     left out with a message, nothing non-finite reaches a weight, the others apply."""
     import shutil
-    from netweave.network.synthetic import write_network
+    from netweave.devtools.synthetic import write_network
     trees = {k: m.half() for k, m in ldm_trees("sd1").items()}
     shutil.copy(netdir / "sd1_lora.safetensors", tmp_path / "calm.safetensors")
     write_network(tmp_path / "loud.safetensors", trees, "lora", "kohya", "sd1", seed=7, scale=30.0)

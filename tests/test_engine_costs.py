@@ -9,7 +9,7 @@ import torch
 
 from netweave.network import batched_merge
 from netweave.network.batched_merge import Job
-from netweave.network.bench import Setup, run, table
+from netweave.devtools.bench import Setup, run, table
 from netweave.network.bypass import Factors
 from netweave.network.calibrate import Calibration, calibration
 from tinymodels import LEVELS, TE1_WIDTH, diffusers_trees, ldm_trees

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from netweave.network.regions import RegionMaps, grid_for, uses_rest
-from netweave.network.synthetic import write_network
+from netweave.devtools.synthetic import write_network
 from netweave.parser import parse_region
 from tinymodels import TREES, ldm_trees
 
@@ -67,9 +67,7 @@ def run_unet(trees, ctx=None, x=None, rows=2):
 def generate(trees, engine, prompt, masks=None, steps=1, on_active=lambda: None):
     """A tiny host: activate, per step encode (one conditioning per segment and per regional
     text-encoder network) and run the UNet; returns the last output."""
-    if masks is not None:
-        engine.masks = masks
-    errors = engine.activate(plan(prompt, steps=steps)) if prompt else []
+    errors = engine.activate(plan(prompt, steps=steps), masks=masks) if prompt else []
     on_active()
     ids = torch.tensor([[0, 5, 17, 33, 2], [0, 9, 12, 2, 1]])
     te = getattr(trees["te1"], "transformer", trees["te1"])  # LDM keeps CLIP in a wrapper
@@ -415,7 +413,7 @@ def test_a_hires_pass_finds_its_grids_from_the_new_latent():
     trees = build()
     engine = make_engine(trees, "sd1", NETS[0], latent=LATENT)
     engine.activate(compile_hires("<lora:lora:1:region=left>"))
-    engine.latent = (12, 12)  # the host upscaled the latent 1.5×
+    engine.set_latent((12, 12))  # the host upscaled the latent 1.5×
     engine.set_step(0, "hires")
     torch.manual_seed(0)
     out = run_unet(trees, x=torch.randn(2, 4, 12, 12))

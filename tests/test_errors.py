@@ -122,6 +122,19 @@ def test_missing_mask_and_network_are_compile_errors():
     assert any("'m2'" in m for m in messages) and any("'b'" in m for m in messages)
 
 
+def test_unknown_names_say_what_they_may_have_meant():
+    """Issue 16 item 10: unknown network, model and mask names, each with a "did you mean"."""
+    ctx = CompileContext(steps=2, masks=frozenset({"face_mask"}),
+                         networks=frozenset({"pixel_art", "sunset"}), models=frozenset({"anime_v3"}))
+    plan = compile_prompt("<lora:pixelart:1> <model:anime_v2:0.5> <lora:sunset:region=face_msk>"
+                          " <model:sunset:1>", ctx)
+    messages = [e.message for e in plan.errors]
+    assert "did you mean 'pixel_art'?" in messages[0] and "did you mean 'anime_v3'?" in messages[1]
+    assert "no mask named 'face_msk'; did you mean 'face_mask'?" in messages[2]
+    assert "no model network named 'sunset'" in messages[3]  # a LoRA's name is no checkpoint's
+    assert plan.networks == ()
+
+
 def test_word_in_a_positional_slot_is_read_as_an_lbw_preset():
     # lora-block-weight's legacy <lora:name:1:PRESET>; an unknown word is a compile error there
     plan = compile_prompt("<lora:x:0.5:abc>", CompileContext(steps=2))

@@ -10,8 +10,8 @@ import torch
 HOST = os.path.join(os.path.dirname(__file__), "forge_host")
 PATHS = [HOST, os.path.join(HOST, "sd_forge_lora")]  # Forge puts extension folders on sys.path
 SWAPPED = ("modules", "backend", "networks", "extra_networks_lora", "forge_model",
-           "netweave.extension.a1111", "netweave.extension.a1111_family",
-           "netweave.extension.forge")
+           "netweave.extension.webui.a1111", "netweave.extension.webui.ldm",
+           "netweave.extension.webui.forge")
 
 
 def _ours(name):
@@ -29,7 +29,7 @@ def forge(tmp_path_factory):
     try:
         yield _start(tmp_path_factory.mktemp("forge"))
     finally:
-        from netweave.extension import forge as adapter
+        from netweave.extension.webui import forge as adapter
         adapter.ADAPTER.off()
         for p in PATHS:
             sys.path.remove(p)
@@ -43,13 +43,13 @@ def _start(root):
     from forge_model import StableDiffusion
     from modules import extra_networks, paths, script_callbacks, shared
 
-    from netweave.network.synthetic import write_network
+    from netweave.devtools.synthetic import write_network
     shared.sd_model = StableDiffusion()
     shared.cmd_opts.lora_dir = str(root / "Lora")
     shared.cmd_opts.data_dir = str(root)
     paths.models_path = str(root)
     os.makedirs(shared.cmd_opts.lora_dir)
-    from netweave.extension import forge as adapter
+    from netweave.extension.webui import forge as adapter
     trees = adapter.ForgeAdapter.trees(shared.sd_model)
     spatial = lambda t: "time_embedding" not in t.name  # noqa: E731
     for name, fmt, seed, comps in (("style", "lora", 1, ("unet", "te1")),
@@ -67,7 +67,7 @@ def _start(root):
 def generate(prompt, enabled=True, options="", record=None, unet_calls=None, **kw):
     from modules import processing, script_callbacks, scripts
 
-    from netweave.extension import forge as adapter
+    from netweave.extension.webui import forge as adapter
     runner = scripts.ScriptRunner([adapter.NetWeaveScript()])
     p = processing.StableDiffusionProcessingTxt2Img(
         prompt=prompt, script_args=[enabled, options], scripts=runner, **kw)
@@ -97,7 +97,7 @@ def target(adapter, name):
 
 
 def snapshot(model):
-    from netweave.extension import forge as adapter
+    from netweave.extension.webui import forge as adapter
     return {f"{c}.{k}": v.detach().clone() for c, tree in adapter.ForgeAdapter.trees(model).items()
             for k, v in tree.named_parameters()}
 
@@ -318,7 +318,7 @@ def test_the_entry_script_picks_the_forge_adapter(forge, repo_root):
         "netweave_entry_forge_test", os.path.join(repo_root, "scripts", "netweave_entry.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    from netweave.extension import forge as adapter
+    from netweave.extension.webui import forge as adapter
     assert module.NetWeaveScript is adapter.NetWeaveScript
     assert issubclass(module.NetWeaveScript, scripts.Script)
 

@@ -17,11 +17,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from netweave.extension.cli import main
+from netweave.extension.standalone.cli import main
 from netweave.extension.library import BadName, Library
-from netweave.extension.limits import Limits
+from netweave.extension.standalone.limits import Limits
 from netweave.extension.masks import MaskError, MaskStore, UnreadableMask
-from netweave.extension.server import build_app, check_address
+from netweave.extension.standalone.server import build_app, check_address
 from netweave.network.cache import NetworkCache
 from netweave.network.files import (MAX_HEADER_BYTES, NetworkFileError, checkpoint_files,
                                     content_stamp, open_safetensors)
@@ -176,13 +176,13 @@ def test_symlinks_in_the_mask_folder_are_not_followed(tmp_path):
 
 
 def test_the_page_cannot_change_a_folder(setup):
-    from netweave.extension.server import page
+    from netweave.extension.standalone.server import page
     from netweave.extension.settings import Settings
     blocks = page(setup[0])
     labels = {getattr(b, "label", None) for b in blocks.blocks.values()}
     assert Settings.LABELS["enabled"] in labels
     assert not labels & {Settings.LABELS[f] for f in Settings.HOST_ONLY}
-    from netweave.extension.api import MAX_QUEUED
+    from netweave.extension.standalone.sdapi import MAX_QUEUED
     assert blocks._queue.max_size == MAX_QUEUED  # the page's queue is bounded as the API's is
 
 
@@ -245,6 +245,25 @@ def test_bodies_over_the_limit_are_refused_before_they_are_read(setup):
     assert status == 413 and sum(pulled) <= limit + 2 ** 20 < 100 * 2 ** 20
     status, pulled, _ = asgi_post(app, "/netweave/v1/masks/big", 30 * 2 ** 20, [b"x"], "PUT")
     assert (status, pulled) == (413, [])  # a mask route's own, lower limit
+
+
+def test_netweaves_routes_bound_a_body_on_a_webuis_older_fastapi(setup, monkeypatch):
+    """The WebUIs' FastAPI (0.94–0.124) has no route max_body_size (SD.Next refused the
+    argument: every /netweave/v1 route was missing there). Without it the mask route still
+    refuses an oversized body: from its length unread, else once the stream passes it."""
+    from fastapi import FastAPI
+
+    from netweave.extension import api
+    host, library, masks, _ = setup
+    monkeypatch.setattr(api, "ROUTE_LIMIT", {})  # the router as a WebUI's FastAPI builds it
+    app = FastAPI()
+    app.include_router(api.netweave_router(masks, library, lambda: "sd1"))
+    status, pulled, body = asgi_post(app, "/netweave/v1/masks/big", 30 * 2 ** 20, [b"x"], "PUT")
+    assert (status, pulled) == (413, []) and b"limit" in body
+    status, pulled, _ = asgi_post(app, "/netweave/v1/masks/big", None, [b" " * 2 ** 20] * 40,
+                                  "PUT")
+    assert status == 413 and sum(pulled) <= api.MASK_BODY + 2 ** 20 < 40 * 2 ** 20
+    assert "big" not in masks
 
 
 def test_unknown_fields_are_not_echoed(client):

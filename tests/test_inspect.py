@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from netweave.network.synthetic import write_network
+from netweave.devtools.synthetic import write_network
 from netweave.network.inspect import inspect
 from netweave.network.reference import reference_trees
 

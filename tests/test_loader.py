@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from netweave.network.synthetic import FORMATS, write_network
+from netweave.devtools.synthetic import FORMATS, write_network
 from netweave.network.files import NetworkFileError
 from netweave.network.keymap import KeyMap
 from netweave.network.loader import load_checkpoint, load_network, split_key

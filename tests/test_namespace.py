@@ -56,3 +56,32 @@ def test_no_bare_imports_of_our_packages(repo_root):
                         if f"\n{bad}" in "\n" + text:
                             offenders.append((f, bad))
     assert offenders == []
+
+
+def test_what_a_webui_loads_fits_every_webuis_libraries_and_imports_no_standalone_host():
+    """A WebUI loads extension/*.py and extension/webui/*.py. A1111 v1.10.1 has pydantic 1
+    and FastAPI 0.94 (a pydantic-2-only import there lost the whole script); Forge and SD.Next
+    have FastAPI 0.104–0.124, without route body limits. And no WebUI module imports the
+    standalone host or the development tools (docs/design.md §1)."""
+    import ast
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    folders = [os.path.join(root, "extension"), os.path.join(root, "extension", "webui")]
+    checked = 0
+    for folder in folders:
+        for name in sorted(os.listdir(folder)):
+            if not name.endswith(".py"):
+                continue
+            path = os.path.join(folder, name)
+            source = open(path, encoding="utf-8").read()
+            for node in ast.walk(ast.parse(source)):
+                if isinstance(node, ast.ImportFrom):
+                    module = "." * node.level + (node.module or "")
+                    assert "pydantic" not in module, f"{path}: imports {module}"
+                    assert "standalone" not in module and "devtools" not in module, \
+                        f"{path}: imports {module}"
+                elif isinstance(node, ast.Import):
+                    assert not any("pydantic" in a.name for a in node.names), path
+                elif isinstance(node, ast.keyword) and node.arg == "max_body_size":
+                    raise AssertionError(f"{path}: max_body_size= (FastAPI ≥ 0.120 only)")
+            checked += 1
+    assert checked >= 12

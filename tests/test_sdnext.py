@@ -21,8 +21,8 @@ def sdnext(tmp_path_factory):
     try:
         from modules import extra_networks, shared
 
-        from netweave.extension.models import tiny_model
-        from netweave.network.synthetic import write_network
+        from netweave.extension.standalone.models import tiny_model
+        from netweave.devtools.synthetic import write_network
         root = tmp_path_factory.mktemp("sdnext")
         model = tiny_model()
         shared.sd_model, shared.sd_model_type = model.pipe, "sd"
@@ -33,7 +33,7 @@ def sdnext(tmp_path_factory):
                                        ("words", "lora", ("te1",), 2)):
             write_network(root / "Lora" / f"{name}.safetensors", model.trees(), fmt, "kohya",
                           "sd1", seed=seed, scale=0.3, components=comps, select=spatial)
-        from netweave.extension import sdnext as adapter
+        from netweave.extension.webui import sdnext as adapter
 
         class BuiltinLora(extra_networks.ExtraNetwork):
             def __init__(self):

@@ -12,11 +12,11 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from netweave.extension.cli import main
-from netweave.extension.diffusers_host import DiffusersHost
+from netweave.extension.standalone.cli import main
+from netweave.extension.standalone.host import DiffusersHost
 from netweave.extension.library import Library
 from netweave.extension.masks import MaskStore
-from netweave.extension.server import build_app
+from netweave.extension.standalone.server import build_app
 
 from helpers import standalone_host
 
@@ -90,7 +90,7 @@ def test_txt2img_with_every_kind_of_tag(setup, client):
     for k, now in seen:
         assert now.get(0, 0.0) == (0.0 if k < 3 else 1.0)
         assert now[1] == pytest.approx(0.35) and now[2] == pytest.approx(0.5)
-    assert "NetWeave masks: leftmask:" in info["infotexts"][0]
+    assert "NetWeave masks: \"leftmask:" in info["infotexts"][0]
     assert host.engine.runtime.maps.canvas(0)[:, :32].min() == 1.0
 
 
@@ -146,6 +146,26 @@ def test_bad_tags_never_stop_a_generation(client):
     assert any("no lora named 'nope'" in e for e in errors)
     assert any("did you mean 'region'" in e for e in errors)
     assert len(r.json()["images"]) == 1
+
+
+def test_the_infotext_has_hashes_and_never_a_server_folder(setup, client):
+    """Issue 16 items 2 and 5: `Lora hashes` (A1111's: the file's tensor data, 12 digits) and
+    NetWeave's model hashes in the infotext; folders relative, in every answer."""
+    import hashlib
+    host, library, masks, root = setup
+    r = client.post("/sdapi/v1/txt2img", json={
+        "prompt": "a fox <lora:demo_style:0.5> <model:demo_blend:0.3> <lora:nope:1>",
+        "steps": 2, "width": 64, "height": 64})
+    assert r.status_code == 200
+    data = open(library.find("lora", "demo_style"), "rb").read()
+    n = int.from_bytes(data[:8], "little")
+    style = hashlib.sha256(data[8 + n:]).hexdigest()[:12]
+    text = json.loads(r.json()["info"])["infotexts"][0]
+    assert f'Lora hashes: "demo_style: {style}"' in text and 'NetWeave models: "demo_blend: ' in text
+    assert "error: lora:nope: no lora named 'nope' in demo/" in text, text
+    for answer in (r.text, client.get("/sdapi/v1/loras").text,
+                   client.get("/netweave/v1/networks").text):
+        assert str(root) not in answer
 
 
 @pytest.mark.parametrize("body, message", [
@@ -239,12 +259,18 @@ def test_a_stored_mask_drives_a_region(client):
 
 
 def test_parse_route(client):
-    r = client.post("/netweave/v1/parse", json={"prompt": "a <lora:x:0.5@0,1@0.5> <lora:y:te=>",
-                                                 "steps": 4})
+    r = client.post("/netweave/v1/parse", json={
+        "prompt": "a <lora:demo_style:0.5@0,1@0.5> <lora:demo_style:te=>", "steps": 4})
     assert r.status_code == 200
     plan = r.json()
     assert plan["networks"][0]["strength"]["unet"] == [0.5, 0.5, 1.0, 1.0]
     assert plan["errors"] and plan["errors"][0]["column"] > 20
+    # names the host does not have, said while typing (issue 16 item 10)
+    r = client.post("/netweave/v1/parse", json={
+        "prompt": "<lora:demo_styel:1> <model:demo_blnd:0.5> <lora:demo_style:region=lefty>"})
+    messages = [e["message"] for e in r.json()["errors"]]
+    assert "did you mean 'demo_style'?" in messages[0] and "did you mean 'demo_blend'?" in messages[1]
+    assert "no mask named 'lefty'" in messages[2]
     assert client.post("/netweave/v1/parse", json={"prompt": "x", "arch": "sd9"}).status_code == 400
     assert client.post("/netweave/v1/parse", json={"steps": 3}).status_code == 422
 
@@ -288,6 +314,39 @@ def test_generate_command_on_the_default_model(tmp_path, capsys):
                  "--checkpoint", str(tmp_path / "nothing.ckpt")]) == 1
 
 
+def test_generate_shows_the_samplers_progress_on_a_terminal(tmp_path):
+    """Issue 16 item 15: on a terminal, `generate` draws the sampling progress bar; the
+    sampler asked for is the one used, and the PNG says so."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+    out = tmp_path / "fox.png"
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal
+    proc = subprocess.Popen([sys.executable, "-m", "netweave", "generate", "--prompt", "a fox",
+                             "--steps", "3", "--sampler", "DPM++ 2M", "--mask-dir",
+                             str(tmp_path / "masks"), "--out", str(out)],
+                            stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    said = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        said += chunk
+    assert proc.wait(timeout=300) == 0, said.decode(errors="replace")
+    text = said.decode(errors="replace")
+    assert "sampling:" in text and "/3 [" in text, text  # the bar, counting to 3 steps
+    assert "Sampler: DPM++ 2M" in Image.open(out).text["parameters"]
+
+
 # ---- SDXL: a diffusers folder, loaded offline ------------------------------------------------
 def tiny_xl_folder(path):
     """A tiny SDXL-architecture pipeline saved as a diffusers folder (tokenizers included)."""
@@ -323,8 +382,8 @@ def tiny_xl_folder(path):
 
 
 def test_sdxl_folder_with_scheduled_regional_and_te2_tags(tmp_path):
-    from netweave.extension.models import load_model
-    from netweave.network.synthetic import write_network
+    from netweave.extension.standalone.models import load_model
+    from netweave.devtools.synthetic import write_network
 
     model = load_model(tiny_xl_folder(str(tmp_path / "xl")))
     assert model.arch == "sdxl" and set(model.trees()) == {"unet", "te1", "te2"}
@@ -388,7 +447,7 @@ def tiny_single_file(path):
     from safetensors.torch import save_file
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from netweave.extension.models import SCHEDULER, write_config_folder
+    from netweave.extension.standalone.models import SCHEDULER, write_config_folder
     from tinymodels import diffusers_unet, ldm_unet
 
     torch.manual_seed(0)
@@ -416,7 +475,7 @@ def tiny_single_file(path):
 
 
 def test_single_file_checkpoint_loads_offline_and_generates(tmp_path):
-    from netweave.extension.models import load_single_file
+    from netweave.extension.standalone.models import load_single_file
 
     path, config, parts, text = tiny_single_file(tmp_path)
     model = load_single_file(path, config=config, arch="sd1")
@@ -439,7 +498,7 @@ def test_published_configs_build_the_real_shapes(arch):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    from netweave.extension.models import reference_config
+    from netweave.extension.standalone.models import reference_config
     from netweave.network.reference import reference_trees
 
     folder = reference_config(arch)
@@ -455,7 +514,7 @@ def test_published_configs_build_the_real_shapes(arch):
 
 
 def test_the_pages_generate_button_reports_progress(setup):
-    from netweave.extension.server import page
+    from netweave.extension.standalone.server import page
     host = setup[0]
     blocks = page(host)
     (generate,) = [d.fn for d in blocks.fns.values() if getattr(d.fn, "__name__", "") == "generate"]

@@ -17,7 +17,7 @@ from netweave.network.files import open_safetensors
 from netweave.network.keymap import KeyMap
 from netweave.network.loader import load_network
 from netweave.network.reference import reference_trees
-from netweave.network.synthetic import write_network
+from netweave.devtools.synthetic import write_network
 
 
 def median_ms(fn, repeat):

@@ -6,6 +6,7 @@ Conds as the host makes them: prompt_parser schedules over the sampler's total s
 hires pass's own (hr_prompts, its size, hires_steps), rebuilt at the denoiser's call counter;
 SDXL's dict conds concatenated key by key."""
 import torch
+from a1111_infotext import create_infotext  # noqa: F401  (tests/: A1111's, as Forge keeps it)
 
 from . import extra_networks, prompt_parser, shared
 from .script_callbacks import CFGDenoiserParams, cfg_denoiser_callback
@@ -25,7 +26,7 @@ class StableDiffusionProcessingTxt2Img:
 
     def __init__(self, prompt="", negative_prompt="", steps=4, batch_size=1, n_iter=1,
                  cfg_scale=7.0, width=64, height=64, seed=1, sampler_name="Euler",
-                 enable_hr=False, hr_second_pass_steps=0, hr_prompt="", script_args=(),
+                 enable_hr=False, hr_second_pass_steps=0, hr_prompt="", hr_scale=2.0, script_args=(),
                  scripts=None, disable_extra_networks=False):
         self.prompt, self.negative_prompt = prompt, negative_prompt
         self.steps, self.batch_size, self.n_iter = steps, batch_size, n_iter
@@ -37,7 +38,8 @@ class StableDiffusionProcessingTxt2Img:
         self.extra_generation_params = {}
         self.is_hr_pass = False
         self.iteration = 0
-        self.hr_upscale_to_x, self.hr_upscale_to_y = width, height  # hires at the same size
+        # the hires pass samples an upscaled latent (A1111's latent upscaler; hr_scale 2)
+        self.hr_upscale_to_x, self.hr_upscale_to_y = int(width * hr_scale), int(height * hr_scale)
         self.sd_model = shared.sd_model
 
     def setup_prompts(self):
@@ -45,15 +47,18 @@ class StableDiffusionProcessingTxt2Img:
         self.all_prompts = list(self.prompt) if isinstance(self.prompt, list) else [self.prompt] * n
         self.all_negative_prompts = [self.negative_prompt] * len(self.all_prompts)
         self.all_seeds = [self.seed + i for i in range(len(self.all_prompts))]
-
-    def setup_prompts_hr(self):
-        self.hr_prompts = [self.hr_prompt] * len(self.prompts) if self.hr_prompt \
-            else list(self.prompts)
-        self.hr_negative_prompts = list(self.negative_prompts)
+        if self.enable_hr:  # an empty hires prompt is the prompt, tags and all
+            self.all_hr_prompts = [self.hr_prompt] * n if self.hr_prompt else list(self.all_prompts)
+            self.all_hr_negative_prompts = list(self.all_negative_prompts)
 
     def parse_extra_network_prompts(self):
+        """As txt2img's: the batch's hires prompts are sliced by `iteration` here, after
+        before_process_batch (which reads them from all_hr_prompts)."""
         self.prompts, self.extra_network_data = extra_networks.parse_prompts(self.prompts)
         if self.enable_hr:
+            bs, n = self.batch_size, self.iteration
+            self.hr_prompts = self.all_hr_prompts[n * bs:(n + 1) * bs]
+            self.hr_negative_prompts = self.all_hr_negative_prompts[n * bs:(n + 1) * bs]
             self.hr_prompts, self.hr_extra_network_data = \
                 extra_networks.parse_prompts(self.hr_prompts)
 
@@ -99,6 +104,8 @@ class StableDiffusionProcessingTxt2Img:
             extra_networks.activate(self, self.hr_extra_network_data)
             self.scripts.process_before_every_sampling(self, x=x, noise=noise, c=self.hr_c,
                                                        uc=self.hr_uc)
+            x = torch.nn.functional.interpolate(
+                x, size=(self.hr_upscale_to_y // 8, self.hr_upscale_to_x // 8), mode="nearest")
             x = Sampler(self.sampler_name, self).sample(x, self.hr_c, self.hr_uc,
                                                         self.hr_second_pass_steps or self.steps)
             self.is_hr_pass = False
@@ -116,7 +123,6 @@ def process_images(p):
         p.negative_prompts = p.all_negative_prompts[n * bs:(n + 1) * bs]
         p.seeds = p.all_seeds[n * bs:(n + 1) * bs]
         p.subseeds = p.seeds
-        p.setup_prompts_hr()
         p.scripts.before_process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds,
                                        subseeds=p.subseeds)
         p.parse_extra_network_prompts()
@@ -139,10 +145,6 @@ def process_images(p):
     return processed
 
 
-def create_infotext(p, index):
-    params = {"Steps": p.steps, "Sampler": p.sampler_name, "Seed": p.seeds[index],
-              **p.extra_generation_params}
-    return p.prompts[index] + "\n" + ", ".join(f"{k}: {v}" for k, v in params.items() if v is not None)
 
 
 class SamplerConfig:

@@ -15,6 +15,7 @@ calc_cond_uncond_batch runs one chunk per condition, each the whole image batch,
 (unconds first), as many per call as free memory allows, with
 transformer_options['cond_or_uncond'] (0 cond, 1 uncond)."""
 import torch
+from a1111_infotext import create_infotext  # noqa: F401  (tests/: A1111's, as Forge keeps it)
 
 from backend import memory_management
 
@@ -33,13 +34,13 @@ class Processed:
 class StableDiffusionProcessingTxt2Img:
     def __init__(self, prompt="", negative_prompt="", steps=4, batch_size=1, n_iter=1,
                  cfg_scale=7.0, width=64, height=64, seed=1, sampler_name="Euler",
-                 enable_hr=False, hr_second_pass_steps=0, script_args=(), scripts=None,
+                 enable_hr=False, hr_second_pass_steps=0, hr_prompt="", script_args=(), scripts=None,
                  disable_extra_networks=False, fail_at_step=None):
         self.prompt, self.negative_prompt = prompt, negative_prompt
         self.steps, self.batch_size, self.n_iter = steps, batch_size, n_iter
         self.cfg_scale, self.width, self.height, self.seed = cfg_scale, width, height, seed
         self.sampler_name, self.enable_hr = sampler_name, enable_hr
-        self.hr_second_pass_steps = hr_second_pass_steps
+        self.hr_second_pass_steps, self.hr_prompt = hr_second_pass_steps, hr_prompt
         self.script_args, self.scripts = tuple(script_args), scripts
         self.disable_extra_networks = disable_extra_networks
         self.fail_at_step = fail_at_step  # tests: an exception inside sampling
@@ -53,11 +54,15 @@ class StableDiffusionProcessingTxt2Img:
         self.all_prompts = list(self.prompt) if isinstance(self.prompt, list) else [self.prompt] * n
         self.all_negative_prompts = [self.negative_prompt] * len(self.all_prompts)
         self.all_seeds = [self.seed + i for i in range(len(self.all_prompts))]
+        self.all_hr_prompts = [self.hr_prompt] * n if self.hr_prompt else list(self.all_prompts)
 
     def parse_extra_network_prompts(self):
+        """A1111's txt2img: the batch's hires prompts are sliced by `iteration` here, after
+        before_process_batch (which reads them from all_hr_prompts)."""
         self.prompts, self.extra_network_data = extra_networks.parse_prompts(self.prompts)
+        bs, n = self.batch_size, self.iteration
         self.hr_prompts, self.hr_extra_network_data = \
-            extra_networks.parse_prompts(self.hr_prompts)
+            extra_networks.parse_prompts(self.all_hr_prompts[n * bs:(n + 1) * bs])
 
     def setup_conds(self):
         self.uc = self.sd_model.get_learned_conditioning(self.negative_prompts)
@@ -94,7 +99,6 @@ def process_images(p):
             p.negative_prompts = p.all_negative_prompts[n * bs:(n + 1) * bs]
             p.seeds = p.all_seeds[n * bs:(n + 1) * bs]
             p.subseeds = p.seeds
-            p.hr_prompts = list(p.prompts)
             p.scripts.before_process_batch(p, batch_number=n, prompts=p.prompts, seeds=p.seeds,
                                            subseeds=p.subseeds)
             p.parse_extra_network_prompts()
@@ -117,11 +121,6 @@ def process_images(p):
     return processed
 
 
-def create_infotext(p, index):
-    params = {"Steps": p.steps, "Sampler": p.sampler_name, "Seed": p.seeds[index],
-              **p.extra_generation_params}
-    return p.prompts[index] + "\n" + ", ".join(f"{k}: {v}" for k, v in params.items()
-                                                if v is not None)
 
 
 class SamplerConfig:

@@ -29,11 +29,12 @@ import torch
 
 from modules import extra_networks, shared  # the host's own
 
-from ..network.engine import Engine
-from ..network.plan import CompileContext, Plan, compile_prompt, region_masks
-from .masks import MaskError, MaskStore, Overlay, readable
-from .webui import (ScriptParts, TagNames, inline_masks, library, mask_folder, report,
-                    settings)
+from ...network.engine import Engine
+from ...network.plan import CompileContext, Plan
+from ..masks import MaskError, MaskStore
+from ..session import Session, compile_context
+from .common import (ScriptParts, TagNames, inline_masks, library, mask_folder, settings,
+                     write_report)
 
 PLMS = "PLMS"
 
@@ -55,6 +56,7 @@ class Run:
 
     plans: List[Plan]
     te_swap: bool
+    session: Session
     conds: Dict = field(default_factory=dict)  # (phase, segments) -> the host's cond schedules
 
 
@@ -103,33 +105,28 @@ class Adapter:
         self.run = None
 
     # ---- one batch -----------------------------------------------------------------------
-    def context(self, steps: int, hires=None, masks=None) -> CompileContext:
-        opts = settings()
-        return CompileContext(arch=self.arch(shared.sd_model), steps=steps, hires_steps=hires,
-                              masks=frozenset(self.masks if masks is None else masks),
-                              default_interp=opts.default_interp, strict=opts.strict)
+    def context(self, steps: int) -> CompileContext:
+        """What the tab's explain compiles against."""
+        return compile_context(self.arch(shared.sd_model), settings(), steps, masks=self.masks)
 
     def start_batch(self, p, prompts: List[str], inline: Dict, problems: List[str]) -> None:
         engine = self.engine_for(p.sd_model)
-        settings().apply(engine)
-        masks = Overlay(inline, self.masks)
+        session = Session(engine, library(), self.masks, settings())
         hires = (p.hr_second_pass_steps or p.steps) if getattr(p, "enable_hr", False) else None
-        ctx = self.context(p.steps, hires, masks)
-        plans = [compile_prompt(text, ctx) for text in prompts]
-        errors = problems + [f"{e.message} (column {e.column})" for plan in plans for e in plan.errors]
-        engine.latent, engine.batch = (p.height // 8, p.width // 8), 2 * len(prompts)
-        engine.masks = masks
-        engine.activate(plans)
-        errors += engine.errors
-        segments = [engine.te_segments("base", i) for i in range(len(plans))]
+        plans = session.prepare(prompts, steps=p.steps, hires_steps=hires,
+                                hires_prompts=hires_prompts(p) if hires else None,
+                                latent=(p.height // 8, p.width // 8), rows=2 * len(prompts),
+                                inline=inline, problems=problems)
+        segments = [engine.te_segments(phase, i) for i in range(len(plans))
+                    for phase in (("base", "hires") if hires else ("base",))]
+        # A1111 encodes every cond (the hires pass's too) once, with step 0's weights: NetWeave
+        # encodes them itself wherever text-encoder strengths differ from that
         te_swap = any(len(s) > 1 or s[0].variants or s[0].strengths != segments[0][0].strengths
-                      for s in segments) or _te_neg(plans)
+                      for s in segments if s) or _te_neg(plans)
         if segments[0]:
             engine.apply_te(segments[0][0])  # A1111 encodes next, with these weights
-        self.run = Run(plans, te_swap)
-        used = sorted({m for plan in plans for n in plan.networks if n.region is not None
-                       for m in region_masks(n.region) if m in masks})
-        report(p.extra_generation_params, errors, readable(masks, used))
+        self.run = Run(plans, te_swap, session)
+        write_report(p.extra_generation_params, session.report)
 
     def on_denoiser(self, params) -> None:
         if self.run is None or self.engine is None or self.engine.plan is None:
@@ -138,8 +135,11 @@ class Adapter:
         p = d.p
         phase = "hires" if getattr(p, "is_hr_pass", False) else "base"
         engine = self.engine
+        engine.set_latent(params.x.shape[-2:])  # the hires pass samples an upscaled latent
         engine.set_step(current_step(d, engine.plan.hires_steps if phase == "hires"
                                      else engine.plan.steps), phase)
+        if self.run.session.collect():  # found while sampling: into this image's infotext
+            write_report(p.extra_generation_params, self.run.session.report)
         n = len(self.run.plans)
         # SDXL's conds are dicts with a shape (prompt_parser.DictWithShape): crossattn's
         per = max(1, params.text_cond.shape[0] // n)  # AND sub-prompts repeat a cond row
@@ -211,6 +211,16 @@ class Adapter:
             for j, rows in variant_rows.items()}
 
 
+def hires_prompts(p) -> List[str]:
+    """The batch's hires prompts with their tags: A1111 slices them from all_hr_prompts only
+    after before_process_batch (an empty hires prompt field is the prompt itself)."""
+    every = getattr(p, "all_hr_prompts", None)
+    if every:
+        bs = p.batch_size
+        return list(every[p.iteration * bs:(p.iteration + 1) * bs])
+    return list(getattr(p, "hr_prompts", None) or p.prompts)
+
+
 def current_step(denoiser, steps: Optional[int]) -> int:
     """The 0-based step of this model evaluation. A1111's `sampling_step` is set after a
     step's first evaluation, so it lags; the denoiser counts its calls per pass instead: one
@@ -256,8 +266,8 @@ def register(adapter: Adapter) -> None:
     """The host callbacks of an adapter: the step, settings, the tab, the routes, unloading."""
     from modules import script_callbacks
 
-    from .api import netweave_router
-    from .webui import register_settings, ui_tab
+    from ..api import netweave_router
+    from .common import register_settings, ui_tab
 
     def on_app_started(demo, app) -> None:
         app.include_router(netweave_router(adapter.masks, library(),

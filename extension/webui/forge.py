@@ -28,7 +28,7 @@ from typing import Optional
 
 from modules import scripts, shared  # the host's own
 
-from .a1111_family import Adapter, LdmScript, register
+from .ldm import Adapter, LdmScript, register
 
 
 class ForgeAdapter(Adapter):
@@ -111,12 +111,6 @@ ADAPTER = ForgeAdapter()
 
 class NetWeaveScript(LdmScript, scripts.Script):
     adapter = ADAPTER
-
-    def process_before_every_sampling(self, p, enabled=True, options="", **kwargs):
-        x = kwargs.get("x")
-        engine = ADAPTER.engine
-        if enabled and engine is not None and engine.plan is not None and x is not None:
-            engine.latent = tuple(int(s) for s in x.shape[-2:])
 
 
 register(ADAPTER)

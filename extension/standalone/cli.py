@@ -26,11 +26,12 @@ import os
 import sys
 from typing import List, Optional
 
-from ..network.blocks import BLOCKS, parse_preset_file
-from ..network.explain import explain_table, heatmap
-from ..network.plan import MAX_STEPS, CompileContext, compile_prompt
-from ..parser import INTERPOLATIONS
+from ...network.blocks import BLOCKS, parse_preset_file
+from ...network.explain import explain_table, heatmap
+from ...network.plan import MAX_STEPS, CompileContext, compile_prompt
+from ...parser import INTERPOLATIONS
 from .limits import DEFAULT_BODY_MB, DEFAULT_WORK, Limits
+from .samplers import Sampler
 
 MAX_PROMPT = 100_000
 MAX_PRESETS_BYTES = 2 ** 20
@@ -106,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=_steps, default=20)
     gen.add_argument("--seed", type=int, default=1)
     gen.add_argument("--cfg", type=float, default=7.0, help="CFG scale")
+    gen.add_argument("--sampler", choices=[s.value for s in Sampler], default=Sampler.EULER.value)
     gen.add_argument("--width", type=_positive, default=None, help="default: the model's size")
     gen.add_argument("--height", type=_positive, default=None)
     gen.add_argument("--mask", action="append", default=[], metavar="NAME=PATH",
@@ -206,7 +208,7 @@ def bench_command(args) -> int:
         # glibc reads these at start: run again with them set
         os.execve(sys.executable, [sys.executable, "-m", "netweave", *sys.argv[1:]],
                   {**os.environ, **KEEP_FREED_MEMORY})
-    from ..network.bench import run, table  # builds an SD1.5 UNet: only when asked
+    from ...devtools.bench import run, table  # builds an SD1.5 UNet: only when asked
 
     result = run("quick" if args.quick else args.size, device=args.device, repeats=args.repeats)
     print(json.dumps(result) if args.json else table(result))
@@ -214,7 +216,7 @@ def bench_command(args) -> int:
 
 
 def inspect_command(args) -> int:
-    from ..network.inspect import inspect  # loads diffusers: only when asked
+    from ...network.inspect import inspect  # loads diffusers: only when asked
 
     report = inspect(args.file)
     if args.json:
@@ -239,18 +241,18 @@ def _host(args):
     """Model, folders and host from the generate/serve arguments (heavy imports: only here)."""
     # transformers warns about image processors the pipelines import but never use
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from .diffusers_host import DiffusersHost
-    from .library import Library
-    from .masks import MaskStore
+    from .host import DiffusersHost
+    from ..library import Library
+    from ..masks import MaskStore
     from .models import demo_library, load_model
-    from .settings import Settings
+    from ..settings import Settings
 
     model = load_model(args.checkpoint)
     loras, models = list(args.lora_dir), list(args.model_dir)
     if args.checkpoint is None:  # the default model brings networks to try every tag on
         demo = demo_library()
         loras, models = loras + [demo[0]], models + [demo[1]]
-    library = Library(loras, models)
+    library = Library(loras, models, base=os.getcwd())  # messages name folders from here
     masks = MaskStore(args.mask_dir)  # the command line's: never changed over HTTP
     limits = Limits(int(args.max_body_mb * 2 ** 20), args.max_work) if args.command == "serve" \
         else Limits(max_work=float("inf"))  # a command asks for what its user wants
@@ -262,8 +264,8 @@ def _host(args):
 def generate_command(args) -> int:
     from PIL import PngImagePlugin
 
-    from .diffusers_host import Request
-    from .masks import MAX_BYTES, MaskError, check_mask_name, decode_image
+    from .host import Request
+    from ..masks import MAX_BYTES, MaskError, check_mask_name, decode_image
 
     inline = {}
     for item in args.mask:
@@ -286,7 +288,10 @@ def generate_command(args) -> int:
     size = host.model.size
     req = Request(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps,
                   cfg_scale=args.cfg, seed=args.seed, width=args.width or size,
-                  height=args.height or size, masks=inline)
+                  height=args.height or size, masks=inline, sampler=Sampler(args.sampler))
+    # the sampler's progress bar on a terminal (tqdm stays quiet when stderr is not one)
+    host.model.pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), desc="sampling",
+                                            leave=False)
     try:
         result = host.txt2img(req)
     except ValueError as exc:

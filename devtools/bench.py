@@ -35,10 +35,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .calibrate import calibration
-from .engine import Engine
-from .plan import CompileContext, compile_prompt
-from .reference import UNET
+from ..network.calibrate import calibration
+from ..network.engine import Engine
+from ..network.plan import CompileContext, compile_prompt
+from ..network.reference import UNET
 from .synthetic import write_network
 
 STATIC = "<lora:net0:0.8> <lora:net1:0.6> <lora:net2:0.4>"

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .keymap import KeyMap, diffusers_to_ldm
+from ..network.keymap import KeyMap, diffusers_to_ldm
 
 # format -> algorithm family as NetWeave reports it
 FORMATS = {

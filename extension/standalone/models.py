@@ -21,11 +21,12 @@ from typing import Optional, Tuple
 
 import torch
 
-from .tokenizer import clip_tokenizer
+from ..tokenizer import clip_tokenizer
 
 TINY_NAME = "netweave-tiny"
 DEMO_NAME = "netweave-demo"
-DEMO_ROOT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "demo",
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
+DEMO_ROOT = os.path.join(ROOT, "demo",
                          "weights")
 
 
@@ -126,7 +127,7 @@ def tiny_library(model: Model, root: Optional[str] = None) -> Tuple[str, str]:
     milliseconds: `demo_style` (LoRA), `demo_texture` (LoHa) and the checkpoint `demo_blend`
     for `<model:…>`, written once (deterministic) under `root`. Returns (lora folder, model
     folder)."""
-    from ..network.synthetic import write_network
+    from ...devtools.synthetic import write_network
 
     root = root or os.path.join(os.path.expanduser("~"), ".cache", "netweave", TINY_NAME)
     loras, models = os.path.join(root, "loras"), os.path.join(root, "models")
@@ -186,8 +187,8 @@ def load_single_file(path: str, config: Optional[str] = None, arch: Optional[str
     one of the detected architecture, written by `reference_config`)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    from ..network.detect import detect_architecture
-    from ..network.files import base_architecture, open_safetensors
+    from ...network.detect import detect_architecture
+    from ...network.files import base_architecture, open_safetensors
 
     if arch is None:
         with open_safetensors(path) as f:
@@ -208,7 +209,7 @@ def reference_config(arch: str) -> str:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    from ..network.reference import TEXT, UNET
+    from ...network.reference import TEXT, UNET
 
     folder = os.path.join(tempfile.gettempdir(), f"netweave-{arch}-config")
     if os.path.exists(os.path.join(folder, "model_index.json")):

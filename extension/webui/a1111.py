@@ -13,7 +13,7 @@ import torch
 
 from modules import scripts, shared  # the host's own
 
-from .a1111_family import (PLMS, Adapter, LdmScript, NetWeaveNetworks, Run,  # noqa: F401
+from .ldm import (PLMS, Adapter, LdmScript, NetWeaveNetworks, Run,  # noqa: F401
                            current_step, register)
 
 

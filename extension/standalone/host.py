@@ -9,7 +9,7 @@ a second request waits for the first.
 """
 from __future__ import annotations
 
-import dataclasses
+import json
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,16 +19,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..network.engine import Engine
-from ..network.files import NetworkFileError
-from ..network.plan import CompileContext, Plan, compile_prompt, region_masks
-from ..parser.names import valid_unicode
-from .library import Library
+from ...network.engine import Engine
+from ...network.files import NetworkFileError
+from ...network.plan import CompileContext, Plan
+from ...parser.names import valid_unicode
+from ..library import Library
+from ..pipeline_run import PipelineRun
+from ..report import Report
+from ..session import Session, compile_context
+from ..settings import Settings
 from .limits import Limits
-from .masks import Overlay, mask_hash, readable
 from .models import Model
-from .pipeline_run import PipelineRun
-from .settings import Settings
+from .samplers import Sampler, scheduler_for
 
 
 MAX_SEED = 2 ** 62  # seed + image index stays a 64-bit generator seed
@@ -49,6 +51,7 @@ class Request:
     height: int = 512
     batch_size: int = 1
     masks: Dict[str, Image.Image] = field(default_factory=dict)  # inline, in front of the store
+    sampler: Sampler = Sampler.EULER
 
     def check(self) -> None:
         problems = []
@@ -112,14 +115,14 @@ class DiffusersHost:
         self.device = device
         self.settings = settings or Settings()
         model.pipe.to(device)
+        self.scheduler_config = model.pipe.scheduler.config  # each sampler is built from it
         self.engine = Engine(model.trees(), model.arch, library.find)
         self.lock = threading.Lock()
         self.progress = Progress()
 
-    def context(self, steps: int, masks: Mapping) -> CompileContext:
-        return CompileContext(arch=self.model.arch, steps=steps, masks=frozenset(masks),
-                              strict=self.settings.strict,
-                              default_interp=self.settings.default_interp)
+    def context(self, steps: int) -> CompileContext:
+        """What the tab's explain compiles against."""
+        return compile_context(self.model.arch, self.settings, steps, masks=self.masks)
 
     def interrupt(self) -> None:
         self.progress.interrupted = True
@@ -144,20 +147,15 @@ class DiffusersHost:
 
     def _generate(self, req: Request) -> Result:
         pipe, engine = self.model.pipe, self.engine
-        masks = Overlay(req.masks, self.masks)
-        plan = compile_prompt(req.prompt, self.context(req.steps, masks))
-        if not self.settings.enabled:  # switched off: the tags are text NetWeave ignores
-            plan = dataclasses.replace(plan, networks=())
-        self.settings.apply(engine)
-        errors = [f"{e.severity}: {e.message} (column {e.column})" for e in plan.errors]
+        session = Session(engine, self.library, self.masks, self.settings)
         seed = req.seed if req.seed >= 0 else int(np.random.default_rng().integers(2 ** 31))
         b = req.batch_size
         cfg = req.cfg_scale > 1.0
-        engine.latent = (req.height // self.model.vae_scale, req.width // self.model.vae_scale)
-        engine.batch = 2 * b if cfg else b
-        engine.masks = masks
+        pipe.scheduler = scheduler_for(Sampler(req.sampler), self.scheduler_config)
         try:
-            engine.activate(plan)  # its problems are in engine.errors, with those of the run
+            plan, = session.prepare(
+                [req.prompt], steps=req.steps, inline=req.masks, rows=2 * b if cfg else b,
+                latent=(req.height // self.model.vae_scale, req.width // self.model.vae_scale))
             run = PipelineRun(engine, pipe, self.model.arch, self.device, plan.prompt,
                               req.negative_prompt, b, cfg, req.steps)
 
@@ -176,24 +174,23 @@ class DiffusersHost:
         except BaseException:
             engine.deactivate()  # nothing stays changed after a failed generation
             raise
-        errors += engine.errors
+        session.collect()
         images = list(out.images)
-        info = [self.infotext(req, seed + i, plan, errors, masks) for i in range(len(images))]
-        return Result(images, seed, plan, errors, info)
+        info = [self.infotext(req, seed + i, session.report) for i in range(len(images))]
+        return Result(images, seed, plan, session.report.lines(), info)
 
     # ---- infotext -----------------------------------------------------------------------
-    def infotext(self, req: Request, seed: int, plan: Plan, errors: List[str], masks) -> str:
-        """A1111's layout: the prompt with its tags, the negative prompt, then parameters;
-        NetWeave adds the masks it used (name:hash) and its errors."""
-        params = {"Steps": req.steps, "Sampler": "Euler", "CFG scale": req.cfg_scale,
-                  "Seed": seed, "Size": f"{req.width}x{req.height}", "Model": self.model.name}
-        used = sorted({m for n in plan.networks if n.region is not None
-                       for m in region_masks(n.region) if m in masks})
-        found = readable(masks, used)
-        if found:
-            params["NetWeave masks"] = ",".join(f"{m}:{mask_hash(img)}" for m, img in found.items())
-        if errors:
-            params["NetWeave errors"] = " | ".join(e.replace(",", ";") for e in errors)
+    def infotext(self, req: Request, seed: int, report: Report) -> str:
+        """A1111's layout: the prompt with its tags, the negative prompt, then parameters
+        (a value with `,`, `:` or a line break JSON-quoted, as A1111 writes it); NetWeave adds
+        its report: masks used (name:hash), `Lora hashes`, problems."""
+        params = {"Steps": req.steps, "Sampler": str(req.sampler), "CFG scale": req.cfg_scale,
+                  "Seed": seed, "Size": f"{req.width}x{req.height}", "Model": self.model.name,
+                  **report.infotext()}
         text = req.prompt + ("\nNegative prompt: " + req.negative_prompt if req.negative_prompt else "")
-        return text + "\n" + ", ".join(f"{k}: {v}" for k, v in params.items())
+        return text + "\n" + ", ".join(f"{k}: {_quote(v)}" for k, v in params.items())
 
+
+def _quote(value) -> str:
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text

@@ -3,14 +3,16 @@ NetWeave's mask folder are, and the script's options argument. Reads the host's
 `modules.shared` / `modules.paths` when called, so both hosts' modules fit."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
 from typing import Dict
 
-from .library import Library
-from .masks import check_mask_name, decode_image
-from .settings import Settings
+from ..library import Library
+from ..masks import check_mask_name, decode_image
+from ..report import INFOTEXT_KEYS, Report
+from ..settings import Settings
 
 KINDS = ("lora", "lyco", "loractl", "model")
 TITLE = "NetWeave"
@@ -28,11 +30,17 @@ def mask_folder() -> str:
 
 
 def library() -> Library:
+    """The host's Lora and checkpoint folders; messages name them relative to the WebUI."""
     from modules import paths, shared
     models = getattr(paths, "models_path", None) or "models"
     lora = getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(models, "Lora")
     ckpt = getattr(shared.cmd_opts, "ckpt_dir", None) or os.path.join(models, "Stable-diffusion")
-    return Library([lora], [ckpt])
+    return _library(lora, ckpt, getattr(paths, "script_path", None) or os.getcwd())
+
+
+@functools.lru_cache(maxsize=8)
+def _library(lora: str, ckpt: str, base: str) -> Library:
+    return Library([lora], [ckpt], base=base)  # one per folder set: its hashes are kept
 
 
 def inline_masks(options) -> Dict:
@@ -46,19 +54,15 @@ def inline_masks(options) -> Dict:
     return found
 
 
-def report(params: dict, errors, used_masks: Dict) -> None:
-    """A batch's problems to the console (one line each, as the host's own extensions print)
-    and NetWeave's entries in p.extra_generation_params: problems and the masks used."""
-    from .masks import mask_hash
-    errors = list(dict.fromkeys(errors))  # the prompts of a batch repeat each other's problems
-    for e in errors:
-        print(f"NetWeave: {e}", file=sys.stderr)
-    params.pop("NetWeave errors", None)
-    params.pop("NetWeave masks", None)
-    if used_masks:
-        params["NetWeave masks"] = ",".join(f"{m}:{mask_hash(img)}" for m, img in used_masks.items())
-    if errors:
-        params["NetWeave errors"] = " | ".join(e.replace(",", ";") for e in errors)
+def write_report(params: dict, report: Report) -> None:
+    """A generation's report (session.py) to the console (new problems, one line each, as the
+    host's own extensions print) and into p.extra_generation_params, which becomes every
+    image's infotext: problems, masks used, `Lora hashes`, `<model:>` hashes."""
+    for line in report.unsaid():
+        print(f"NetWeave: {line}", file=sys.stderr)
+    for key in INFOTEXT_KEYS:
+        params.pop(key, None)
+    params.update(report.infotext())
 
 
 class TagNames:
@@ -162,7 +166,7 @@ def ui_tab(masks, context) -> list:
     """on_ui_tabs: the NetWeave tab (masks, explain) as the host wants it."""
     import gradio as gr
 
-    from . import tab
+    from .. import tab
     with gr.Blocks(analytics_enabled=False) as blocks:
         tab.build(masks, context)
     return [(blocks, TITLE, "netweave")]

@@ -13,14 +13,16 @@ from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from . import tab
-from .api import MAX_QUEUED, netweave_router, sdapi_router
+from .. import tab
+from ..api import netweave_router
 from .auth import BasicAuth
-from .diffusers_host import DiffusersHost, Request
-from .library import Library
-from .masks import MaskStore
+from .host import DiffusersHost, Request
+from .sdapi import MAX_QUEUED, sdapi_router
+from ..library import Library
+from ..masks import MaskStore
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "javascript",
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo
+SCRIPT = os.path.join(ROOT, "javascript",
                       "netweave.js")
 
 
@@ -104,7 +106,7 @@ def page(host: DiffusersHost):
             prompt = gr.Textbox(label="Prompt", lines=3, elem_id="netweave_prompt")
             negative = gr.Textbox(label="Negative prompt", lines=2)
             with gr.Row():
-                steps = gr.Slider(1, 150, value=20, step=1, label="Steps")
+                steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="netweave_steps")
                 seed = gr.Number(value=-1, precision=0, label="Seed")
                 width = gr.Slider(64, 2048, value=size, step=8, label="Width")
                 height = gr.Slider(64, 2048, value=size, step=8, label="Height")
@@ -115,8 +117,8 @@ def page(host: DiffusersHost):
             button.click(generate, [prompt, negative, steps, seed, width, height],
                          [gallery, info, problems])
         with gr.Tab("NetWeave"):
-            tab.build(host.masks, lambda n: host.context(n, host.masks), lambda: last["image"],
-                      host.settings, prompt)
+            tab.build(host.masks, host.context, lambda: last["image"],
+                      host.settings, prompt, steps)
     blocks.queue(default_concurrency_limit=1, max_size=MAX_QUEUED)  # the API's bound, on the page too
     return blocks
 

@@ -22,13 +22,14 @@ from typing import Dict, Optional
 
 from modules import extra_networks, processing_callbacks, script_callbacks, scripts, shared
 
-from ..network.engine import Engine
-from ..network.plan import CompileContext, Plan, compile_prompt, region_masks
-from .api import netweave_router
-from .masks import MaskError, MaskStore, Overlay, readable
-from .pipeline_run import PipelineRun
-from .webui import (ScriptParts, TagNames, inline_masks, library, mask_folder,
-                    register_settings, report, settings, ui_tab)
+from ...network.engine import Engine
+from ...network.plan import CompileContext
+from ..api import netweave_router
+from ..masks import MaskError, MaskStore
+from ..pipeline_run import PipelineRun
+from ..session import Session, compile_context
+from .common import (ScriptParts, TagNames, inline_masks, library, mask_folder,
+                     register_settings, settings, ui_tab, write_report)
 
 
 class NetWeaveNetworks(extra_networks.ExtraNetwork):
@@ -52,7 +53,9 @@ class Adapter:
         self.model_id: Optional[int] = None
         self.names = TagNames(NetWeaveNetworks)
         self.masks = MaskStore(mask_folder)
-        self.plan: Optional[Plan] = None
+        self.prompt: Optional[str] = None  # the batch's, with its tags
+        self.session: Optional[Session] = None
+        self.params: Dict = {}  # the generation's extra_generation_params
         self.inline: Dict = {}
         self.problems = []
         self.started = None  # the p whose pass has begun
@@ -84,53 +87,55 @@ class Adapter:
         self.names.give_back()
         if self.engine is not None:
             self.engine.deactivate()
-        self.plan = self.run = None
+        self.prompt = self.run = self.session = None
 
-    def context(self, steps: int, hires=None, masks=None) -> CompileContext:
-        opts = settings()
-        return CompileContext(arch=self.arch(), steps=steps, hires_steps=hires,
-                              masks=frozenset(self.masks if masks is None else masks),
-                              default_interp=opts.default_interp, strict=opts.strict)
+    def context(self, steps: int) -> CompileContext:
+        """What the tab's explain compiles against."""
+        return compile_context(self.arch(), settings(), steps, masks=self.masks)
 
     def plan_batch(self, p, prompts, options) -> None:
+        """The prompts still have their tags here; the engine starts with the pass."""
         self.inline, self.problems = {}, []
         try:
             self.inline = inline_masks(options)
         except (MaskError, ValueError) as exc:
             self.problems.append(f"masks: {exc}")
-        masks = Overlay(self.inline, self.masks)
-        hires = (getattr(p, "hr_second_pass_steps", 0) or p.steps) \
-            if getattr(p, "enable_hr", False) else None
-        ctx = self.context(p.steps, hires, masks)
-        self.plan = compile_prompt(prompts[0], ctx)
+        self.prompt = prompts[0]
         self.started = None
         p.task_args["callback_on_step_end"] = self.step_end
 
     def start_pass(self, p) -> None:
-        if self.plan is None or self.started is p:
+        if self.started is p:
             return  # the other names of the same pass
         self.started = p
+        if self.prompt is None:  # NetWeave's script did not see this generation: no network
+            if self.engine is not None:
+                self.engine.deactivate()
+            self.run = self.session = None
+            return
         engine = self.engine_for()
-        settings().apply(engine)
-        masks = Overlay(self.inline, self.masks)
+        session = Session(engine, library(), self.masks, settings())
         vae_scale = getattr(pipeline(), "vae_scale_factor", 8)
         cfg = p.cfg_scale > 1
-        engine.latent = (p.height // vae_scale, p.width // vae_scale)
-        engine.batch = (2 if cfg else 1) * p.batch_size
-        engine.masks = masks
-        engine.activate(self.plan)
+        hires = (getattr(p, "hr_second_pass_steps", 0) or p.steps) \
+            if getattr(p, "enable_hr", False) else None
+        plan, = session.prepare([self.prompt], steps=p.steps, hires_steps=hires,
+                                latent=(p.height // vae_scale, p.width // vae_scale),
+                                rows=(2 if cfg else 1) * p.batch_size, inline=self.inline,
+                                problems=self.problems)
         self.run = PipelineRun(engine, pipeline(), engine.arch, pipeline().device,
-                               self.plan.prompt, p.negative_prompts[0], p.batch_size, cfg,
-                               p.steps, self.plan.hires_steps)
-        errors = self.problems + [f"{e.message} (column {e.column})" for e in self.plan.errors]
-        used = sorted({m for n in self.plan.networks if n.region is not None
-                       for m in region_masks(n.region) if m in masks})
-        report(p.extra_generation_params, errors + engine.errors, readable(masks, used))
+                               plan.prompt, p.negative_prompts[0], p.batch_size, cfg,
+                               p.steps, plan.hires_steps)
+        self.session, self.params = session, p.extra_generation_params
+        self.prompt = None  # used: the next generation brings its own
+        write_report(p.extra_generation_params, session.report)
 
     def step_end(self, pipe, step, timestep, kwargs):
         kwargs = processing_callbacks.diffusers_callback(pipe, step, timestep, kwargs)
         if self.run is not None:
             kwargs.update(self.run.step_end(step))
+            if self.session.collect():  # found while sampling: into the infotext too
+                write_report(self.params, self.session.report)
         return kwargs
 
 

@@ -1,0 +1,95 @@
+"""One generation, the same in every host (docs/design.md §6). A host adapter says only what
+its host alone knows — its module trees and architecture, when its callbacks fire, how its
+batch rows are laid out — and hands the rest to a Session:
+
+    session = Session(engine, library, store, settings)
+    session.prepare(prompts, steps=…, hires_steps=…, hires_prompts=…, latent=…, rows=…,
+                    inline=…)          plans compiled, the engine activated, the report begun
+    …the host samples, moving the engine (engine.set_step, apply_te)…
+    session.collect()                  problems the engine found while sampling, into the report
+
+`session.report` is everything the user must see (report.py); the host writes it to its
+console, infotext and UI whenever `collect()` says something new came in.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Mapping, Optional, Sequence, Tuple
+
+from ..network.engine import Engine
+from ..network.plan import CompileContext, Plan, compile_prompt, region_masks, with_hires_prompt
+from ..parser import Severity
+from .library import Library
+from .masks import Overlay, mask_hash, readable
+from .report import Report
+from .settings import Settings
+
+
+def compile_context(arch: str, settings: Settings, steps: int, hires_steps: Optional[int] = None,
+                    masks=()) -> CompileContext:
+    """What prompts compile against in a host: its model, the pass lengths, the mask names it
+    has and the user's settings (default interpolation, strict tags)."""
+    return CompileContext(arch=arch, steps=steps, hires_steps=hires_steps,
+                          masks=frozenset(masks), default_interp=settings.default_interp,
+                          strict=settings.strict)
+
+
+class Session:
+    def __init__(self, engine: Engine, library: Library, store: Mapping, settings: Settings):
+        """`store`: the host's saved masks (name → image); `settings`: the user's, read now."""
+        self.engine, self.library, self.store, self.settings = engine, library, store, settings
+        self.report = Report(library.scrub)
+        self.plans: List[Plan] = []
+        self.masks: Mapping = store
+        self._seen = 0  # engine errors already in the report
+
+    def context(self, steps: int, hires_steps: Optional[int] = None) -> CompileContext:
+        return compile_context(self.engine.arch, self.settings, steps, hires_steps, self.masks)
+
+    def prepare(self, prompts: Sequence[str], *, steps: int, latent: Tuple[int, int], rows: int,
+                hires_steps: Optional[int] = None, hires_prompts: Optional[Sequence[str]] = None,
+                inline: Optional[Mapping] = None, problems: Sequence[str] = ()) -> List[Plan]:
+        """Compile one plan per prompt of the batch (`hires_prompts`: the hires pass's own
+        prompts, whose tags drive that pass as the hosts' do), activate the engine for a
+        `latent` (h, w) of `rows` UNet rows, and begin the report. `problems`: what the host
+        found before (an unreadable inline mask). NetWeave switched off in the settings: the
+        tags are text it ignores, and every weight is pristine."""
+        self.masks = Overlay(inline or {}, self.store)
+        for p in problems:
+            self.report.add(p)
+        ctx = self.context(steps, hires_steps)
+        plans = [compile_prompt(text, ctx) for text in prompts]
+        if hires_steps is not None and hires_prompts is not None:
+            plans = [with_hires_prompt(plan, compile_prompt(text, ctx))
+                     for plan, text in zip(plans, hires_prompts)]
+        if not self.settings.enabled:
+            plans = [dataclasses.replace(plan, networks=()) for plan in plans]
+        for plan in plans:
+            self.report.add_diagnostics(plan.errors)
+        self.engine.configure(**self.settings.engine_options())
+        self.engine.activate(plans, latent=latent, batch=rows, masks=self.masks)
+        self.plans = plans
+        self._seen = 0
+        self.collect()
+        self._describe_resources()
+        return plans
+
+    def collect(self) -> bool:
+        """The engine's problems since the last call (a layer left out at its first UNet call,
+        a merge that does not fit at a later keyframe) into the report; True when any came."""
+        errors = self.engine.errors
+        new = errors[self._seen:]
+        self._seen = len(errors)
+        for e in new:
+            self.report.add(e, Severity.ERROR)
+        return bool(new)
+
+    def _describe_resources(self) -> None:
+        used = sorted({m for plan in self.plans for n in plan.networks if n.region is not None
+                       for m in region_masks(n.region) if m in self.masks})
+        for name, img in readable(self.masks, used).items():
+            self.report.masks[name] = mask_hash(img)
+        for kind, name in self.engine.applied:
+            digest = self.library.short_hash(kind, name)
+            if digest is not None:
+                (self.report.models if kind == "model" else self.report.networks)[name] = digest

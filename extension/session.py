@@ -41,7 +41,7 @@ class Session:
         self.report = Report(library.scrub)
         self.plans: List[Plan] = []
         self.masks: Mapping = store
-        self._seen = 0  # engine errors already in the report
+        self._seen = (0, 0)  # engine errors and warnings already in the report
 
     def context(self, steps: int, hires_steps: Optional[int] = None) -> CompileContext:
         return compile_context(self.engine.arch, self.settings, steps, hires_steps, self.masks)
@@ -69,7 +69,7 @@ class Session:
         self.engine.configure(**self.settings.engine_options())
         self.engine.activate(plans, latent=latent, batch=rows, masks=self.masks)
         self.plans = plans
-        self._seen = 0
+        self._seen = (0, 0)
         self.collect()
         self._describe_resources()
         return plans
@@ -77,11 +77,12 @@ class Session:
     def collect(self) -> bool:
         """The engine's problems since the last call (a layer left out at its first UNet call,
         a merge that does not fit at a later keyframe) into the report; True when any came."""
-        errors = self.engine.errors
-        new = errors[self._seen:]
-        self._seen = len(errors)
-        for e in new:
-            self.report.add(e, Severity.ERROR)
+        errors, warnings = self.engine.errors, self.engine.warnings
+        new = [(e, Severity.ERROR) for e in errors[self._seen[0]:]] + \
+              [(w, Severity.WARNING) for w in warnings[self._seen[1]:]]
+        self._seen = (len(errors), len(warnings))
+        for message, severity in new:
+            self.report.add(message, severity)
         return bool(new)
 
     def _describe_resources(self) -> None:

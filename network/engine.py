@@ -43,7 +43,7 @@ from .cache import NetworkCache
 from .calibrate import Calibration, calibration
 from .files import NetworkFileError
 from .keymap import KeyMap, Target, linear_like
-from .loader import LoadedNetwork, load_checkpoint, load_network
+from .loader import LoadedNetwork, load_checkpoint, load_network, split_key
 from .plan import NetworkPlan, PassPlan, Plan
 from .regions import RegionError, RegionMaps, rest_of, uses_rest
 
@@ -162,6 +162,7 @@ class Engine:
         self.plans: List[Plan] = []
         self.entries: List[Entry] = []
         self.errors: List[str] = []
+        self.warnings: List[str] = []  # what the user should know, that skipped nothing
         self.applied: Tuple[Tuple[str, str], ...] = ()  # (kind, name) of the networks loaded
         self.merges = 0  # layers merged so far (benchmarks and tests read it)
         self.runtime = Runtime(self)
@@ -208,6 +209,7 @@ class Engine:
             if (p.steps, p.hires_steps) != (plans[0].steps, plans[0].hires_steps):
                 raise ValueError("the plans of one batch must have the same steps")
         errors: List[str] = []
+        warnings: List[str] = []
         entries = _entries(plans)
         maps = RegionMaps(self.latent)
         loaded = {}
@@ -229,6 +231,11 @@ class Engine:
                 errors.append(f"{label}: left out on {len(refused)} layer(s) whose weights cannot "
                               f"be merged: {t.component} {t.name}: {why}"
                               + (f" (and {more} more)" if more else ""))
+            loose = _loose_layers(loaded[i], self.keymap)
+            if loose and loaded[i].kind == "lora":
+                warnings.append(f"{label}: {len(loose)} of its layers name no layer of this "
+                                f"model (first: {loose[0]}); it acts on the other "
+                                f"{len(loaded[i].layers)}")
         slots = self._build_slots(entries, loaded)
         self._choose_strategies(slots)
         units = self._choose_routes(slots)
@@ -237,6 +244,7 @@ class Engine:
         self.entries = entries
         self._guarded(self._switch, slots, units)
         self.plan, self.plans, self.errors, self._segments = plans[0], plans, errors, {}
+        self.warnings = warnings
         self.applied = tuple(dict.fromkeys((entries[i].net.kind, entries[i].net.name)
                                            for i in sorted(loaded)))
         self._changes = {phase: _change_steps(self._unet_slots(), phase) for phase in PHASES}
@@ -707,6 +715,13 @@ class MergeOverflow(ArithmeticError):
                          f"does not fit {str(dtype).replace('torch.', '')} (values beyond its "
                          f"range)")
         self.contribution = contribution
+
+
+def _loose_layers(net: LoadedNetwork, keymap: KeyMap) -> List[str]:
+    """The file's layers (by name) that reach no layer of the host and are not refused ones:
+    a file for another model variant, or renamed keys."""
+    names = dict.fromkeys((split_key(k) or (k, ""))[0] for k in net.unmatched)
+    return [n for n in names if not keymap.refused([n + ".weight"])]
 
 
 def _without(plans: List[Plan], entry: Entry) -> List[Plan]:

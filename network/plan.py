@@ -16,6 +16,7 @@ import numpy as np
 
 from ..parser import (BUILTIN_REGIONS, Diagnostic, Mask, Not, Prompt, Region, Scaled, Schedule,
                       Tag, Window, format_region, format_tag, parse, snippet)
+from ..parser.parse import strictly
 from .blocks import ARCH_TITLES, BLOCKS, group_of, resolve_weights
 from .schedule import evaluate, window_mask
 
@@ -139,8 +140,8 @@ def compile_parsed(parsed: Prompt, source: str, ctx: CompileContext) -> Plan:
         problems = []
 
         def problem(key: str, message: str, severity: str = "error"):
-            if ctx.strict:
-                severity = "error"
+            if ctx.strict and severity != "error":
+                severity, message = "error", strictly(message)
             col = tag.column_of(key)
             problems.append(Diagnostic(message, col, snippet(source, tag.span[0], col - 1),
                                        severity))

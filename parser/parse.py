@@ -54,8 +54,8 @@ def parse(prompt: str, strict: bool = False) -> Prompt:
         tag, problems = _parse_tag(text)
         skip = tag is None
         for offset, message, severity in problems:
-            if strict:
-                severity = "error"
+            if strict and severity != "error":
+                severity, message = "error", strictly(message)
             skip = skip or severity == "error"
             errors.append(_diagnostic(prompt, tok.start_pos, tok.start_pos + offset, message,
                                       severity))
@@ -68,6 +68,12 @@ def parse(prompt: str, strict: bool = False) -> Prompt:
                 pieces.pop()
         joint = True
     return Prompt("".join(pieces), tuple(tags), tuple(errors))
+
+
+def strictly(message: str) -> str:
+    """A warning's message once strict tags make it an error: the whole tag is skipped."""
+    return message.replace(" is ignored", "").replace("; it is ignored", "") + \
+        " (strict tags: the tag is not applied)"
 
 
 def parse_region(text: str) -> Tuple[Optional[Region], Optional[Diagnostic]]:

@@ -472,6 +472,8 @@ def test_strict_tags_make_a_warning_an_error_the_user_sees(host):
     lenient, _ = generate("a fox <lora:style:1:fooo=1>")
     assert torch.equal(strict.images[0], plain.images[0])
     assert "error: unknown key 'fooo'" in strict.infotexts[0]
+    assert "the tag is not applied" in strict.infotexts[0]  # not "is ignored": it was not
+    assert "is ignored" not in strict.infotexts[0]
     assert not torch.allclose(lenient.images[0], plain.images[0], atol=1e-4)
     assert "warning: unknown key 'fooo'" in lenient.infotexts[0]
 

@@ -128,7 +128,7 @@ def test_generate_shows_the_image(page, tmp_path):
     page.click("#netweave_generate")
     page.locator("#netweave_gallery img").first.wait_for(state="visible", timeout=60000)
     page.wait_for_function("document.querySelector('#netweave_errors textarea').value"
-                           " === 'no errors'", timeout=30000)
+                           " === 'no problems'", timeout=30000)
     shot(page, "generated.png", tmp_path)
 
 

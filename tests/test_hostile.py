@@ -178,7 +178,7 @@ def test_symlinks_in_the_mask_folder_are_not_followed(tmp_path):
 def test_the_page_cannot_change_a_folder(setup):
     from netweave.extension.standalone.server import page
     from netweave.extension.settings import Settings
-    blocks = page(setup[0])
+    blocks = page(setup[0], setup[1])
     labels = {getattr(b, "label", None) for b in blocks.blocks.values()}
     assert Settings.LABELS["enabled"] in labels
     assert not labels & {Settings.LABELS[f] for f in Settings.HOST_ONLY}

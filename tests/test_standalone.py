@@ -168,6 +168,33 @@ def test_the_infotext_has_hashes_and_never_a_server_folder(setup, client):
         assert str(root) not in answer
 
 
+def test_a_network_that_only_partly_fits_says_so(setup, client):
+    """A file with layers this model lacks acts on the layers it has, with a warning saying
+    how many it left (the real WebUIs applied such a file silently)."""
+    import os
+
+    from safetensors.torch import load_file, save_file
+    host, library, masks, root = setup
+    tensors = load_file(library.find("lora", "demo_style"))
+    tensors.update({"lora_unet_no_such_block_proj.lora_down.weight": torch.zeros(4, 8),
+                    "lora_unet_no_such_block_proj.lora_up.weight": torch.zeros(8, 4),
+                    "lora_unet_no_such_block_proj.alpha": torch.tensor(4.0)})
+    path = os.path.join(library.lora_dirs[0], "demo_partly.safetensors")
+    save_file(tensors, path)
+    try:
+        body = {"steps": 2, "width": 64, "height": 64, "seed": 3}
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": "a fox <lora:demo_partly:1>", **body})
+        plain = client.post("/sdapi/v1/txt2img", json={"prompt": "a fox", **body})
+        full = client.post("/sdapi/v1/txt2img", json={"prompt": "a fox <lora:demo_style:1>", **body})
+    finally:
+        os.remove(path)
+    info = json.loads(r.json()["info"])
+    assert any(e.startswith("warning: lora:demo_partly: 1 of its layers name no layer of this "
+                            "model (first: lora_unet_no_such_block_proj)")
+               for e in info["netweave"]["errors"]), info["netweave"]["errors"]
+    assert r.json()["images"][0] == full.json()["images"][0] != plain.json()["images"][0]
+
+
 @pytest.mark.parametrize("body, message", [
     ({"prompt": "x", "width": 63}, "multiple of 8"),
     ({"prompt": "x", "steps": 0}, "steps must be"),
@@ -514,15 +541,30 @@ def test_published_configs_build_the_real_shapes(arch):
 
 
 def test_the_pages_generate_button_reports_progress(setup):
+    """The page has what an A1111 user reaches for first (issue 16 item 15): sampler, CFG,
+    batch count and size, and the network list whose rows put their tag in the prompt."""
+    from types import SimpleNamespace
+
     from netweave.extension.standalone.server import page
-    host = setup[0]
-    blocks = page(host)
-    (generate,) = [d.fn for d in blocks.fns.values() if getattr(d.fn, "__name__", "") == "generate"]
+    host, library = setup[0], setup[1]
+    blocks = page(host, library)
+    fns = {getattr(d.fn, "__name__", ""): d.fn for d in blocks.fns.values()}
     calls = []
-    images, info, problems = generate("a fox <lora:demo_style:1> <lora:typo:1>", "", 3, 1, 64, 64,
-                                      progress=lambda *a, **k: calls.append((a, k)))
-    assert len(images) == 1 and "Seed: 1" in info and "no lora named 'typo'" in problems
+    images, info, problems = fns["generate"](
+        "a fox <lora:demo_style:1> <lora:typo:1>", "blurry", "DPM++ 2M", 3, 5.5, 1, 64, 64, 2, 2,
+        progress=lambda *a, **k: calls.append((a, k)))
+    assert len(images) == 4 and "no lora named 'typo'" in problems
+    assert len([line for line in problems.splitlines() if "typo" in line]) == 1  # said once
+    seeds = [line.split("Seed: ")[1].split(",")[0] for line in info.splitlines() if "Seed: " in line]
+    assert seeds == ["1", "2", "3", "4"] and "Sampler: DPM++ 2M" in info and "CFG scale: 5.5" in info
+    assert "Negative prompt: blurry" in info
     assert calls and all(0.0 <= a[0] <= 1.0 for a, _ in calls)
+    rows = fns["networks"]()
+    assert [r[:2] for r in rows] == [["lora", "demo_style"], ["lora", "demo_texture"],
+                                     ["model", "demo_blend"]]
+    assert fns["insert"]("a fox", rows, SimpleNamespace(index=(2, 1))) == \
+        "a fox <model:demo_blend:0.5>"
+    assert fns["insert"]("", rows, SimpleNamespace(index=(0, 0))) == "<lora:demo_style:1>"
 
 
 def test_settings_switch_netweave_off_and_make_tags_strict(setup, client):

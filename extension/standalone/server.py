@@ -17,6 +17,7 @@ from .. import tab
 from ..api import netweave_router
 from .auth import BasicAuth
 from .host import DiffusersHost, Request
+from .samplers import Sampler
 from .sdapi import MAX_QUEUED, sdapi_router
 from ..library import Library
 from ..masks import MaskStore
@@ -38,7 +39,7 @@ def build_app(host: DiffusersHost, library: Library, masks: MaskStore, ui: bool 
         import gradio as gr
         with open(SCRIPT, encoding="utf-8") as f:  # the prompt-box helpers WebUIs load too
             head = f"<script>{f.read()}</script>"
-        app = gr.mount_gradio_app(app, page(host), path="/", head=head)
+        app = gr.mount_gradio_app(app, page(host, library), path="/", head=head)
     if auth:
         app.add_middleware(BasicAuth, credentials=auth)
     return app
@@ -71,56 +72,103 @@ async def _too_large(request: HTTPRequest, exc) -> JSONResponse:
                                    f"{limit} bytes"}, status_code=413)
 
 
-def page(host: DiffusersHost):
-    """Prompt, negative prompt, steps, seed, size; the gallery; NetWeave's explain panel."""
+def page(host: DiffusersHost, library: Library):
+    """What an A1111 user reaches for first: prompt and negative prompt, sampler, steps, CFG
+    scale, seed, size, batch count and size; the networks with their metadata, a click putting
+    one's tag into the prompt (the WebUIs' cards); the gallery; NetWeave's tab."""
     import gradio as gr
 
     size = host.model.size
     last = {"image": None}  # the mask tab previews over it
 
-    def generate(prompt, negative, steps, seed, width, height, progress=gr.Progress()):
-        req = Request(prompt=prompt, negative_prompt=negative, steps=int(steps), seed=int(seed),
-                      width=int(width), height=int(height))
-        done = {}
+    def generate(prompt, negative, sampler, steps, cfg, seed, width, height, count, batch,
+                 progress=gr.Progress()):
+        images, infos, problems = [], [], []
+        for i in range(int(count)):
+            req = Request(prompt=prompt, negative_prompt=negative, steps=int(steps),
+                          cfg_scale=float(cfg), sampler=Sampler(sampler),
+                          seed=int(seed) if int(seed) < 0 else int(seed) + i * int(batch),
+                          width=int(width), height=int(height), batch_size=int(batch))
+            result = _run(host, req, progress, f"image {i + 1}/{int(count)}: ")
+            images += result.images
+            infos += result.infotexts
+            problems += [p for p in result.errors if p not in problems]
+        last["image"] = images[0] if images else None
+        return images, "\n".join(infos), "\n".join(problems) or "no problems"
 
-        def work():
-            try:
-                done["result"] = host.txt2img(req)
-            except Exception as exc:  # shown to the user below
-                done["error"] = exc
-        worker = threading.Thread(target=work, daemon=True)
-        worker.start()
-        while worker.is_alive():  # the progress bar follows the sampler's steps
-            p = host.progress
-            progress(p.fraction if p.busy else 0.0, desc=f"step {p.step}/{p.steps or req.steps}")
-            worker.join(0.25)
-        if "error" in done:
-            raise gr.Error(str(done["error"]))
-        result = done["result"]
-        last["image"] = result.images[0] if result.images else None
-        return result.images, "\n".join(result.infotexts), "\n".join(result.errors) or "no errors"
+    def networks():
+        rows = []
+        for kind in ("lora", "model"):
+            for name in library.names(kind):
+                entry = library.describe(kind, name)
+                rows.append([kind, name, entry["architecture"] or "",
+                             ", ".join(entry["trigger_words"][:8]), entry["error"] or ""])
+        return rows
+
+    def insert(prompt, rows, evt: gr.SelectData):
+        """A click on a network's row puts its tag at the end of the prompt."""
+        kind, name = list(rows.iloc[evt.index[0]])[:2] if hasattr(rows, "iloc") \
+            else rows[evt.index[0]][:2]
+        tag = f"<lora:{name}:1>" if kind == "lora" else f"<model:{name}:0.5>"
+        return (prompt.rstrip() + " " + tag).lstrip()
 
     with gr.Blocks(title="NetWeave") as blocks:
         gr.Markdown("# NetWeave")
         with gr.Tab("txt2img"):
             prompt = gr.Textbox(label="Prompt", lines=3, elem_id="netweave_prompt")
-            negative = gr.Textbox(label="Negative prompt", lines=2)
+            negative = gr.Textbox(label="Negative prompt", lines=2,
+                                  elem_id="netweave_negative")
             with gr.Row():
+                sampler = gr.Dropdown([s.value for s in Sampler], value=Sampler.EULER.value,
+                                      label="Sampler", elem_id="netweave_sampler")
                 steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="netweave_steps")
+                cfg = gr.Slider(1, 30, value=7, step=0.5, label="CFG scale",
+                                elem_id="netweave_cfg")
                 seed = gr.Number(value=-1, precision=0, label="Seed")
+            with gr.Row():
                 width = gr.Slider(64, 2048, value=size, step=8, label="Width")
                 height = gr.Slider(64, 2048, value=size, step=8, label="Height")
+                count = gr.Slider(1, 16, value=1, step=1, label="Batch count",
+                                  elem_id="netweave_batch_count")
+                batch = gr.Slider(1, 8, value=1, step=1, label="Batch size",
+                                  elem_id="netweave_batch_size")
             button = gr.Button("Generate", variant="primary", elem_id="netweave_generate")
             gallery = gr.Gallery(label="Images", elem_id="netweave_gallery")
-            info = gr.Textbox(label="Parameters", lines=3)
+            info = gr.Textbox(label="Parameters", lines=3, elem_id="netweave_info")
             problems = gr.Textbox(label="NetWeave", lines=2, elem_id="netweave_errors")
-            button.click(generate, [prompt, negative, steps, seed, width, height],
-                         [gallery, info, problems])
+            with gr.Accordion("Networks (click one to add its tag to the prompt)", open=False):
+                cards = gr.Dataframe(networks, headers=["kind", "name", "architecture",
+                                                        "trigger words", "problem"],
+                                     interactive=False, elem_id="netweave_networks")
+            cards.select(insert, [prompt, cards], [prompt])
+            button.click(generate, [prompt, negative, sampler, steps, cfg, seed, width, height,
+                                    count, batch], [gallery, info, problems])
         with gr.Tab("NetWeave"):
             tab.build(host.masks, host.context, lambda: last["image"],
                       host.settings, prompt, steps)
     blocks.queue(default_concurrency_limit=1, max_size=MAX_QUEUED)  # the API's bound, on the page too
     return blocks
+
+
+def _run(host: DiffusersHost, req: Request, progress, label: str):
+    """One txt2img on a worker thread, the page's progress bar following its steps."""
+    import gradio as gr
+    done = {}
+
+    def work():
+        try:
+            done["result"] = host.txt2img(req)
+        except Exception as exc:  # shown to the user
+            done["error"] = exc
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        p = host.progress
+        progress(p.fraction if p.busy else 0.0, desc=f"{label}step {p.step}/{p.steps or req.steps}")
+        worker.join(0.25)
+    if "error" in done:
+        raise gr.Error(str(done["error"]))
+    return done["result"]
 
 
 def loopback(address: str) -> bool:

@@ -132,7 +132,8 @@ def test_strengths_follow_the_steps_for_first_and_second_order_samplers(host, sa
     out, seen = generate("a fox <lora:style:0@0,1@0.5> <lora:texture:0.5:out=0.5>", steps=4,
                          sampler_name=sampler, record=t)
     assert len(out.images) == 1 and "NetWeave errors" not in out.infotexts[0]
-    steps = [a1111.current_step(type("D", (), {"step": s, "sampler": type(
+    from netweave.extension.webui.ldm import current_step
+    steps = [current_step(type("D", (), {"step": s, "sampler": type(
         "S", (), {"config": processing.SamplerConfig(sampler)})(), "steps": 4})(), 4)
         for s, *_ in seen]
     assert steps == calls

@@ -2,7 +2,7 @@
 takes the `lora`, `lyco`, `loractl` and `model` tag names, per-step control from
 `on_cfg_denoiser`, and NetWeave's HTTP routes (docs/design.md §6).
 
-Shared with Forge in a1111_family.py; here: A1111's module trees, its built-in Lora's
+Shared with Forge in ldm.py; here: A1111's module trees, its built-in Lora's
 backups put back in `process`, and its CFGDenoiser row layout (conds, then unconds).
 """
 from __future__ import annotations
@@ -13,8 +13,7 @@ import torch
 
 from modules import scripts, shared  # the host's own
 
-from .ldm import (PLMS, Adapter, LdmScript, NetWeaveNetworks, Run,  # noqa: F401
-                           current_step, register)
+from .ldm import Adapter, LdmScript, register
 
 
 class A1111Adapter(Adapter):

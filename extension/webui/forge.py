@@ -1,7 +1,7 @@
 """Forge 2 (lllyasviel/stable-diffusion-webui-forge, `backend/`) host adapter: A1111's script
 and extra-network API on Forge's own model objects (docs/design.md §6).
 
-What differs from A1111 (the rest is a1111_family.py):
+What differs from A1111 (the rest is ldm.py):
 - Trees: `sd_model.forge_objects.unet.model.diffusion_model` (LDM names) and
   `forge_objects.clip.cond_stage_model.clip_l` (+ `clip_g` on SDXL), Hugging Face CLIP.
   Forge builds them from its own layer classes (`backend/operations.py`): its Linear is a
@@ -16,8 +16,8 @@ What differs from A1111 (the rest is a1111_family.py):
   1 uncond) says which, so a pre-hook on the diffusion model describes every call's rows.
 - Scaled low-precision weights (`scale_weight`): a merge stores (W·scale + ΔW) / scale.
   Quantized weights (NF4, GGUF) take no merge: the engine leaves those layers out and says so.
-- The hires pass samples a larger latent: `process_before_every_sampling` (Forge calls it
-  before each pass, twice before hires) sets the engine's latent size for regions.
+- The hires pass samples a larger latent: as in A1111, each denoiser call gives the engine
+  its latent size for regions (ldm.py).
 - Forge samples inside torch.inference_mode() and its LoRA loader creates parameters there;
   the engine writes such inference tensors in that mode.
 """

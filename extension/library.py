@@ -15,8 +15,8 @@ from typing import Dict, List, Optional, Sequence
 
 from ..network.detect import detect_architecture
 from ..network.files import (NetworkFileError, base_architecture, checkpoint_files,
-                             content_stamp, describe_metadata, open_safetensors,
-                             tensor_data_hash)
+                             FileHash, content_hash, content_stamp, describe_metadata,
+                             open_safetensors)
 from ..parser.names import network_name_problem
 
 DESCRIBED = 4096  # listing entries kept
@@ -132,22 +132,23 @@ class Library:
                 self._described.popitem(last=False)
         return dict(entry)
 
-    def short_hash(self, kind: str, name: str) -> Optional[str]:
-        """The first 12 characters of the file's tensor-data hash (files.tensor_data_hash), as
-        A1111 writes it in `Lora hashes`; kept until the file changes. None when it cannot be
+    def short_hash(self, kind: str, name: str, what: FileHash = FileHash.TENSORS
+                   ) -> Optional[str]:
+        """The first 12 characters of the file's hash (files.content_hash), as the host's own
+        Lora writes it in `Lora hashes`; kept until the file changes. None when it cannot be
         read (its tag's error says why)."""
         try:
             path = self.find(kind, name)
             stamp = content_stamp(path)
             with self._lock:
-                known = self._hashes.get(path)
+                known = self._hashes.get((path, what))
             if known is not None and stamp is not None and known[0] == stamp:
                 return known[1]
-            digest = tensor_data_hash(path)[:12]
+            digest = content_hash(path, what)[:12]
         except (FileNotFoundError, BadName, NetworkFileError):
             return None
         with self._lock:
-            self._hashes[path] = (stamp, digest)
+            self._hashes[(path, what)] = (stamp, digest)
             while len(self._hashes) > DESCRIBED:
                 self._hashes.popitem(last=False)
         return digest

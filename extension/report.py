@@ -68,7 +68,7 @@ class Report:
         if self.models:
             out[MODEL_HASHES] = ", ".join(f"{_bare(n)}: {h}" for n, h in self.models.items())
         if self.problems:
-            out[ERRORS] = " | ".join(line.replace(",", ";") for line in self.problems)
+            out[ERRORS] = " | ".join(self.problems)
         return out
 
 

@@ -17,6 +17,7 @@ import dataclasses
 from typing import List, Mapping, Optional, Sequence, Tuple
 
 from ..network.engine import Engine
+from ..network.files import FileHash
 from ..network.plan import CompileContext, Plan, compile_prompt, region_masks, with_hires_prompt
 from ..parser import Severity
 from .library import Library
@@ -35,9 +36,12 @@ def compile_context(arch: str, settings: Settings, steps: int, hires_steps: Opti
 
 
 class Session:
-    def __init__(self, engine: Engine, library: Library, store: Mapping, settings: Settings):
-        """`store`: the host's saved masks (name → image); `settings`: the user's, read now."""
+    def __init__(self, engine: Engine, library: Library, store: Mapping, settings: Settings,
+                 file_hash: FileHash = FileHash.TENSORS):
+        """`store`: the host's saved masks (name → image); `settings`: the user's, read now;
+        `file_hash`: the hash the host's own Lora writes in `Lora hashes`."""
         self.engine, self.library, self.store, self.settings = engine, library, store, settings
+        self.file_hash = file_hash
         self.report = Report(library.scrub)
         self.plans: List[Plan] = []
         self.masks: Mapping = store
@@ -91,6 +95,6 @@ class Session:
         for name, img in readable(self.masks, used).items():
             self.report.masks[name] = mask_hash(img)
         for kind, name in self.engine.applied:
-            digest = self.library.short_hash(kind, name)
+            digest = self.library.short_hash(kind, name, self.file_hash)
             if digest is not None:
                 (self.report.models if kind == "model" else self.report.networks)[name] = digest

@@ -19,6 +19,7 @@ import re
 import stat
 import struct
 import threading
+from enum import Enum
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -444,19 +445,25 @@ def content_stamp(path: str) -> Optional[Stamp]:
     return tuple(stamps)
 
 
-def tensor_data_hash(path: str) -> str:
-    """SHA-256 (hex) of a network or checkpoint's tensor data: for a .safetensors file the
-    bytes after its header, metadata excluded — the "addnet" hash A1111, Forge and SD.Next
-    write to `Lora hashes` (first 12 characters) and Civitai indexes; for a diffusers folder,
-    the hash of its component files' hashes in order."""
+class FileHash(str, Enum):
+    """Which SHA-256 a host writes for a network in `Lora hashes` (its first 12 digits)."""
+
+    TENSORS = "tensor data"  # a safetensors file's bytes after its header: A1111, SD.Next, Civitai's AutoV3
+    WHOLE_FILE = "whole file"  # every byte of the file: Forge 2 (its hashes.py ignores addnet)
+
+
+def content_hash(path: str, what: FileHash = FileHash.TENSORS) -> str:
+    """SHA-256 (hex) of a network or checkpoint file; for a diffusers folder, the hash of its
+    component files' hashes in order."""
     files = checkpoint_files(path)
     if len(files) > 1 or os.path.isdir(path):
-        return hashlib.sha256("".join(tensor_data_hash(f) for f, _ in files)
+        return hashlib.sha256("".join(content_hash(f, what) for f, _ in files)
                               .encode("ascii")).hexdigest()
     digest = hashlib.sha256()
     with _open_regular_file(path) as f:
-        header_len, _ = _read_header(path, f, os.fstat(f.fileno()).st_size)
-        f.seek(8 + header_len)
+        if what == FileHash.TENSORS:
+            header_len, _ = _read_header(path, f, os.fstat(f.fileno()).st_size)
+            f.seek(8 + header_len)
         try:
             for chunk in iter(lambda: f.read(2 ** 20), b""):
                 digest.update(chunk)

@@ -214,6 +214,19 @@ def test_a_bad_tag_never_stops_a_generation(forge, capsys):
     assert "NetWeave: " in capsys.readouterr().err
 
 
+def test_lora_hashes_are_forges_own(forge):
+    """Forge's hashes.py hashes the whole file where A1111 hashes the tensor data (the real
+    Forge wrote ea2b6f8b7154 for the file A1111 hashed as 2dd6a9065710): `Lora hashes` says
+    what Forge's own Lora would."""
+    import hashlib
+
+    from modules import shared
+    out, _ = generate("a fox <lora:style:0.5>")
+    path = os.path.join(shared.cmd_opts.lora_dir, "style.safetensors")
+    whole = hashlib.sha256(open(path, "rb").read()).hexdigest()[:12]
+    assert f'Lora hashes: "style: {whole}"' in out.infotexts[0], out.infotexts[0]
+
+
 def test_hires_pass_uses_its_own_steps_strengths_and_latent(forge):
     adapter = forge[0]
     generate("warm up <lora:style:0.1>")

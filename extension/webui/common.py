@@ -59,10 +59,21 @@ def write_report(params: dict, report: Report) -> None:
     host's own extensions print) and into p.extra_generation_params, which becomes every
     image's infotext: problems, masks used, `Lora hashes`, `<model:>` hashes."""
     for line in report.unsaid():
-        print(f"NetWeave: {line}", file=sys.stderr)
+        _console(f"NetWeave: {line}")
     for key in INFOTEXT_KEYS:
         params.pop(key, None)
     params.update(report.infotext())
+
+
+def _console(line: str) -> None:
+    """A line on the console; during sampling, above the host's progress bar (tqdm), not
+    inside it."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        print(line, file=sys.stderr)
+    else:
+        tqdm.write(line, file=sys.stderr)
 
 
 class TagNames:

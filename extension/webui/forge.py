@@ -18,6 +18,8 @@ What differs from A1111 (the rest is ldm.py):
   Quantized weights (NF4, GGUF) take no merge: the engine leaves those layers out and says so.
 - The hires pass samples a larger latent: as in A1111, each denoiser call gives the engine
   its latent size for regions (ldm.py).
+- `Lora hashes`: Forge's hashes.py takes the SHA-256 of the whole file even where A1111 takes
+  the tensor data's, so NetWeave writes Forge's.
 - Forge samples inside torch.inference_mode() and its LoRA loader creates parameters there;
   the engine writes such inference tensors in that mode.
 """
@@ -28,10 +30,13 @@ from typing import Optional
 
 from modules import scripts, shared  # the host's own
 
+from ...network.files import FileHash
 from .ldm import Adapter, LdmScript, register
 
 
 class ForgeAdapter(Adapter):
+    file_hash = FileHash.WHOLE_FILE  # Forge's hashes.py hashes every byte, addnet or not
+
     def __init__(self):
         super().__init__()
         self._rows_hook = None  # (diffusion model, hook handle)

@@ -9,16 +9,17 @@ Per generation (hooks in A1111's order):
   our tags with float() and patch the same layers); the built-in loads nothing and puts back
   every layer it changed, so NetWeave's pristine copies are the model's. Disabled: give the
   names back and restore every weight.
-- `before_process_batch` (the prompts still have their tags): one plan per prompt of the batch,
-  the engine activated, the text encoders merged for step 0 — the host then encodes with them.
+- `before_process_batch` (the prompts still have their tags): a Session (session.py) compiles
+  one plan per prompt of the batch (the hires prompts' folded in) and activates the engine; the
+  text encoders are merged for step 0 — the host then encodes with them.
 - `on_cfg_denoiser`, at every model evaluation: the step (A1111's `sampling_step` lags by one,
   so from the denoiser's own call counter), the pass (`p.is_hr_pass`); where text-encoder
   strengths change during the pass (or a prompt of the batch has other TE networks, or a
   regional TE network acts), the conditioning rows are swapped for an encoding made with the
   right text-encoder weights, cached per segment: made by the host's own prompt_parser as the
   host makes its conds (prompt editing, AND, the hires prompt and size, SDXL's dicts).
-- Infotext: the tags stay in the prompt; problems go to "NetWeave errors", masks to
-  "NetWeave masks" (name:hash).
+- Infotext: the tags stay in the prompt; the session's report (report.py: problems, masks,
+  `Lora hashes`) goes into p.extra_generation_params, again whenever sampling adds to it.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import torch
 from modules import extra_networks, shared  # the host's own
 
 from ...network.engine import Engine
+from ...network.files import FileHash
 from ...network.plan import CompileContext, Plan
 from ..masks import MaskError, MaskStore
 from ..session import Session, compile_context
@@ -61,6 +63,8 @@ class Run:
 
 
 class Adapter:
+    file_hash = FileHash.TENSORS  # what the host's own Lora writes in `Lora hashes`
+
     def __init__(self):
         self.engine: Optional[Engine] = None
         self.model_id: Optional[int] = None
@@ -111,7 +115,7 @@ class Adapter:
 
     def start_batch(self, p, prompts: List[str], inline: Dict, problems: List[str]) -> None:
         engine = self.engine_for(p.sd_model)
-        session = Session(engine, library(), self.masks, settings())
+        session = Session(engine, library(), self.masks, settings(), self.file_hash)
         hires = (p.hr_second_pass_steps or p.steps) if getattr(p, "enable_hr", False) else None
         plans = session.prepare(prompts, steps=p.steps, hires_steps=hires,
                                 hires_prompts=hires_prompts(p) if hires else None,

@@ -13,6 +13,12 @@ def register_extra_network(extra_network):
     extra_network_registry[extra_network.name] = extra_network
 
 
+def register_default_extra_networks():
+    """After scripts load: the built-in Lora (and, upstream, styles) under their names."""
+    from .lora import extra_networks_lora
+    register_extra_network(extra_networks_lora.ExtraNetworkLora())
+
+
 class ExtraNetworkParams:
     def __init__(self, items=None):
         self.items = items or []
@@ -48,6 +54,7 @@ def _call(extra_network, p, args, step, include, exclude, with_step):
 
 
 def activate(p, extra_network_data=None, step=0, include=None, exclude=None):
+    include, exclude = include or [], exclude or []
     if getattr(p, "disable_extra_networks", False):
         return
     extra_network_data = extra_network_data or p.network_data
@@ -71,14 +78,18 @@ def activate_filtered(p, data=None, step=0):
     activate(p, data, step=step, exclude=exclude)
 
 
-def deactivate(p, extra_network_data=None, force=False):
+def deactivate(p, extra_network_data=None, force=None):
+    """At the end of a generation; force defaults to opts.lora_force_reload (False)."""
+    from . import shared
+    if force is None:
+        force = shared.opts.lora_force_reload
     extra_network_data = extra_network_data or p.network_data
     for name in extra_network_data:
         if name in extra_network_registry:
-            extra_network_registry[name].deactivate(p)
+            extra_network_registry[name].deactivate(p, force=force)
     for name, extra_network in extra_network_registry.items():
         if name not in extra_network_data:
-            extra_network.deactivate(p)
+            extra_network.deactivate(p, force=force)
 
 
 re_extra_net = re.compile(r"<(\w+):([^>]+)>")
@@ -94,10 +105,13 @@ def parse_prompt(prompt):
 
 
 def parse_prompts(prompts, extra_data=None):
+    """One dict for the whole batch: a prompt's tags replace it; prompts without tags (as when
+    process_base parses the stripped prompts again) keep the one given."""
     res = []
+    extra_data = extra_data or {}
     for prompt in prompts:
         updated, parsed = parse_prompt(prompt)
-        if parsed:  # one dict for the whole batch: a later prompt's tags replace
+        if not extra_data or parsed:
             extra_data = parsed
         res.append(updated)
-    return res, extra_data or {}
+    return res, extra_data

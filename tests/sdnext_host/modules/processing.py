@@ -1,13 +1,16 @@
 """modules/processing.py + processing_diffusers.process_base + processing_args (SD.Next):
 per batch before_process_batch (tags in the prompts) → parse_prompts → process_batch →
-process_base: parse again, activate_filtered, encode the prompt, the pipeline call with
-diffusers_callback, p.task_args merged last; the hires pass encodes again and calls the
-pipeline again with the same arguments; deactivate before decode; postprocess."""
+process_base: parse again (the stripped prompts keep p.network_data), activate_filtered,
+encode the prompt through the prompt-embedding cache, the pipeline call with
+diffusers_callback, p.task_args merged last; the hires pass encodes again (through the cache)
+and calls the pipeline again with the same arguments; deactivate (no force) before decode;
+postprocess. Images come back as float arrays (output_type "np") so tests compare them
+exactly."""
 import inspect
 
 import torch
 
-from . import extra_networks, shared
+from . import extra_networks, prompt_parser_diffusers, shared
 from .processing_callbacks import diffusers_callback
 
 
@@ -20,13 +23,15 @@ class Processed:
 class StableDiffusionProcessing:
     def __init__(self, prompt="", negative_prompt="", steps=4, cfg_scale=6.0, width=64,
                  height=64, seed=1, batch_size=1, script_args=(), scripts=None,
-                 enable_hr=False, hr_second_pass_steps=0):
+                 enable_hr=False, hr_second_pass_steps=0, lora_apply_te=None, clip_skip=1):
         self.prompt, self.negative_prompt = prompt, negative_prompt
         self.steps, self.cfg_scale, self.width, self.height = steps, cfg_scale, width, height
         self.seed, self.batch_size = seed, batch_size
         self.script_args, self.per_script_args, self.scripts = tuple(script_args), {}, scripts
         self.task_args, self.network_data, self.extra_generation_params = {}, {}, {}
         self.enable_hr, self.hr_second_pass_steps = enable_hr, hr_second_pass_steps
+        self.lora_apply_te, self.clip_skip = lora_apply_te, clip_skip
+        self.disable_extra_networks, self.ops = False, ['txt2img']
 
 
 def process_images(p):
@@ -60,14 +65,11 @@ def process_base(p):
 def set_pipeline_args(p, pipe, steps=None):
     possible = set(inspect.signature(type(pipe).__call__).parameters)
     cfg = p.cfg_scale > 1
-    with torch.no_grad():
-        encoded = pipe.encode_prompt(prompt=p.prompts[0], device="cpu",
-                                     num_images_per_prompt=p.batch_size,
-                                     do_classifier_free_guidance=cfg,
-                                     negative_prompt=p.negative_prompts[0])
-    args = {"prompt_embeds": encoded[0], "negative_prompt_embeds": encoded[1],
+    embeds, negative_embeds = prompt_parser_diffusers.encode(pipe, p, p.prompts,
+                                                             p.negative_prompts, p.steps, cfg)
+    args = {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds,
             "num_inference_steps": steps or p.steps, "guidance_scale": p.cfg_scale,
-            "height": p.height, "width": p.width, "output_type": "pil",
+            "height": p.height, "width": p.width, "output_type": "np",
             "generator": torch.Generator("cpu").manual_seed(p.seeds[0]),
             "callback_on_step_end": diffusers_callback,
             "callback_on_step_end_tensor_inputs": list(pipe._callback_tensor_inputs)}

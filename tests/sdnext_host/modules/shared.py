@@ -27,7 +27,7 @@ class Options(SimpleNamespace):
         self.data.setdefault(key, info.default)
 
 
-opts = Options(lora_apply_te=False, sd_textencoder_cache_size=4)
+opts = Options(lora_apply_te=False, lora_force_reload=False, sd_textencoder_cache_size=4)
 cmd_opts = SimpleNamespace(lora_dir=None, ckpt_dir=None, data_dir=None)
 state = State()
 sd_model = None  # the diffusers pipeline

@@ -1,0 +1,41 @@
+"""modules/prompt_parser_diffusers.py (SD.Next): the prompt-embedding cache. `cache` is a
+module OrderedDict; PromptEmbedder.checkcache keys it by the text of [the tag-stripped prompts,
+the negative prompts, the batch size, clip skip, steps, the `.items` of every entry of
+p.network_data, apply_te (p.lora_apply_te, else opts.lora_apply_te)], is read before encoding
+and written after, holds opts.sd_textencoder_cache_size entries (0: off) and drops the oldest.
+Nothing in the key says whose text-encoder weights encoded the prompt."""
+from collections import OrderedDict
+
+from . import shared
+
+cache = OrderedDict()
+
+
+def cache_key(p, prompts, negative_prompts, steps):
+    en_data = [params.items for entry in p.network_data.values() for params in entry]
+    apply_te = getattr(p, 'lora_apply_te', None)
+    if apply_te is None:
+        apply_te = shared.opts.lora_apply_te
+    return str([prompts, negative_prompts, len(prompts), p.clip_skip, steps, en_data, apply_te])
+
+
+def encode(pipe, p, prompts, negative_prompts, steps, cfg):
+    """(prompt_embeds, negative_prompt_embeds) for the batch, from the cache when the key is
+    there (upstream: PromptEmbedder, per prompt; here the pipeline's encode_prompt)."""
+    size = int(shared.opts.sd_textencoder_cache_size)
+    key = cache_key(p, prompts, negative_prompts, steps)
+    if size > 0 and key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    import torch
+    with torch.no_grad():
+        encoded = pipe.encode_prompt(prompt=prompts[0], device="cpu",
+                                     num_images_per_prompt=len(prompts),
+                                     do_classifier_free_guidance=cfg,
+                                     negative_prompt=negative_prompts[0])
+    embeds = (encoded[0], encoded[1])
+    if size > 0:
+        cache[key] = embeds
+        while len(cache) > size:
+            cache.popitem(last=False)
+    return embeds

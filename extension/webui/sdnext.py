@@ -20,7 +20,7 @@ right before it encodes the prompt, and merges `p.task_args` over the pipeline's
 - The Control tab runs only the extension scripts listed in `installer.control_extensions`
   when its runner starts (after every script module is imported): NetWeave's title is added
   at import. Its API drops `alwayson_scripts`, so Control API requests run NetWeave with the
-  UI defaults (on; the NetWeave setting switches it off).
+  UI defaults (on; NetWeave's `enabled` setting switches it off).
 - The infotext gets the session's report (problems, `Lora hashes: "name: hash"` as A1111
   writes it) beside SD.Next's own entries.
 

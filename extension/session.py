@@ -32,7 +32,7 @@ def compile_context(arch: str, settings: Settings, steps: int, hires_steps: Opti
     has and the user's settings (default interpolation, strict tags)."""
     return CompileContext(arch=arch, steps=steps, hires_steps=hires_steps,
                           masks=frozenset(masks), default_interp=settings.default_interp,
-                          strict=settings.strict)
+                          strict=settings.strict, blend=settings.blend / 100)
 
 
 class Session:

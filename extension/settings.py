@@ -1,6 +1,7 @@
 """NetWeave's settings, the same in every host: on/off, the network cache size, where pristine
-copies live, the default interpolation, strict mode, the mask folder. A1111 and SD.Next keep them in their
-Settings page (`netweave_*` options); the standalone page has them in its tab."""
+copies live, the default interpolation, strict mode, the blended start of regional networks,
+the mask folder. A1111 and SD.Next keep them in their Settings page (`netweave_*` options); the
+standalone page has them in its tab."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
@@ -19,6 +20,7 @@ class Settings:
     pristine: str = PRISTINE[0]
     interp: str = DEFAULT_INTERP
     strict: bool = False
+    blend: int = 15  # regional networks' blended start, % of each pass (network/blend.py)
     mask_dir: str = ""  # empty: the host's own place (netweave-masks in its data folder)
 
     # Paths are set by the host's own settings page or command line, never over HTTP: the
@@ -30,6 +32,8 @@ class Settings:
               "pristine": "Where the untouched copies of patched weights live",
               "interp": "Default interpolation between keyframes",
               "strict": "Strict tags: warnings (unknown keys, te2 on SD1, …) are errors",
+              "blend": "Blended start of regional networks, % of each pass (keeps the "
+                       "composition; 0: one pass, 100: the full two-stream blend; blend= per tag)",
               "mask_dir": "Mask folder (empty: netweave-masks in the WebUI's data folder)"}
 
     def check(self) -> "Settings":
@@ -39,6 +43,10 @@ class Settings:
             raise ValueError(f"pristine copies live {' or '.join(PRISTINE)}, not {self.pristine!r}")
         if self.interp != DEFAULT_INTERP and self.interp not in INTERPOLATIONS:
             raise ValueError(f"unknown interpolation {self.interp!r}")
+        if isinstance(self.blend, bool) or not isinstance(self.blend, (int, float)) or \
+                self.blend != int(self.blend) or not 0 <= self.blend <= 100:
+            raise ValueError(f"the blended start is a whole percentage 0–100, not {self.blend!r}")
+        self.blend = int(self.blend)
         if not isinstance(self.mask_dir, str) or "\x00" in self.mask_dir:
             raise ValueError(f"the mask folder must be a path, not {self.mask_dir!r}")
         return self

@@ -96,11 +96,14 @@ class Runtime:
         self._factors: Dict[Tuple[int, str], Optional[Factors]] = {}
         self._subsets: Dict[Tuple, Tuple[Tensor, Tensor, Tensor]] = {}
         self._contexts: Dict[Tuple, Tensor] = {}
-        self._emb: Dict[int, List[Tuple[object, Tensor]]] = {}
+        # a resblock's held time-embedding deltas: (region, delta, first row or None)
+        self._emb: Dict[int, List[Tuple[object, Tensor, Optional[int]]]] = {}
         self.reported: Set[Tuple] = set()
+        # a blended step's doubled forward (blend.py): (the host's batch, the blended entries)
+        self.blend: Optional[Tuple[int, frozenset]] = None
 
     def reset(self) -> None:
-        self.variant, self.subset, self.text = None, None, None
+        self.variant, self.subset, self.text, self.blend = None, None, None, None
         self._row_factors.clear()
         self._factors.clear()
         self._subsets.clear()
@@ -135,6 +138,8 @@ class Runtime:
             rows = self.rows
             if rows is None:  # the host said nothing: every row is conditional, of prompt 0
                 rows = Rows((0,) * batch, (False,) * batch)
+            if self.blend is not None and 2 * len(rows.prompts) == batch:  # without; with
+                rows = Rows(rows.prompts * 2, rows.uncond * 2)
             if len(rows.prompts) != batch:
                 raise ValueError(f"the UNet got {batch} rows, but set_rows described "
                                  f"{len(rows.prompts)}")
@@ -154,6 +159,13 @@ class Runtime:
             self._factors[key] = None if pair is None else \
                 Factors(pair[1].contiguous(), pair[0].contiguous())
         return self._factors[key]
+
+    def half(self, network: int, batch: int) -> Optional[int]:
+        """In a blended step's doubled forward, where the "with" rows of a blended network
+        begin (its contributions are computed on those rows only); None otherwise."""
+        if self.blend is None or network not in self.blend[1] or batch != 2 * self.blend[0]:
+            return None
+        return self.blend[0]
 
     def report(self, key: Tuple, message: str) -> None:
         if key not in self.reported:
@@ -186,6 +198,13 @@ class Runtime:
         return hook
 
     def _add(self, slot, c, x: Tensor, out: Tensor, region) -> Tensor:
+        h = self.half(c.network, out.shape[0])
+        if h is None:
+            return self._add_rows(slot, c, x, out, region)
+        part = self._add_rows(slot, c, x.narrow(0, h, h), out.narrow(0, h, h), region)
+        return _rows_back(out, part, h)
+
+    def _add_rows(self, slot, c, x: Tensor, out: Tensor, region) -> Tensor:
         s = self.strength(c)
         if not s:
             return out
@@ -282,11 +301,14 @@ class Runtime:
         s = self.strength(c)
         if not s:
             return
+        h = self.half(c.network, out.shape[0])
+        if h is not None:  # the "with" rows only
+            x, out = x.narrow(0, h, h), out.narrow(0, h, h)
         rows = self.row_factors(c, out.shape[0], out.device)
         if rows.none:
             return
         d = self._delta(slot, c, x, out, s, rows)
-        self._emb.setdefault(id(slot.emb_norm), []).append((c.region, d))
+        self._emb.setdefault(id(slot.emb_norm), []).append((c.region, d, h))
 
     def emb_prehook(self, norm):
         def hook(module, args):
@@ -294,10 +316,11 @@ class Runtime:
             if not held:
                 return None
             h = args[0]
-            for region, d in held:
+            for region, d, half in held:
                 grid = self.maps.on_grid(region, h.shape[-2:], h.device)
-                h = h + d.to(h.dtype)[:, :, None, None] * \
+                add = d.to(h.dtype)[:, :, None, None] * \
                     grid.values.view(1, 1, *grid.shape).to(h.dtype)
+                h = h + add if half is None else torch.cat([h[:half], h[half:] + add])
             return (h,) + tuple(args[1:])
         return hook
 
@@ -374,16 +397,23 @@ class Runtime:
             if grid.empty:
                 continue
             inside = grid.inside
-            tokens = x if grid.full else x.index_select(1, inside)
-            a, kw = self._with_context((tokens,) + tuple(args[1:]), dict(kwargs), j)
+            h = self.half(j, x.shape[0])  # blended: the "with" rows only
+            xs, a_rest, kw = x, tuple(args[1:]), dict(kwargs)
+            if h is not None:
+                xs, a_rest, kw = x.narrow(0, h, h), _rows_of(a_rest, 2 * h, h), \
+                    _rows_of(kw, 2 * h, h)
+            tokens = xs if grid.full else xs.index_select(1, inside)
+            a, kw = self._with_context((tokens,) + a_rest, kw, j)
             self.variant, self.subset, self._full_tokens = j, inside, x.shape[1]
             try:
                 out_j = module(*a, **kw)
             finally:
                 self.variant, self.subset = None, None
-            base = out if grid.full else out.index_select(1, inside)
+            target = out if h is None else out.narrow(0, h, h)
+            base = target if grid.full else target.index_select(1, inside)
             d = (out_j - base) * grid.values[inside].view(1, -1, 1).to(out.dtype)
-            out = added(out, d, None if grid.full else inside)
+            part = added(target, d, None if grid.full else inside)
+            out = part if h is None else _rows_back(out, part, h)
         return out
 
     def _wanted(self, unit, j) -> bool:
@@ -459,6 +489,26 @@ def added(out: Tensor, d: Tensor, index: Optional[Tensor] = None) -> Tensor:
     if torch.is_grad_enabled():
         return out + d if index is None else out.index_add(1, index, d)
     return out.add_(d) if index is None else out.index_add_(1, index, d)
+
+
+def _rows_back(out: Tensor, part: Tensor, h: int) -> Tensor:
+    """`out` with its rows from h on replaced by `part` (a result computed on them): nothing
+    to do where `part` was changed in place, as it is unless autograd records."""
+    in_place = part.data_ptr() == out.narrow(0, h, part.shape[0]).data_ptr()
+    if in_place and not torch.is_grad_enabled():
+        return out
+    return torch.cat([out.narrow(0, 0, h), part])
+
+
+def _rows_of(value, batch: int, h: int):
+    """Every tensor of a call's arguments with `batch` rows cut to its rows from h on."""
+    if isinstance(value, Tensor):
+        return value.narrow(0, h, batch - h) if value.dim() and value.shape[0] == batch else value
+    if isinstance(value, dict):
+        return {k: _rows_of(v, batch, h) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return tuple(_rows_of(v, batch, h) for v in value)
+    return value
 
 
 def _by_rows(d: Tensor, rows: Optional[Tensor]) -> Tensor:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ..parser import format_tag
 from .algorithms import Adapter
 from .blocks import BLOCKS
+from .blend import Blender, blended_steps
 from .bypass import AttentionUnit, Rows, Runtime, layer_view
 from . import batched_merge
 from .batched_merge import Job
@@ -166,6 +167,7 @@ class Engine:
         self.applied: Tuple[Tuple[str, str], ...] = ()  # (kind, name) of the networks loaded
         self.merges = 0  # layers merged so far (benchmarks and tests read it)
         self.runtime = Runtime(self)
+        self.blender = Blender(self)  # regional networks' blended start (blend.py)
         self._slots: Dict[Target, _Slot] = {}
         self._units: Dict[str, AttentionUnit] = {}
         self._norm_hooks: List[object] = []
@@ -248,6 +250,9 @@ class Engine:
         self.applied = tuple(dict.fromkeys((entries[i].net.kind, entries[i].net.name)
                                            for i in sorted(loaded)))
         self._changes = {phase: _change_steps(self._unet_slots(), phase) for phase in PHASES}
+        self.blender.attach(self.trees.get("unet"), {
+            phase: blended_steps(self, phase, n) for phase, n in
+            (("base", self.plan.steps), ("hires", self.plan.hires_steps)) if n})
         try:
             self._guarded(self._merge_where_changed, "base", 0, list(self._slots.values()))
         except MergeOverflow as exc:  # everything is restored: again without that network
@@ -411,6 +416,7 @@ class Engine:
             self.runtime.attach(unit)
 
     def _remove_hooks(self) -> None:
+        self.blender.detach()
         for slot in self._slots.values():
             if slot.hook is not None:
                 slot.hook.remove()

@@ -62,6 +62,15 @@ def _title(n: NetworkPlan) -> str:
     return f"{n.kind}:{n.name}  {region}  interp={n.interp}{extra}"
 
 
+def blend_window(p: PassPlan) -> str:
+    """A regional network's blended start in one pass (network/blend.py)."""
+    if p.blend <= 0:
+        return "one pass from step 1 (no blended start)"
+    steps = "step 1" if p.blend == 1 else f"steps 1–{p.blend}"
+    after = "; every step blended" if p.blend >= p.steps else " (then one pass)"
+    return f"blended start: {steps}{after}"
+
+
 def explain_table(plan: Plan) -> str:
     hires = f", hires {plan.hires_steps} steps" if plan.hires_steps else ""
     lines = [f"prompt: {plan.prompt!r}",
@@ -79,6 +88,8 @@ def explain_table(plan: Plan) -> str:
             rows = _rows(plan, p)
             width = max(len(name) for name, _ in rows)
             lines += [f"  {name:<{width}}  {describe_series(v.tolist())}" for name, v in rows]
+            if n.region is not None:
+                lines.append("  " + blend_window(p))
     for e in plan.errors:
         lines += ["", f"{e.severity} at column {e.column}: {e.message}"]
         lines += ["  " + s for s in e.snippet.splitlines()]

@@ -14,11 +14,11 @@ from typing import FrozenSet, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ..parser import (BUILTIN_REGIONS, Diagnostic, Mask, Not, Prompt, Region, Scaled, Schedule,
-                      Tag, Window, format_region, format_tag, parse, snippet)
+from ..parser import (BUILTIN_REGIONS, Diagnostic, Mask, Not, Position, Prompt, Region, Scaled,
+                      Schedule, Tag, Window, format_region, format_tag, parse, snippet)
 from ..parser.parse import strictly
 from .blocks import ARCH_TITLES, BLOCKS, group_of, resolve_weights
-from .schedule import evaluate, window_mask
+from .schedule import EPS, evaluate, index_of, window_mask
 
 ONE = Schedule.const(1.0)
 MAX_NETWORKS = 64  # per prompt: every one is a file to load and layers to patch
@@ -44,6 +44,9 @@ class CompileContext:
     networks: Optional[FrozenSet[str]] = None  # lora/lyco/loractl names the host has; None: not checked
     models: Optional[FrozenSet[str]] = None  # <model:> checkpoint names the host has; None: not checked
     strict: bool = False  # warnings become errors
+    # the blended start of regional networks without blend= (a setting): a fraction of each
+    # pass in [0, 1]; 0 one pass from the first step (network/blend.py)
+    blend: float = 0.0
 
     def __post_init__(self):
         if self.arch not in BLOCKS:
@@ -52,6 +55,8 @@ class CompileContext:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and 1 <= value <= MAX_STEPS):
                 raise ValueError(f"{name} must be a whole number from 1 to {MAX_STEPS}, not {value!r}")
+        if not 0.0 <= float(self.blend) <= 1.0:
+            raise ValueError(f"blend must be a fraction of the pass in [0, 1], not {self.blend!r}")
 
 
 @dataclass(frozen=True)
@@ -59,12 +64,13 @@ class PassPlan:
     steps: int
     strength: Mapping[str, np.ndarray]  # te, te1, te2, unet: S_c(k)·W(k)
     blocks: Mapping[str, np.ndarray]  # every block of the architecture: B_b(k)
+    blend: int = 0  # a regional network: its first `blend` steps run blended (network/blend.py)
 
     def effective(self, component: str, block: str) -> np.ndarray:
         return self.strength[component] * self.blocks[block]
 
     def to_dict(self) -> dict:
-        return {"steps": self.steps,
+        return {"steps": self.steps, "blend": self.blend,
                 "strength": {c: v.tolist() for c, v in self.strength.items()},
                 "blocks": {b: v.tolist() for b, v in self.blocks.items()}}
 
@@ -213,6 +219,8 @@ def _check(tag: Tag, ctx: CompileContext, problem) -> None:
         problem("te2", f"{arch} has one text encoder; te2 is ignored", "warning")
     if tag.kind == "model" and tag.dyn is not None:
         problem("dyn", "dyn applies to LoRA files, not to <model:…>; it is ignored", "warning")
+    if tag.blend is not None and tag.region is None:
+        problem("blend", "blend= is for regional networks (region=); it is ignored", "warning")
     if tag.region is not None and ctx.masks is not None:
         missing = sorted(region_masks(tag.region) - ctx.masks)
         if missing:
@@ -258,4 +266,18 @@ def _pass(tag: Tag, ctx: CompileContext, steps: int, interp: str,
     for g, s in tag.groups:
         table[GROUP_ROWS[ctx.arch][g]] *= evaluate(s, steps, interp)
     table.flags.writeable = False
-    return PassPlan(steps, strength, dict(zip(names, table)))
+    return PassPlan(steps, strength, dict(zip(names, table)), _blend_steps(tag, ctx, steps))
+
+
+def _blend_steps(tag: Tag, ctx: CompileContext, steps: int) -> int:
+    """How many steps of a pass a regional network runs blended: those before its blend=
+    position (read as start= reads one, in this pass's steps), or the setting's fraction;
+    a fraction of 1 (or 100 %) is every step."""
+    if tag.region is None:
+        return 0
+    pos = tag.blend if tag.blend is not None else Position(float(ctx.blend), "fraction")
+    whole = 100.0 if pos.unit == "percent" else 1.0
+    if pos.unit in ("fraction", "percent") and pos.value >= whole:
+        return steps
+    index = index_of(pos, steps, "step")
+    return int(min(steps, max(0, np.ceil(index - EPS))))

@@ -120,6 +120,9 @@ class Tag:
     region: Optional[Region] = None
     interp: Optional[str] = None
     neg: Optional[float] = None
+    # blend=: where a regional network's blended start ends (the pass is one pass from there);
+    # None: the setting's default
+    blend: Optional[Position] = None
     span: Tuple[int, int] = field(default=(0, 0), compare=False)
     columns: Tuple[Tuple[str, int], ...] = field(default=(), compare=False)
 

@@ -90,6 +90,8 @@ def format_tag(tag: Tag) -> str:
             items.append(f"{key}={format_schedule(getattr(tag, key))}")
     if tag.region is not None:
         items.append(f"region={format_region(tag.region)}")
+    if tag.blend is not None:
+        items.append(f"blend={format_position(tag.blend)}")
     if tag.interp is not None:
         items.append(f"interp={tag.interp}")
     if tag.neg is not None:

@@ -21,7 +21,7 @@ Problem = Tuple[int, str, str]  # (offset in the tag text, message, severity)
 
 KNOWN_KEYS = ("te", "te1", "te2", "unet", "in", "mid", "out", "down", "up", "lbw", "w", "x",
               "dyn", "start", "stop", "step", "hr", "hrte", "hrunet", "region", "interp", "neg",
-              "BASE", "IN00", "M00", "OUT00")
+              "blend", "BASE", "IN00", "M00", "OUT00")
 MAX_REGION_DEPTH = 32  # deeper expressions are refused: evaluating them would recurse too far
 GROUP_ALIASES = {"in": "in", "down": "in", "mid": "mid", "out": "out", "up": "out"}
 
@@ -83,6 +83,14 @@ def window_position(pos: Position, text: str) -> Tuple[Position, Optional[str]]:
             return pos, (f"'{text}' is neither a whole step number nor a fraction in [0, 1]")
         return Position(pos.value, "fraction"), None
     return Position(pos.value, "step"), None
+
+
+def blend_position(pos: Position, text: str) -> Tuple[Position, Optional[str]]:
+    """blend= takes a position as start= does, except that a bare 0 or 1 is a fraction: 0 no
+    blended start, 1 the whole pass blended (as step numbers both would mean nothing blended)."""
+    if pos.unit != "percent" and text.strip() in ("0", "1"):
+        return Position(float(pos.value), "fraction"), None
+    return window_position(pos, text)
 
 
 class TagTransformer(Transformer):
@@ -188,6 +196,12 @@ class TagTransformer(Transformer):
                 problems.append((tok.start_pos, f"step: {p}", "error"))
         return Item("step", (first, last), key.start_pos, tuple(problems))
 
+    def blend_item(self, children):
+        key, (pos, tok) = children
+        pos, problem = blend_position(pos, str(tok))
+        problems = ((tok.start_pos, f"blend: {problem}", "error"),) if problem else ()
+        return Item("blend", pos, key.start_pos, problems)
+
     def region_item(self, children):
         key, value = children
         depth = region_depth(value)
@@ -279,7 +293,7 @@ def _build(kind: str, name: str, fields: dict) -> Tag:
     blocks = tuple(sorted(((k, v) for k, v in fields.items() if k.isupper()), key=_block_sort))
     window = Window(start=fields.get("start"), stop=fields.get("stop"), last=fields.get("last"))
     simple = {k: fields.get(k) for k in ("te", "te1", "te2", "unet", "hr", "hrte", "hrunet", "lbw",
-                                         "x", "dyn", "region", "interp", "neg")}
+                                         "x", "dyn", "region", "interp", "neg", "blend")}
     return Tag(kind=kind, name=name, groups=groups, blocks=blocks, window=window, **simple)
 
 

@@ -7,7 +7,8 @@ feed-forward, one on the conv layers) merged by the engine; the same with 4 keyf
 (the engine's cost model picks merge or bypass per layer); and two baselines — "restore and
 re-merge every patched layer on every change" (A1111, loractl) and "bypass every network every
 step" (PEFT unfused), the engine held to one strategy. Regions: two LoRAs on the left and right
-halves plus one global, in one forward, against the peers' way — one UNet pass per region, each
+halves plus one global, in one forward (one pass; a blended start over 15 % of the steps; every
+step blended: network/blend.py), against the peers' way — one UNet pass per region, each
 with its own networks merged, blended by the masks (Regional Prompter's latent mode, ComfyUI's
 per-region conditioning). Plus: what changing one network's strength between two generations
 costs, and the bytes of pristine copies.
@@ -50,11 +51,17 @@ SCHEDULED = ("<lora:net0:0.2@0,0.5@0.25,0.8@0.5,1@0.75> <lora:net1:1@0,0.6@0.25,
              "<lora:net2:0.4@0,0.1@0.25,0.4@0.5,0.7@0.75>")
 CHANGED = "<lora:net0:0.8> <lora:net1:0.5> <lora:net2:0.4>"
 REGIONAL = "<lora:net0:0.8:region=left> <lora:net1:0.6:region=right> <lora:net2:0.4>"
+# the same with a blended start (network/blend.py): 15 % of the pass, and the whole pass
+REGIONAL_BLEND = REGIONAL.replace("region=left", "region=left:blend=15%") \
+    .replace("region=right", "region=right:blend=15%")
+REGIONAL_FULL_BLEND = REGIONAL.replace("region=left", "region=left:blend=1") \
+    .replace("region=right", "region=right:blend=1")
 PER_REGION = ("<lora:net0:0.8> <lora:net2:0.4>", "<lora:net1:0.6> <lora:net2:0.4>")
 WORKLOADS = {"static": (STATIC, "auto"), "scheduled": (SCHEDULED, "auto"),
              "scheduled_merge_only": (SCHEDULED, "merge"),
              "remerge_every_change": (SCHEDULED, "merge"), "bypass_all": (STATIC, "bypass"),
-             "regional": (REGIONAL, "auto")}
+             "regional": (REGIONAL, "auto"), "regional_blend15": (REGIONAL_BLEND, "auto"),
+             "regional_full_blend": (REGIONAL_FULL_BLEND, "auto")}
 
 
 @dataclass(frozen=True)
@@ -158,18 +165,27 @@ class Bench:
         return mine, base
 
     def flops(self, engine: Optional[Engine]) -> float:
-        """Floating-point operations of the pass: the step-0 forward times the steps, plus
-        every merge the engine makes at its keyframes."""
+        """Floating-point operations of the pass: the step-0 forward times the steps (a blended
+        start's steps, then one pass's), plus every merge the engine makes at its keyframes."""
         with torch.no_grad():
             with FlopCounterMode(display=False) as counter:
                 self.forward(0)
-            total = counter.get_total_flops() * self.setup.steps
+            first = counter.get_total_flops()  # a blended start's step 0 runs doubled
+            total = first * self.setup.steps
             if engine is not None:
                 with FlopCounterMode(display=False) as counter:
                     for k in range(1, self.setup.steps):
                         engine.set_step(k)
                 total += counter.get_total_flops()
                 engine.set_step(0)
+                blended = [bool(b) for b in engine.blender.steps.get("base", [])]
+                if any(blended) and not all(blended):  # step 0 ran doubled, the rest one pass
+                    engine.set_step(blended.index(False))
+                    with FlopCounterMode(display=False) as counter:
+                        self.forward(0)
+                    one = counter.get_total_flops()
+                    engine.set_step(0)
+                    total += (one - first) * blended.count(False)
         return total
 
 
@@ -262,7 +278,11 @@ ROWS = {"static_vs_base": ("static", "base"), "scheduled_vs_static": ("scheduled
         "scheduled_vs_merge_only": ("scheduled", "scheduled_merge_only"),
         "remerge_every_change_vs_static": ("remerge_every_change", "static"),
         "bypass_all_vs_base": ("bypass_all", "base"), "regional_vs_base": ("regional", "base"),
-        "per_region_passes_vs_base": ("per_region_passes", "base")}
+        "regional_blend15_vs_base": ("regional_blend15", "base"),
+        "regional_full_blend_vs_base": ("regional_full_blend", "base"),
+        "per_region_passes_vs_base": ("per_region_passes", "base"),
+        "regional_vs_per_region_passes": ("regional", "per_region_passes"),
+        "regional_blend15_vs_per_region_passes": ("regional_blend15", "per_region_passes")}
 
 
 def _choices(e: Engine) -> Dict[str, int]:
@@ -295,7 +315,8 @@ def _change_one_strength(e: Engine, ctx: CompileContext, seconds) -> dict:
 TARGETS = {"static_vs_base": "≤ 1.01", "scheduled_vs_static": "≤ 1.05",
            "scheduled_vs_merge_only": "≤ 1",
            "remerge_every_change_vs_static": "(A1111)", "bypass_all_vs_base": "(PEFT)",
-           "regional_vs_base": "≤ 1.25", "per_region_passes_vs_base": "(RP)"}
+           "regional_vs_base": "≤ 1.25", "regional_blend15_vs_base": "≤ 1.45",
+           "per_region_passes_vs_base": "(RP)"}
 LABELS = {"static_vs_base": "3 static LoRAs vs base",
           "scheduled_vs_static": "3 LoRAs × 4 keyframes vs static",
           "scheduled_vs_base": "3 LoRAs × 4 keyframes vs base",
@@ -303,7 +324,11 @@ LABELS = {"static_vs_base": "3 static LoRAs vs base",
           "remerge_every_change_vs_static": "baseline: re-merge all on change",
           "bypass_all_vs_base": "baseline: bypass all vs base",
           "regional_vs_base": "2 regional + 1 global LoRA vs base",
-          "per_region_passes_vs_base": "baseline: a UNet pass per region"}
+          "regional_blend15_vs_base": "  the same, blended start 15 %",
+          "regional_full_blend_vs_base": "  the same, every step blended",
+          "per_region_passes_vs_base": "baseline: a UNet pass per region",
+          "regional_vs_per_region_passes": "regional one pass vs pass per region",
+          "regional_blend15_vs_per_region_passes": "blended start 15 % vs pass per region"}
 
 
 def table(result: dict) -> str:

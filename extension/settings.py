@@ -20,7 +20,7 @@ class Settings:
     pristine: str = PRISTINE[0]
     interp: str = DEFAULT_INTERP
     strict: bool = False
-    blend: int = 15  # regional networks' blended start, % of each pass (network/blend.py)
+    blend: int = 0  # regional networks' blended start, % of each pass (network/blend.py)
     mask_dir: str = ""  # empty: the host's own place (netweave-masks in its data folder)
 
     # Paths are set by the host's own settings page or command line, never over HTTP: the

@@ -78,8 +78,10 @@ def calibration(device, dtype: torch.dtype = torch.float32) -> Calibration:
 
 
 def _fit(macs, seconds):
-    """The line through the two points, never negative."""
-    per_mac = max((seconds[1] - seconds[0]) / (macs[1] - macs[0]), 0.0)
+    """The line through the two points. On a loaded machine the larger size can time faster:
+    then the larger point's whole time is priced per MAC (a price is never zero or negative)."""
+    slope = (seconds[1] - seconds[0]) / (macs[1] - macs[0])
+    per_mac = slope if slope > 0 else seconds[1] / macs[1]
     return per_mac, max(seconds[0] - per_mac * macs[0], 0.0)
 
 

@@ -132,6 +132,16 @@ def test_generate_shows_the_image(page, tmp_path):
     shot(page, "generated.png", tmp_path)
 
 
+def test_a_click_on_a_network_puts_its_tag_in_the_prompt(page):
+    """The page's network list, as the WebUIs' cards (issue 16 item 15)."""
+    page.get_by_role("tab", name="txt2img").click()
+    box = page.locator("#netweave_prompt textarea")
+    box.fill("a fox")
+    page.locator("#netweave_networks").get_by_text("demo_texture", exact=True).last.click()
+    page.wait_for_function("document.querySelector('#netweave_prompt textarea').value"
+                           " === 'a fox <lora:demo_texture:1>'", timeout=10000)
+
+
 def test_draw_a_mask_and_see_it_listed(page, url, tmp_path):
     page.get_by_role("tab", name="NetWeave").click()
     page.get_by_role("tab", name="Masks").click()

@@ -9,6 +9,7 @@ import os
 import threading
 from typing import Sequence
 
+import gradio as gr  # the page; its event data types are resolved from this module's names
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -36,7 +37,6 @@ def build_app(host: DiffusersHost, library: Library, masks: MaskStore, ui: bool 
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(413, _too_large)
     if ui:
-        import gradio as gr
         with open(SCRIPT, encoding="utf-8") as f:  # the prompt-box helpers WebUIs load too
             head = f"<script>{f.read()}</script>"
         app = gr.mount_gradio_app(app, page(host, library), path="/", head=head)
@@ -76,7 +76,6 @@ def page(host: DiffusersHost, library: Library):
     """What an A1111 user reaches for first: prompt and negative prompt, sampler, steps, CFG
     scale, seed, size, batch count and size; the networks with their metadata, a click putting
     one's tag into the prompt (the WebUIs' cards); the gallery; NetWeave's tab."""
-    import gradio as gr
 
     size = host.model.size
     last = {"image": None}  # the mask tab previews over it
@@ -136,7 +135,7 @@ def page(host: DiffusersHost, library: Library):
             gallery = gr.Gallery(label="Images", elem_id="netweave_gallery")
             info = gr.Textbox(label="Parameters", lines=3, elem_id="netweave_info")
             problems = gr.Textbox(label="NetWeave", lines=2, elem_id="netweave_errors")
-            with gr.Accordion("Networks (click one to add its tag to the prompt)", open=False):
+            with gr.Accordion("Networks (click one to add its tag to the prompt)", open=True):
                 cards = gr.Dataframe(networks, headers=["kind", "name", "architecture",
                                                         "trigger words", "problem"],
                                      interactive=False, elem_id="netweave_networks")
@@ -152,7 +151,6 @@ def page(host: DiffusersHost, library: Library):
 
 def _run(host: DiffusersHost, req: Request, progress, label: str):
     """One txt2img on a worker thread, the page's progress bar following its steps."""
-    import gradio as gr
     done = {}
 
     def work():

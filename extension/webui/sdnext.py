@@ -162,9 +162,9 @@ class Adapter:
         hash. Equal marks, equal text-encoder weights; 'none' when NetWeave applies nothing."""
         if self.run is None or self.session is None:
             return MARK + "none"
-        lib = self.session.library
+        report = self.session.report  # the applied files' hashes, read once per generation
         described = [self.run.phase] + [
-            [n.to_dict(), lib.short_hash(n.kind, n.name)]
+            [n.to_dict(), (report.models if n.kind == "model" else report.networks).get(n.name)]
             for plan in self.session.plans for n in plan.networks]
         text = json.dumps(described, sort_keys=True,
                           default=lambda v: v.tolist() if hasattr(v, "tolist") else repr(v))

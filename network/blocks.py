@@ -1,8 +1,11 @@
-"""UNet block lists per architecture and lora-block-weight (LBW) vectors and presets.
+"""Block lists per architecture and lora-block-weight (LBW) vectors and presets.
 
-Block names follow LBW: BASE is the text encoder(s), INxx/M00/OUTxx the LDM input, middle
-and output blocks. LBW vectors name a subset of blocks by their length; blocks a vector does
-not name get 0, exactly as LBW's `to26` does.
+Block names follow LBW. SD UNets: BASE is the text encoder(s), INxx/M00/OUTxx the LDM input,
+middle and output blocks. The Flux family (Flux, Chroma): CLIP and T5 the text encoders, IN the
+layers before the blocks (img_in, txt_in, the time, vector and guidance embedders), D00–D18 the
+double-stream and S00–S37 the single-stream blocks, OUT the final layer. LBW vectors name a
+subset of blocks by their length; blocks a vector does not name get 0, exactly as LBW's `to26`
+does.
 """
 from __future__ import annotations
 
@@ -20,9 +23,23 @@ def _names(prefix: str, indices) -> Tuple[str, ...]:
 
 SD1_BLOCKS = ("BASE",) + _names("IN", range(12)) + ("M00",) + _names("OUT", range(12))
 SDXL_BLOCKS = ("BASE",) + _names("IN", range(9)) + ("M00",) + _names("OUT", range(9))
-BLOCKS = {"sd1": SD1_BLOCKS, "sd2": SD1_BLOCKS, "sdxl": SDXL_BLOCKS}
-ARCH_TITLES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL"}
-TEXT_ENCODERS = {"sd1": ("te1",), "sd2": ("te1",), "sdxl": ("te1", "te2")}
+FLUX_DOUBLE, FLUX_SINGLE = 19, 38  # Flux.1's and Chroma's blocks
+# LBW's BLOCKIDFLUX, the 61 blocks of its Flux vectors.
+FLUX_BLOCKS = ("CLIP", "T5", "IN") + _names("D", range(FLUX_DOUBLE)) + \
+    _names("S", range(FLUX_SINGLE)) + ("OUT",)
+BLOCKS = {"sd1": SD1_BLOCKS, "sd2": SD1_BLOCKS, "sdxl": SDXL_BLOCKS, "flux": FLUX_BLOCKS,
+          "chroma": FLUX_BLOCKS}
+ARCH_TITLES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "flux": "Flux", "chroma": "Chroma"}
+# Chroma has Flux's T5 and no CLIP: T5 is te2 on both, so one file's keys mean one encoder.
+TEXT_ENCODERS = {"sd1": ("te1",), "sd2": ("te1",), "sdxl": ("te1", "te2"), "flux": ("te1", "te2"),
+                 "chroma": ("te2",)}
+TEXT_ENCODER_TITLES = {"sd1": {"te1": "CLIP-L"}, "sd2": {"te1": "OpenCLIP-H"},
+                       "sdxl": {"te1": "CLIP-L", "te2": "OpenCLIP-G"},
+                       "flux": {"te1": "CLIP-L", "te2": "T5-XXL"}, "chroma": {"te2": "T5-XXL"}}
+# The block a text-encoder layer belongs to.
+TEXT_BLOCKS = {"sd1": {"te1": "BASE"}, "sd2": {"te1": "BASE"}, "sdxl": {"te1": "BASE", "te2": "BASE"},
+               "flux": {"te1": "CLIP", "te2": "T5"}, "chroma": {"te2": "T5"}}
+GROUPS = ("in", "mid", "out", "double", "single")  # the group keys of a tag
 
 # LBW's vector layouts by length (its BLOCKID17/26 for SD1 and SD2, BLOCKID12/20 for SDXL).
 LBW_LAYOUTS: Dict[str, Dict[int, Tuple[str, ...]]] = {
@@ -36,6 +53,7 @@ LBW_LAYOUTS: Dict[str, Dict[int, Tuple[str, ...]]] = {
     },
 }
 LBW_LAYOUTS["sd2"] = LBW_LAYOUTS["sd1"]
+LBW_LAYOUTS["flux"] = LBW_LAYOUTS["chroma"] = {len(FLUX_BLOCKS): FLUX_BLOCKS}
 
 # LBW's default presets (its DEF_WEIGHT_PRESET, 17 values in SD1 order).
 _SD1_PRESETS = {
@@ -65,17 +83,22 @@ _SDXL_PRESETS = {
     "OUTALL": (1, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1),
     "ALL0.5": (0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5),
 }
-PRESETS = {"sd1": _SD1_PRESETS, "sd2": _SD1_PRESETS, "sdxl": _SDXL_PRESETS}  # name -> values
+# LBW's one Flux preset; its other defaults are SD's 17-value lists.
+_FLUX_PRESETS = {"FLUXALL": (1,) * len(FLUX_BLOCKS)}
+PRESETS = {"sd1": _SD1_PRESETS, "sd2": _SD1_PRESETS, "sdxl": _SDXL_PRESETS,
+           "flux": _FLUX_PRESETS, "chroma": _FLUX_PRESETS}  # name -> values
 
 
 def group_of(block: str) -> Optional[str]:
-    """The in/mid/out group a block belongs to (None for BASE, the text encoders)."""
+    """The group (GROUPS) a block belongs to; None for the text encoders (BASE, CLIP, T5)."""
     if block.startswith("IN"):
         return "in"
     if block == "M00":
         return "mid"
     if block.startswith("OUT"):
         return "out"
+    if block[0] in "DS" and block[1:].isdigit():
+        return "double" if block[0] == "D" else "single"
     return None
 
 

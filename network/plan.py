@@ -17,15 +17,16 @@ import numpy as np
 from ..parser import (BUILTIN_REGIONS, Diagnostic, Mask, Not, Position, Prompt, Region, Scaled,
                       Schedule, Tag, Window, format_region, format_tag, parse, snippet)
 from ..parser.parse import strictly
-from .blocks import ARCH_TITLES, BLOCKS, group_of, resolve_weights
+from .blocks import (ARCH_TITLES, BLOCKS, GROUPS, TEXT_ENCODER_TITLES, TEXT_ENCODERS, group_of,
+                     resolve_weights)
 from .schedule import EPS, evaluate, index_of, window_mask
 
 ONE = Schedule.const(1.0)
 MAX_NETWORKS = 64  # per prompt: every one is a file to load and layers to patch
 NO_WINDOW = Window()
 BLOCK_INDEX = {arch: {b: i for i, b in enumerate(names)} for arch, names in BLOCKS.items()}
-GROUP_ROWS = {arch: {g: np.array([i for i, b in enumerate(names) if group_of(b) == g])
-                     for g in ("in", "mid", "out")} for arch, names in BLOCKS.items()}
+GROUP_ROWS = {arch: {g: np.array([i for i, b in enumerate(names) if group_of(b) == g], dtype=int)
+                     for g in GROUPS} for arch, names in BLOCKS.items()}
 ONES = {arch: np.ones(len(names)) for arch, names in BLOCKS.items()}
 
 
@@ -34,7 +35,7 @@ MAX_STEPS = 1000  # a plan holds a value per step, network and block: bounded me
 
 @dataclass(frozen=True)
 class CompileContext:
-    arch: str = "sd1"  # sd1, sd2 or sdxl
+    arch: str = "sd1"  # one of blocks.BLOCKS: sd1, sd2, sdxl, flux, chroma
     steps: int = 20
     hires_steps: Optional[int] = None
     seed: int = 0  # for lora-block-weight's R and U
@@ -215,8 +216,14 @@ def _check(tag: Tag, ctx: CompileContext, problem) -> None:
         if name not in blocks:
             problem(name, f"block {name} does not exist in {arch} "
                           f"({blocks[1]}–{blocks[-1]}); it is ignored", "warning")
-    if ctx.arch != "sdxl" and tag.te2 is not None:
-        problem("te2", f"{arch} has one text encoder; te2 is ignored", "warning")
+    for group, _ in tag.groups:
+        if not len(GROUP_ROWS[ctx.arch][group]):
+            problem(group, f"{arch} has no {group} blocks; {group}= is ignored", "warning")
+    encoders = TEXT_ENCODERS[ctx.arch]
+    for te in ("te1", "te2"):
+        if getattr(tag, te) is not None and te not in encoders:
+            problem(te, f"{arch} has no {te} ({_encoder_names(ctx.arch)}); {te} is ignored",
+                    "warning")
     if tag.kind == "model" and tag.dyn is not None:
         problem("dyn", "dyn applies to LoRA files, not to <model:…>; it is ignored", "warning")
     if tag.blend is not None and tag.region is None:
@@ -226,6 +233,12 @@ def _check(tag: Tag, ctx: CompileContext, problem) -> None:
         if missing:
             problem("region", "no mask named " + ", ".join(f"'{m}'" for m in missing)
                     + _did_you_mean(missing[0], ctx.masks))
+
+
+def _encoder_names(arch: str) -> str:
+    names = TEXT_ENCODERS[arch]
+    return "its text encoder is " + " and ".join(f"{te} ({TEXT_ENCODER_TITLES[arch][te]})"
+                                                 for te in names)
 
 
 def _did_you_mean(name: str, known: FrozenSet[str]) -> str:

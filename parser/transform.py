@@ -19,11 +19,13 @@ from .names import network_name_problem
 
 Problem = Tuple[int, str, str]  # (offset in the tag text, message, severity)
 
-KNOWN_KEYS = ("te", "te1", "te2", "unet", "in", "mid", "out", "down", "up", "lbw", "w", "x",
-              "dyn", "start", "stop", "step", "hr", "hrte", "hrunet", "region", "interp", "neg",
-              "blend", "BASE", "IN00", "M00", "OUT00")
+KNOWN_KEYS = ("te", "te1", "te2", "unet", "in", "mid", "out", "down", "up", "double", "single",
+              "lbw", "w", "x", "dyn", "start", "stop", "step", "hr", "hrte", "hrunet", "region", "interp", "neg",
+              "blend", "BASE", "IN00", "M00", "OUT00", "D00", "S00")
 MAX_REGION_DEPTH = 32  # deeper expressions are refused: evaluating them would recurse too far
-GROUP_ALIASES = {"in": "in", "down": "in", "mid": "mid", "out": "out", "up": "out"}
+GROUP_ALIASES = {"in": "in", "down": "in", "mid": "mid", "out": "out", "up": "out",
+                 "double": "double", "single": "single"}
+GROUPS = ("in", "mid", "out", "double", "single")  # what the block groups are called in a Tag
 
 
 def region_depth(region) -> int:
@@ -289,7 +291,7 @@ def _positional(index: int, value) -> Tuple[Optional[str], Any, Optional[Tuple[s
 
 
 def _build(kind: str, name: str, fields: dict) -> Tag:
-    groups = tuple(sorted((k, fields[k]) for k in ("in", "mid", "out") if k in fields))
+    groups = tuple(sorted((k, fields[k]) for k in GROUPS if k in fields))
     blocks = tuple(sorted(((k, v) for k, v in fields.items() if k.isupper()), key=_block_sort))
     window = Window(start=fields.get("start"), stop=fields.get("stop"), last=fields.get("last"))
     simple = {k: fields.get(k) for k in ("te", "te1", "te2", "unet", "hr", "hrte", "hrunet", "lbw",
@@ -305,6 +307,10 @@ def _block_sort(item) -> Tuple[int, int]:
         return (1, int(name[2:]))
     if name.startswith("M"):
         return (2, 0)
+    if name.startswith("D"):  # Flux-family double- then single-stream blocks
+        return (4, int(name[1:]))
+    if name.startswith("S"):
+        return (5, int(name[1:]))
     return (3, int(name[3:]))
 
 

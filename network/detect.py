@@ -1,4 +1,9 @@
-"""Which architecture (SD1, SD2, SDXL) a file was made for, from its keys and shapes alone.
+"""Which architecture (SD1, SD2, SDXL, Flux, Chroma) a file was made for, from its keys and
+shapes alone.
+
+The Flux family is told first, by its blocks (double- and single-stream, in any naming) or its
+T5 text encoder; Chroma from Flux by Chroma's distilled guidance layer, which Flux lacks, else
+Flux (a file that changes only attention layers fits both, and loads on both).
 
 Signals, strongest first: a second text encoder (SDXL only); the UNet's attention layout
 (SD1/SD2 have attention in the first level and one transformer block per attention, SDXL none
@@ -12,7 +17,8 @@ from __future__ import annotations
 import re
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-ARCHS = ("sd1", "sd2", "sdxl")
+ARCHS = ("sd1", "sd2", "sdxl", "flux", "chroma")
+FLUX_FAMILY = ("flux", "chroma")
 CONTEXT_WIDTH = {768: ("sd1",), 1024: ("sd2",), 2048: ("sdxl",)}
 TEXT_WIDTH = {768: ("sd1", "sdxl"), 1024: ("sd2",), 1280: ("sdxl",)}
 
@@ -27,13 +33,33 @@ _CROSS_KV = re.compile(r"attn2[._]to_[kv]")
 _TE_Q = re.compile(r"(lora_te1?_|text_encoder\.|cond_stage_model|embedders\.0).*(q_proj|in_proj)")
 _PROJ_IN = re.compile(r"proj_in")
 _DOWN_PARTS = ("lora_down.weight", "lora_A.weight", "diff", "weight")
+_FLUX_BLOCKS = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks)[._]\d+[._]")
+_T5 = re.compile(r"^(lora_te3_|lycoris_te3_)|t5xxl|(^|[._])encoder[._]block[._]\d+[._]layer[._]")
+_CHROMA = re.compile(r"distilled_guidance_layer")
+
+
+def _flux_family(keys: Sequence[str]) -> Optional[Tuple[str, List[str]]]:
+    if any(_FLUX_BLOCKS.search(k) for k in keys):
+        reason = "its transformer blocks are the Flux family's (double- and single-stream)"
+    elif any(_T5.search(k) for k in keys):
+        reason = "it has keys for a T5 text encoder"
+    else:
+        return None
+    if any(_CHROMA.search(k) for k in keys):
+        return "chroma", [reason, "it has Chroma's distilled guidance layer"]
+    return "flux", [reason]
 
 
 def detect_architecture(keys: Iterable[str], shape: Callable[[str], Sequence[int]],
                         metadata_arch: Optional[str] = None) -> Tuple[Optional[str], List[str]]:
     """(architecture or None when the signals disagree or are absent, the reasons)."""
     keys = list(keys)
-    votes: Dict[str, List[str]] = {a: [] for a in ARCHS}
+    family = _flux_family(keys)
+    if family is not None:
+        return family
+    if metadata_arch in FLUX_FAMILY:
+        return metadata_arch, [f"its metadata says {metadata_arch}"]
+    votes: Dict[str, List[str]] = {a: [] for a in ARCHS if a not in FLUX_FAMILY}
 
     def vote(archs: Sequence[str], reason: str):
         for a in archs:

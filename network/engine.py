@@ -515,11 +515,15 @@ class Engine:
 
     def _tokens(self, target: Target, levels: int) -> int:
         """Rows a UNet layer sees per forward: latent pixels at its level (or the 77 text
-        tokens for cross-attention keys and values), times the batch."""
+        tokens for cross-attention keys and values), times the batch. A Flux-family layer
+        sees the packed 2×2 patches and, in the single blocks, Flux's 512 text tokens too
+        (an upper bound: the modulation layers see one row per image)."""
+        h, w = self.latent
+        if self.keymap.family == "flux":
+            return ((h // 2) * (w // 2) + 512) * self.batch
         if CROSS_KV.search(target.name):
             return 77 * self.batch
         level = _level(target.block, levels)
-        h, w = self.latent
         return max(1, (h >> level) * (w >> level)) * self.batch
 
     # ---- merging ---------------------------------------------------------------------

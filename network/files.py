@@ -94,6 +94,9 @@ class SafeFile:
     def keys(self) -> List[str]:
         return sorted(self._tensors)
 
+    def has(self, key: str) -> bool:
+        return key in self._tensors
+
     def shape(self, key: str) -> Tuple[int, ...]:
         return self._entry(key).shape
 
@@ -395,7 +398,7 @@ def _check_layout(path: str, tensors: Dict[str, _Tensor], data_len: int) -> None
 
 # ---- a diffusers folder's files, and what a path held when it was read --------------------
 
-COMPONENTS = (("unet", "unet."), ("text_encoder", "text_encoder."),
+COMPONENTS = (("unet", "unet."), ("transformer", "transformer."), ("text_encoder", "text_encoder."),
               ("text_encoder_2", "text_encoder_2."))
 
 
@@ -419,7 +422,8 @@ def checkpoint_files(path: str) -> List[Tuple[str, str]]:
             _check_inside(path, os.path.join(d, n))
             found.append((os.path.join(d, n), prefix))
     if not found:
-        raise NetworkFileError(path, "a diffusers folder needs unet/ or text_encoder/ .safetensors files")
+        raise NetworkFileError(path, "a diffusers folder needs unet/, transformer/ or text_encoder/ "
+                                     ".safetensors files")
     return found
 
 
@@ -534,8 +538,8 @@ def _tag_counts(frequency) -> Dict[str, float]:
 
 
 def base_architecture(metadata: dict) -> Optional[str]:
-    """"sd1" | "sd2" | "sdxl" from the metadata alone, or None when it does not say or names a
-    model NetWeave does not handle (SD3, Flux, the SDXL refiner, ...)."""
+    """"sd1" | "sd2" | "sdxl" | "flux" | "chroma" from the metadata alone, or None when it does
+    not say or names a model NetWeave does not handle (SD3, the SDXL refiner, ...)."""
     version = metadata.get("ss_base_model_version")
     if isinstance(version, str) and version.strip():
         return _arch_from_version(version.strip().lower())
@@ -551,7 +555,9 @@ def base_architecture(metadata: dict) -> Optional[str]:
 
 
 def _arch_from_version(version: str) -> Optional[str]:
-    # kohya writes e.g. "sd_v1", "sd_v2", "sd_2.0", "sdxl_base_v1-0".
+    # kohya writes e.g. "sd_v1", "sd_v2", "sd_2.0", "sdxl_base_v1-0", "flux1", "chroma".
+    if version.startswith(("flux1", "chroma")):
+        return "flux" if version.startswith("flux1") else "chroma"
     if version.startswith("sdxl"):
         return None if "refiner" in version else "sdxl"
     m = re.match(r"sd[_-]?v?(\d)", version)
@@ -559,7 +565,10 @@ def _arch_from_version(version: str) -> Optional[str]:
 
 
 def _arch_from_modelspec(architecture: str) -> Optional[str]:
-    # modelspec names, e.g. "stable-diffusion-v1", "stable-diffusion-v2-768-v", "stable-diffusion-xl-v1-base".
+    # modelspec names, e.g. "stable-diffusion-v1", "stable-diffusion-v2-768-v",
+    # "stable-diffusion-xl-v1-base", "flux-1-dev", "flux-1-schnell", "chroma".
+    if architecture.startswith(("flux-1", "chroma")):
+        return "flux" if architecture.startswith("flux-1") else "chroma"
     if architecture.startswith("stable-diffusion-xl-v1-base"):
         return "sdxl"
     if architecture.startswith("stable-diffusion-v1"):

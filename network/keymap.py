@@ -16,6 +16,8 @@ from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 from torch import Tensor, nn
 
+from . import flux_keys, t5_keys
+
 PATCHABLE = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
 COMPONENTS = ("unet", "te1", "te2")
 
@@ -286,6 +288,8 @@ def text_spellings(component: str, hf: str) -> List[str]:
     names = [k + _us(full) for k in kohya]
     names += [p + n for p in peft for n in (full, hf)]
     names += [c + full for c in ckpt]
+    if component == "te1":  # ComfyUI's names for Flux's CLIP-L
+        names.append("text_encoders.clip_l.transformer." + full)
     openclip = _openclip_name(hf)
     if openclip:  # SD2's and SDXL-G's OpenCLIP in LDM checkpoints
         names.append(("cond_stage_model.model." if component == "te1" else
@@ -298,9 +302,41 @@ _TENSOR_SUFFIXES = ("weight", "bias", "in_proj_weight", "in_proj_bias", "out_pro
 _QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
 
 
+@dataclass(frozen=True)
+class Piece:
+    """Rows [src, src + length) of what a file's layer builds, at rows [dst, dst + length) of a
+    target's weight. `src_rows`: how many rows the file's layer builds in all."""
+
+    target: Target
+    src: int
+    dst: int
+    length: int
+    src_rows: int
+
+    @property
+    def whole(self) -> bool:
+        return self.src == 0 and self.dst == 0 and \
+            self.length == self.src_rows == int(self.target.weight.shape[0])
+
+
+def _joined(pieces: List[Piece]) -> List[Piece]:
+    """Pieces with adjacent pieces of one target, in the same order, made one."""
+    out: List[Piece] = []
+    for p in pieces:
+        last = out[-1] if out else None
+        if last is not None and last.target is p.target and p.src == last.src + last.length \
+                and p.dst == last.dst + last.length:
+            out[-1] = Piece(p.target, last.src, last.dst, last.length + p.length, p.src_rows)
+        else:
+            out.append(p)
+    return out
+
+
 class KeyMap:
     """Every host target by every name a file may give it. Layers whose weight cannot take a
-    merge (`frozen`) are kept apart: no file reaches them, `refused` says which keys meant to."""
+    merge (`frozen`) are kept apart: no file reaches them, `refused` says which keys meant to.
+    Flux-family transformers map names to rows of targets (`pieces`, flux_keys.py): a fused
+    layer in a file may reach several split layers of the host, and the other way round."""
 
     def __init__(self, trees: Mapping[str, nn.Module]):
         unknown = set(trees) - set(COMPONENTS)
@@ -308,16 +344,59 @@ class KeyMap:
             raise ValueError(f"unknown components {sorted(unknown)}; use {COMPONENTS}")
         self.targets: List[Target] = []
         self._by_name: Dict[str, List[Target]] = {}
+        self._views: Dict[str, List[Piece]] = {}  # Flux-family names -> rows of targets
         self._frozen: Dict[str, Tuple[Target, str]] = {}  # spelling -> (target, why)
-        if "unet" in trees:
-            for d, l, module in _unet_layers(trees["unet"]):
-                path = l if hasattr(trees["unet"], "input_blocks") else d
+        unet = trees.get("unet")
+        flux = unet is not None and flux_keys.tree_layout(unet) is not None
+        self.family = "flux" if flux or t5_keys.is_t5(trees.get("te2", nn.Module())) else "sd"
+        if flux:
+            self._add_flux(unet)
+        elif unet is not None:
+            for d, l, module in _unet_layers(unet):
+                path = l if hasattr(unet, "input_blocks") else d
                 self._add(Target("unet", d, path, module, block=unet_block(d)), unet_spellings(d, l))
         for component in ("te1", "te2"):
-            if component in trees:
-                for hf, path, module, param, chunk in _text_layers(trees[component]):
-                    target = Target(component, hf, path, module, param, chunk, block="BASE")
-                    self._add(target, text_spellings(component, hf))
+            if component not in trees:
+                continue
+            block = "BASE" if self.family == "sd" else ("CLIP" if component == "te1" else "T5")
+            if t5_keys.is_t5(trees[component]):
+                for name, path, module in t5_keys.t5_layers(trees[component], patchable):
+                    self._add(Target(component, name, path, module, block=block),
+                              t5_keys.t5_spellings(name))
+                continue
+            for hf, path, module, param, chunk in _text_layers(trees[component]):
+                target = Target(component, hf, path, module, param, chunk, block=block)
+                self._add(target, text_spellings(component, hf))
+
+    def _add_flux(self, root: nn.Module) -> None:
+        """Targets of a Flux-family transformer and the rows every file name reaches."""
+        covering: Dict[str, List[Tuple[Target, flux_keys.Segment, Optional[str]]]] = {}
+        canonical: Dict[str, Tuple[int, int]] = {}
+        for path, module, span in flux_keys.host_layers(root, patchable):
+            target = Target("unet", path, path, module, block=flux_keys.block_of(span[0].layer))
+            why = frozen(target.weight)
+            if why is None:
+                self.targets.append(target)
+            for seg in span:
+                covering.setdefault(seg.layer, []).append((target, seg, why))
+                rows, width = canonical.get(seg.layer, (0, int(module.weight.shape[1])))
+                canonical[seg.layer] = (max(rows, seg.start + seg.length), width)
+        for name, span in flux_keys.file_spellings(canonical):
+            src_rows = sum(seg.length for seg in span)
+            pieces = []
+            for seg in span:
+                for target, host, why in covering.get(seg.layer, ()):
+                    lo = max(seg.start, host.start)
+                    hi = min(seg.start + seg.length, host.start + host.length)
+                    if lo >= hi:
+                        continue
+                    if why is not None:
+                        self._frozen.setdefault(name, (target, why))
+                        continue
+                    pieces.append(Piece(target, seg.offset + lo - seg.start,
+                                        host.offset + lo - host.start, hi - lo, src_rows))
+            if pieces:
+                self._views.setdefault(name, _joined(pieces))
 
     def _add(self, target: Target, spellings: List[str]) -> None:
         try:
@@ -334,26 +413,37 @@ class KeyMap:
             if target not in bucket:
                 bucket.append(target)
 
-    def lookup_tensor(self, key: str) -> List[Tuple[Target, bool, Optional[Tuple[int, int]]]]:
-        """(target, is_bias, chunk of the file's tensor) for a checkpoint tensor key such as
+    def lookup_tensor(self, key: str) -> List[Tuple[Piece, bool]]:
+        """(piece, is_bias) for a checkpoint tensor key such as
         `model.diffusion_model.input_blocks.1.1.proj_in.weight`. An OpenCLIP
-        `….attn.in_proj_weight` gives three: q, k and v are chunks of that one tensor; an HF
-        `….self_attn.q_proj.weight` on an OpenCLIP host gives the q chunk, whole."""
+        `….attn.in_proj_weight` gives three: q, k and v are row thirds of that one tensor; an HF
+        `….self_attn.q_proj.weight` on an OpenCLIP host gives the q chunk, whole; a Flux-family
+        layer gives the rows of the host layers it holds."""
         for suffix in _TENSOR_SUFFIXES:
             if not key.endswith("." + suffix):
                 continue
-            targets = self.lookup(key[:-len(suffix) - 1])
-            is_bias = suffix.endswith("bias")
+            layer, is_bias = key[:-len(suffix) - 1], suffix.endswith("bias")
+            if layer in self._views and suffix in ("weight", "bias"):
+                return [(p, is_bias) for p in self._views[layer]]
+            targets = self.lookup(layer)
             if suffix.startswith("in_proj"):  # OpenCLIP's fused q, k, v: by canonical name
-                found = [(t, is_bias, (_QKV[t.name[-6:]], 3)) for t in targets
-                         if t.name[-6:] in _QKV]
+                found = []
+                for t in targets:
+                    if t.name[-6:] in _QKV:
+                        n = int(t.weight.shape[0])
+                        found.append((Piece(t, _QKV[t.name[-6:]] * n, 0, n, 3 * n), is_bias))
             elif suffix.startswith("out_proj"):
-                found = [(t, is_bias, None) for t in targets if t.name.endswith("out_proj")]
+                found = [(self._whole(t), is_bias) for t in targets if t.name.endswith("out_proj")]
             else:  # a plain layer name names exactly one target
-                found = [(targets[0], is_bias, None)] if len(targets) == 1 else []
+                found = [(self._whole(targets[0]), is_bias)] if len(targets) == 1 else []
             if found:
                 return found
         return []
+
+    @staticmethod
+    def _whole(target: Target) -> Piece:
+        rows = int(target.weight.shape[0])
+        return Piece(target, 0, 0, rows, rows)
 
     def refused(self, keys) -> Dict[Target, str]:
         """{frozen target: why} for the file keys (`layer.part…`) that name a frozen layer."""
@@ -369,6 +459,14 @@ class KeyMap:
                     found[target] = why
                     break
         return found
+
+    def pieces(self, layer: str) -> List[Piece]:
+        """Where a file's layer lands: one whole target, or rows of one or more targets (a
+        fused Flux layer in a file on a host that splits it, or the reverse)."""
+        if layer in self._views:
+            return self._views[layer]
+        targets = self.lookup(layer)
+        return [self._whole(targets[0])] if len(targets) == 1 else []
 
     def lookup(self, layer: str) -> List[Target]:
         """Targets of a layer name: one, or three for an OpenCLIP `attn` in a checkpoint

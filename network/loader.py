@@ -12,17 +12,18 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from .algorithms import Adapter, FormatError, detect, make
 from .algorithms.checkpoint import CheckpointDelta
+from .algorithms.rows import Placed, rows_of
 from .blocks import ARCH_TITLES
-from .detect import detect_architecture
+from .detect import FLUX_FAMILY, detect_architecture
 from .files import (NetworkFileError, SafeFile, base_architecture, checkpoint_files,
                     open_safetensors)
-from .keymap import KeyMap, Target
+from .keymap import KeyMap, Piece, Target
 
 
 def _title(arch: Optional[str]) -> str:
@@ -42,6 +43,8 @@ PART_ALIASES = {"lora.down.weight": "lora_down.weight", "lora.up.weight": "lora_
                 "lora_linear_layer.down.weight": "lora_down.weight",
                 "lora_linear_layer.up.weight": "lora_up.weight",
                 "lora_A.default.weight": "lora_A.weight", "lora_B.default.weight": "lora_B.weight"}
+# XLabs' Flux files: `double_blocks.0.processor.qkv_lora1.down.weight` (flux_keys.py).
+XLABS_PARTS = {"down.weight": "lora_down.weight", "up.weight": "lora_up.weight"}
 UNDERSCORED = ("lora_", "lycoris_", "oft_")  # kohya-style layer names never hold a "."
 
 
@@ -55,6 +58,10 @@ def split_key(key: str) -> Optional[Tuple[str, str]]:
     for alias, part in PART_ALIASES.items():
         if key.endswith("." + alias):
             return key[:-len(alias) - 1], part
+    if ".processor." in key:
+        for alias, part in XLABS_PARTS.items():
+            if key.endswith("." + alias):
+                return key[:-len(alias) - 1], part
     for part in PARTS:
         if key.endswith("." + part):
             return key[:-len(part) - 1], part
@@ -85,7 +92,12 @@ class ArchitectureMismatch(NetworkFileError):
     """The file is for another architecture than the model's."""
 
 
-def _check_architecture(path: str, found: Optional[str], reasons, host: Optional[str]) -> None:
+def _check_architecture(path: str, found: Optional[str], reasons, host: Optional[str],
+                        kind: str = "lora") -> None:
+    """A file for another architecture is refused, except a LoRA between Flux and Chroma: they
+    share their blocks, and the layers only one has are reported as unmatched keys."""
+    if kind == "lora" and {found, host} <= set(FLUX_FAMILY):
+        return
     if found is not None and host is not None and found != host:
         raise ArchitectureMismatch(path, f"this file is for {_title(found)} ({'; '.join(reasons)}), "
                           f"but the model is {_title(host)}")
@@ -108,30 +120,45 @@ def load_network(path: str, keymap: KeyMap, arch: Optional[str] = None) -> Loade
                 continue
             layers.setdefault(split[0], {})[split[1]] = key
         default_alpha = _metadata_alpha(f.metadata)
-        adapters: Dict[Target, Adapter] = {}
-        owner: Dict[Target, str] = {}
+        placed: Dict[Target, List[Tuple[Piece, Adapter, str]]] = {}
         for layer, part_keys in layers.items():
-            targets = keymap.lookup(layer)
-            if len(targets) != 1 or detect(part_keys) is None:
+            pieces = keymap.pieces(layer)
+            if not pieces or detect(part_keys) is None:
                 unmatched.extend(part_keys.values())
                 continue
-            target = targets[0]
-            if target in adapters:
-                raise NetworkFileError(path, f"'{layer}' and '{owner[target]}' both change {target.component} "
-                                  f"layer {target.name}")
             parts = {part: _read(f, path, key) for part, key in part_keys.items()}
+            shape = (pieces[0].src_rows, *pieces[0].target.weight.shape[1:])
             try:
                 adapter = make(parts, default_alpha)
-                problem = adapter.check(tuple(target.weight.shape))
+                problem = adapter.check(tuple(shape))
+                if not problem:
+                    for piece in pieces:
+                        placed.setdefault(piece.target, []).append(
+                            (piece, rows_of(adapter, piece.src, piece.length, piece.src_rows), layer))
             except (FormatError, RuntimeError, ValueError, ArithmeticError, IndexError) as exc:
                 # odd shapes fail inside torch before an algorithm can say what is wrong
                 raise NetworkFileError(path, f"layer '{layer}': {exc}") from None
             if problem:
+                where = ", ".join(f"{p.target.component} {p.target.name}" for p in pieces)
                 raise NetworkFileError(path, f"layer '{layer}' does not fit this {_title(arch)} model "
-                                  f"({target.component} {target.name}): {problem}")
-            adapters[target], owner[target] = adapter, layer
+                                  f"({where}): {problem}")
+        adapters = {target: _assemble(path, target, items) for target, items in placed.items()}
     return LoadedNetwork(path, "lora", found, adapters, tuple(sorted(unmatched)),
                          tuple(embeddings), dict(f.metadata), tuple(reasons))
+
+
+def _assemble(path: str, target: Target, items: List[Tuple[Piece, Adapter, str]]) -> Adapter:
+    """One adapter for a target from the file layers that reach its rows."""
+    items = sorted(items, key=lambda item: item[0].dst)
+    for (a, _, first), (b, _, second) in zip(items, items[1:]):
+        if b.dst < a.dst + a.length:
+            raise NetworkFileError(path, f"'{first}' and '{second}' both change {target.component} "
+                                         f"layer {target.name}")
+    piece, adapter, _ = items[0]
+    rows = int(target.weight.shape[0])
+    if len(items) == 1 and piece.dst == 0 and piece.length == rows:
+        return adapter
+    return Placed([(p.dst, p.length, a) for p, a, _ in items], rows)
 
 
 # A weight or factor beyond this is damage, not training (real ones stay below a few hundred):
@@ -198,26 +225,33 @@ def _map_checkpoint(path, sources, keymap: KeyMap, arch: Optional[str]):
     shapes = {prefix + k: f.shape(k) for f, prefix in sources for k in f.keys()}
     found, reasons = detect_architecture(keys, shapes.__getitem__,
                                          base_architecture(sources[0][0].metadata))
-    _check_architecture(path, found, reasons, arch)
-    tensors: Dict[Target, Dict[bool, Tuple[SafeFile, str, Optional[Tuple[int, int]]]]] = {}
+    _check_architecture(path, found, reasons, arch, "checkpoint")
+    weights: Dict[Target, List[Tuple[SafeFile, str, Piece]]] = {}
     unmatched = []
     for f, prefix in sources:
         for key in f.keys():
             hits = keymap.lookup_tensor(prefix + key)
             if not hits and not NOT_PATCHED.search(prefix + key):
                 unmatched.append(prefix + key)
-            for target, is_bias, chunk in hits:
-                tensors.setdefault(target, {})[is_bias] = (f, key, chunk)
+            for piece, is_bias in hits:
+                if not is_bias:  # a bias is read beside its weight; alone it changes nothing
+                    weights.setdefault(piece.target, []).append((f, key, piece))
     layers: Dict[Target, Adapter] = {}
-    for target, parts in tensors.items():
-        if False not in parts:
-            continue  # a bias alone changes nothing we patch
-        adapter = CheckpointDelta(parts[False], parts.get(True))
+    read = []
+    for target, items in weights.items():
+        parts = []
+        for f, key, piece in items:
+            rows = None if piece.whole else (piece.src, piece.length)
+            bias_key = key[:-len("weight")] + "bias"  # .weight, in_proj_weight, out_proj.weight
+            bias = (f, bias_key, rows) if target.bias_param and f.has(bias_key) else None
+            parts.append((piece, CheckpointDelta((f, key, rows), bias), key))
+            read += [(f, key)] + ([(f, bias_key)] if bias else [])
+        adapter = _assemble(path, target, parts)
         problem = adapter.check(tuple(target.weight.shape))
         if problem:
             raise NetworkFileError(path, f"{target.component} {target.name} does not fit this "
                                          f"{_title(arch)} model: {problem}")
         layers[target] = adapter
-    for f, key in dict.fromkeys((f, key) for parts in tensors.values() for f, key, _ in parts.values()):
+    for f, key in dict.fromkeys(read):
         check_values(f.get(key), f.path, key)
     return layers, unmatched, found, reasons

@@ -1,6 +1,7 @@
-"""The real SD1, SD2 and SDXL module trees, built on the meta device (shapes, no memory), so
-a file can be checked layer by layer without loading any model: `inspect` uses them.
-Configs are the published ones of SD 1.5, SD 2.1 and SDXL 1.0 base (diffusers layout)."""
+"""The real SD1, SD2, SDXL, Flux and Chroma module trees, built on the meta device (shapes, no
+memory), so a file can be checked layer by layer without loading any model: `inspect` uses
+them. Configs are the published ones of SD 1.5, SD 2.1, SDXL 1.0 base, Flux.1-dev and Chroma
+(diffusers layout; the classes' defaults are those models'), with CLIP-L and T5-XXL v1.1."""
 from __future__ import annotations
 
 import functools
@@ -37,9 +38,16 @@ TEXT = {
 }
 
 
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+FLUX_TEXT = {"flux": {"te1": CLIP_L, "te2": T5_XXL}, "chroma": {"te2": T5_XXL}}
+
+
 @functools.lru_cache(maxsize=3)
 def reference_trees(arch: str) -> Dict[str, nn.Module]:
-    """{"unet", "te1"[, "te2"]} of `arch` on the meta device."""
+    """{"unet", "te1"[, "te2"]} of `arch` on the meta device ("unet": the denoiser)."""
+    if arch in FLUX_TEXT:
+        return _flux_trees(arch)
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -50,4 +58,21 @@ def reference_trees(arch: str) -> Dict[str, nn.Module]:
             trees[component] = cls(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77,
                                                   bos_token_id=49406, eos_token_id=49407,
                                                   **config))
+    return trees
+
+
+def _flux_trees(arch: str) -> Dict[str, nn.Module]:
+    from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        trees = {"unet": FluxTransformer2DModel(guidance_embeds=True) if arch == "flux"
+                 else ChromaTransformer2DModel()}
+        for component, config in FLUX_TEXT[arch].items():
+            if config is T5_XXL:
+                trees[component] = T5EncoderModel(T5Config(**config))
+            else:
+                trees[component] = CLIPTextModel(CLIPTextConfig(
+                    vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                    eos_token_id=49407, **config))
     return trees

@@ -499,7 +499,9 @@ def test_network_type(module, args, expected):
     ({"ss_base_model_version": "sd_v2"}, "sd2"),
     ({"ss_base_model_version": "sdxl_base_v1-0", "ss_v2": "False"}, "sdxl"),
     ({"ss_base_model_version": "sd3", "ss_v2": "False"}, None),  # named, but not ours: no fallback
-    ({"ss_base_model_version": "flux1"}, None),
+    ({"ss_base_model_version": "flux1"}, "flux"),
+    ({"ss_base_model_version": "chroma"}, "chroma"),
+    ({"modelspec.architecture": "flux-1-dev/lora"}, "flux"),
     ({"ss_v2": "True"}, "sd2"),
     ({"ss_v2": "False"}, "sd1"),
     ({"modelspec.architecture": "stable-diffusion-v1/lora"}, "sd1"),

@@ -124,14 +124,16 @@ def test_checkpoint_tensor_keys():
     trees = ldm_trees("sdxl")
     km = KeyMap(trees)
     hits = km.lookup_tensor("conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight")
-    assert sorted(chunk for _, _, chunk in hits) == [(0, 3), (1, 3), (2, 3)]
-    assert not any(is_bias for _, is_bias, _ in hits)
-    (hit,) = km.lookup_tensor("model.diffusion_model.input_blocks.4.1.proj_in.bias")
-    assert hit[1] is True and hit[0].path == "input_blocks.4.1.proj_in" and hit[2] is None
+    n = 48  # the tiny OpenCLIP's width: q, k and v are row thirds of in_proj_weight
+    assert sorted((p.src, p.length, p.src_rows) for p, _ in hits) == [(0, n, 3 * n), (n, n, 3 * n),
+                                                                      (2 * n, n, 3 * n)]
+    assert not any(is_bias for _, is_bias in hits)
+    ((piece, is_bias),) = km.lookup_tensor("model.diffusion_model.input_blocks.4.1.proj_in.bias")
+    assert is_bias and piece.target.path == "input_blocks.4.1.proj_in" and piece.whole
     # an HF-named q_proj (diffusers folder) on an OpenCLIP host: the q chunk, read whole
-    ((target, is_bias, chunk),) = km.lookup_tensor(
+    ((piece, is_bias),) = km.lookup_tensor(
         "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.weight")
-    assert target.chunk == (0, 3) and chunk is None and not is_bias
+    assert piece.target.chunk == (0, 3) and piece.whole and not is_bias
     assert km.lookup_tensor("first_stage_model.encoder.conv_in.weight") == []
 
 

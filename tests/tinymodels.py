@@ -155,3 +155,50 @@ def diffusers_trees(arch):
 
 TREES = {"ldm": ldm_trees, "diffusers": diffusers_trees}
 ARCHS = ("sd1", "sd2", "sdxl")
+
+
+# ---- the Flux family ----------------------------------------------------------------------
+FLUX_HIDDEN, FLUX_CONTEXT, FLUX_POOLED = 16, 24, TE1_WIDTH  # 2 heads × 8; T5 width; CLIP pooled
+FLUX_DOUBLE, FLUX_SINGLE = 2, 2
+
+
+def flux_transformer(arch="flux"):
+    """A tiny FluxTransformer2DModel (guidance-distilled, as Flux.1-dev) or
+    ChromaTransformer2DModel; 16 latent channels packed 2×2 → 64 inputs, as the real ones."""
+    from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel
+    torch.manual_seed(3)
+    common = dict(patch_size=1, in_channels=64, num_layers=FLUX_DOUBLE,
+                  num_single_layers=FLUX_SINGLE, attention_head_dim=8, num_attention_heads=2,
+                  joint_attention_dim=FLUX_CONTEXT, axes_dims_rope=(2, 2, 4))
+    if arch == "chroma":
+        model = ChromaTransformer2DModel(approximator_num_channels=8, approximator_hidden_dim=16,
+                                         approximator_layers=2, **common)
+    else:
+        model = FluxTransformer2DModel(pooled_projection_dim=FLUX_POOLED, guidance_embeds=True,
+                                       **common)
+    with torch.no_grad():  # a fresh model's zero-initialised output layers would hide every change
+        for p in model.parameters():
+            if p.dim() >= 1 and float(p.abs().max()) == 0.0:
+                p.normal_(0, 0.05)
+    return model
+
+
+def t5_text():
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(4)
+    return T5EncoderModel(T5Config(vocab_size=100, d_model=FLUX_CONTEXT, d_kv=8, d_ff=32,
+                                   num_layers=2, num_heads=3, feed_forward_proj="gated-gelu",
+                                   is_encoder_decoder=False))
+
+
+def flux_trees(arch="flux", layout="diffusers"):
+    """{"unet": the transformer, "te1": CLIP-L (Flux only), "te2": T5}; layout "bfl" holds the
+    transformer in the original layout (tests/flux_bfl.py) with the same weights."""
+    model = flux_transformer(arch)
+    if layout == "bfl":
+        from flux_bfl import from_diffusers
+        model = from_diffusers(model)
+    trees = {"unet": model, "te2": t5_text()}
+    if arch == "flux":
+        trees["te1"] = hf_text(TE1_WIDTH)
+    return trees

@@ -16,7 +16,7 @@ from . import Adapter, along, channel_axis, f32, norm, shape_error, weight_op
 
 NORMS = (nn.GroupNorm, nn.LayerNorm)
 
-Source = Tuple[object, str, Optional[Tuple[int, int]]]  # (SafeFile, key, (chunk, of))
+Source = Tuple[object, str, Optional[Tuple[int, int]]]  # (SafeFile, key, (first row, rows))
 
 
 def delta_weight(target: Tensor, weight: Tensor, strength: float = 1.0) -> Tensor:
@@ -30,9 +30,9 @@ def bypass(x: Tensor, module, target: Tensor, weight: Tensor, strength: float = 
 
 
 def _read(source: Source) -> Tensor:
-    file, key, chunk = source
+    file, key, rows = source
     t = file.get(key)
-    return t if chunk is None else t.chunk(chunk[1])[chunk[0]]
+    return t if rows is None else t.narrow(0, rows[0], rows[1])
 
 
 class CheckpointDelta(Adapter):
@@ -50,11 +50,22 @@ class CheckpointDelta(Adapter):
         return 0  # nothing held: read from the file when needed
 
     def check(self, weight_shape):
-        file, key, chunk = self.source
+        file, key, rows = self.source
         shape = list(file.shape(key))
-        if chunk is not None:
-            shape[0] //= chunk[1]
+        if rows is not None:
+            if rows[0] + rows[1] > shape[0]:
+                return f"{self.algorithm}: '{key}' has {shape[0]} rows, not {rows[0] + rows[1]}"
+            shape[0] = rows[1]
         return shape_error(self.algorithm, tuple(shape), weight_shape)
+
+    def rows(self, start: int, length: int) -> "CheckpointDelta":
+        """Rows [start, start + length) of the file's tensors (algorithms/rows.py)."""
+        def narrow(source):
+            if source is None:
+                return None
+            file, key, rows = source
+            return file, key, (start + (rows[0] if rows else 0), length)
+        return CheckpointDelta(narrow(self.source), narrow(self.bias_source))
 
     def delta(self, weight, strength=1.0, dyn=None):
         return delta_weight(_read(self.source), weight, strength).reshape(weight.shape)

@@ -46,6 +46,12 @@ class Full(Adapter):
     def check(self, weight_shape):
         return shape_error(self.algorithm, tuple(self.diff.shape), weight_shape)
 
+    def rows(self, start: int, length: int) -> "Full":
+        """The same network on rows [start, start + length) of the layer (algorithms/rows.py)."""
+        end = start + length
+        return Full(self.diff[start:end], None if self.diff_b is None else self.diff_b.reshape(-1)[start:end],
+                    self.ignored)
+
     def delta(self, weight, strength=1.0, dyn=None):
         self.require(weight.shape)
         return delta_weight(self.diff.to(weight.device), strength).reshape(weight.shape)

@@ -110,6 +110,10 @@ class LoRA(Adapter):
     def check(self, weight_shape):
         return shape_error(self.algorithm, self._expected(), weight_shape)
 
+    def rows(self, start: int, length: int) -> "LoRA":
+        """The same network on rows [start, start + length) of the layer (algorithms/rows.py)."""
+        return LoRA(self.down, self.up[start:start + length], self.mid, self.scale, self.ignored)
+
     def delta(self, weight, strength=1.0, dyn=None):
         self.require(weight.shape)
         d = delta_weight(self.down.to(weight.device), self.up.to(weight.device),

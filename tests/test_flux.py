@@ -7,6 +7,7 @@ engine on the diffusers tree and on the BFL tree (tests/flux_bfl.py), and both o
 match the reference.
 """
 import copy
+import re
 
 import pytest
 import torch
@@ -127,7 +128,6 @@ def write_format(path, net, fmt):
                                f"lora_transformer_{_us(name)}.lora_up.weight": up[idx],
                                f"lora_transformer_{_us(name)}.alpha": torch.tensor(ALPHA)})
         elif fmt == "xlabs":  # attention only; a single block's qkv_lora holds no MLP rows
-            import re
             m = re.match(r"(double|single)_blocks\.(\d+)\.(img_attn\.qkv|txt_attn\.qkv|"
                          r"img_attn\.proj|txt_attn\.proj|linear1|linear2)$", layer)
             if not m:
@@ -171,3 +171,220 @@ def test_every_format_on_both_trees_matches_merging_the_full_delta(fmt, layout, 
     engine.deactivate()
     assert_pristine(trees, before)
     assert loaded is None or not loaded.unmatched
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "bfl"])
+def test_scheduled_and_bypassed_pieces_match_the_merged_ones(layout, tmp_path):
+    """The runtime branch (a schedule the cost model leaves beside the layer, or forced) on
+    rows of a fused layer or parts placed in one gives what merging gives."""
+    trees = flux_trees("flux", layout)
+    bfl = trees["unet"] if layout == "bfl" else from_diffusers(trees["unet"])
+    # the file in the other layout than the host: every layer is pieces
+    fmt = "kohya" if layout == "diffusers" else "diffusers"
+    deltas = write_format(tmp_path / "net.safetensors", random_network(bfl), fmt)
+    x = inputs()
+    expected = run(merged_reference(bfl.eval(), {n: 0.5 * d for n, d in deltas.items()}), x)
+    engine = make_engine(trees, "flux", tmp_path, strategy="bypass")
+    assert engine.activate(plan("<lora:net:0@0,0.5@1>", "flux", steps=2)) == []
+    engine.set_step(1)
+    assert torch.allclose(run(trees["unet"], x), expected, atol=1e-4)
+    engine.deactivate()
+
+
+def kron_network(bfl, seed=6):
+    g = torch.Generator().manual_seed(seed)
+    net = {}
+    for n, m in canonical_layers(bfl).items():
+        if n.endswith(("qkv", "linear1")):
+            a = 4 if m.out_features % 4 == 0 else 1
+            net[n] = (torch.randn(a, 2, generator=g) * 0.3,
+                      torch.randn(m.out_features // a, m.in_features // 2, generator=g) * 0.3)
+    return net
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "bfl"])
+def test_lokr_on_a_fused_layer_reaches_split_layers(layout, tmp_path):
+    """LoKr's Kronecker product has no per-row factors: on a host that splits the fused layer
+    ΔW is built whole and its rows handed out (algorithms/rows.py RowsOf)."""
+    trees = flux_trees("flux", layout)
+    bfl = trees["unet"] if layout == "bfl" else from_diffusers(trees["unet"])
+    net = kron_network(bfl)
+    save_file({f"lora_unet_{_us(n)}.{p}": t.contiguous() for n, (w1, w2) in net.items()
+               for p, t in (("lokr_w1", w1), ("lokr_w2", w2))}, str(tmp_path / "kron.safetensors"))
+    x = inputs()
+    expected = run(merged_reference(bfl.eval(), {n: 0.7 * torch.kron(w1, w2)
+                                                 for n, (w1, w2) in net.items()}), x)
+    for strategy in ("merge", "bypass"):
+        engine = make_engine(trees, "flux", tmp_path, strategy=strategy)
+        assert engine.activate(plan("<lyco:kron:0.7:neg=0.5>" if strategy == "bypass"
+                                    else "<lyco:kron:0.7>", "flux", steps=2)) == []
+        engine.set_step(0)
+        got = run(trees["unet"], x)
+        engine.deactivate()
+        assert torch.allclose(got, expected, atol=1e-4), (strategy, (got - expected).abs().max())
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "bfl"])
+def test_loha_on_split_layers_fills_a_fused_layer(layout, tmp_path):
+    """SimpleTuner's LyCORIS names (diffusers layers): each split LoHa builds its rows."""
+    trees = flux_trees("flux", layout)
+    bfl = trees["unet"] if layout == "bfl" else from_diffusers(trees["unet"])
+    g = torch.Generator().manual_seed(7)
+    sd, deltas = {}, {}
+    for layer, m in canonical_layers(bfl).items():
+        if not layer.endswith(("qkv", "linear1")):
+            continue
+        dw = torch.zeros(m.out_features, m.in_features)
+        for name, idx in diffusers_parts(layer, m.out_features, m.in_features):
+            w = [torch.randn(len(idx) if i % 2 == 0 else 2, 2 if i % 2 == 0 else m.in_features,
+                             generator=g) * 0.3 for i in range(4)]
+            sd.update({f"lycoris_{_us(name)}.hada_w1_a": w[0], f"lycoris_{_us(name)}.hada_w1_b": w[1],
+                       f"lycoris_{_us(name)}.hada_w2_a": w[2], f"lycoris_{_us(name)}.hada_w2_b": w[3]})
+            dw[idx] = (w[0] @ w[1]) * (w[2] @ w[3])
+        deltas[layer] = dw
+    save_file(sd, str(tmp_path / "hada.safetensors"))
+    x = inputs()
+    expected = run(merged_reference(bfl.eval(), deltas), x)
+    engine = make_engine(trees, "flux", tmp_path)
+    assert engine.activate(plan("<lyco:hada:1>", "flux", steps=2)) == []
+    engine.set_step(0)
+    assert torch.allclose(run(trees["unet"], x), expected, atol=1e-4)
+    engine.deactivate()
+
+
+def test_dora_on_a_fused_layer_is_refused_on_a_split_host_and_applies_on_a_fused_one(tmp_path):
+    """DoRA normalises the whole weight it was trained on: the rows of a split host layer are
+    not that weight, so the file is refused, naming the layer; the BFL host takes it."""
+    bfl_trees = flux_trees("flux", "bfl")
+    layer = "double_blocks.0.img_attn.qkv"
+    m = canonical_layers(bfl_trees["unet"])[layer]
+    sd = {f"lora_unet_{_us(layer)}.lora_down.weight": torch.randn(RANK, m.in_features),
+          f"lora_unet_{_us(layer)}.lora_up.weight": torch.randn(m.out_features, RANK),
+          f"lora_unet_{_us(layer)}.dora_scale": torch.rand(m.out_features, 1) + 0.5}
+    save_file(sd, str(tmp_path / "dora.safetensors"))
+    with pytest.raises(NetworkFileError, match="dora builds its change from the whole fused weight"):
+        load_network(str(tmp_path / "dora.safetensors"), KeyMap(flux_trees("flux")), "flux")
+    loaded = load_network(str(tmp_path / "dora.safetensors"), KeyMap(bfl_trees), "flux")
+    assert [t.name for t in loaded.layers] == [layer] and loaded.algorithms == {"dora": 1}
+
+
+TEXT_KEYS = {  # (component, a layer) in each published spelling
+    "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": ("te1", "encoder.layers.0.self_attn.q_proj"),
+    "text_encoders.clip_l.transformer.text_model.encoder.layers.1.mlp.fc1": ("te1", "encoder.layers.1.mlp.fc1"),
+    "lora_te3_encoder_block_0_layer_0_SelfAttention_q": ("te2", "encoder.block.0.layer.0.SelfAttention.q"),
+    "lora_te2_encoder_block_1_layer_1_DenseReluDense_wi_0": ("te2", "encoder.block.1.layer.1.DenseReluDense.wi_0"),
+    "text_encoders.t5xxl.transformer.encoder.block.1.layer.0.SelfAttention.o": ("te2", "encoder.block.1.layer.0.SelfAttention.o"),
+}
+
+
+def test_text_encoder_keys_reach_clip_l_and_t5_in_their_blocks():
+    km = KeyMap(flux_trees("flux"))
+    for key, (component, name) in TEXT_KEYS.items():
+        (piece,) = km.pieces(key)
+        assert (piece.target.component, piece.target.name) == (component, name), key
+        assert piece.whole and piece.target.block == ("CLIP" if component == "te1" else "T5")
+    chroma = KeyMap(flux_trees("chroma"))
+    assert chroma.pieces("lora_te1_text_model_encoder_layers_0_self_attn_q_proj") == []
+    assert chroma.pieces("lora_te3_encoder_block_0_layer_0_SelfAttention_q")[0].target.block == "T5"
+
+
+def test_blocks_of_every_layer_on_both_trees():
+    for layout in ("diffusers", "bfl"):
+        km = KeyMap(flux_trees("flux", layout))
+        blocks = {t.name: t.block for t in km.targets if t.component == "unet"}
+        d = "transformer_blocks.1.attn.to_q" if layout == "diffusers" else "double_blocks.1.img_attn.qkv"
+        s = "single_transformer_blocks.0.proj_mlp" if layout == "diffusers" else "single_blocks.0.linear1"
+        first = "x_embedder" if layout == "diffusers" else "img_in"
+        last = "norm_out.linear" if layout == "diffusers" else "final_layer.adaLN_modulation.1"
+        assert (blocks[d], blocks[s], blocks[first], blocks[last]) == ("D01", "S00", "IN", "OUT")
+        assert None not in blocks.values()
+
+
+def test_double_and_single_groups_and_lbw_vectors_act_on_their_blocks(tmp_path):
+    trees = flux_trees("flux")
+    bfl = from_diffusers(trees["unet"])
+    net = random_network(bfl)
+    deltas = write_format(tmp_path / "net.safetensors", net, "kohya")
+    x = inputs()
+    only_single = {n: d for n, d in deltas.items() if n.startswith("single_blocks")}
+    lbw = ",".join(["0"] * 3 + ["0"] * 19 + ["1"] * 38 + ["0"])  # LBW's 61: singles only
+    for tag in ("<lora:net:1:double=0:in=0:out=0>", f"<lora:net:1:lbw={lbw}>"):
+        expected = run(merged_reference(bfl.eval(), only_single), x)
+        engine = make_engine(trees, "flux", tmp_path)
+        assert engine.activate(plan(tag, "flux", steps=2)) == []
+        engine.set_step(0)
+        assert torch.allclose(run(trees["unet"], x), expected, atol=1e-4), tag
+        engine.deactivate()
+
+
+@pytest.mark.parametrize("host", ["diffusers", "bfl"])
+def test_model_blend_from_a_checkpoint_in_the_other_layout(host, tmp_path):
+    """`<model:>` with another Flux: a BFL single file on the diffusers tree and a diffusers
+    transformer/ folder on the BFL tree give the same blended weights."""
+    trees = flux_trees("flux", host)
+    other = flux_transformer()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    if host == "diffusers":
+        path = tmp_path / "other.safetensors"
+        sd = {f"model.diffusion_model.{k}": v for k, v in bfl_state_dict(
+            other.state_dict(), 2, 2).items()}
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        path = tmp_path / "other"
+        (path / "transformer").mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in other.state_dict().items()},
+                  str(path / "transformer" / "diffusion_pytorch_model.safetensors"))
+    base = trees["unet"] if host == "bfl" else from_diffusers(trees["unet"])
+    target = from_diffusers(other)
+    x = inputs()
+    blended = copy.deepcopy(base)
+    with torch.no_grad():
+        for (name, p), q in zip(blended.named_parameters(), target.parameters()):
+            if not name.endswith("norm.scale") and not name.endswith(("query_norm.scale", "key_norm.scale")):
+                p.lerp_(q, 0.4)
+    loaded = load_checkpoint(str(path), KeyMap(trees), "flux")
+    # every Linear layer blends; the attention's RMSNorm scales keep the model's own (left out)
+    assert loaded.unmatched and loaded.arch == "flux"
+    assert all(re.search(r"(query_norm|key_norm)\.scale|norm_(added_)?[qk]\.weight", k)
+               for k in loaded.unmatched), loaded.unmatched
+    engine = make_engine(trees, "flux", tmp_path)
+    engine.find = lambda kind, name: str(path)
+    assert engine.activate(plan("<model:other:0.4>", "flux", steps=2)) == []
+    engine.set_step(0)
+    assert torch.allclose(run(trees["unet"], x), run(blended.eval(), x), atol=1e-4)
+    engine.deactivate()
+
+
+def test_detection_tells_flux_from_chroma_and_from_sd(tmp_path):
+    shape = lambda k: (4, 16)  # noqa: E731
+    assert detect_architecture(["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight",
+                                "lora_unet_double_blocks_0_img_mod_lin.lora_down.weight"], shape)[0] == "flux"
+    assert detect_architecture(["transformer.single_transformer_blocks.3.proj_mlp.lora_A.weight"],
+                               shape)[0] == "flux"
+    chroma, reasons = detect_architecture(
+        ["diffusion_model.double_blocks.0.img_attn.qkv.weight",
+         "diffusion_model.distilled_guidance_layer.in_proj.weight"], shape)
+    assert chroma == "chroma" and any("distilled guidance" in r for r in reasons)
+    assert detect_architecture(["lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"],
+                               shape)[0] == "flux"
+    # SDXL's deep transformer blocks are not Flux's
+    assert detect_architecture(["lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q.lora_down.weight"],
+                               shape)[0] == "sdxl"
+
+
+def test_a_flux_lora_loads_on_chroma_and_an_sd_lora_is_refused(tmp_path):
+    trees = flux_trees("chroma")
+    bfl = from_diffusers(flux_transformer())
+    write_format(tmp_path / "net.safetensors", random_network(bfl), "kohya")
+    loaded = load_network(str(tmp_path / "net.safetensors"), KeyMap(trees), "chroma")
+    assert loaded.arch == "flux" and loaded.layers
+    # Chroma prunes Flux's modulation and embedder layers: those keys are reported
+    assert any("img_mod" in k for k in loaded.unmatched)
+    assert not any("img_attn_qkv" in k for k in loaded.unmatched)
+    sd = {"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(4, 32, 1, 1),
+          "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(32, 4, 1, 1)}
+    save_file(sd, str(tmp_path / "sd.safetensors"))
+    with pytest.raises(NetworkFileError, match="for SD1"):
+        load_network(str(tmp_path / "sd.safetensors"), KeyMap(trees), "chroma")

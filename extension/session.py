@@ -4,7 +4,8 @@ batch rows are laid out — and hands the rest to a Session:
 
     session = Session(engine, library, store, settings)
     session.prepare(prompts, steps=…, hires_steps=…, hires_prompts=…, latent=…, rows=…,
-                    inline=…)          plans compiled, the engine activated, the report begun
+                    inline=…, sigmas=…, hires_sigmas=…, negative_rows=…)
+                                       plans compiled, the engine activated, the report begun
     …the host samples, moving the engine (engine.set_step, apply_te)…
     session.collect()                  problems the engine found while sampling, into the report
 
@@ -19,6 +20,7 @@ from typing import List, Mapping, Optional, Sequence, Tuple
 from ..network.engine import Engine
 from ..network.files import FileHash
 from ..network.plan import CompileContext, Plan, compile_prompt, region_masks, with_hires_prompt
+from ..network.sigma import pass_sigmas
 from ..parser import Severity
 from .library import Library
 from .masks import Overlay, mask_hash, readable
@@ -27,12 +29,21 @@ from .settings import Settings
 
 
 def compile_context(arch: str, settings: Settings, steps: int, hires_steps: Optional[int] = None,
-                    masks=()) -> CompileContext:
+                    masks=(), sigmas: Optional[Sequence[float]] = None,
+                    hires_sigmas: Optional[Sequence[float]] = None,
+                    negative_rows: bool = True) -> CompileContext:
     """What prompts compile against in a host: its model, the pass lengths, the mask names it
-    has and the user's settings (default interpolation, strict tags)."""
+    has, the user's settings (default interpolation, strict tags), the sigma the model sees at
+    each step of each pass where the host can say it (positions by noise level; sigmas the
+    host gets wrong count as none, so the tags that need them warn instead of the generation
+    failing) and whether the model has negative rows (guidance-distilled ones have none)."""
     return CompileContext(arch=arch, steps=steps, hires_steps=hires_steps,
                           masks=frozenset(masks), default_interp=settings.default_interp,
-                          strict=settings.strict, blend=settings.blend / 100)
+                          strict=settings.strict, blend=settings.blend / 100,
+                          sigmas=pass_sigmas(sigmas, steps),
+                          hires_sigmas=None if hires_steps is None
+                          else pass_sigmas(hires_sigmas, hires_steps),
+                          negative_rows=negative_rows)
 
 
 class Session:
@@ -47,21 +58,31 @@ class Session:
         self.masks: Mapping = store
         self._seen = (0, 0)  # engine errors and warnings already in the report
 
-    def context(self, steps: int, hires_steps: Optional[int] = None) -> CompileContext:
-        return compile_context(self.engine.arch, self.settings, steps, hires_steps, self.masks)
+    def context(self, steps: int, hires_steps: Optional[int] = None, **host) -> CompileContext:
+        """`host`: what compile_context takes from the adapter (sigmas, hires_sigmas,
+        negative_rows)."""
+        return compile_context(self.engine.arch, self.settings, steps, hires_steps, self.masks,
+                               **host)
 
     def prepare(self, prompts: Sequence[str], *, steps: int, latent: Tuple[int, int], rows: int,
                 hires_steps: Optional[int] = None, hires_prompts: Optional[Sequence[str]] = None,
-                inline: Optional[Mapping] = None, problems: Sequence[str] = ()) -> List[Plan]:
+                inline: Optional[Mapping] = None, problems: Sequence[str] = (),
+                sigmas: Optional[Sequence[float]] = None,
+                hires_sigmas: Optional[Sequence[float]] = None,
+                negative_rows: bool = True) -> List[Plan]:
         """Compile one plan per prompt of the batch (`hires_prompts`: the hires pass's own
         prompts, whose tags drive that pass as the hosts' do), activate the engine for a
         `latent` (h, w) of `rows` UNet rows, and begin the report. `problems`: what the host
-        found before (an unreadable inline mask). NetWeave switched off in the settings: the
-        tags are text it ignores, and every weight is pristine."""
+        found before (an unreadable inline mask). `sigmas`, `hires_sigmas`: the noise level the
+        model is called with at each step of each pass, where the adapter knows it before
+        sampling (None: `s…` positions warn); `negative_rows`: False for a guidance-distilled
+        model (`neg=` warns). NetWeave switched off in the settings: the tags are text it
+        ignores, and every weight is pristine."""
         self.masks = Overlay(inline or {}, self.store)
         for p in problems:
             self.report.add(p)
-        ctx = self.context(steps, hires_steps)
+        ctx = self.context(steps, hires_steps, sigmas=sigmas, hires_sigmas=hires_sigmas,
+                           negative_rows=negative_rows)
         plans = [compile_prompt(text, ctx) for text in prompts]
         if hires_steps is not None and hires_prompts is not None:
             plans = [with_hires_prompt(plan, compile_prompt(text, ctx))

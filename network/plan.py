@@ -20,6 +20,7 @@ from ..parser.parse import strictly
 from .blocks import (ARCH_TITLES, BLOCKS, GROUPS, TEXT_ENCODER_TITLES, TEXT_ENCODERS, group_of,
                      resolve_weights)
 from .schedule import EPS, evaluate, index_of, window_mask
+from .sigma import item_label, on_steps, sigma_index, sigma_items, sigma_problem
 
 ONE = Schedule.const(1.0)
 MAX_NETWORKS = 64  # per prompt: every one is a file to load and layers to patch
@@ -48,6 +49,12 @@ class CompileContext:
     # the blended start of regional networks without blend= (a setting): a fraction of each
     # pass in [0, 1]; 0 one pass from the first step (network/blend.py)
     blend: float = 0.0
+    # the sigma the model is called with at each step of the base / hires pass, for positions
+    # by noise level (s0.5, network/sigma.py); None: the host cannot say, such items warn
+    sigmas: Optional[Tuple[float, ...]] = None
+    hires_sigmas: Optional[Tuple[float, ...]] = None
+    # False for guidance-distilled models (Flux dev/schnell): no negative rows, so neg= warns
+    negative_rows: bool = True
 
     def __post_init__(self):
         if self.arch not in BLOCKS:
@@ -58,6 +65,14 @@ class CompileContext:
                 raise ValueError(f"{name} must be a whole number from 1 to {MAX_STEPS}, not {value!r}")
         if not 0.0 <= float(self.blend) <= 1.0:
             raise ValueError(f"blend must be a fraction of the pass in [0, 1], not {self.blend!r}")
+        for name, steps in (("sigmas", self.steps), ("hires_sigmas", self.hires_steps)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            problem = "there is no hires pass" if steps is None else sigma_problem(value, steps)
+            if problem:
+                raise ValueError(f"{name}: {problem}")
+            object.__setattr__(self, name, tuple(float(v) for v in value))  # hashable, exact
 
 
 @dataclass(frozen=True)
@@ -66,12 +81,17 @@ class PassPlan:
     strength: Mapping[str, np.ndarray]  # te, te1, te2, unet: S_c(k)·W(k)
     blocks: Mapping[str, np.ndarray]  # every block of the architecture: B_b(k)
     blend: int = 0  # a regional network: its first `blend` steps run blended (network/blend.py)
+    # where the tag's positions by noise level landed: (item, sigma, step number counted
+    # from 1, fractional between steps), for explain
+    landed: Tuple[Tuple[str, float, float], ...] = ()
 
     def effective(self, component: str, block: str) -> np.ndarray:
         return self.strength[component] * self.blocks[block]
 
     def to_dict(self) -> dict:
         return {"steps": self.steps, "blend": self.blend,
+                "sigma_positions": [{"item": item, "sigma": sigma, "step": step}
+                                    for item, sigma, step in self.landed],
                 "strength": {c: v.tolist() for c, v in self.strength.items()},
                 "blocks": {b: v.tolist() for b, v in self.blocks.items()}}
 
@@ -107,6 +127,7 @@ class NetworkPlan:
                 "interp": self.interp, "neg": self.neg, "dyn": self.tag.dyn,
                 "lbw": list(self.lbw) or None,
                 "strength": base["strength"], "blocks": base["blocks"],
+                "sigma_positions": base["sigma_positions"],
                 "hires": None if self.hires is None else self.hires.to_dict()}
 
 
@@ -118,10 +139,14 @@ class Plan:
     hires_steps: Optional[int]
     networks: Tuple[NetworkPlan, ...]
     errors: Tuple[Diagnostic, ...]
+    sigmas: Optional[Tuple[float, ...]] = None  # the host's, per step (CompileContext)
+    hires_sigmas: Optional[Tuple[float, ...]] = None
 
     def to_dict(self) -> dict:
         return {"prompt": self.prompt, "arch": self.arch, "steps": self.steps,
                 "hires_steps": self.hires_steps,
+                "sigmas": None if self.sigmas is None else list(self.sigmas),
+                "hires_sigmas": None if self.hires_sigmas is None else list(self.hires_sigmas),
                 "errors": [e.to_dict() for e in self.errors],
                 "networks": [n.to_dict() for n in self.networks]}
 
@@ -154,6 +179,11 @@ def compile_parsed(parsed: Prompt, source: str, ctx: CompileContext) -> Plan:
                                        severity))
 
         _check(tag, ctx, problem)
+        _check_sigmas(tag, ctx, problem)
+        if tag.neg is not None and not ctx.negative_rows:
+            problem("neg", f"{ARCH_TITLES[ctx.arch]} has no negative prompt rows "
+                           "(guidance-distilled); neg= is ignored", "warning")
+            tag = replace(tag, neg=None)  # the engine reads neg from the plan's tag: 1
         lbw_row, lbw_values = None, ()
         if tag.lbw is not None:
             lbw_row, lbw_values, message = resolve_weights(tag.lbw, ctx.arch, tag.x, rng,
@@ -168,7 +198,8 @@ def compile_parsed(parsed: Prompt, source: str, ctx: CompileContext) -> Plan:
         hires = None if ctx.hires_steps is None else _pass(tag, ctx, ctx.hires_steps, interp,
                                                            lbw_row, hires=True)
         networks.append(NetworkPlan(tag, interp, base, hires, lbw_values))
-    return Plan(parsed.text, ctx.arch, ctx.steps, ctx.hires_steps, tuple(networks), tuple(errors))
+    return Plan(parsed.text, ctx.arch, ctx.steps, ctx.hires_steps, tuple(networks), tuple(errors),
+                ctx.sigmas, ctx.hires_sigmas)
 
 
 def with_hires_prompt(main: Plan, hires: Plan) -> Plan:
@@ -235,6 +266,37 @@ def _check(tag: Tag, ctx: CompileContext, problem) -> None:
                     + _did_you_mean(missing[0], ctx.masks))
 
 
+def _pass_uses(tag: Tag, key: str, hires: bool) -> bool:
+    """Whether the item `key` (as sigma_items names it) acts in the base or hires pass: the
+    hr* keys only in the hires pass, where they stand in for the base curves they replace."""
+    if not hires:
+        return key not in ("hr", "hrte", "hrunet")
+    te_hr, unet_hr = tag.hrte or tag.hr, tag.hrunet or tag.hr
+    if key == "hr":
+        return tag.hrte is None or tag.hrunet is None
+    if key in ("te", "te1", "te2"):
+        return te_hr is None or (key == "te" and unet_hr is None and tag.unet is None)
+    if key == "unet":
+        return unet_hr is None
+    return True
+
+
+def _check_sigmas(tag: Tag, ctx: CompileContext, problem) -> None:
+    """Positions by noise level need the pass's sigmas: where the host gave none, each item
+    that uses one warns and is left out of that pass (network/sigma.py)."""
+    passes = [("base", ctx.sigmas, False)]
+    if ctx.hires_steps is not None:
+        passes.append(("hires", ctx.hires_sigmas, True))
+    for key, named in sorted(sigma_items(tag), key=lambda item: tag.column_of(item[0])):
+        used = [(name, given) for name, given, hires in passes if _pass_uses(tag, key, hires)]
+        lacking = [name for name, given in used if given is None]
+        if not lacking:
+            continue
+        where = f"in the {lacking[0]} pass, " if len(lacking) < len(passes) else ""
+        problem(key, f"{where}{item_label(key)} uses a noise-level position "
+                     f"(s{named[0]:g}) but the host gave no sigmas; it is ignored", "warning")
+
+
 def _encoder_names(arch: str) -> str:
     names = TEXT_ENCODERS[arch]
     return "its text encoder is " + " and ".join(f"{te} ({TEXT_ENCODER_TITLES[arch][te]})"
@@ -257,6 +319,11 @@ def region_masks(region: Region) -> FrozenSet[str]:
 
 def _pass(tag: Tag, ctx: CompileContext, steps: int, interp: str,
           lbw_row: Optional[np.ndarray], hires: bool) -> PassPlan:
+    sigmas = ctx.hires_sigmas if hires else ctx.sigmas
+    landed = () if sigmas is None else tuple(
+        (item_label(key), s, float(sigma_index(s, sigmas)) + 1.0)
+        for key, named in sigma_items(tag) if _pass_uses(tag, key, hires) for s in named)
+    tag = on_steps(tag, sigmas)  # positions by noise level: step numbers of this pass
     te = tag.te or ONE
     schedules = {"te": te, "te1": tag.te1 or te, "te2": tag.te2 or te, "unet": tag.unet or te}
     if hires:  # loractl: hr sets both, hrte / hrunet one each, else the base pass's curves
@@ -279,7 +346,8 @@ def _pass(tag: Tag, ctx: CompileContext, steps: int, interp: str,
     for g, s in tag.groups:
         table[GROUP_ROWS[ctx.arch][g]] *= evaluate(s, steps, interp)
     table.flags.writeable = False
-    return PassPlan(steps, strength, dict(zip(names, table)), _blend_steps(tag, ctx, steps))
+    return PassPlan(steps, strength, dict(zip(names, table)), _blend_steps(tag, ctx, steps),
+                    landed)
 
 
 def _blend_steps(tag: Tag, ctx: CompileContext, steps: int) -> int:

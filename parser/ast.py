@@ -20,6 +20,8 @@ class Position:
 
     unit "step": a step number counted from 1, as the progress bar shows;
     "fraction": progress in [0, 1]; "percent": progress in percent;
+    "sigma": where the sampler's noise level falls to `value` (`s0.5`), placed on the steps
+    by the pass's own sigmas (network/sigma.py);
     "auto": a schedule keyframe whose unit the whole schedule decides (docs/design.md §3).
     """
 

@@ -18,6 +18,8 @@ def format_number(x: float) -> str:
 def format_position(pos: Position) -> str:
     if pos.unit == "percent":
         return format_number(pos.value) + "%"
+    if pos.unit == "sigma":
+        return "s" + format_number(pos.value)
     if pos.unit == "step":
         return str(int(pos.value))
     text = format_number(pos.value)

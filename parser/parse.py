@@ -22,9 +22,9 @@ _TAGS = Lark.open(os.path.join(_HERE, "tag.lark"), parser="lalr", start=["tag", 
 
 # What a user should read for each terminal the grammar may expect.
 _TERMINALS = {
-    "NUMBER": "a number", "POSNUM": "a number ≥ 0", "NAME": "a network name", "KIND":
-    "lora, lyco, loractl or model", "PRESET": "a preset name", "VSYM": "R, U or X",
-    "MASK": "a mask name", "WORD": "a name", "OTHER_VALUE": "a value", "$END": "the end",
+    "NUMBER": "a number", "POSNUM": "a number ≥ 0", "SIGMA": "a sigma like s0.5",
+    "NAME": "a network name", "KIND": "lora, lyco, loractl or model", "PRESET": "a preset name",
+    "VSYM": "R, U or X", "MASK": "a mask name", "WORD": "a name", "OTHER_VALUE": "a value", "$END": "the end",
     "STRENGTH_KEY": "a key", "GROUP_KEY": "a key", "BLOCK_KEY": "a key", "LBW_KEY": "a key",
     "NUMBER_KEY": "a key", "DYN_KEY": "a key", "WINDOW_KEY": "a key", "STEP_KEY": "a key",
     "REGION_KEY": "a key", "INTERP_KEY": "a key", "OTHER_KEY": "a key",
@@ -72,7 +72,7 @@ def parse(prompt: str, strict: bool = False) -> Prompt:
 
 def strictly(message: str) -> str:
     """A warning's message once strict tags make it an error: the whole tag is skipped."""
-    return message.replace(" is ignored", "").replace("; it is ignored", "") + \
+    return message.replace("; it is ignored", "").replace(" is ignored", "") + \
         " (strict tags: the tag is not applied)"
 
 

@@ -71,14 +71,17 @@ def _num(tok: Token, text: Optional[str] = None) -> float:
 
 
 def _position(children) -> Position:
-    value = _num(children[0])
-    return Position(value, "percent" if len(children) > 1 else "auto")
+    tok = children[0]
+    if tok.type == "SIGMA":  # s0.5: the number after the "s"
+        return Position(_num(tok, str(tok)[1:]), "sigma")
+    return Position(_num(tok), "percent" if len(children) > 1 else "auto")
 
 
 def window_position(pos: Position, text: str) -> Tuple[Position, Optional[str]]:
     """start=/stop=/step= follow lora-block-weight: a whole number is a step number; a
-    decimal is a fraction of the pass and must lie in [0, 1]."""
-    if pos.unit == "percent":
+    decimal is a fraction of the pass and must lie in [0, 1]. Percent and sigma positions
+    say their unit themselves."""
+    if pos.unit in ("percent", "sigma"):
         return pos, None
     if "." in text or "e" in text.lower():
         if not 0.0 <= pos.value <= 1.0:
@@ -90,7 +93,7 @@ def window_position(pos: Position, text: str) -> Tuple[Position, Optional[str]]:
 def blend_position(pos: Position, text: str) -> Tuple[Position, Optional[str]]:
     """blend= takes a position as start= does, except that a bare 0 or 1 is a fraction: 0 no
     blended start, 1 the whole pass blended (as step numbers both would mean nothing blended)."""
-    if pos.unit != "percent" and text.strip() in ("0", "1"):
+    if pos.unit == "auto" and text.strip() in ("0", "1"):
         return Position(float(pos.value), "fraction"), None
     return window_position(pos, text)
 

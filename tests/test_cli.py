@@ -69,7 +69,13 @@ def test_errors_still_exit_zero():
     ["explain", "x"],  # --steps is required
     ["explain", "x", "--steps", "0"],
     ["explain", "x", "--steps", "abc"],
-    ["explain", "x", "--steps", "3", "--arch", "flux"],
+    ["explain", "x", "--steps", "3", "--arch", "sd9"],
+    ["explain", "x", "--steps", "3", "--sigmas", "1,0.5"],  # one sigma per step
+    ["explain", "x", "--steps", "3", "--sigmas", "1,a,0.5"],
+    ["explain", "x", "--steps", "3", "--sigmas", "0.5,1,0.2"],  # sigmas never rise
+    ["explain", "x", "--steps", "3", "--sigmas", "1,0.5,0.2", "--shift", "3"],
+    ["explain", "x", "--steps", "3", "--shift", "0"],
+    ["explain", "x", "--steps", "3", "--hires-sigmas", "1,0.5"],  # no hires pass
     ["explain", "x", "--steps", "3", "--hires-steps", "-1"],
     ["frobnicate"],
     [],
@@ -110,3 +116,27 @@ def test_the_heatmap_follows_the_table_and_clips_no_label():
     titles = [t.split()[0] for _, t in texts if t.startswith("lora:")]
     assert titles == table_order == ["lora:zeta_with_a_long_name_that_goes_on_and_on",
                                      "lora:alpha", "lora:mid"]
+
+
+def test_explain_places_noise_level_positions_with_given_or_shifted_sigmas():
+    prompt = "<lora:x:unet=0@0,1@s0.5:start=s0.8> <lora:y:1@s0.5>"
+    shifted = json.loads(run("explain", prompt, "--steps", "4", "--arch", "flux", "--shift",
+                             "3", "--json").stdout)
+    assert shifted["sigmas"] == pytest.approx([1, 0.9, 0.75, 0.5]) and shifted["errors"] == []
+    x = shifted["networks"][0]
+    assert x["strength"]["unet"] == [0, 0, 0, 1]  # sigma 0.5 is the last of 4 steps
+    assert [(p["item"], p["sigma"]) for p in x["sigma_positions"]] == \
+        [("unet=", 0.5), ("start=", 0.8)]
+    given = run("explain", prompt, "--steps", "4", "--hires-steps", "2", "--sigmas",
+                "10,5,1,0.1", "--hires-sigmas", "0.6,0.3")
+    assert given.returncode == 0, given.stderr
+    assert "sigma per step  1: 10  2: 5  3: 1  4: 0.1" in given.stdout
+    assert "hires sigma per step  1: 0.6  2: 0.3" in given.stdout
+    # s0.5 lies 0.5/0.9 of the way from step 3 (sigma 1) to step 4 (0.1); in the hires
+    # pass a third of the way from step 1 (0.6) to step 2 (0.3); s0.8 is above 0.6: step 1
+    assert "by noise level: unet=s0.5 at step 3.56  start=s0.8 at step 3.22" in given.stdout
+    assert "by noise level: unet=s0.5 at step 1.33  start=s0.8 at step 1\n" in given.stdout
+    none = json.loads(run("explain", prompt, "--steps", "4", "--json").stdout)
+    assert none["sigmas"] is None
+    assert [e["severity"] for e in none["errors"]] == ["warning"] * 3
+    assert all("no sigmas" in e["message"] for e in none["errors"])

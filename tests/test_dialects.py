@@ -77,6 +77,26 @@ README_EXAMPLES = [
     ("<lora:n:interp=ease_in_out:neg=0>", {"interp": "ease_in_out", "neg": 0.0}),
     ("<lora:n:te=1@50%>", {"te": Schedule(keys=(Keyframe(1, Position(50, "percent")),))}),
 ]
+# positions by noise level: s followed by a sigma (any case), in every place a position goes
+SIGMA = [
+    ("<lora:x:unet=1@s1,0@s0.5>", {"unet": Schedule(keys=(
+        Keyframe(1, Position(1, "sigma")), Keyframe(0, Position(0.5, "sigma"))))}),
+    ("<loractl:x:0~S14.6;1~s.5e-1>", {"te": Schedule(keys=(
+        Keyframe(0, Position(14.6, "sigma")), Keyframe(1, Position(0.05, "sigma"))))}),
+    ("<lora:x:0@0,1@s0.75,0@1>", {"te": Schedule(keys=(
+        Keyframe(0, Position(0)), Keyframe(1, Position(0.75, "sigma")),
+        Keyframe(0, Position(1))))}),
+    ("<lora:x:1:start=s0.8:stop=s0.3>", {"window.start": Position(0.8, "sigma"),
+                                        "window.stop": Position(0.3, "sigma")}),
+    ("<lora:x:1:step=s0.9-12>", {"window.start": Position(0.9, "sigma"),
+                                 "window.last": Position(12, "step")}),
+    ("<lora:x:1:start = s2>", {"window.start": Position(2, "sigma")}),  # above 1: a sigma still
+    ("<lora:x:1:region=left:blend=s0.6>", {"blend": Position(0.6, "sigma")}),
+    ("<lora:x:1:in=0@0,1@s0.5:IN04=1@s1>", {
+        "groups": (("in", Schedule(keys=(Keyframe(0, Position(0)),
+                                         Keyframe(1, Position(0.5, "sigma"))))),),
+        "blocks": (("IN04", Schedule(keys=(Keyframe(1, Position(1, "sigma")),))),)}),
+]
 
 
 def _get(tag, field):
@@ -86,7 +106,8 @@ def _get(tag, field):
     return obj
 
 
-@pytest.mark.parametrize("text,expected", A1111 + SDNEXT + LORACTL + LBW + README_EXAMPLES)
+@pytest.mark.parametrize("text,expected",
+                         A1111 + SDNEXT + LORACTL + LBW + README_EXAMPLES + SIGMA)
 def test_documented_examples_parse(text, expected):
     tag = one_tag(text)
     for field, value in expected.items():

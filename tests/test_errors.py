@@ -21,6 +21,11 @@ def only_error(prompt):
     ("<lora:x:dyn=2.5>", 13, ["dyn"]),
     ("<lora:x:stop=1.5>", 14, ["fraction"]),
     ("<lora:>", 7, ["network name"]),
+    ("<lora:x:1@s>", 11, ["a sigma like s0.5"]),  # a sigma needs its number
+    ("<lora:x:1@s-0.5>", 11, ["a sigma like s0.5"]),  # and it is ≥ 0
+    ("<lora:x:1@s0.5%>", 15, ["found '%'"]),  # a sigma is no percentage
+    ("<lora:x:start=s1e4>", 15, ["out of range"]),
+    ("<lora:x:1:step=s0.9-s>", 21, ["a sigma like s0.5"]),
 ])
 def test_error_message_column_snippet(prompt, column, words):
     parsed, err = only_error(prompt)

@@ -14,7 +14,9 @@ unit = st.floats(0, 1, allow_nan=False, allow_subnormal=False).map(abs)
 word = st.from_regex(r"[A-Za-z0-9_]([A-Za-z0-9_ ().\-]{0,8}[A-Za-z0-9_])?", fullmatch=True)
 names = st.lists(word.filter(lambda w: w not in (".", "..")), min_size=1, max_size=3).map("/".join)
 
-positions = st.one_of(nonneg.map(lambda v: Position(v)), nonneg.map(lambda v: Position(v, "percent")))
+sigmas = nonneg.map(lambda v: Position(v, "sigma"))  # s0.5: where the noise level reaches 0.5
+positions = st.one_of(nonneg.map(lambda v: Position(v)), nonneg.map(lambda v: Position(v, "percent")),
+                      sigmas)
 schedules = st.one_of(
     numbers.map(Schedule.const),
     st.lists(st.builds(Keyframe, numbers, positions), min_size=1, max_size=4).map(
@@ -32,11 +34,16 @@ weights = st.one_of(presets.map(lambda p: BlockWeights(preset=p)),
 
 window_positions = st.one_of(st.integers(0, 60).map(lambda s: Position(float(s), "step")),
                              unit.map(lambda v: Position(v, "fraction")),
-                             nonneg.map(lambda v: Position(v, "percent")))
+                             nonneg.map(lambda v: Position(v, "percent")), sigmas)
 windows = st.one_of(
     st.builds(Window, start=st.none() | window_positions, stop=st.none() | window_positions),
     st.builds(Window, start=window_positions, stop=st.none() | window_positions,
               last=window_positions))
+
+# blend= reads a bare 0 or 1 as a fraction (none / every step), so its step numbers start at 2
+blend_positions = st.one_of(st.integers(2, 60).map(lambda s: Position(float(s), "step")),
+                            unit.map(lambda v: Position(v, "fraction")),
+                            nonneg.map(lambda v: Position(v, "percent")), sigmas)
 
 mask_names = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,6}", fullmatch=True).filter(
     lambda n: n.lower() not in BUILTIN_REGIONS)
@@ -64,7 +71,7 @@ def tags(draw):
                blocks=tuple(sorted(blocks.items(), key=lambda kv: _block_key(kv[0]))),
                lbw=opt(weights), x=opt(numbers), dyn=opt(st.integers(1, 512)),
                window=draw(windows), region=opt(regions), interp=opt(st.sampled_from(INTERPOLATIONS)),
-               neg=opt(numbers))
+               neg=opt(numbers), blend=opt(blend_positions))
 
 
 @settings(max_examples=600, deadline=None)

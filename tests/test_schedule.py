@@ -109,3 +109,82 @@ def test_default_interp_setting():
     assert series(n.base.strength["unet"]) == [0, 0.5, 1]
     n = one_network("<lora:n:0@0,1@1:interp=step>", steps=3, default_interp="linear")
     assert series(n.base.strength["unet"]) == [0, 0, 1]
+
+
+# ---- positions by noise level (s0.5) -----------------------------------------------------------
+def flux_sigmas(steps=4, shift=3.0):
+    """The sigmas diffusers' flow-matching scheduler calls the model with, as Flux's pipeline
+    sets it up (sigmas 1 … 1/N, shifted)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=shift)
+    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps))
+    return tuple(float(s) for s in scheduler.sigmas[:steps])
+
+
+SHIFTED = flux_sigmas()  # 1, 0.9, 0.75, 0.5: most of the pass at high noise
+
+
+def on_sigmas(text, sigmas=SHIFTED, **kw):
+    return one_network(text, steps=len(sigmas), sigmas=sigmas, **kw)
+
+
+def test_flow_sigmas_are_the_schedulers():
+    from netweave.network.sigma import flow_sigmas
+    assert np.allclose(SHIFTED, [1.0, 0.9, 0.75, 0.5])
+    assert np.allclose(flow_sigmas(4, 3.0), SHIFTED)
+    assert np.allclose(flow_sigmas(8, 1.0), flux_sigmas(8, 1.0))
+
+
+def test_a_sigma_lands_on_its_step_and_between_steps_linearly():
+    from netweave.network.sigma import sigma_index
+    assert [sigma_index(s, SHIFTED) for s in SHIFTED] == [0, 1, 2, 3]
+    assert sigma_index(0.8, SHIFTED) == pytest.approx(1 + 0.1 / 0.15)
+    assert sigma_index(5.0, SHIFTED) == 0  # above the first sigma: the start
+    assert sigma_index(0.25, SHIFTED) == pytest.approx(3.5)  # toward sigma 0, the pass's end
+    assert sigma_index(0.0, SHIFTED) == 4
+    # a sigma repeated: the first step at that level
+    assert sigma_index(0.5, (1.0, 0.5, 0.5, 0.2)) == 1
+
+
+def test_half_the_noise_is_not_half_the_steps_on_a_shifted_schedule():
+    by_noise = on_sigmas("<lora:n:unet=0@0,1@s0.5>").base.strength["unet"]
+    by_steps = on_sigmas("<lora:n:unet=0@0,1@50%>").base.strength["unet"]
+    assert series(by_noise) == [0, 0, 0, 1]  # sigma 0.5 is the last of 4 steps
+    assert series(by_steps) == [0, 0, 1, 1]
+
+
+def test_linear_ramp_between_sigma_keyframes():
+    v = on_sigmas("<loractl:n:1@s0.9,0@s0.5>").base.strength["unet"]
+    assert series(v) == [1, 1, 0.5, 0]  # held before s0.9 (step 2), ramp to s0.5 (step 4)
+    v = on_sigmas("<lora:n:0@s1,1@s0.8:interp=linear>").base.strength["unet"]
+    assert series(v) == [0, 0.6, 1, 1]  # s0.8 lies 2/3 of the way from step 2 to step 3
+
+
+def test_sigma_keyframes_mix_with_plain_ones_each_in_its_own_unit():
+    # the plain positions still decide fraction or step among themselves
+    assert series(on_sigmas("<lora:n:0@0,1@s0.75,0@1:interp=linear>").base.strength["unet"]) \
+        == [0, 0.5, 1, 0]  # 0 and 1 fractions: steps 1 and 4; s0.75 step 3
+    assert series(on_sigmas("<lora:n:0@2,1@s0.75>").base.strength["unet"]) == [0, 0, 1, 1]
+    # 75 % of 4 steps is step index 2.25, s0.9 index 1
+    assert series(on_sigmas("<lora:n:1@s0.9,0@75%>").base.strength["unet"]) == [1, 1, 1, 0]
+
+
+def test_windows_by_noise_level():
+    def window(text):
+        return series(on_sigmas(f"<lora:n:1:{text}>").base.strength["unet"])
+    assert window("start=s0.8") == [0, 0, 1, 1]  # on where sigma is at or below 0.8
+    assert window("stop=s0.75") == [1, 1, 0, 0]  # off from the step at sigma 0.75
+    assert window("step=s0.9-s0.75") == [0, 1, 1, 0]  # steps at sigma 0.9 through 0.75
+    assert window("stop=s0.3") == [1, 1, 1, 1]  # no step reaches sigma 0.3
+    assert window("start=s0.3") == [0, 0, 0, 0]
+    assert window("start=s2:stop=0.9") == [1, 1, 1, 0]  # mixed with a fraction
+
+
+def test_blend_by_noise_level():
+    def blended(position):
+        return on_sigmas(f"<lora:n:1:region=left:blend={position}>").base.blend
+    assert blended("s0.7") == 3  # the steps at sigma 1, 0.9, 0.75 run blended
+    assert blended("s0.9") == 1
+    assert blended("s2") == 0  # above the first sigma: nothing before it
+    assert blended("s0") == 4

@@ -106,6 +106,35 @@ def test_block_weights_reach_only_their_blocks(setup, client):
     assert all(now == {} for _, now in seen)
 
 
+@pytest.mark.parametrize("sampler", ["Euler", "DDIM"])
+def test_the_host_gives_its_pipelines_sigmas_so_noise_level_positions_land(setup, sampler):
+    """start=s… between the second and third step's sigma: on from the third step, as the
+    pipeline's own scheduler (after it set its timesteps) sees the noise fall."""
+    from netweave.extension.standalone.host import Request
+    from netweave.extension.standalone.samplers import Sampler, scheduler_for, step_sigmas
+
+    host = setup[0]
+    sigmas = step_sigmas(scheduler_for(Sampler(sampler), host.scheduler_config), 4)
+    assert sigmas is not None and list(sigmas) == sorted(sigmas, reverse=True)
+    between = (sigmas[1] + sigmas[2]) / 2
+    seen, undo = spy_steps(host, "lora_unet_up_blocks_1_attentions_0_proj_in")  # OUT03
+    try:
+        result = host.txt2img(Request(prompt=f"a fox <lora:demo_texture:1:start=s{between:.6f}>",
+                                      steps=4, seed=3, width=64, height=64,
+                                      sampler=Sampler(sampler)))
+    finally:
+        undo()
+    assert result.errors == []  # no "the host gave no sigmas"
+    assert result.plan.sigmas == pytest.approx(sigmas)
+    pipe_scheduler = host.model.pipe.scheduler
+    if sampler == "Euler":  # the very values the pipeline sampled with
+        assert [float(s) for s in pipe_scheduler.sigmas[:4]] == pytest.approx(sigmas)
+    else:  # DDIM keeps ᾱ: sigma at each timestep it ran
+        a = pipe_scheduler.alphas_cumprod[pipe_scheduler.timesteps.long()]
+        assert [float(s) for s in ((1 - a) / a).sqrt()] == pytest.approx(sigmas)
+    assert [now.get(0, 0.0) for _, now in seen] == [0.0, 0.0, 1.0, 1.0]
+
+
 def test_an_a1111_client_request_round_trips(client):
     request = {"prompt": "a fox <lora:demo_style:0.8>", "negative_prompt": "blurry",
                "styles": [], "seed": 42, "subseed": -1, "sampler_name": "Euler",

@@ -1,8 +1,10 @@
 """`python -m netweave …`: the command line.
 
-explain PROMPT --steps N [--hires-steps M] [--arch sd1|sd2|sdxl] [--json] [--png FILE]
-prints the compiled plan. Exit status 0 even when the prompt has errors (they are part of
-the output); 2 for bad command-line arguments.
+explain PROMPT --steps N [--hires-steps M] [--arch sd1|sd2|sdxl|flux|chroma] [--json]
+[--png FILE] [--sigmas S,S,… [--hires-sigmas S,S,…] | --shift X] prints the compiled plan; the
+sigmas (given, or a flow schedule shifted by X) place positions by noise level (`s0.5`).
+Exit status 0 even when the prompt has errors (they are part of the output); 2 for bad
+command-line arguments.
 
 inspect FILE [--json] says what NetWeave makes of a network or checkpoint file; exit 1 with
 `error` set when it cannot be loaded.
@@ -29,6 +31,7 @@ from typing import List, Optional
 from ...network.blocks import BLOCKS, parse_preset_file
 from ...network.explain import explain_table, heatmap
 from ...network.plan import MAX_STEPS, CompileContext, compile_prompt
+from ...network.sigma import flow_sigmas
 from ...parser import INTERPOLATIONS
 from .limits import DEFAULT_BODY_MB, DEFAULT_WORK, Limits
 from .samplers import Sampler
@@ -59,6 +62,16 @@ def _positive_number(text: str) -> float:
     return value
 
 
+def _sigma_list(text: str):
+    """'1,0.8,0.5,0.2': one sigma per step (checked against the steps once they are known)."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a list of numbers like 1,0.8,0.5") \
+            from None
+    return values
+
+
 def _prompt(text: str) -> str:
     if len(text) > MAX_PROMPT:
         raise argparse.ArgumentTypeError(f"the prompt is longer than {MAX_PROMPT:,} characters")
@@ -85,6 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--presets", metavar="FILE", default=None,
                     help="lora-block-weight presets file (NAME:v,v,… lines)")
     ex.add_argument("--strict", action="store_true", help="treat warnings as errors")
+    noise = ex.add_mutually_exclusive_group()
+    noise.add_argument("--sigmas", type=_sigma_list, default=None, metavar="S,S,…",
+                       help="the sigma at each step of the pass, for positions like s0.5")
+    noise.add_argument("--shift", type=_positive_number, default=None, metavar="X",
+                       help="sigmas of a flow schedule (Flux, SD3) shifted by X: "
+                            "X·t/(1+(X−1)·t) with t = 1 − k/steps (1: no shift)")
+    ex.add_argument("--hires-sigmas", type=_sigma_list, default=None, metavar="S,S,…",
+                    help="the sigma at each step of the hires pass")
     ex.add_argument("--json", action="store_true", help="print the plan as one JSON object")
     ex.add_argument("--png", metavar="FILE", default=None, help="write the heatmap to FILE")
     ins = sub.add_parser("inspect", help="what NetWeave makes of a LoRA or checkpoint file")
@@ -178,9 +199,18 @@ def explain_command(args) -> int:
     except ValueError as exc:
         print(f"netweave: {exc}", file=sys.stderr)
         return 2
-    ctx = CompileContext(arch=args.arch, steps=args.steps, hires_steps=args.hires_steps,
-                         seed=args.seed, default_interp=args.interp, presets=presets,
-                         strict=args.strict)
+    sigmas, hires_sigmas = args.sigmas, args.hires_sigmas
+    if args.shift is not None:
+        sigmas = flow_sigmas(args.steps, args.shift)
+        if args.hires_steps is not None and hires_sigmas is None:
+            hires_sigmas = flow_sigmas(args.hires_steps, args.shift)
+    try:
+        ctx = CompileContext(arch=args.arch, steps=args.steps, hires_steps=args.hires_steps,
+                             seed=args.seed, default_interp=args.interp, presets=presets,
+                             strict=args.strict, sigmas=sigmas, hires_sigmas=hires_sigmas)
+    except ValueError as exc:  # sigmas that do not fit the steps
+        print(f"netweave: {exc}", file=sys.stderr)
+        return 2
     plan = compile_prompt(args.prompt, ctx)
     if args.png:
         try:

@@ -30,7 +30,7 @@ from ..session import Session, compile_context
 from ..settings import Settings
 from .limits import Limits
 from .models import Model
-from .samplers import Sampler, scheduler_for
+from .samplers import Sampler, scheduler_for, step_sigmas
 
 
 MAX_SEED = 2 ** 62  # seed + image index stays a 64-bit generator seed
@@ -120,9 +120,11 @@ class DiffusersHost:
         self.lock = threading.Lock()
         self.progress = Progress()
 
-    def context(self, steps: int) -> CompileContext:
-        """What the tab's explain compiles against."""
-        return compile_context(self.model.arch, self.settings, steps, masks=self.masks)
+    def context(self, steps: int, sampler: Sampler = Sampler.EULER) -> CompileContext:
+        """What the tab's explain compiles against (the sigmas of `sampler` at `steps`)."""
+        sigmas = step_sigmas(scheduler_for(Sampler(sampler), self.scheduler_config), steps)
+        return compile_context(self.model.arch, self.settings, steps, masks=self.masks,
+                               sigmas=sigmas)
 
     def interrupt(self) -> None:
         self.progress.interrupted = True
@@ -152,10 +154,14 @@ class DiffusersHost:
         b = req.batch_size
         cfg = req.cfg_scale > 1.0
         pipe.scheduler = scheduler_for(Sampler(req.sampler), self.scheduler_config)
+        # the pipeline's own sigmas, from a twin of its scheduler set up as it will set it up
+        sigmas = step_sigmas(scheduler_for(Sampler(req.sampler), self.scheduler_config),
+                             req.steps)
         try:
             plan, = session.prepare(
                 [req.prompt], steps=req.steps, inline=req.masks, rows=2 * b if cfg else b,
-                latent=(req.height // self.model.vae_scale, req.width // self.model.vae_scale))
+                latent=(req.height // self.model.vae_scale, req.width // self.model.vae_scale),
+                sigmas=sigmas)
             run = PipelineRun(engine, pipe, self.model.arch, self.device, plan.prompt,
                               req.negative_prompt, b, cfg, req.steps)
 

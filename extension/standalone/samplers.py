@@ -5,6 +5,7 @@ once per step: the pipeline's step callback, which moves the engine, then fires 
 from __future__ import annotations
 
 from enum import Enum
+from typing import Optional, Tuple
 
 
 class Sampler(str, Enum):
@@ -41,3 +42,21 @@ def scheduler_for(sampler: Sampler, config):
              Sampler.UNIPC: (UniPCMultistepScheduler, {})}
     cls, extra = kinds[sampler]
     return cls.from_config(config, **extra)
+
+
+def step_sigmas(scheduler, steps: int) -> Optional[Tuple[float, ...]]:
+    """The sigma the model is called with at each of `steps` steps, as `scheduler` schedules
+    them once set up for `steps` as the pipeline sets it up (so pass a fresh one: this sets
+    its timesteps). The k-diffusion-style schedulers keep them (`sigmas`, one more than the
+    steps: the final 0); DDIM keeps ᾱ instead, and sigma = sqrt((1 − ᾱ_t) / ᾱ_t) at each of
+    its timesteps. None when the scheduler says neither."""
+    scheduler.set_timesteps(steps)
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None:
+        alphas = getattr(scheduler, "alphas_cumprod", None)
+        if alphas is None:
+            return None
+        a = alphas[scheduler.timesteps.long()].double()
+        sigmas = ((1 - a) / a).sqrt()
+    values = tuple(float(v) for v in sigmas[:steps])
+    return values if len(values) == steps else None

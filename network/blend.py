@@ -91,20 +91,32 @@ class Blender:
         if pred is None or pred.shape[0] != 2 * b:
             return None
         without, with_ = pred[:b], pred[b:]
-        m = self.mask(b, networks, tuple(pred.shape[2:]), pred.device)
+        m = self.mask(b, networks, tuple(pred.shape[1:]), pred.device)
+        if m is None:
+            return None
         blended = (without.float() + (with_.float() - without.float()) * m).to(pred.dtype)
         return _with_prediction(out, blended)
 
-    def mask(self, b: int, networks: FrozenSet[int], shape: Tuple[int, ...], device) -> Tensor:
-        """(b, 1, h, w): per row, the union of the regions of the blended networks acting on
-        that row's prompt."""
+    def mask(self, b: int, networks: FrozenSet[int], shape: Tuple[int, ...], device
+             ) -> Optional[Tensor]:
+        """Per row, the union of the regions of the blended networks acting on that row's
+        prompt, shaped to broadcast over one row's prediction `shape`: (b, 1, h, w) for a
+        UNet's (c, h, w); (b, n, 1) for a Flux-family transformer's n packed 2×2 patches
+        (None when n is not the latent's patch count)."""
         rows = self.engine.runtime.rows
         prompts = rows.prompts if rows is not None and len(rows.prompts) == b else (0,) * b
         key = (prompts, networks, shape, str(device))
         if key not in self._masks:
             entries = self.engine.entries
             maps = self.engine.runtime.maps
-            grid = shape[-2:] if len(shape) >= 2 else (1, 1)
+            packed = self.engine.keymap.family == "flux" and len(shape) == 2
+            if packed:
+                h, w = self.engine.latent
+                grid = (h // 2, w // 2)
+                if grid[0] * grid[1] != shape[0]:
+                    return None
+            else:
+                grid = shape[-2:] if len(shape) >= 3 else (1, 1)
             per_row = []
             for p in prompts:
                 m = torch.zeros(grid[0] * grid[1], dtype=torch.float32, device=device)
@@ -112,8 +124,8 @@ class Blender:
                     if entries[j].owner in (None, p):
                         m = torch.maximum(m, maps.on_grid(entries[j].region, grid, device)
                                           .values.to(torch.float32))
-                per_row.append(m.view(1, *grid))
-            m = torch.stack(per_row)  # (b, 1, h, w)
+                per_row.append(m.view(-1, 1) if packed else m.view(1, *grid))
+            m = torch.stack(per_row)  # (b, 1, h, w) or (b, n, 1)
             if len(shape) > 3:  # a video-like (b, c, f, h, w) output: the same on every frame
                 m = m.view(b, 1, *([1] * (len(shape) - 3)), *grid)
             self._masks[key] = m

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .algorithms import factor_bypass_ok, is_conv, pointwise
+from .flux_keys import Tokens
 from .keymap import frozen
 from .regions import RegionMaps, grid_for
 
@@ -222,10 +223,9 @@ class Runtime:
             mask = grid.values.view(1, 1, *grid.shape)
             return added(out, self._delta(slot, c, x, out, s, rows, mask))
         if out.dim() == 3:  # tokens (B, N, C)
-            n = out.shape[1] if self.subset is None else self._full_tokens
-            shape = grid_for(n, self.engine.latent)
-            if shape is not None:
-                values, inside = self._tokens_inside(region, shape, out.device)
+            found = self._token_region(slot.target, region, out.shape[1], out.device)
+            if found is not None:
+                values, inside = found
                 if inside.numel() == 0:
                     return out
                 if inside.numel() == values.numel():
@@ -237,6 +237,27 @@ class Runtime:
         self.report(("flat", slot.target), f"{slot.target.name}: its output has no image grid "
                     f"({list(out.shape)}), so a regional network cannot act on it; left out there")
         return out
+
+    def _token_region(self, target, region, n: int, device) -> Optional[Tuple[Tensor, Tensor]]:
+        """A region's values on a layer's N tokens and the indices where it acts, or None
+        when the tokens are no image grid. A UNet layer's grid follows from its token count;
+        a Flux-family layer says its layout: the packed 2×2 patches of the latent, after the
+        text tokens in the single blocks (flux_keys.Tokens)."""
+        if target.tokens is None:
+            n = n if self.subset is None else self._full_tokens
+            shape = grid_for(n, self.engine.latent)
+            return None if shape is None else self._tokens_inside(region, shape, device)
+        key = (region, target.tokens, n, str(device))
+        if key not in self._subsets:
+            h, w = self.engine.latent
+            grid = self.maps.on_grid(region, (h // 2, w // 2), device)
+            text = n - grid.values.numel()
+            if target.tokens not in (Tokens.IMAGE, Tokens.JOINT) or text < 0 or \
+                    (target.tokens is Tokens.IMAGE and text):
+                return None
+            values = torch.cat([grid.values.new_zeros(text), grid.values])
+            self._subsets[key] = (values, grid.inside + text)
+        return self._subsets[key][:2]
 
     def _tokens_inside(self, region, shape, device) -> Tuple[Tensor, Tensor]:
         """A region's values on a token grid and the indices where it acts; inside a

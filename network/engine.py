@@ -43,6 +43,7 @@ from .batched_merge import Job
 from .cache import NetworkCache
 from .calibrate import Calibration, calibration
 from .files import NetworkFileError
+from .flux_keys import Tokens
 from .keymap import KeyMap, Target, linear_like
 from .loader import LoadedNetwork, load_checkpoint, load_network, split_key
 from .plan import NetworkPlan, PassPlan, Plan
@@ -238,7 +239,8 @@ class Engine:
                 warnings.append(f"{label}: {len(loose)} of its layers name no layer of this "
                                 f"model (first: {loose[0]}); it acts on the other "
                                 f"{len(loaded[i].layers)}")
-        slots = self._build_slots(entries, loaded)
+        slots, unmasked = self._build_slots(entries, loaded)
+        warnings += [_unmasked_note(entries[i], targets) for i, targets in unmasked.items()]
         self._choose_strategies(slots)
         units = self._choose_routes(slots)
         self.runtime.reset()
@@ -378,19 +380,25 @@ class Engine:
                               lambda n: n.nbytes)
 
     def _build_slots(self, entries: List[Entry], loaded: Dict[int, LoadedNetwork]
-                     ) -> Dict[Target, _Slot]:
+                     ) -> Tuple[Dict[Target, _Slot], Dict[int, List[Target]]]:
+        """The contributions on each layer, and per regional network the layers it cannot
+        act on (`_maskable`)."""
         slots: Dict[Target, _Slot] = {}
+        unmasked: Dict[int, List[Target]] = {}
         for i, network in loaded.items():
             e = entries[i]
             net = e.net
             for target, adapter in network.layers.items():
+                if e.region is not None and not _maskable(target, self.keymap.family):
+                    unmasked.setdefault(i, []).append(target)
+                    continue
                 series = {phase: _series(p, target) for phase, p in
                           (("base", net.base), ("hires", net.hires)) if p is not None}
                 slot = slots.setdefault(target, _Slot(target))
                 slot.contributions.append(Contribution(i, adapter, net.tag.dyn, series,
                                                        region=e.region, owner=e.owner,
                                                        neg=net.neg))
-        return slots
+        return slots, unmasked
 
     def _switch(self, slots: Dict[Target, _Slot], units: Dict[str, AttentionUnit]) -> None:
         """Adopt new slots and attention units: layers nothing touches any more go back to
@@ -781,6 +789,28 @@ def _emb_norm(unet: nn.Module, path: str) -> Optional[nn.Module]:
                 return None
             return block.get_submodule(norm)
     return None
+
+
+def _maskable(target: Target, family: str) -> bool:
+    """Whether a regional network can act on a layer: everywhere on SD; on the Flux family on
+    the layers that see image tokens. Joint attention has no cross-attention to condition
+    per region, so a regional network's text encoders stay as they are there, and so do its
+    text stream and the layers that hold one vector per image (flux_keys.Tokens)."""
+    if family != "flux":
+        return True
+    return target.component == "unet" and target.tokens in (Tokens.IMAGE, Tokens.JOINT)
+
+
+def _unmasked_note(entry: "Entry", targets: List[Target]) -> str:
+    text = sum(t.component != "unet" for t in targets)
+    stream = sum(t.tokens is Tokens.TEXT for t in targets)
+    vector = len(targets) - text - stream
+    parts = [f"{n} {what}" for n, what in ((text, "text-encoder layers"),
+                                          (stream, "text-stream layers"),
+                                          (vector, "embedding and modulation layers")) if n]
+    return (f"{entry.net.kind}:{entry.net.name}: regional on a Flux-family model, it acts on "
+            f"the image tokens inside its region; left out on {', '.join(parts)}, which "
+            "see no image tokens")
 
 
 def _series(p: PassPlan, target: Target) -> np.ndarray:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from enum import Enum
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from torch import nn
@@ -111,6 +112,27 @@ def _match(table, name: str) -> Optional[Tuple[str, str]]:
 _SPLIT_PARTS = {d: (fused, i) for fused, parts in FUSED.items() for i, d in enumerate(parts)}
 _RENAMED_BACK = {d: c for c, d in RENAMED.items()}
 _SWAPPED_BACK = {d: c for c, d in SWAPPED.items()}
+
+
+class Tokens(Enum):
+    """What the rows of a Flux-family layer's input are: where a region can act."""
+
+    IMAGE = "image"  # the latent's 2×2 patches, row by row: a region's mask on that grid
+    TEXT = "text"  # the text stream: a regional network leaves it alone
+    JOINT = "joint"  # the single blocks: the text tokens, then the image tokens
+    VECTOR = "vector"  # one row per image (embedders, modulations): no place to mask
+
+
+def tokens_of(layer: str) -> Tokens:
+    """The token layout of a canonical layer's input."""
+    if re.match(r"single_blocks\.\d+\.linear[12]$", layer):
+        return Tokens.JOINT
+    if layer in ("img_in", "final_layer.linear") or \
+            re.match(r"double_blocks\.\d+\.img_(attn\.(qkv|proj)|mlp\.\d+)$", layer):
+        return Tokens.IMAGE
+    if layer == "txt_in" or re.match(r"double_blocks\.\d+\.txt_(attn\.(qkv|proj)|mlp\.\d+)$", layer):
+        return Tokens.TEXT
+    return Tokens.VECTOR
 
 
 def tree_layout(root: nn.Module) -> Optional[str]:

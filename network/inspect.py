@@ -1,5 +1,6 @@
 """What NetWeave makes of a file, without any model loaded: the file is mapped onto the real
-SD1/SD2/SDXL trees (built on the meta device), so every key, layer and shape is checked."""
+SD1/SD2/SDXL/Flux/Chroma trees (built on the meta device), so every key, layer and shape is
+checked."""
 from __future__ import annotations
 
 import os
@@ -63,9 +64,12 @@ def _best_fit(path: str, kind: str) -> Tuple[LoadedNetwork, Optional[str]]:
         if network.arch is not None:
             return network, network.arch  # the keys decided, and the file fits
         fits.append((len(network.unmatched), -len(network.layers), arch, network))
-    if fits:
-        _, _, arch, network = min(fits, key=lambda f: f[:3])
-        return network, (arch if network.layers else None)
+    reaching = [f for f in fits if f[3].layers]  # reaching no layer at all is no fit
+    if reaching:
+        _, _, arch, network = min(reaching, key=lambda f: f[:3])
+        return network, arch
+    if fits and not errors:
+        return fits[0][3], None
     raise _first_real_error(errors)
 
 

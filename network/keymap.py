@@ -58,6 +58,7 @@ class Target:
     param: str = "weight"  # "weight", or "in_proj_weight" / "out_proj.weight" of an OpenCLIP MHA
     chunk: Optional[Tuple[int, int]] = None  # (index, count) of q/k/v inside in_proj_weight
     block: Optional[str] = None  # BASE, INxx, M00, OUTxx; None for UNet layers outside blocks
+    tokens: Optional[flux_keys.Tokens] = None  # a Flux-family layer's rows; None: found by grid
 
     @property
     def weight(self) -> Tensor:
@@ -373,7 +374,9 @@ class KeyMap:
         covering: Dict[str, List[Tuple[Target, flux_keys.Segment, Optional[str]]]] = {}
         canonical: Dict[str, Tuple[int, int]] = {}
         for path, module, span in flux_keys.host_layers(root, patchable):
-            target = Target("unet", path, path, module, block=flux_keys.block_of(span[0].layer))
+            layer = span[0].layer
+            target = Target("unet", path, path, module, block=flux_keys.block_of(layer),
+                            tokens=flux_keys.tokens_of(layer))
             why = frozen(target.weight)
             if why is None:
                 self.targets.append(target)

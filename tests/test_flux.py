@@ -388,3 +388,95 @@ def test_a_flux_lora_loads_on_chroma_and_an_sd_lora_is_refused(tmp_path):
     save_file(sd, str(tmp_path / "sd.safetensors"))
     with pytest.raises(NetworkFileError, match="for SD1"):
         load_network(str(tmp_path / "sd.safetensors"), KeyMap(trees), "chroma")
+
+
+# ---- regions on joint attention ------------------------------------------------------------
+def image_token_reference(bfl, deltas, txt):
+    """The network on the image tokens only, computed without the engine: merged into the
+    layers that see image tokens alone, added by hand to the image rows of the single blocks'
+    layers (text first, then image), nothing on the text stream and the per-image vectors."""
+    from netweave.network.flux_keys import Tokens, tokens_of
+    ref = copy.deepcopy(bfl)
+    layers = canonical_layers(ref)
+    for name, dw in deltas.items():
+        kind = tokens_of(name)
+        if kind is Tokens.IMAGE:
+            with torch.no_grad():
+                layers[name].weight += dw
+        elif kind is Tokens.JOINT:
+            def hook(module, args, out, dw=dw):
+                extra = torch.zeros_like(out)
+                extra[:, txt:] = args[0][:, txt:] @ dw.T
+                return out + extra
+            layers[name].register_forward_hook(hook)
+    return ref
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "bfl"])
+def test_a_region_acts_on_the_image_tokens_inside_it_exactly(layout, tmp_path):
+    """All ones: the network on every image token, text untouched (the reference above); all
+    zeros: no network at all; a half: something between, and text-stream layers unchanged."""
+    trees = flux_trees("flux", layout)
+    bfl = trees["unet"] if layout == "bfl" else from_diffusers(trees["unet"])
+    deltas = write_format(tmp_path / "net.safetensors", random_network(bfl), "kohya")
+    x = inputs()
+    base = run(trees["unet"], x)
+    expected = run(image_token_reference(bfl.eval(), {n: 0.9 * d for n, d in deltas.items()}, TXT), x)
+    masks = {"none": torch.zeros(2 * H * 8, 2 * W * 8).numpy()}
+    outs = {}
+    for region in ("full", "none", "left"):
+        engine = make_engine(trees, "flux", tmp_path, latent=(2 * H, 2 * W), masks=masks)
+        p = plan(f"<lora:net:0.9:region={region}>", "flux", steps=2)
+        assert engine.activate(p) == []
+        assert any("regional on a Flux-family model" in w and "embedding and modulation" in w
+                   for w in engine.warnings), engine.warnings
+        engine.set_step(0)
+        outs[region] = run(trees["unet"], x)
+        engine.deactivate()
+    assert torch.allclose(outs["full"], expected, atol=1e-4), (outs["full"] - expected).abs().max()
+    assert torch.allclose(outs["none"], base, atol=1e-6)
+    left = outs["left"]
+    assert not torch.allclose(left, base, atol=1e-3) and not torch.allclose(left, expected, atol=1e-3)
+    # the left half's tokens moved more than the right half's (attention mixes them a little)
+    grid = (left - base).abs().mean(-1).view(-1, H, W)
+    assert grid[:, :, :W // 2].mean() > 3 * grid[:, :, W // 2:].mean()
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "bfl"])
+def test_a_blended_start_on_flux_keeps_the_image_outside_the_region(layout, tmp_path):
+    """blend=1: one doubled forward, the prediction of the tokens outside the region is the
+    model's own and inside it the one-pass regional one (network/blend.py on packed tokens)."""
+    trees = flux_trees("flux", layout)
+    bfl = trees["unet"] if layout == "bfl" else from_diffusers(trees["unet"])
+    write_format(tmp_path / "net.safetensors", random_network(bfl), "kohya")
+    x = inputs()
+    base = run(trees["unet"], x)
+    outs = {}
+    for blend in (0, 1):
+        engine = make_engine(trees, "flux", tmp_path, latent=(2 * H, 2 * W))
+        assert engine.activate(plan(f"<lora:net:0.9:region=left:blend={blend}>", "flux", steps=2)) == []
+        engine.set_step(0)
+        outs[blend] = run(trees["unet"], x)
+        engine.deactivate()
+    left = torch.zeros(H, W, dtype=torch.bool)
+    left[:, :W // 2] = True
+    left = left.reshape(-1)
+    assert torch.allclose(outs[1][:, ~left], base[:, ~left], atol=1e-5)
+    assert torch.allclose(outs[1][:, left], outs[0][:, left], atol=1e-5)
+    assert not torch.allclose(outs[1], outs[0], atol=1e-3)
+
+
+def test_inspect_maps_a_real_size_flux_file_onto_the_real_trees(tmp_path):
+    from netweave.network.inspect import inspect
+    path = tmp_path / "real.safetensors"
+    save_file({"lora_unet_double_blocks_3_img_attn_qkv.lora_down.weight": torch.zeros(1, 3072),
+               "lora_unet_double_blocks_3_img_attn_qkv.lora_up.weight": torch.zeros(9216, 1),
+               "lora_unet_single_blocks_37_linear1.lora_down.weight": torch.zeros(1, 3072),
+               "lora_unet_single_blocks_37_linear1.lora_up.weight": torch.zeros(21504, 1),
+               "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": torch.zeros(1, 4096),
+               "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight": torch.zeros(4096, 1)},
+              str(path), metadata={"ss_base_model_version": "flux1"})
+    report = inspect(str(path))
+    # qkv reaches to_q, to_k, to_v; linear1 those three and proj_mlp; one T5 layer
+    assert report["error"] is None and report["architecture"] == "flux"
+    assert report["layers"] == 3 + 4 + 1 and not report["unmatched_keys"]

@@ -60,3 +60,24 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>"):
     folder = tokenizer_files()
     return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
                          model_max_length=77, pad_token=pad_token)
+
+
+T5_SPECIALS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in every T5 vocabulary
+LETTERS = "abcdefghijklmnopqrstuvwxyz0123456789"
+
+
+def t5_tokenizer(words, max_length: int = 32):
+    """A T5 tokenizer (transformers' T5Tokenizer: Unigram with T5's special tokens and
+    end-of-text template) over a closed vocabulary, built in code: each word one piece,
+    lower-cased, anything else spelt letter by letter (other characters become <unk>). For the tiny T5
+    encoders of the Flux demo and the tests; the real T5-XXL tokenizer (a 32128-piece
+    SentencePiece model) is not in any installed package, so it cannot be had offline."""
+    from transformers import T5Tokenizer
+
+    vocab = [(t, 0.0) for t in T5_SPECIALS] + [("▁", -2.0)]
+    vocab += [("▁" + w, -1.0) for w in dict.fromkeys(w.lower() for w in words)]
+    vocab += [(c, -8.0) for c in LETTERS]  # far less likely than a whole word
+    tok = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+    from tokenizers import normalizers
+    tok.backend_tokenizer.normalizer = normalizers.Lowercase()  # captions in any case
+    return tok

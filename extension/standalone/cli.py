@@ -127,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative", type=_prompt, default="", help="the negative prompt")
     gen.add_argument("--steps", type=_steps, default=20)
     gen.add_argument("--seed", type=int, default=1)
-    gen.add_argument("--cfg", type=float, default=7.0, help="CFG scale")
+    gen.add_argument("--cfg", type=float, default=None,
+                     help="CFG scale; on Flux dev the guidance it embeds (default: the model's: "
+                          "7, Flux dev 3.5, Chroma 5, Flux schnell 1)")
     gen.add_argument("--sampler", choices=[s.value for s in Sampler], default=Sampler.EULER.value)
     gen.add_argument("--width", type=_positive, default=None, help="default: the model's size")
     gen.add_argument("--height", type=_positive, default=None)
@@ -150,8 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest request body in MiB (default %(default)s)")
     for p in (gen, srv):
         p.add_argument("--checkpoint", default=None,
-                       help="a .safetensors SD1/SDXL checkpoint or a diffusers folder "
+                       help="a .safetensors SD1/SDXL checkpoint or Flux/Chroma transformer, a "
+                            "diffusers folder (SD1, SD2, SDXL, Flux, Chroma), or demo-flux "
                             "(default: the embedded model)")
+        p.add_argument("--components", default=None, metavar="FOLDER",
+                       help="for a single-file Flux/Chroma transformer: the diffusers folder "
+                            "its VAE, text encoders and tokenizers come from")
         p.add_argument("--lora-dir", action="append", default=[], help="LoRA folder (repeatable)")
         p.add_argument("--model-dir", action="append", default=[],
                        help="folder of checkpoints for <model:…> (repeatable)")
@@ -277,7 +283,7 @@ def _host(args):
     from .models import demo_library, load_model
     from ..settings import Settings
 
-    model = load_model(args.checkpoint)
+    model = load_model(args.checkpoint, args.components)
     loras, models = list(args.lora_dir), list(args.model_dir)
     if args.checkpoint is None:  # the default model brings networks to try every tag on
         demo = demo_library()
@@ -317,7 +323,8 @@ def generate_command(args) -> int:
         return 1
     size = host.model.size
     req = Request(prompt=args.prompt, negative_prompt=args.negative, steps=args.steps,
-                  cfg_scale=args.cfg, seed=args.seed, width=args.width or size,
+                  cfg_scale=host.model.default_cfg if args.cfg is None else args.cfg,
+                  seed=args.seed, width=args.width or size,
                   height=args.height or size, masks=inline, sampler=Sampler(args.sampler))
     # the sampler's progress bar on a terminal (tqdm stays quiet when stderr is not one)
     host.model.pipe.set_progress_bar_config(disable=not sys.stderr.isatty(), desc="sampling",

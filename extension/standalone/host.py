@@ -1,5 +1,5 @@
 """NetWeave on a diffusers Stable Diffusion / SDXL pipeline (the standalone host; SD.Next runs
-the same pipelines).
+the same pipelines), and on a Flux / Chroma pipeline (flow_run.py).
 
 One generation: the prompt's tags compile to a plan; the engine merges it at step 0; the text
 is encoded once per text-encoder segment (and once more per regional text-encoder network);
@@ -30,7 +30,8 @@ from ..session import Session, compile_context
 from ..settings import Settings
 from .limits import Limits
 from .models import Model
-from .samplers import Sampler, scheduler_for, step_sigmas
+from .flow_run import FlowRun
+from .samplers import FLOW_SAMPLERS, Sampler, flow_schedule, scheduler_for, step_sigmas
 
 
 MAX_SEED = 2 ** 62  # seed + image index stays a 64-bit generator seed
@@ -120,8 +121,18 @@ class DiffusersHost:
         self.lock = threading.Lock()
         self.progress = Progress()
 
+    def samplers(self) -> List[Sampler]:
+        """The samplers this model runs with (a flow model: its pipeline's Euler)."""
+        return list(FLOW_SAMPLERS) if self.model.flow else list(Sampler)
+
     def context(self, steps: int, sampler: Sampler = Sampler.EULER) -> CompileContext:
-        """What the tab's explain compiles against (the sigmas of `sampler` at `steps`)."""
+        """What the tab's explain compiles against (the sigmas of `sampler` at `steps`; a flow
+        model's at its own picture size, which its shift depends on)."""
+        if self.model.flow:
+            size = self.model.size
+            sigmas, _ = flow_schedule(self.model.pipe, steps, self.model.latent(size, size))
+            return compile_context(self.model.arch, self.settings, steps, masks=self.masks,
+                                   sigmas=sigmas, negative_rows=not self.model.distilled)
         sigmas = step_sigmas(scheduler_for(Sampler(sampler), self.scheduler_config), steps)
         return compile_context(self.model.arch, self.settings, steps, masks=self.masks,
                                sigmas=sigmas)
@@ -129,9 +140,23 @@ class DiffusersHost:
     def interrupt(self) -> None:
         self.progress.interrupted = True
 
+    def check(self, req: Request) -> None:
+        """What this model cannot run (ValueError): a picture size off its latent grid, a
+        sampler its pipeline does not take."""
+        step = self.model.vae_scale
+        if self.model.flow and (req.width % step or req.height % step):
+            raise ValueError(f"width and height must be multiples of {step} for this "
+                             f"{self.model.arch} model (2×2 patches of the latent), not "
+                             f"{req.width}x{req.height}")
+        if Sampler(req.sampler) not in self.samplers():
+            raise ValueError(f"this {self.model.arch} model samples with "
+                             + ", ".join(s.value for s in self.samplers())
+                             + f" (its pipeline's scheduler), not {req.sampler}")
+
     def txt2img(self, req: Request) -> Result:
         """One batch; ValueError (before anything runs) for a request out of bounds."""
         req.check()
+        self.check(req)
         self.limits.check_work(req.width, req.height, req.steps, req.batch_size)
         with self.lock:  # one generation at a time on this model
             self.progress = Progress(job=f"txt2img {time.time():.0f}", steps=req.steps,
@@ -148,6 +173,8 @@ class DiffusersHost:
                 self.progress.busy = False
 
     def _generate(self, req: Request) -> Result:
+        if self.model.flow:
+            return self._generate_flow(req)
         pipe, engine = self.model.pipe, self.engine
         session = Session(engine, self.library, self.masks, self.settings)
         seed = req.seed if req.seed >= 0 else int(np.random.default_rng().integers(2 ** 31))
@@ -160,21 +187,14 @@ class DiffusersHost:
         try:
             plan, = session.prepare(
                 [req.prompt], steps=req.steps, inline=req.masks, rows=2 * b if cfg else b,
-                latent=(req.height // self.model.vae_scale, req.width // self.model.vae_scale),
+                latent=self.model.latent(req.height, req.width),
                 sigmas=sigmas)
             run = PipelineRun(engine, pipe, self.model.arch, self.device, plan.prompt,
                               req.negative_prompt, b, cfg, req.steps)
-
-            def on_step_end(pipe_, i, t, kwargs):
-                self.progress.step = i + 1
-                if self.progress.interrupted:
-                    raise Interrupted("interrupted")
-                return run.step_end(i)
-
             out = pipe(**run.first_args(), num_inference_steps=req.steps,
                        guidance_scale=req.cfg_scale, height=req.height, width=req.width,
                        generator=torch.Generator("cpu").manual_seed(seed),
-                       callback_on_step_end=on_step_end,
+                       callback_on_step_end=self._step_callback(run),
                        callback_on_step_end_tensor_inputs=pipe._callback_tensor_inputs,
                        output_type="pil")
         except BaseException:
@@ -185,12 +205,62 @@ class DiffusersHost:
         info = [self.infotext(req, seed + i, session.report) for i in range(len(images))]
         return Result(images, seed, plan, session.report.lines(), info)
 
+    def _step_callback(self, run):
+        """The pipeline's step-end callback: progress, an interrupt, the engine's next step."""
+        def on_step_end(pipe_, i, t, kwargs):
+            self.progress.step = i + 1
+            if self.progress.interrupted:
+                raise Interrupted("interrupted")
+            return run.step_end(i)
+        return on_step_end
+
+    def _generate_flow(self, req: Request) -> Result:
+        """Flux / Chroma: the CFG field is Flux dev's distilled guidance (no negative rows), or
+        true CFG (Chroma, a Flux without distilled guidance: a negative pass when above 1);
+        the plan gets the very sigmas the pipeline samples with at this size."""
+        model, engine = self.model, self.engine
+        pipe = model.pipe
+        seed = req.seed if req.seed >= 0 else int(np.random.default_rng().integers(2 ** 31))
+        b = req.batch_size
+        cfg = not model.distilled and req.cfg_scale > 1.0
+        latent = model.latent(req.height, req.width)
+        sigmas, shift = flow_schedule(pipe, req.steps, latent)
+        session = Session(engine, self.library, self.masks, self.settings)
+        run = None
+        try:
+            plan, = session.prepare([req.prompt], steps=req.steps, inline=req.masks, rows=b,
+                                    latent=latent, sigmas=sigmas, negative_rows=cfg)
+            run = FlowRun(engine, pipe, model.arch, self.device, plan.prompt,
+                          req.negative_prompt, b, cfg, req.steps)
+            guidance = {"guidance_scale": req.cfg_scale} if model.arch == "chroma" or \
+                model.distilled else {"true_cfg_scale": req.cfg_scale if cfg else 1.0}
+            out = pipe(**run.first_args(), **guidance, num_inference_steps=req.steps,
+                       height=req.height, width=req.width, max_sequence_length=run.length,
+                       generator=torch.Generator("cpu").manual_seed(seed),
+                       callback_on_step_end=self._step_callback(run), output_type="pil")
+        except BaseException:
+            engine.deactivate()  # nothing stays changed after a failed generation
+            raise
+        finally:
+            if run is not None:
+                run.close()
+        session.collect()
+        images = list(out.images)
+        extra = {"Shift": round(shift, 4)}
+        info = [self.infotext(req, seed + i, session.report, extra) for i in range(len(images))]
+        return Result(images, seed, plan, session.report.lines(), info)
+
     # ---- infotext -----------------------------------------------------------------------
-    def infotext(self, req: Request, seed: int, report: Report) -> str:
+    def infotext(self, req: Request, seed: int, report: Report, extra: Optional[dict] = None) -> str:
         """A1111's layout: the prompt with its tags, the negative prompt, then parameters
         (a value with `,`, `:` or a line break JSON-quoted, as A1111 writes it); NetWeave adds
-        its report: masks used (name:hash), `Lora hashes`, problems."""
-        params = {"Steps": req.steps, "Sampler": str(req.sampler), "CFG scale": req.cfg_scale,
+        its report: masks used (name:hash), `Lora hashes`, problems. Flux dev's guidance is
+        Forge's `Distilled CFG Scale` (its CFG scale is 1: no negative pass); a flow model
+        adds the shift of its schedule (`explain --shift` takes it)."""
+        cfg = {"CFG scale": req.cfg_scale}
+        if self.model.distilled:
+            cfg = {"CFG scale": 1, "Distilled CFG Scale": req.cfg_scale}
+        params = {"Steps": req.steps, "Sampler": str(req.sampler), **cfg, **(extra or {}),
                   "Seed": seed, "Size": f"{req.width}x{req.height}", "Model": self.model.name,
                   **report.infotext()}
         text = req.prompt + ("\nNegative prompt: " + req.negative_prompt if req.negative_prompt else "")

@@ -4,8 +4,11 @@
 - a single-file SD1/SDXL .safetensors (A1111's format): diffusers' single-file loader, with a
   config folder written here from the published SD 1.5 / SDXL 1.0 configs (network/reference.py
   and the VAE and scheduler below) and the tokenizer built offline (tokenizer.py);
+- a Flux or Chroma diffusers folder, or a single-file Flux/Chroma transformer with a folder
+  for the rest (flow_models.py);
 - nothing: the embedded demo (`demo/weights`, trained by `python -m netweave.demo.train`): a
-  small SD1-architecture model that draws coloured shapes, with LoRAs whose effects are visible.
+  small SD1-architecture model that draws coloured shapes, with LoRAs whose effects are visible;
+  `demo-flux` (DEMO_FLUX_NAME): its small Flux-architecture sibling (flow_models.py).
 
 `tiny_model` is an even smaller SD1-architecture pipeline with fixed random weights (seed 0),
 for tests of the mechanics: it draws noise, but every path runs in milliseconds.
@@ -30,36 +33,93 @@ DEMO_ROOT = os.path.join(ROOT, "demo",
                          "weights")
 
 
+FLOW_ARCHS = ("flux", "chroma")  # flow-matching transformers: FluxPipeline, ChromaPipeline
+
+
 @dataclass
 class Model:
-    pipe: object  # a diffusers StableDiffusionPipeline or StableDiffusionXLPipeline
-    arch: str  # sd1, sd2, sdxl
+    pipe: object  # a diffusers StableDiffusion(XL)Pipeline, FluxPipeline or ChromaPipeline
+    arch: str  # sd1, sd2, sdxl, flux, chroma
     name: str
+    cfg: Optional[float] = None  # the CFG field's default, where the model says its own
+
+    @property
+    def flow(self) -> bool:
+        return self.arch in FLOW_ARCHS
+
+    @property
+    def distilled(self) -> bool:
+        """Guidance-distilled (Flux.1 dev): the CFG field is the guidance the transformer
+        embeds, and there are no negative rows."""
+        return self.arch == "flux" and bool(self.pipe.transformer.config.guidance_embeds)
 
     @property
     def vae_scale(self) -> int:
-        return getattr(self.pipe, "vae_scale_factor", 8)
+        """Pixels per latent cell, and the step picture sizes come in: a Flux-family latent
+        is packed in 2×2 patches, so its pictures go by twice the VAE's factor."""
+        factor = getattr(self.pipe, "vae_scale_factor", 8)
+        return 2 * factor if self.flow else factor
 
     @property
     def size(self) -> int:
-        """The picture size the model was trained at (512 for SD1, 1024 for SDXL, 64 here)."""
+        """The picture size the model was trained at (512 for SD1, 1024 for SDXL and Flux, 64
+        for the demos)."""
+        if self.flow:
+            return int(self.pipe.default_sample_size) * self.pipe.vae_scale_factor
         return int(self.pipe.unet.config.sample_size) * self.vae_scale
 
+    def latent(self, height: int, width: int) -> Tuple[int, int]:
+        """The VAE latent (h, w) the pipeline samples for a picture (the engine's grid; a
+        Flux pipeline rounds a size down to whole 2×2 patches)."""
+        if self.flow:
+            return (2 * (height // self.vae_scale), 2 * (width // self.vae_scale))
+        return (height // self.vae_scale, width // self.vae_scale)
+
+    @property
+    def default_cfg(self) -> float:
+        """The CFG field's default: the model's own, else its pipeline's (Flux dev's guidance
+        3.5, Chroma's 5; 1 — no negative pass — for a Flux without distilled guidance, as
+        schnell), else A1111's 7."""
+        if self.cfg is not None:
+            return self.cfg
+        if self.flow and not self.distilled and self.arch == "flux":
+            return 1.0
+        if self.flow:
+            import inspect
+            return float(inspect.signature(type(self.pipe).__call__)
+                         .parameters["guidance_scale"].default)
+        return 7.0
+
     def trees(self) -> dict:
+        """The engine's components: "unet" is the denoiser (a Flux-family transformer too);
+        Flux's text encoders are CLIP-L ("te1") and T5 ("te2"), Chroma's only T5 ("te2")."""
+        if self.arch == "flux":
+            return {"unet": self.pipe.transformer, "te1": self.pipe.text_encoder,
+                    "te2": self.pipe.text_encoder_2}
+        if self.arch == "chroma":
+            return {"unet": self.pipe.transformer, "te2": self.pipe.text_encoder}
         trees = {"unet": self.pipe.unet, "te1": self.pipe.text_encoder}
         if getattr(self.pipe, "text_encoder_2", None) is not None:
             trees["te2"] = self.pipe.text_encoder_2
         return trees
 
 
-def load_model(checkpoint: Optional[str] = None) -> Model:
+def load_model(checkpoint: Optional[str] = None, components: Optional[str] = None) -> Model:
+    """`checkpoint`: a diffusers folder, a single-file .safetensors, `demo-flux`, or None (the
+    demo); `components`: for a single-file Flux/Chroma transformer, the diffusers folder its
+    VAE, text encoders, tokenizers and scheduler come from."""
+    from . import flow_models
+
     if checkpoint is None:
         return demo_model()
+    if checkpoint == flow_models.DEMO_FLUX_NAME and not os.path.exists(checkpoint):
+        return flow_models.demo_flux_model()
     if os.path.isdir(checkpoint):
         return _from_folder(checkpoint)
     if checkpoint.endswith(".safetensors") and os.path.isfile(checkpoint):
-        return load_single_file(checkpoint)
-    raise ValueError(f"{checkpoint}: neither a .safetensors checkpoint nor a diffusers folder")
+        return load_single_file(checkpoint, components=components)
+    raise ValueError(f"{checkpoint}: neither a .safetensors checkpoint nor a diffusers folder "
+                     f"(nor {flow_models.DEMO_FLUX_NAME}, the embedded Flux demo)")
 
 
 def tiny_model(seed: int = 0) -> Model:
@@ -155,8 +215,16 @@ def tiny_library(model: Model, root: Optional[str] = None) -> Tuple[str, str]:
 
 
 def _arch_of_folder(folder: str) -> str:
+    from .flow_models import FLOW_PIPELINES
+
     with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
         index = json.load(f)
+    kind = index.get("_class_name")
+    if kind in FLOW_PIPELINES:
+        return FLOW_PIPELINES[kind]
+    if kind not in (None, "StableDiffusionPipeline", "StableDiffusionXLPipeline"):
+        raise ValueError(f"{folder}: a {kind}; NetWeave runs StableDiffusionPipeline, "
+                         "StableDiffusionXLPipeline, " + " and ".join(FLOW_PIPELINES))
     if "text_encoder_2" in index:
         return "sdxl"
     with open(os.path.join(folder, "unet", "config.json"), encoding="utf-8") as f:
@@ -168,6 +236,9 @@ def _from_folder(folder: str) -> Model:
     from diffusers import DiffusionPipeline
 
     arch = _arch_of_folder(folder)
+    if arch in FLOW_ARCHS:
+        from .flow_models import flow_folder
+        return flow_folder(folder, arch)
     pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True,
                                              safety_checker=None, requires_safety_checker=False) \
         if arch != "sdxl" else DiffusionPipeline.from_pretrained(folder, local_files_only=True)
@@ -182,9 +253,12 @@ SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                  beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading")
 
 
-def load_single_file(path: str, config: Optional[str] = None, arch: Optional[str] = None) -> Model:
+def load_single_file(path: str, config: Optional[str] = None, arch: Optional[str] = None,
+                     components: Optional[str] = None) -> Model:
     """An A1111-format checkpoint; `config`: a diffusers config folder (default: the published
-    one of the detected architecture, written by `reference_config`)."""
+    one of the detected architecture, written by `reference_config`). A Flux or Chroma
+    transformer file takes the rest of its pipeline from the diffusers folder `components`
+    (flow_models.py)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from ...network.detect import detect_architecture
@@ -193,9 +267,13 @@ def load_single_file(path: str, config: Optional[str] = None, arch: Optional[str
     if arch is None:
         with open_safetensors(path) as f:
             arch, reasons = detect_architecture(f.keys(), f.shape, base_architecture(f.metadata))
+        if arch in FLOW_ARCHS:
+            from .flow_models import flow_single_file
+            return flow_single_file(path, arch, components)
         if arch not in ("sd1", "sdxl"):
-            raise ValueError(f"{path}: single-file checkpoints are read for SD1 and SDXL; this "
-                             f"one is {arch or 'not recognised'} ({'; '.join(reasons) or 'no signal'})")
+            raise ValueError(f"{path}: single-file checkpoints are read for SD1, SDXL, Flux and "
+                             f"Chroma; this one is {arch or 'not recognised'} "
+                             f"({'; '.join(reasons) or 'no signal'})")
     cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
     extra = {} if arch == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
     pipe = cls.from_single_file(path, config=config or reference_config(arch),

@@ -132,6 +132,15 @@ def sdapi_router(host: DiffusersHost, library: Library) -> APIRouter:
     waiting = [0]
     count = threading.Lock()
 
+    def guidance(body: Txt2ImgBody) -> float:
+        """The CFG field: on a guidance-distilled model (Flux dev) Forge's clients send the
+        guidance as `distilled_cfg_scale` (and cfg_scale 1): that one when it is given."""
+        distilled = getattr(body, "distilled_cfg_scale", None)
+        if host.model.distilled and isinstance(distilled, (int, float)) and \
+                not isinstance(distilled, bool) and 0 <= distilled <= 100:
+            return float(distilled)
+        return body.cfg_scale
+
     def generate(body: Txt2ImgBody, args: ScriptArgs) -> dict:
         inline = {}
         for name, data in args.masks.items():
@@ -145,7 +154,7 @@ def sdapi_router(host: DiffusersHost, library: Library) -> APIRouter:
         seed = body.seed
         for i in range(body.n_iter):
             req = Txt2Img(prompt=body.prompt, negative_prompt=body.negative_prompt,
-                          steps=body.steps, cfg_scale=body.cfg_scale,
+                          steps=body.steps, cfg_scale=guidance(body),
                           seed=seed if seed < 0 else seed + i * body.batch_size,
                           width=body.width, height=body.height, batch_size=body.batch_size,
                           masks=inline, sampler=sampler_named(body.sampler_name))
@@ -200,7 +209,7 @@ def sdapi_router(host: DiffusersHost, library: Library) -> APIRouter:
 
     @r.get("/samplers")
     def samplers():
-        return [{"name": s.value, "aliases": [], "options": {}} for s in Sampler]
+        return [{"name": s.value, "aliases": [], "options": {}} for s in host.samplers()]
 
     @r.get("/progress")
     async def progress():

@@ -118,15 +118,19 @@ def page(host: DiffusersHost, library: Library):
             negative = gr.Textbox(label="Negative prompt", lines=2,
                                   elem_id="netweave_negative")
             with gr.Row():
-                sampler = gr.Dropdown([s.value for s in Sampler], value=Sampler.EULER.value,
-                                      label="Sampler", elem_id="netweave_sampler")
+                sampler = gr.Dropdown([s.value for s in host.samplers()],
+                                      value=Sampler.EULER.value, label="Sampler",
+                                      elem_id="netweave_sampler")
                 steps = gr.Slider(1, 150, value=20, step=1, label="Steps", elem_id="netweave_steps")
-                cfg = gr.Slider(1, 30, value=7, step=0.5, label="CFG scale",
-                                elem_id="netweave_cfg")
+                # Flux dev's CFG field is the guidance its transformer embeds (no negative pass)
+                cfg = gr.Slider(1, 30, value=host.model.default_cfg, step=0.5,
+                                label="Distilled CFG scale (guidance)" if host.model.distilled
+                                else "CFG scale", elem_id="netweave_cfg")
                 seed = gr.Number(value=-1, precision=0, label="Seed")
             with gr.Row():
-                width = gr.Slider(64, 2048, value=size, step=8, label="Width")
-                height = gr.Slider(64, 2048, value=size, step=8, label="Height")
+                grid = host.model.vae_scale  # a Flux latent's 2×2 patches: 16 px steps
+                width = gr.Slider(64, 2048, value=size, step=grid, label="Width")
+                height = gr.Slider(64, 2048, value=size, step=grid, label="Height")
                 count = gr.Slider(1, 16, value=1, step=1, label="Batch count",
                                   elem_id="netweave_batch_count")
                 batch = gr.Slider(1, 8, value=1, step=1, label="Batch size",

@@ -1,0 +1,173 @@
+"""Flux and Chroma checkpoints for the standalone host, loaded fully offline.
+
+- a diffusers folder whose model_index.json names FluxPipeline or ChromaPipeline;
+- a single-file transformer in the original (BFL) layout, optionally under
+  `model.diffusion_model.`, as Flux.1 dev/schnell and Chroma are published: diffusers'
+  `from_single_file` with a config written here from the published hyper-parameters
+  (docs: /work/shared/reference/formats-dit.md §1.1; the classes' defaults are those models'),
+  the block counts, input widths and guidance layer taken from the file. Such a file holds no
+  text encoders, tokenizers or VAE, and none can be downloaded here, so they come from a
+  diffusers folder of the same family (`components`);
+- `demo-flux`: the embedded Flux-architecture demo (demo/README.md).
+
+Why not our own converter for other widths: diffusers' converter assumes the published width
+(3072, heads of 128); a model of another width is run from its diffusers folder instead.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Dict, Optional
+
+import torch
+
+from .models import DEMO_ROOT, Model
+
+FLOW_PIPELINES = {"FluxPipeline": "flux", "ChromaPipeline": "chroma"}
+DEMO_FLUX_NAME = "demo-flux"
+WIDTH, HEAD = 3072, 128  # the published transformer width and head size (diffusers assumes them)
+PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# What each tokenizer folder is, for the message when one is missing (they cannot be downloaded)
+TOKENIZERS = {("flux", "tokenizer"): "CLIP-L's tokenizer (vocab.json, merges.txt)",
+              ("flux", "tokenizer_2"): "T5-XXL's tokenizer (spiece.model or tokenizer.json)",
+              ("chroma", "tokenizer"): "T5-XXL's tokenizer (spiece.model or tokenizer.json)"}
+
+
+def flow_folder(folder: str, arch: str, dtype: torch.dtype = torch.float32) -> Model:
+    """A FluxPipeline / ChromaPipeline diffusers folder; every component must be there."""
+    from diffusers import DiffusionPipeline
+
+    check_components(folder, arch)
+    pipe = DiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return Model(pipe, arch, os.path.basename(os.path.normpath(folder)))
+
+
+def check_components(folder: str, arch: str) -> Dict[str, list]:
+    """model_index.json's components, each present in `folder`; a ValueError naming the first
+    one missing (a tokenizer by what it is), since nothing can be fetched from a hub here."""
+    with open(os.path.join(folder, "model_index.json"), encoding="utf-8") as f:
+        index = json.load(f)
+    parts = {k: v for k, v in index.items()
+             if not k.startswith("_") and isinstance(v, list) and v and v[0] is not None}
+    for name in parts:
+        path = os.path.join(folder, name)
+        files = os.listdir(path) if os.path.isdir(path) else []
+        if name.startswith("tokenizer"):
+            if not any(f in files for f in ("tokenizer.json", "spiece.model", "vocab.json")):
+                what = TOKENIZERS.get((arch, name), "its tokenizer")
+                raise ValueError(f"{folder}: {name}/ ({what}) is missing; it cannot be "
+                                 "downloaded here: copy it from the model's repository")
+        elif not files:
+            raise ValueError(f"{folder}: {name}/ is missing; a {index.get('_class_name')} "
+                             f"needs every component of its model_index.json")
+    return parts
+
+
+# ---- single-file transformers ------------------------------------------------------------
+def file_shapes(path: str) -> Dict[str, tuple]:
+    """Each tensor's shape by its BFL name (a `model.diffusion_model.` prefix taken off)."""
+    from ...network.files import open_safetensors
+
+    with open_safetensors(path) as f:
+        return {next((k[len(p):] for p in PREFIXES if k.startswith(p)), k): tuple(f.shape(k))
+                for k in f.keys()}
+
+
+def transformer_config(shapes: Dict[str, tuple], arch: str, where: str) -> Dict[str, object]:
+    """The diffusers config of a BFL-layout transformer: the published Flux.1 / Chroma config
+    (the classes' defaults) with the block counts, input widths and guidance layer its tensors
+    say; ValueError for a width diffusers' converter cannot read."""
+    def count(prefix: str) -> int:
+        return len({k[len(prefix):].split(".")[0] for k in shapes if k.startswith(prefix)})
+
+    if "img_in.weight" not in shapes or "txt_in.weight" not in shapes:
+        raise ValueError(f"{where}: no img_in/txt_in weights: not a Flux-family transformer in "
+                         "the original (BFL) layout; a diffusers transformer is read from its "
+                         "pipeline folder")
+    width, in_channels = shapes["img_in.weight"]
+    head = shapes.get("double_blocks.0.img_attn.norm.query_norm.scale", (0,))[0]
+    mlp = shapes.get("double_blocks.0.img_mlp.0.weight", (0,))[0]
+    if (width, head, mlp) != (WIDTH, HEAD, 4 * WIDTH):
+        raise ValueError(
+            f"{where}: a {arch} transformer {width} wide with heads of {head} and an MLP of "
+            f"{mlp}; single files are read at the published width ({WIDTH}, heads of {HEAD}, "
+            f"MLP {4 * WIDTH}: Flux.1 dev/schnell, Chroma), which diffusers' converter "
+            "assumes; save this model as a diffusers folder instead")
+    config = dict(in_channels=in_channels, num_layers=count("double_blocks."),
+                  num_single_layers=count("single_blocks."),
+                  joint_attention_dim=shapes["txt_in.weight"][1])
+    if arch == "flux":
+        config.update(guidance_embeds="guidance_in.in_layer.weight" in shapes,
+                      pooled_projection_dim=shapes.get("vector_in.in_layer.weight",
+                                                       (0, 768))[1])
+    elif "distilled_guidance_layer.in_proj.weight" in shapes:
+        rows, cols = shapes["distilled_guidance_layer.in_proj.weight"]
+        config.update(approximator_num_channels=cols, approximator_hidden_dim=rows,
+                      approximator_layers=count("distilled_guidance_layer.layers."))
+    return config
+
+
+def config_folder(arch: str, config: Dict[str, object]) -> str:
+    """A folder with transformer/config.json for `from_single_file` (written once per
+    config)."""
+    from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel
+
+    cls = FluxTransformer2DModel if arch == "flux" else ChromaTransformer2DModel
+    key = "-".join(f"{v}" for _, v in sorted(config.items()))
+    folder = os.path.join(tempfile.gettempdir(), f"netweave-{arch}-{key}")
+    target = os.path.join(folder, "transformer")
+    if not os.path.exists(os.path.join(target, "config.json")):
+        with torch.device("meta"):  # the config only: no memory for the weights
+            model = cls(**config)
+        tmp = tempfile.mkdtemp(prefix="netweave-config-", dir=tempfile.gettempdir())
+        model.save_config(tmp)
+        os.makedirs(folder, exist_ok=True)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process wrote it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def flow_single_file(path: str, arch: str, components: Optional[str],
+                     dtype: torch.dtype = torch.float32) -> Model:
+    """A single-file Flux/Chroma transformer with the rest of its pipeline from the diffusers
+    folder `components` (whose own transformer is not loaded)."""
+    from diffusers import (ChromaPipeline, ChromaTransformer2DModel, FluxPipeline,
+                           FluxTransformer2DModel)
+
+    family = "Flux" if arch == "flux" else "Chroma"
+    encoders = "CLIP-L and T5-XXL" if arch == "flux" else "T5-XXL"
+    if components is None:
+        raise ValueError(
+            f"{path} holds a {family} transformer only: its text encoders ({encoders}), their "
+            "tokenizers and the VAE are not in it and cannot be downloaded here; give a "
+            f"{family} diffusers folder for them with --components FOLDER")
+    if not os.path.isfile(os.path.join(components, "model_index.json")):
+        raise ValueError(f"--components {components}: not a diffusers folder (no "
+                         "model_index.json)")
+    from .models import _arch_of_folder
+    if _arch_of_folder(components) != arch:
+        raise ValueError(f"--components {components}: not a {family} pipeline folder")
+    check_components(components, arch)
+    config = transformer_config(file_shapes(path), arch, path)
+    cls = FluxTransformer2DModel if arch == "flux" else ChromaTransformer2DModel
+    transformer = cls.from_single_file(path, config=config_folder(arch, config),
+                                       subfolder="transformer", local_files_only=True,
+                                       dtype=dtype)
+    pipeline = FluxPipeline if arch == "flux" else ChromaPipeline
+    pipe = pipeline.from_pretrained(components, transformer=transformer, local_files_only=True,
+                                    dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return Model(pipe, arch, os.path.splitext(os.path.basename(path))[0])
+
+
+# ---- the embedded Flux demo ------------------------------------------------------------
+def demo_flux_model(root: str = DEMO_ROOT) -> Model:
+    """The embedded Flux-architecture demo (demo/README.md): its transformer and T5, with the
+    SD demo's VAE and CLIP text encoder (fp16 files, run in fp32)."""
+    raise FileNotFoundError(f"the Flux demo model is missing from {root}; remake it with "
+                            "`python -m netweave.demo.train --stages flux`")

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .algorithms import factor_bypass_ok, is_conv, pointwise
 from .flux_keys import Tokens
 from .keymap import frozen
+from .quantized import dequantize
 from .regions import RegionMaps, grid_for
 
 
@@ -127,6 +128,8 @@ class Runtime:
 
     # ---- per contribution -----------------------------------------------------------
     def strength(self, c) -> float:
+        if c.now is not None:
+            return c.now
         step = self.engine._phase_step
         return 0.0 if step is None else c.at(*step)
 
@@ -175,6 +178,8 @@ class Runtime:
 
     # ---- the layer hook ----------------------------------------------------------------
     def layer_hook(self, slot):
+        text = slot.target.component != "unet"  # a region acts through the conditioning there
+
         def hook(module, args, out):
             if self.engine._phase_step is None:
                 return out
@@ -194,7 +199,7 @@ class Runtime:
                 elif c.route == "emb":
                     self._hold_emb(slot, c, x, out)
                 else:
-                    out = self._add(slot, c, x, out, region=c.region)
+                    out = self._add(slot, c, x, out, region=None if text else c.region)
             return out
         return hook
 
@@ -309,13 +314,32 @@ class Runtime:
             self.low_rank(c, x.device)
         if f is not None:
             return low_rank_delta(module, x, f, s, rows.values, mask)
-        if c.adapter.uses_weight and slot.applied:
-            module = self.engine.view(slot, cropped=cropped, pristine=True)
-            y = module.forward(x)
-        d = c.adapter.bypass(x, module, y() if callable(y) else y, s, c.dyn)
+        if slot.target.quant is not None:
+            d = self._quantized_delta(slot, c, x, s)
+        else:
+            if c.adapter.uses_weight and slot.applied:
+                module = self.engine.view(slot, cropped=cropped, pristine=True)
+                y = module.forward(x)
+            d = c.adapter.bypass(x, module, y() if callable(y) else y, s, c.dyn)
         if mask is not None:
             d = d * mask.to(d.dtype)
         return _by_rows(d, rows.values)
+
+    def _quantized_delta(self, slot, c, x: Tensor, s: float) -> Tensor:
+        """Δy beside a quantized layer for an algorithm without two plain factors: from ΔW,
+        which needs only the layer's shape; algorithms built on W (DoRA, OFT, `<model:>`, …)
+        see the dequantized layer."""
+        module = slot.target.module
+        if c.adapter.uses_weight:
+            view = self.engine.view(slot)
+            return c.adapter.bypass(x, view, view.forward(x.float()), s, c.dyn)
+        shape = slot.target.shape
+        stub = nn.Linear(shape[1], shape[0], bias=False, device="meta")
+        stub.weight = nn.Parameter(x.new_zeros(()).expand(shape), requires_grad=False)
+        bias = getattr(module, "bias", None)
+        if isinstance(bias, Tensor):
+            stub.bias = nn.Parameter(torch.as_tensor(bias).detach().float(), requires_grad=False)
+        return c.adapter.bypass(x, stub, x.new_zeros(()), s, c.dyn)
 
     # ---- the time-embedding route ------------------------------------------------------
     def _hold_emb(self, slot, c, x, out) -> None:
@@ -536,6 +560,18 @@ def _by_rows(d: Tensor, rows: Optional[Tensor]) -> Tensor:
     if rows is None:
         return d
     return d * rows.view(-1, *([1] * (d.dim() - 1))).to(d.dtype)
+
+
+def dequantized_view(module: nn.Module) -> nn.Module:
+    """A plain Linear computing what a quantized layer computes, from its dequantized
+    weight (quantized.py), for the algorithms that read W and b."""
+    weight = dequantize(module)
+    view = nn.Linear(weight.shape[1], weight.shape[0], bias=getattr(module, "bias", None) is not None,
+                     device="meta")
+    view.weight = nn.Parameter(weight, requires_grad=False)
+    if view.bias is not None:
+        view.bias = nn.Parameter(torch.as_tensor(module.bias).detach().float(), requires_grad=False)
+    return view
 
 
 def layer_view(module: nn.Module, params: Optional[Dict[str, Tensor]] = None,

@@ -37,7 +37,7 @@ from ..parser import format_tag
 from .algorithms import Adapter
 from .blocks import BLOCKS
 from .blend import Blender, blended_steps
-from .bypass import AttentionUnit, Rows, Runtime, layer_view
+from .bypass import AttentionUnit, Rows, Runtime, dequantized_view, layer_view
 from . import batched_merge
 from .batched_merge import Job
 from .cache import NetworkCache
@@ -96,6 +96,9 @@ class Contribution:
     owner: Optional[int] = None  # the prompt of the batch it belongs to; None: every prompt
     neg: float = 1.0  # factor on the unconditional rows
     route: str = "layer"  # "layer", "attention" or "emb" (bypass.py)
+    # a bypassed text-encoder contribution (on a quantized layer): its strength for the
+    # encoding under way, set where others are merged (apply_te); None: its own at the step
+    now: Optional[float] = None
 
     def at(self, phase: str, k: int) -> float:
         return float(self.series[phase][k]) if phase in self.series else 0.0
@@ -442,6 +445,8 @@ class Engine:
     def view(self, slot: _Slot, cropped: bool = False, pristine: bool = False) -> nn.Module:
         """The slot's layer computing with its pristine weights and/or without padding."""
         key = (cropped, pristine)
+        if slot.target.quant is not None:  # not kept: a dequantized weight is full size
+            return dequantized_view(slot.target.module)
         if key not in slot.views:
             t = slot.target
             params = None
@@ -461,6 +466,10 @@ class Engine:
         levels = 3 if self.arch == "sdxl" else 4
         for slot in slots.values():
             t = slot.target
+            if t.quant is not None:  # never written: every network runs beside it
+                for c in slot.contributions:
+                    c.bypass = True
+                continue
             if t.component != "unet":
                 continue  # text encoders: merged per encoding
             for c in slot.contributions:
@@ -542,6 +551,11 @@ class Engine:
         costs say so (batched_merge.py); the others one by one."""
         jobs: List[Job] = []
         for slot in slots:
+            if slot.target.quant is not None:
+                if pick is not None:  # an encoding: the bypass takes these strengths
+                    for c in slot.contributions:
+                        c.now = pick(c)
+                continue
             live = []
             for c in slot.contributions:
                 s = pick(c) if pick is not None else (0.0 if c.bypass else c.at(phase, k))

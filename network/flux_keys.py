@@ -27,6 +27,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 from torch import nn
 
+from .quantized import logical_shape
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -180,10 +182,10 @@ def host_layers(root: nn.Module, patchable) -> Iterator[Tuple[str, nn.Module, Sp
         raise ValueError(f"{type(root).__name__} is no Flux-family transformer")
     modules = dict(root.named_modules())
     for path, module in modules.items():
-        if not patchable(module) or not hasattr(module, "weight") or module.weight is None \
-                or module.weight.dim() != 2:
+        if not patchable(module) or getattr(module, "weight", None) is None or \
+                len(logical_shape(module)) != 2:
             continue  # the family's layers are all Linear; norms without affine have no weight
-        rows = int(module.weight.shape[0])
+        rows = logical_shape(module)[0]
         if layout == "bfl":
             yield path, module, (Segment(path, 0, 0, rows),)
             continue
@@ -199,7 +201,7 @@ def _diffusers_span(path: str, rows: int, modules) -> Optional[Span]:
         siblings = [modules.get(_fill(p, hit[1])) for p in FUSED[fused]]
         if any(s is None for s in siblings):
             return None
-        start = sum(int(s.weight.shape[0]) for s in siblings[:i])
+        start = sum(logical_shape(s)[0] for s in siblings[:i])
         return (Segment(_fill(fused, hit[1]), start, 0, rows),)
     hit = _match(_SWAPPED_BACK, path)
     if hit:

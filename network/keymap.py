@@ -11,12 +11,12 @@ use (kohya diffusers-style and LDM-style, LyCORIS, OFT, PEFT/diffusers, checkpoi
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 from torch import Tensor, nn
 
-from . import flux_keys, t5_keys
+from . import flux_keys, quantized, t5_keys
 
 PATCHABLE = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
 COMPONENTS = ("unet", "te1", "te2")
@@ -59,6 +59,14 @@ class Target:
     chunk: Optional[Tuple[int, int]] = None  # (index, count) of q/k/v inside in_proj_weight
     block: Optional[str] = None  # BASE, INxx, M00, OUTxx; None for UNet layers outside blocks
     tokens: Optional[flux_keys.Tokens] = None  # a Flux-family layer's rows; None: found by grid
+    quant: Optional[quantized.Quant] = None  # stored quantized: networks run beside it only
+
+    @property
+    def shape(self) -> Tuple[int, ...]:
+        """The weight's logical shape (a quantized weight's storage has its own)."""
+        if self.quant is not None:
+            return quantized.logical_shape(self.module)
+        return tuple(self.weight.shape)
 
     @property
     def weight(self) -> Tensor:
@@ -317,7 +325,15 @@ class Piece:
     @property
     def whole(self) -> bool:
         return self.src == 0 and self.dst == 0 and \
-            self.length == self.src_rows == int(self.target.weight.shape[0])
+            self.length == self.src_rows == int(self.target.shape[0])
+
+
+def _with_quant(target: Target) -> Target:
+    """The target with its quantized format noted, when its whole weight is stored so."""
+    if target.param != "weight" or target.chunk is not None:
+        return target
+    kind = quantized.kind_of(target.module)
+    return target if kind is None else replace(target, quant=kind)
 
 
 def _joined(pieces: List[Piece]) -> List[Piece]:
@@ -375,14 +391,14 @@ class KeyMap:
         canonical: Dict[str, Tuple[int, int]] = {}
         for path, module, span in flux_keys.host_layers(root, patchable):
             layer = span[0].layer
-            target = Target("unet", path, path, module, block=flux_keys.block_of(layer),
-                            tokens=flux_keys.tokens_of(layer))
-            why = frozen(target.weight)
+            target = _with_quant(Target("unet", path, path, module, block=flux_keys.block_of(layer),
+                                        tokens=flux_keys.tokens_of(layer)))
+            why = None if target.quant is not None else frozen(target.weight)
             if why is None:
                 self.targets.append(target)
             for seg in span:
                 covering.setdefault(seg.layer, []).append((target, seg, why))
-                rows, width = canonical.get(seg.layer, (0, int(module.weight.shape[1])))
+                rows, width = canonical.get(seg.layer, (0, int(target.shape[1])))
                 canonical[seg.layer] = (max(rows, seg.start + seg.length), width)
         for name, span in flux_keys.file_spellings(canonical):
             src_rows = sum(seg.length for seg in span)
@@ -402,8 +418,9 @@ class KeyMap:
                 self._views.setdefault(name, _joined(pieces))
 
     def _add(self, target: Target, spellings: List[str]) -> None:
+        target = _with_quant(target)
         try:
-            why = frozen(target.weight)
+            why = None if target.quant is not None else frozen(target.weight)
         except AttributeError:  # no weight (a norm without affine): nothing a file could change
             why = None
         if why is not None:
@@ -433,7 +450,7 @@ class KeyMap:
                 found = []
                 for t in targets:
                     if t.name[-6:] in _QKV:
-                        n = int(t.weight.shape[0])
+                        n = int(t.shape[0])
                         found.append((Piece(t, _QKV[t.name[-6:]] * n, 0, n, 3 * n), is_bias))
             elif suffix.startswith("out_proj"):
                 found = [(self._whole(t), is_bias) for t in targets if t.name.endswith("out_proj")]
@@ -445,7 +462,7 @@ class KeyMap:
 
     @staticmethod
     def _whole(target: Target) -> Piece:
-        rows = int(target.weight.shape[0])
+        rows = int(target.shape[0])
         return Piece(target, 0, 0, rows, rows)
 
     def refused(self, keys) -> Dict[Target, str]:

@@ -127,7 +127,7 @@ def load_network(path: str, keymap: KeyMap, arch: Optional[str] = None) -> Loade
                 unmatched.extend(part_keys.values())
                 continue
             parts = {part: _read(f, path, key) for part, key in part_keys.items()}
-            shape = (pieces[0].src_rows, *pieces[0].target.weight.shape[1:])
+            shape = (pieces[0].src_rows, *pieces[0].target.shape[1:])
             try:
                 adapter = make(parts, default_alpha)
                 problem = adapter.check(tuple(shape))
@@ -155,7 +155,7 @@ def _assemble(path: str, target: Target, items: List[Tuple[Piece, Adapter, str]]
             raise NetworkFileError(path, f"'{first}' and '{second}' both change {target.component} "
                                          f"layer {target.name}")
     piece, adapter, _ = items[0]
-    rows = int(target.weight.shape[0])
+    rows = int(target.shape[0])
     if len(items) == 1 and piece.dst == 0 and piece.length == rows:
         return adapter
     return Placed([(p.dst, p.length, a) for p, a, _ in items], rows)
@@ -247,7 +247,7 @@ def _map_checkpoint(path, sources, keymap: KeyMap, arch: Optional[str]):
             parts.append((piece, CheckpointDelta((f, key, rows), bias), key))
             read += [(f, key)] + ([(f, bias_key)] if bias else [])
         adapter = _assemble(path, target, parts)
-        problem = adapter.check(tuple(target.weight.shape))
+        problem = adapter.check(target.shape)
         if problem:
             raise NetworkFileError(path, f"{target.component} {target.name} does not fit this "
                                          f"{_title(arch)} model: {problem}")

@@ -1,5 +1,7 @@
 """The SD.Next adapter in stand-ins of SD.Next's host modules (tests/sdnext_host, after the
 sdnext source read for the issue), on a real diffusers pipeline (the tiny default model)."""
+import contextlib
+import importlib
 import os
 import sys
 
@@ -17,11 +19,13 @@ def _host_module(name):
     return any(name == m or name.startswith(m + ".") for m in HOST_MODULES)
 
 
-@pytest.fixture(scope="module")
-def sdnext(tmp_path_factory):
-    """SD.Next's `modules` (and `installer`) in sys.modules for this file only (A1111's
-    stand-ins share the name), started in SD.Next's order: the script modules imported, the
-    registry refilled, then each tab's runner initialised and its UI built."""
+@contextlib.contextmanager
+def sdnext_host(root, make_model, model_type):
+    """SD.Next's `modules` (and `installer`) in sys.modules while the block runs (A1111's
+    stand-ins share the name), started in SD.Next's order: the model loaded
+    (`make_model(root)` → the pipeline, its network files written under root/Lora), the
+    script modules imported, the registry refilled, then each tab's runner
+    initialised and its UI built. Yields (the adapter module, the built-in Lora)."""
     saved = {k: v for k, v in sys.modules.items() if _host_module(k)}
     for k in saved:
         del sys.modules[k]
@@ -29,20 +33,11 @@ def sdnext(tmp_path_factory):
     sys.path.insert(0, HOST)
     try:
         from modules import extra_networks, paths, scripts_manager, shared
-
-        from netweave.extension.standalone.models import tiny_model
-        from netweave.devtools.synthetic import write_network
-        root = tmp_path_factory.mktemp("sdnext")
-        model = tiny_model()
-        shared.sd_model, shared.sd_model_type = model.pipe, "sd"
         shared.cmd_opts.lora_dir, shared.cmd_opts.data_dir = str(root / "Lora"), str(root)
         os.makedirs(shared.cmd_opts.lora_dir)
-        spatial = lambda t: "time_embedding" not in t.name  # noqa: E731
-        for name, fmt, comps, seed in (("style", "lora", ("unet", "te1"), 1),
-                                       ("words", "lora", ("te1",), 2)):
-            write_network(root / "Lora" / f"{name}.safetensors", model.trees(), fmt, "kohya",
-                          "sd1", seed=seed, scale=0.3, components=comps, select=spatial)
-        from netweave.extension.webui import sdnext as adapter  # load_scripts imports it
+        shared.sd_model, shared.sd_model_type = make_model(root), model_type
+        # load_scripts imports it (anew: `from … import` would reuse a package attribute)
+        adapter = importlib.import_module("netweave.extension.webui.sdnext")
         entry = os.path.join(paths.extensions_dir, "netweave", "scripts", "netweave_entry.py")
         scripts_manager.scripts_data.append(scripts_manager.ScriptClassData(
             adapter.NetWeaveScript, entry, os.path.dirname(entry), adapter))
@@ -53,13 +48,30 @@ def sdnext(tmp_path_factory):
                                 (scripts_manager.scripts_control, True)):
             runner.initialize_scripts(is_img2img=False, is_control=control)
             runner.setup_ui()
-        yield adapter, extra_networks.extra_network_registry["lora"], model
+        yield adapter, extra_networks.extra_network_registry["lora"]
         adapter.ADAPTER.off()
     finally:
         sys.path.remove(HOST)
         for k in [k for k in sys.modules if _host_module(k)]:
             del sys.modules[k]
         sys.modules.update(saved)
+
+
+@pytest.fixture(scope="module")
+def sdnext(tmp_path_factory):
+    from netweave.devtools.synthetic import write_network
+    from netweave.extension.standalone.models import tiny_model
+    model = tiny_model()
+
+    def load(root):
+        spatial = lambda t: "time_embedding" not in t.name  # noqa: E731
+        for name, fmt, comps, seed in (("style", "lora", ("unet", "te1"), 1),
+                                       ("words", "lora", ("te1",), 2)):
+            write_network(root / "Lora" / f"{name}.safetensors", model.trees(), fmt, "kohya",
+                          "sd1", seed=seed, scale=0.3, components=comps, select=spatial)
+        return model.pipe
+    with sdnext_host(tmp_path_factory.mktemp("sdnext"), load, "sd") as (adapter, builtin):
+        yield adapter, builtin, model
 
 
 def generate(adapter, prompt, enabled=True, options="", **kw):

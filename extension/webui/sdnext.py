@@ -23,6 +23,11 @@ right before it encodes the prompt, and merges `p.task_args` over the pipeline's
   UI defaults (on; NetWeave's `enabled` setting switches it off).
 - The infotext gets the session's report (problems, `Lora hashes: "name: hash"` as A1111
   writes it) beside SD.Next's own entries.
+- Flux.1 and Chroma (`shared.sd_model_type` 'f1', 'chroma'; `start_flow`): the transformer
+  and the text encoders are the trees; with networks in the plan NetWeave encodes the text
+  itself and puts it in `p.task_args` (FlowRun, as in the standalone host), since SD.Next's
+  Flux/Chroma `encode_prompt` caches by the prompt text alone; the plan gets the pipeline's
+  sigmas. SD.Next's facts: docs/design.md §6.
 
 Unlike SD.Next's built-in Lora, which applies a network's text-encoder part only when
 `lora_apply_te` is set (off by default), NetWeave applies every part the tag asks for (`te=0`
@@ -43,15 +48,19 @@ from modules import extra_networks, processing_callbacks, script_callbacks, scri
 
 from ...network.engine import Engine
 from ...network.plan import CompileContext
+from ...parser import Severity
 from ..api import netweave_router
 from ..masks import MaskError, MaskStore
 from ..pipeline_run import PipelineRun
 from ..session import Session, compile_context
+from ..standalone.flow_run import FlowRun
+from ..standalone.samplers import flow_schedule
 from .common import (TITLE, ScriptParts, TagNames, inline_masks, library, mask_folder,
                      register_settings, settings, ui_tab, write_report)
 
 MARK = "netweave:te="  # no item of a parsed tag holds ':' (SD.Next splits tags on it)
 TEXT_ENCODERS = ["text_encoder", "text_encoder_2", "text_encoder_3"]
+FLOW = {"f1": "flux", "chroma": "chroma"}  # shared.sd_model_type → NetWeave's architecture
 
 
 class NetWeaveNetworks(extra_networks.ExtraNetwork):
@@ -64,11 +73,45 @@ class NetWeaveNetworks(extra_networks.ExtraNetwork):
         ADAPTER.mark(params_list)
 
     def deactivate(self, p, force=False):
-        pass
+        ADAPTER.end_generation()  # weights stay merged; the Flux family's text hook goes
 
 
 def pipeline():
     return getattr(shared.sd_model, "pipe", shared.sd_model)  # some wrappers nest it
+
+
+def denoiser(pipe):
+    return pipe.transformer if Adapter.arch() in FLOW.values() else pipe.unet
+
+
+def model_trees(pipe, arch: str) -> dict:
+    """The engine's components as SD.Next's pipelines hold them: the Flux family's transformer
+    is "unet"; Flux.1 has CLIP-L (text_encoder) and T5 (text_encoder_2), Chroma only T5
+    (text_encoder), which is NetWeave's "te2" in both."""
+    if arch == "flux":
+        return {"unet": pipe.transformer, "te1": pipe.text_encoder, "te2": pipe.text_encoder_2}
+    if arch == "chroma":
+        return {"unet": pipe.transformer, "te2": pipe.text_encoder}
+    trees = {"unet": pipe.unet, "te1": pipe.text_encoder}
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        trees["te2"] = pipe.text_encoder_2
+    return trees
+
+
+class Unhijacked:
+    """The pipeline with its own encode_prompt: SD.Next's Flux and Chroma loaders replace it by
+    a wrapper (modules/sd_hijack_te.py) that caches encodings by the prompt text alone, which
+    would hand NetWeave one text-encoder state's encoding for another's."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+
+    def __getattr__(self, name):
+        return getattr(self._pipe, name)
+
+    @property
+    def encode_prompt(self):
+        return getattr(self._pipe, "orig_encode_prompt", self._pipe.encode_prompt)
 
 
 class Adapter:
@@ -85,9 +128,12 @@ class Adapter:
         self.started = None  # the p whose pass has begun
         self.run: Optional[PipelineRun] = None
         self.marked: List[list] = []  # the p.network_data entries marked in this pass
+        self.flow_steps = 0  # step callbacks of a Flux-family run so far
 
     @staticmethod
     def arch() -> str:
+        if shared.sd_model_type in FLOW:
+            return FLOW[shared.sd_model_type]
         if shared.sd_model_type == "sdxl":
             return "sdxl"
         unet = pipeline().unet
@@ -95,14 +141,12 @@ class Adapter:
 
     def engine_for(self) -> Engine:
         pipe = pipeline()
-        if self.engine is None or self.model_id != id(pipe.unet):
+        model = denoiser(pipe)  # the hires pass's pipeline shares it with the base pass's
+        if self.engine is None or self.model_id != id(model):
             if self.engine is not None:
                 self.engine.deactivate()
-            trees = {"unet": pipe.unet, "te1": pipe.text_encoder}
-            if getattr(pipe, "text_encoder_2", None) is not None:
-                trees["te2"] = pipe.text_encoder_2
-            self.engine = Engine(trees, self.arch(), library().find)
-            self.model_id = id(pipe.unet)
+            self.engine = Engine(model_trees(pipe, self.arch()), self.arch(), library().find)
+            self.model_id = id(model)
         return self.engine
 
     def take_names(self, p) -> None:
@@ -110,9 +154,16 @@ class Adapter:
 
     def off(self) -> None:
         self.names.give_back()
+        self.end_generation()
         if self.engine is not None:
             self.engine.deactivate()
         self.planned = self.run = self.session = None
+
+    def end_generation(self) -> None:
+        """A Flux-family run's transformer hook goes with its generation: a later one (NetWeave
+        off, or a pass NetWeave's script did not see) must get the pipeline's own text."""
+        if isinstance(self.run, FlowRun):
+            self.run.close()
 
     def context(self, steps: int) -> CompileContext:
         """What the tab's explain compiles against."""
@@ -132,7 +183,8 @@ class Adapter:
     def start_pass(self, p) -> None:
         if self.started is p:
             return  # the other names of the same pass
-        self.started, self.marked = p, []
+        self.started, self.marked, self.flow_steps = p, [], 0
+        self.end_generation()
         planned, self.planned = self.planned, None  # used: the next generation brings its own
         if planned is None or planned[0] is not p:  # NetWeave's script did not see this one
             if self.engine is not None:
@@ -141,19 +193,57 @@ class Adapter:
             return
         engine = self.engine_for()
         session = Session(engine, library(), self.masks, settings())
+        if engine.arch in FLOW.values():
+            self.run = self.start_flow(p, planned[1], engine, session)
+        else:
+            self.run = self.start_sd(p, planned[1], engine, session)
+        self.session, self.params = session, p.extra_generation_params
+        write_report(p.extra_generation_params, session.report)
+
+    def start_sd(self, p, prompt: str, engine: Engine, session: Session) -> PipelineRun:
+        """SD.Next encodes the text itself, with the text encoders as step 0 has them; the
+        UNet gets the negative rows first, then the prompt's, in one call."""
         vae_scale = getattr(pipeline(), "vae_scale_factor", 8)
         cfg = p.cfg_scale > 1
         hires = (getattr(p, "hr_second_pass_steps", 0) or p.steps) \
             if getattr(p, "enable_hr", False) else None
-        plan, = session.prepare([planned[1]], steps=p.steps, hires_steps=hires,
+        plan, = session.prepare([prompt], steps=p.steps, hires_steps=hires,
                                 latent=(p.height // vae_scale, p.width // vae_scale),
                                 rows=(2 if cfg else 1) * p.batch_size, inline=self.inline,
                                 problems=self.problems)
-        self.run = PipelineRun(engine, pipeline(), engine.arch, pipeline().device,
-                               plan.prompt, p.negative_prompts[0], p.batch_size, cfg,
-                               p.steps, plan.hires_steps)
-        self.session, self.params = session, p.extra_generation_params
-        write_report(p.extra_generation_params, session.report)
+        return PipelineRun(engine, pipeline(), engine.arch, pipeline().device,
+                           plan.prompt, p.negative_prompts[0], p.batch_size, cfg,
+                           p.steps, plan.hires_steps)
+
+    def start_flow(self, p, prompt: str, engine: Engine, session: Session) -> Optional[FlowRun]:
+        """Flux.1 and Chroma. The pipelines call the transformer once per kind of row, the
+        prompt's, then (with true CFG) the negative prompt's, each with the whole batch: Flux.1
+        is guidance-distilled (guidance_scale is an input of the model, no negative rows)
+        unless SD.Next's `cfg_true` is above 1; Chroma runs its negative prompt whenever the
+        CFG scale is above 1. With networks in the plan NetWeave encodes the text itself and
+        hands it to the pipeline in p.task_args (merged over SD.Next's arguments; with
+        'prompt' there SD.Next does not encode), so SD.Next's prompt caches never hold an
+        encoding made with NetWeave's text-encoder weights; FlowRun's transformer hook then
+        tells the engine each call's rows and swaps the text where a text-encoder segment
+        ends. The hires pass keeps the base pass's last step."""
+        pipe = pipeline()
+        vae = getattr(pipe, "vae_scale_factor", 8)
+        latent = (2 * (p.height // (2 * vae)), 2 * (p.width // (2 * vae)))  # as prepare_latents
+        cfg = (getattr(p, "cfg_true", 0) or 0) > 1 if engine.arch == "flux" else p.cfg_scale > 1
+        plan, = session.prepare([prompt], steps=p.steps, latent=latent, rows=p.batch_size,
+                                inline=self.inline, problems=self.problems,
+                                sigmas=flow_sigmas(pipe, p.steps, latent), negative_rows=cfg)
+        if not plan.networks:
+            return None  # nothing to apply: SD.Next's own text and calls, untouched
+        if getattr(p, "enable_hr", False):
+            session.report.add("the hires pass of Flux and Chroma keeps the base pass's last "
+                               "step (hr=, hrte= and hrunet= are not applied there)",
+                               Severity.WARNING)
+        run = FlowRun(engine, Unhijacked(pipe), engine.arch, pipe.device, plan.prompt,
+                      p.negative_prompts[0], p.batch_size, cfg, p.steps)
+        p.task_args.update(prompt=None, prompt_2=None, negative_prompt=None,
+                           negative_prompt_2=None, **run.first_args())
+        return run
 
     def te_mark(self) -> str:
         """What the text encoders hold of NetWeave's now, for SD.Next's prompt cache key: a
@@ -163,7 +253,7 @@ class Adapter:
         if self.run is None or self.session is None:
             return MARK + "none"
         report = self.session.report  # the applied files' hashes, read once per generation
-        described = [self.run.phase] + [
+        described = [getattr(self.run, "phase", "base")] + [
             [n.to_dict(), (report.models if n.kind == "model" else report.networks).get(n.name)]
             for plan in self.session.plans for n in plan.networks]
         text = json.dumps(described, sort_keys=True,
@@ -183,18 +273,32 @@ class Adapter:
 
     def step_end(self, pipe, step, timestep, kwargs):
         kwargs = processing_callbacks.diffusers_callback(pipe, step, timestep, kwargs)
-        if self.run is not None:
+        if isinstance(self.run, FlowRun):
+            self.flow_steps += 1  # past the base pass (hires): its last step stays
+            if self.flow_steps <= self.run.steps:
+                kwargs.update(self.run.step_end(step))
+        elif self.run is not None:
             phase = self.run.phase
             kwargs.update(self.run.step_end(step))
             if self.run.phase != phase:  # the text encoders are at hires step 0 now
                 for params_list in self.marked:
                     self.mark(params_list)
-            if self.session.collect():  # found while sampling: into the infotext too
-                write_report(self.params, self.session.report)
+        if self.session is not None and self.session.collect():  # found while sampling
+            write_report(self.params, self.session.report)
         return kwargs
 
 
 ADAPTER = Adapter()
+
+
+def flow_sigmas(pipe, steps: int, latent):
+    """The sigmas a Flux/Chroma pipeline will call its transformer with (a twin of its
+    scheduler set up as the pipeline sets it up), or None where the scheduler SD.Next put in
+    does not take the pipeline's sigmas (then `s…` positions warn and are left out)."""
+    try:
+        return flow_schedule(pipe, steps, latent)[0]
+    except (TypeError, ValueError, AttributeError, KeyError):
+        return None
 
 
 def _is_mark(params) -> bool:

@@ -5,7 +5,16 @@ encode the prompt through the prompt-embedding cache, the pipeline call with
 diffusers_callback, p.task_args merged last; the hires pass encodes again (through the cache)
 and calls the pipeline again with the same arguments; deactivate (no force) before decode;
 postprocess. Images come back as float arrays (output_type "np") so tests compare them
-exactly."""
+exactly.
+
+The text arguments by pipeline (processing_prompt.set_prompt, processing_args.set_pipeline_args):
+SD and Flux.1 get embeddings from prompt_parser_diffusers (Flux: T5's and the pooled CLIP
+vector, and the negative prompt as text, since that parser makes no negative for Flux); Chroma,
+or any pipeline when p.task_args holds 'prompt', gets the prompts as text (the "fixed" parser)
+and encodes them itself. guidance_scale is the CFG scale (Flux.1: its distilled guidance, no
+negative rows); true_cfg_scale is p.cfg_true when > -1 (Flux runs its negative prompt only
+when it is > 1). The step callback's tensors are the pipeline's _callback_tensor_inputs when it
+takes both prompt_embeds and negative_prompt_embeds."""
 import inspect
 
 import torch
@@ -23,14 +32,15 @@ class Processed:
 class StableDiffusionProcessing:
     def __init__(self, prompt="", negative_prompt="", steps=4, cfg_scale=6.0, width=64,
                  height=64, seed=1, batch_size=1, script_args=(), scripts=None,
-                 enable_hr=False, hr_second_pass_steps=0, lora_apply_te=None, clip_skip=1):
+                 enable_hr=False, hr_second_pass_steps=0, lora_apply_te=None, clip_skip=1,
+                 cfg_true=0.0):
         self.prompt, self.negative_prompt = prompt, negative_prompt
         self.steps, self.cfg_scale, self.width, self.height = steps, cfg_scale, width, height
         self.seed, self.batch_size = seed, batch_size
         self.script_args, self.per_script_args, self.scripts = tuple(script_args), {}, scripts
         self.task_args, self.network_data, self.extra_generation_params = {}, {}, {}
         self.enable_hr, self.hr_second_pass_steps = enable_hr, hr_second_pass_steps
-        self.lora_apply_te, self.clip_skip = lora_apply_te, clip_skip
+        self.lora_apply_te, self.clip_skip, self.cfg_true = lora_apply_te, clip_skip, cfg_true
         self.disable_extra_networks, self.ops = False, ['txt2img']
 
 
@@ -64,14 +74,30 @@ def process_base(p):
 
 def set_pipeline_args(p, pipe, steps=None):
     possible = set(inspect.signature(type(pipe).__call__).parameters)
-    cfg = p.cfg_scale > 1
-    embeds, negative_embeds = prompt_parser_diffusers.encode(pipe, p, p.prompts,
-                                                             p.negative_prompts, p.steps, cfg)
-    args = {"prompt_embeds": embeds, "negative_prompt_embeds": negative_embeds,
-            "num_inference_steps": steps or p.steps, "guidance_scale": p.cfg_scale,
-            "height": p.height, "width": p.width, "output_type": "np",
-            "generator": torch.Generator("cpu").manual_seed(p.seeds[0]),
-            "callback_on_step_end": diffusers_callback,
-            "callback_on_step_end_tensor_inputs": list(pipe._callback_tensor_inputs)}
+    args = {}
+    if 'Chroma' in type(pipe).__name__ or 'prompt' in p.task_args:  # the pipeline encodes
+        args.update(prompt=list(p.prompts), negative_prompt=list(p.negative_prompts))
+    else:
+        embeds = prompt_parser_diffusers.encode(pipe, p, p.prompts, p.negative_prompts, p.steps,
+                                                p.cfg_scale > 1)
+        args["prompt_embeds"] = embeds["prompt_embeds"]
+        if 'pooled_prompt_embeds' in possible:
+            args["pooled_prompt_embeds"] = embeds["pooled"]
+        if embeds["negative_prompt_embeds"] is None:  # Flux: the negative prompt as text
+            args["negative_prompt"] = list(p.negative_prompts)
+        else:
+            args["negative_prompt_embeds"] = embeds["negative_prompt_embeds"]
+    if "prompt_embeds" not in args and "negative_prompt_embeds" not in args:
+        args.update(prompt_2=list(p.prompts), negative_prompt_2=list(p.negative_prompts))
+    args.update({"num_inference_steps": steps or p.steps, "guidance_scale": p.cfg_scale,
+                 "height": p.height, "width": p.width, "output_type": "np",
+                 "generator": torch.Generator("cpu").manual_seed(p.seeds[0]),
+                 "callback_on_step_end": diffusers_callback})
+    if p.cfg_true is not None and p.cfg_true > -1:
+        args["true_cfg_scale"] = p.cfg_true
+    both = {'prompt_embeds', 'negative_prompt_embeds'} <= possible
+    args["callback_on_step_end_tensor_inputs"] = list(pipe._callback_tensor_inputs) if both \
+        else ['latents']
+    args = {k: v for k, v in args.items() if k in possible}
     args.update({k: v for k, v in p.task_args.items() if k in possible})
     return args

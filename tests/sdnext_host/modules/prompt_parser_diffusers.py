@@ -3,7 +3,13 @@ module OrderedDict; PromptEmbedder.checkcache keys it by the text of [the tag-st
 the negative prompts, the batch size, clip skip, steps, the `.items` of every entry of
 p.network_data, apply_te (p.lora_apply_te, else opts.lora_apply_te)], is read before encoding
 and written after, holds opts.sd_textencoder_cache_size entries (0: off) and drops the oldest.
-Nothing in the key says whose text-encoder weights encoded the prompt."""
+Nothing in the key says whose text-encoder weights encoded the prompt.
+
+Flux (get_weighted_text_embeddings): each prompt alone through `pipe.encode_prompt(prompt=,
+prompt_2=, device=, num_images_per_prompt=1)` — which is sd_hijack_te's cached wrapper on a
+Flux pipeline — for T5's embeddings and CLIP's pooled vector; no negative ("no negative
+support"), so processing hands the pipeline the negative prompt as text. Chroma never comes
+here (processing_prompt.set_prompt leaves it to the pipeline)."""
 from collections import OrderedDict
 
 from . import shared
@@ -20,8 +26,9 @@ def cache_key(p, prompts, negative_prompts, steps):
 
 
 def encode(pipe, p, prompts, negative_prompts, steps, cfg):
-    """(prompt_embeds, negative_prompt_embeds) for the batch, from the cache when the key is
-    there (upstream: PromptEmbedder, per prompt; here the pipeline's encode_prompt)."""
+    """{'prompt_embeds', 'negative_prompt_embeds', 'pooled', 'negative_pooled'} for the batch,
+    from the cache when the key is there (upstream: PromptEmbedder, per prompt; here, for SD,
+    the pipeline's encode_prompt on the whole batch)."""
     size = int(shared.opts.sd_textencoder_cache_size)
     key = cache_key(p, prompts, negative_prompts, steps)
     if size > 0 and key in cache:
@@ -29,11 +36,19 @@ def encode(pipe, p, prompts, negative_prompts, steps, cfg):
         return cache[key]
     import torch
     with torch.no_grad():
-        encoded = pipe.encode_prompt(prompt=prompts[0], device="cpu",
-                                     num_images_per_prompt=len(prompts),
-                                     do_classifier_free_guidance=cfg,
-                                     negative_prompt=negative_prompts[0])
-    embeds = (encoded[0], encoded[1])
+        if 'Flux' in type(pipe).__name__:
+            each = [pipe.encode_prompt(prompt=x.strip(), prompt_2=x.strip() or " ", device="cpu",
+                                       num_images_per_prompt=1) for x in prompts]
+            embeds = {'prompt_embeds': torch.cat([e[0] for e in each]),
+                      'pooled': torch.cat([e[1] for e in each]),
+                      'negative_prompt_embeds': None, 'negative_pooled': None}
+        else:
+            encoded = pipe.encode_prompt(prompt=prompts[0], device="cpu",
+                                         num_images_per_prompt=len(prompts),
+                                         do_classifier_free_guidance=cfg,
+                                         negative_prompt=negative_prompts[0])
+            embeds = {'prompt_embeds': encoded[0], 'negative_prompt_embeds': encoded[1],
+                      'pooled': None, 'negative_pooled': None}
     if size > 0:
         cache[key] = embeds
         while len(cache) > size:

@@ -31,4 +31,4 @@ opts = Options(lora_apply_te=False, lora_force_reload=False, sd_textencoder_cach
 cmd_opts = SimpleNamespace(lora_dir=None, ckpt_dir=None, data_dir=None)
 state = State()
 sd_model = None  # the diffusers pipeline
-sd_model_type = "sd"  # 'sd', 'sdxl', … from the pipeline's class name
+sd_model_type = "sd"  # 'sd', 'sdxl', 'f1' (Flux.1), 'chroma', … from the pipeline's class name

@@ -8,16 +8,18 @@ include/exclude) and fuses the requested ones only when changed() says so, and r
 previously loaded only when `include` is empty. `deactivate` unfuses only with force: fused
 weights stay between generations until an activation sees a change.
 
-A stand-in "network" moves a text-encoder and a UNet parameter by a fixed random amount drawn
-from its name (the real one reads the file); unfusing restores the saved bits. `fused` says
-which networks are in each component's weights now."""
+A stand-in "network" moves one parameter of each component the pipeline has (text_encoder,
+and unet or, for the Flux family, transformer: networks.py's default components) by a fixed
+random amount drawn from its name (the real one reads the file); unfusing restores the saved
+bits. `fused` says which networks are in each component's weights now."""
 import zlib
 
 import torch
 
 from .. import extra_networks, shared
 
-COMPONENTS = {'text_encoder': 'final_layer_norm.bias', 'unet': 'conv_in.bias'}  # name endings
+COMPONENTS = {'text_encoder': 'final_layer_norm.weight', 'unet': 'conv_in.bias',
+              'transformer': 'x_embedder.bias'}  # the parameter moved: its name's ending
 previously_loaded_networks = []
 
 
@@ -29,7 +31,7 @@ class ExtraNetworkLora(extra_networks.ExtraNetwork):
     def __init__(self):
         super().__init__('lora')
         self.seen = []  # the params of every call, for tests
-        self.fused = {c: [] for c in COMPONENTS}
+        self.fused = {c: [] for c in self.components()}
         self._backup = {}
 
     def changed(self, requested, include=None, exclude=None):
@@ -70,7 +72,8 @@ class ExtraNetworkLora(extra_networks.ExtraNetwork):
 
     @staticmethod
     def components(include=(), exclude=()):
-        return [c for c in (include or COMPONENTS) if c in COMPONENTS and c not in exclude]
+        held = [c for c in COMPONENTS if getattr(pipeline(), c, None) is not None]
+        return [c for c in (include or held) if c in held and c not in exclude]
 
     def _param(self, component):
         module = getattr(pipeline(), component)
@@ -91,5 +94,5 @@ class ExtraNetworkLora(extra_networks.ExtraNetwork):
                     self._backup.setdefault(c, param.detach().clone())
                     g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
                     delta = torch.randn(param.shape, generator=g).to(param.dtype)
-                    param.add_(delta * (te if c == 'text_encoder' else unet))
+                    param.add_(delta * (te if c.startswith('text_encoder') else unet))
                     self.fused[c].append(name)

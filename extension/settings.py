@@ -1,6 +1,6 @@
 """NetWeave's settings, the same in every host: on/off, the network cache size, where pristine
 copies live, the default interpolation, strict mode, the blended start of regional networks,
-the mask folder. A1111 and SD.Next keep them in their Settings page (`netweave_*` options); the
+whether static networks merge into quantized layers, the mask folder. A1111 and SD.Next keep them in their Settings page (`netweave_*` options); the
 standalone page has them in its tab."""
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ class Settings:
     interp: str = DEFAULT_INTERP
     strict: bool = False
     blend: int = 0  # regional networks' blended start, % of each pass (network/blend.py)
+    quantized_merge: bool = False  # static networks merged into quantized layers (requantize.py)
     mask_dir: str = ""  # empty: the host's own place (netweave-masks in its data folder)
 
     # Paths are set by the host's own settings page or command line, never over HTTP: the
@@ -34,6 +35,9 @@ class Settings:
               "strict": "Strict tags: warnings (unknown keys, te2 on SD1, …) are errors",
               "blend": "Blended start of regional networks, % of each pass (keeps the "
                        "composition; 0: one pass, 100: the full two-stream blend; blend= per tag)",
+              "quantized_merge": "Merge static networks into quantized layers (faster steps; "
+                                 "the format's rounding, reported) instead of running them "
+                                 "beside (exact)",
               "mask_dir": "Mask folder (empty: netweave-masks in the WebUI's data folder)"}
 
     def check(self) -> "Settings":
@@ -47,6 +51,8 @@ class Settings:
                 self.blend != int(self.blend) or not 0 <= self.blend <= 100:
             raise ValueError(f"the blended start is a whole percentage 0–100, not {self.blend!r}")
         self.blend = int(self.blend)
+        if not isinstance(self.quantized_merge, bool):
+            raise ValueError(f"merging into quantized layers is on or off, not {self.quantized_merge!r}")
         if not isinstance(self.mask_dir, str) or "\x00" in self.mask_dir:
             raise ValueError(f"the mask folder must be a path, not {self.mask_dir!r}")
         return self
@@ -56,9 +62,11 @@ class Settings:
         return None if self.interp == DEFAULT_INTERP else self.interp
 
     def engine_options(self) -> dict:
-        """Engine.configure's arguments: cache size, where new pristine copies go."""
+        """Engine.configure's arguments: cache size, where new pristine copies go, merges into
+        quantized layers."""
         return {"cache_bytes": int(self.cache_mb) * 2 ** 20,
-                "pristine_on_cpu": self.pristine == PRISTINE[1]}
+                "pristine_on_cpu": self.pristine == PRISTINE[1],
+                "quantized_merge": bool(self.quantized_merge)}
 
     @classmethod
     def from_options(cls, data: dict, report: Callable[[str], None] = lambda message: None

@@ -45,6 +45,8 @@ from .calibrate import Calibration, calibration
 from .files import NetworkFileError
 from .flux_keys import Tokens
 from .keymap import KeyMap, Target, linear_like
+from .quantized import dequantize
+from .requantize import requantize, requantizer
 from .loader import LoadedNetwork, load_checkpoint, load_network, split_key
 from .plan import NetworkPlan, PassPlan, Plan
 from .regions import RegionError, RegionMaps, rest_of, uses_rest
@@ -173,6 +175,10 @@ class Engine:
         self.runtime = Runtime(self)
         self.blender = Blender(self)  # regional networks' blended start (blend.py)
         self._slots: Dict[Target, _Slot] = {}
+        self.quantized_merge = False
+        # quantized weights replaced by a merge: id(module) -> (module, the original param)
+        self._quantized: Dict[int, Tuple[nn.Module, nn.Parameter]] = {}
+        self._rounding: Dict[int, float] = {}  # network -> largest requantization error
         self._units: Dict[str, AttentionUnit] = {}
         self._norm_hooks: List[object] = []
         self._pristine: Dict[Tuple[int, str], Tuple[nn.Module, Tensor]] = {}
@@ -182,13 +188,18 @@ class Engine:
 
     # ---- public ----------------------------------------------------------------------
     def configure(self, *, cache_bytes: Optional[int] = None,
-                  pristine_on_cpu: Optional[bool] = None) -> None:
+                  pristine_on_cpu: Optional[bool] = None,
+                  quantized_merge: Optional[bool] = None) -> None:
         """The user's settings, which may change between generations: the network cache's
-        size, and where new pristine copies go."""
+        size, where new pristine copies go, and whether static networks merge into quantized
+        layers (requantize.py: faster steps, the format's rounding) instead of running
+        beside them (exact)."""
         if cache_bytes is not None:
             self.cache.max_bytes = int(cache_bytes)
         if pristine_on_cpu is not None:
             self.pristine_on_cpu = bool(pristine_on_cpu)
+        if quantized_merge is not None:
+            self.quantized_merge = bool(quantized_merge)
 
     def set_latent(self, latent: Tuple[int, int]) -> None:
         """The latent (h, w) of the coming UNet calls: the hires pass's, after an upscale."""
@@ -242,6 +253,7 @@ class Engine:
                 warnings.append(f"{label}: {len(loose)} of its layers name no layer of this "
                                 f"model (first: {loose[0]}); it acts on the other "
                                 f"{len(loaded[i].layers)}")
+        self._rounding = {}
         slots, unmasked = self._build_slots(entries, loaded)
         warnings += [_unmasked_note(entries[i], targets) for i, targets in unmasked.items()]
         self._choose_strategies(slots)
@@ -267,6 +279,9 @@ class Engine:
             self.errors = list(errors)
             return errors
         self._phase_step = ("base", 0)
+        self.warnings += [f"{entries[i].net.kind}:{entries[i].net.name}: merged into quantized "
+                          f"layers and quantized again; the format's rounding is up to "
+                          f"{100 * e:.2g} % of its change" for i, e in sorted(self._rounding.items())]
         return errors
 
     def set_rows(self, prompts: Sequence[int], uncond: Sequence[bool]) -> None:
@@ -466,9 +481,11 @@ class Engine:
         levels = 3 if self.arch == "sdxl" else 4
         for slot in slots.values():
             t = slot.target
-            if t.quant is not None:  # never written: every network runs beside it
+            if t.quant is not None:  # beside it, or merged and quantized again (requantize.py)
+                can_merge = requantizer(t.module) is not None
                 for c in slot.contributions:
-                    c.bypass = True
+                    c.bypass = not (can_merge and c.uniform and _static(c) and
+                                    (self.quantized_merge or c.adapter.algorithm in FULL_RANK))
                 continue
             if t.component != "unet":
                 continue  # text encoders: merged per encoding
@@ -551,18 +568,18 @@ class Engine:
         costs say so (batched_merge.py); the others one by one."""
         jobs: List[Job] = []
         for slot in slots:
-            if slot.target.quant is not None:
-                if pick is not None:  # an encoding: the bypass takes these strengths
-                    for c in slot.contributions:
-                        c.now = pick(c)
-                continue
+            if slot.target.quant is not None and pick is not None:
+                for c in slot.contributions:  # an encoding: the bypass takes these strengths
+                    c.now = pick(c) if c.bypass else None
             live = []
             for c in slot.contributions:
-                s = pick(c) if pick is not None else (0.0 if c.bypass else c.at(phase, k))
+                s = 0.0 if c.bypass else (pick(c) if pick is not None else c.at(phase, k))
                 if s:
                     live.append((c, s))
             wanted = tuple((c.adapter, s) for c, s in live)
-            if wanted != slot.applied:
+            if wanted != slot.applied and slot.target.quant is not None:
+                self._merge_quantized(slot, live)
+            elif wanted != slot.applied:
                 job = self._job(slot, live)
                 if job is None:
                     self._merge(slot, live)
@@ -624,14 +641,38 @@ class Engine:
                 w = w / scale
         if not direct and not bool(batched_merge.fits(w.reshape(1, -1), dest.dtype)[0]):
             raise MergeOverflow(target, live[0][0], dest.dtype)
-        bias = None
-        if target.bias_param is not None and any(c.adapter.changes_bias for c, _ in live):
-            b0f = self._pristine_slice(target, target.bias_param).to(device=device,
-                                                                      dtype=torch.float32)
-            deltas = [d for d in (c.adapter.bias_delta(b0f, s) for c, s in live) if d is not None]
-            if deltas:
-                bias = b0f + sum(deltas)
-        self._write(target, None if direct else w, bias, weight_done=direct)
+        self._write(target, None if direct else w, self._merged_bias(target, live, device),
+                    weight_done=direct)
+        self.merges += 1
+
+    def _merged_bias(self, target: Target, live: List[Tuple[Contribution, float]], device
+                     ) -> Optional[Tensor]:
+        """b0 + Σ Δb_i in fp32 when some contribution changes the bias, else None."""
+        if target.bias_param is None or not any(c.adapter.changes_bias for c, _ in live):
+            return None
+        b0f = self._pristine_slice(target, target.bias_param).to(device=device, dtype=torch.float32)
+        deltas = [d for d in (c.adapter.bias_delta(b0f, s) for c, s in live) if d is not None]
+        return b0f + sum(deltas) if deltas else None
+
+    def _merge_quantized(self, slot: _Slot, live: List[Tuple[Contribution, float]]) -> None:
+        """Merge into a quantized layer: the original weight dequantized, the networks added,
+        quantized again in its format; the original parameter is kept for restore."""
+        module = slot.target.module
+        if not live:
+            self._write(slot.target, None)
+            return
+        module, original = self._quantized.setdefault(id(module), (module, module._parameters["weight"]))
+        current = module._parameters["weight"]
+        module._parameters["weight"] = original
+        try:
+            w0 = dequantize(module)
+        finally:
+            module._parameters["weight"] = current
+        done = requantize(module, self._merged_weight(w0, live), w0)
+        module._parameters["weight"] = done.param
+        self._write(slot.target, done.param, self._merged_bias(slot.target, live, w0.device))
+        for c, _ in live:
+            self._rounding[c.network] = max(self._rounding.get(c.network, 0.0), done.error)
         self.merges += 1
 
     def _merged_weight(self, w0f: Tensor, live: List[Tuple[Contribution, float]],
@@ -679,7 +720,13 @@ class Engine:
         """Set a target's weight (and bias) from fp32 values, or back to pristine (None);
         `weight_done`: the weight was already written in place."""
         names = [target.param] + ([target.bias_param] if target.bias_param else [])
-        for name, value in zip(names, (weight, bias)):
+        values = (weight, bias)
+        if target.quant is not None:  # its weight is only put back (requantize.py makes new ones)
+            held = self._quantized.pop(id(target.module), None) if weight is None else None
+            if held is not None:
+                held[0]._parameters["weight"] = held[1]
+            names, values = names[1:], values[1:]
+        for name, value in zip(names, values):
             if weight_done and name == target.param:
                 continue
             key = (id(target.module), name)
@@ -705,6 +752,9 @@ class Engine:
     def _restore_all(self) -> None:
         self._remove_hooks()
         self._units = {}
+        for module, original in self._quantized.values():
+            module._parameters["weight"] = original
+        self._quantized.clear()
         for (_, name), (module, copy) in self._pristine.items():
             dest = module.get_parameter(name).data
             with _writing(dest):
@@ -803,6 +853,15 @@ def _emb_norm(unet: nn.Module, path: str) -> Optional[nn.Module]:
                 return None
             return block.get_submodule(norm)
     return None
+
+
+FULL_RANK = ("model", "full")  # no low-rank form: beside a quantized layer, a full matmul
+
+
+def _static(c: Contribution) -> bool:
+    """The same strength at every step of every pass: one merge for the whole generation."""
+    values = np.concatenate([np.asarray(v, dtype=float) for v in c.series.values()])
+    return bool(values.size) and bool(np.all(values == values[0]))
 
 
 def _maskable(target: Target, family: str) -> bool:

@@ -45,7 +45,7 @@ from .calibrate import Calibration, calibration
 from .files import NetworkFileError
 from .flux_keys import Tokens
 from .keymap import KeyMap, Target, linear_like
-from .quantized import dequantize
+from .quantized import dequantize_as
 from .requantize import requantize, requantizer
 from .loader import LoadedNetwork, load_checkpoint, load_network, split_key
 from .plan import NetworkPlan, PassPlan, Plan
@@ -662,12 +662,7 @@ class Engine:
             self._write(slot.target, None)
             return
         module, original = self._quantized.setdefault(id(module), (module, module._parameters["weight"]))
-        current = module._parameters["weight"]
-        module._parameters["weight"] = original
-        try:
-            w0 = dequantize(module)
-        finally:
-            module._parameters["weight"] = current
+        w0 = dequantize_as(module, original)
         done = requantize(module, self._merged_weight(w0, live), w0)
         module._parameters["weight"] = done.param
         self._write(slot.target, done.param, self._merged_bias(slot.target, live, w0.device))

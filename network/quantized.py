@@ -121,6 +121,17 @@ def dequantize(module: nn.Module) -> Tensor:
     return torch.as_tensor(d).detach().to(torch.float32).reshape(logical_shape(module))
 
 
+def dequantize_as(module: nn.Module, weight: Tensor) -> Tensor:
+    """What `dequantize` gives with `weight` in the layer's place (another stored version of
+    it: the original one kept for restore, or a requantized one)."""
+    kept = module._parameters["weight"]
+    module._parameters["weight"] = weight
+    try:
+        return dequantize(module)
+    finally:
+        module._parameters["weight"] = kept
+
+
 def _sdnq_dequantize(module: nn.Module) -> Tensor:
     """SDNQ's dequantizer, called with the tensors of the layer its signature names (the
     names grew between versions: scale_2, zero_point_scale, …)."""

@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from .quantized import Quant, kind_of
+from .quantized import Quant, dequantize_as, kind_of
 
 GGUF_MADE = ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")
 
@@ -52,14 +52,8 @@ def requantize(module: nn.Module, values: Tensor, original: Tensor) -> Optional[
     make = requantizer(module)
     if make is None:
         return None
-    from .quantized import dequantize
     param = make(values)
-    kept = module._parameters["weight"]
-    module._parameters["weight"] = param
-    try:
-        rounded = dequantize(module)
-    finally:
-        module._parameters["weight"] = kept
+    rounded = dequantize_as(module, param)
     change = float((values - original).norm())
     error = float((rounded - values).norm()) / change if change else 0.0
     return Requantized(param, error)

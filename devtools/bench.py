@@ -10,8 +10,12 @@ step" (PEFT unfused), the engine held to one strategy. Regions: two LoRAs on the
 halves plus one global, in one forward (one pass; a blended start over 15 % of the steps; every
 step blended: network/blend.py), against the peers' way — one UNet pass per region, each
 with its own networks merged, blended by the masks (Regional Prompter's latent mode, ComfyUI's
-per-region conditioning). Plus: what changing one network's strength between two generations
-costs, and the bytes of pristine copies.
+per-region conditioning). Quantized (`--quantize FORMAT`, default q8_0): the same UNet with its
+linear layers quantized, the three LoRAs beside them (static and with 4 keyframes) against
+the quantized UNet alone, and the peers' way for the scheduled ones — dequantize, merge and
+quantize again at every change (network/requantize.py, held to it); the seconds beside the
+float UNet's with the LoRAs merged. Plus: what changing one network's strength between two
+generations costs, and the bytes of pristine copies.
 
 Timing is paired: the workloads run on one UNet while an identical twin with nothing applied
 runs the same step right before each of theirs, so each ratio compares seconds measured in the
@@ -39,6 +43,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..network.calibrate import calibration
 from ..network.engine import Engine
 from ..network.plan import CompileContext, compile_prompt
+from ..network.quantize import QuantFormat, parse_format, quantize_model
+from ..network.requantize import requantizer
 from ..network.reference import UNET
 from .synthetic import write_network
 
@@ -94,6 +100,19 @@ class RemergeEverything(Engine):
         super().set_step(k, phase)
 
 
+class RequantizeEveryChange(Engine):
+    """Baseline on quantized layers (Forge's "Patching LoRAs", SD.Next's native LoRA): every
+    network merges, and each layer whose strengths change is dequantized, merged and
+    quantized again."""
+
+    def _choose_strategies(self, slots) -> None:
+        super()._choose_strategies(slots)
+        for slot in slots.values():
+            if slot.target.quant is not None and requantizer(slot.target.module) is not None:
+                for c in slot.contributions:
+                    c.bypass = not c.uniform
+
+
 class Bench:
     """A UNet with its inputs for `steps` denoiser calls (cond and uncond rows in one batch, as
     WebUIs run)."""
@@ -116,6 +135,14 @@ class Bench:
                 "text_embeds": torch.randn(batch, 1280, generator=gen).to(device, dtype),
                 "time_ids": torch.tensor([[1024., 1024., 0., 0., 1024., 1024.]] * batch,
                                          device=device, dtype=dtype)}
+
+    def quantized(self, fmt: QuantFormat) -> "Bench":
+        """The same bench on a copy of the UNet (and of its twin) quantized in `fmt`."""
+        other = copy.copy(self)
+        other.unet, other.twin = copy.deepcopy(self.unet), copy.deepcopy(self.unet)
+        for unet in (other.unet, other.twin):  # each quantized: GGUF weights do not deepcopy
+            quantize_model(unet, fmt)
+        return other
 
     def forward(self, k: int, unet=None):
         t = 999 - k * 999 // self.setup.steps
@@ -195,9 +222,11 @@ def _sync(device) -> None:
 
 
 def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 32,
-        batch: int = 2, steps: Optional[int] = None, setup: Optional[Setup] = None) -> dict:
+        batch: int = 2, steps: Optional[int] = None, setup: Optional[Setup] = None,
+        quantize: Optional[str] = "q8_0") -> dict:
     """Every workload `repeats` times, each step paired with the bare twin's; medians and
-    spreads. `setup` overrides `size` (tests use a tiny UNet)."""
+    spreads. `setup` overrides `size` (tests use a tiny UNet); `quantize`: the format of the
+    quantized rows, None for none."""
     setup = setup or SETUPS[str(size)]
     if steps is not None:
         setup = Setup(setup.label, setup.arch, setup.latent, steps, setup.config)
@@ -226,35 +255,48 @@ def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 
 
         engines = {name: engine(RemergeEverything if name == "remerge_every_change" else Engine,
                                 strategy) for name, (_, strategy) in WORKLOADS.items()}
+        benches = {name: bench for name in engines}
+        if quantize:
+            qbench = bench.quantized(parse_format(quantize))
+            for name, (cls, prompt) in QUANTIZED.items():
+                WORKLOAD_PROMPTS[name] = prompt
+                engines[name] = cls({"unet": qbench.unet}, setup.arch, lambda kind, n: paths[n],
+                                    latent=(setup.latent, setup.latent), batch=batch)
+                benches[name] = qbench
         per_region = engine()
         per_region_plans = [compile_prompt(p, ctx) for p in PER_REGION]
         base_flops = bench.flops(None)
         for name, e in engines.items():
-            e.activate(compile_prompt(WORKLOADS[name][0], ctx))
-            extra["floors"][name] = bench.flops(e) / base_flops
+            e.activate(compile_prompt(WORKLOAD_PROMPTS[name], ctx))
+            extra["floors"][name] = benches[name].flops(e) / base_flops
             extra["choices"][name] = _choices(e)
             e.deactivate()
         bench.steps(steps=2)  # warm-up
         for _ in range(repeats):
             for name, e in engines.items():
                 start = time.perf_counter()
-                e.activate(compile_prompt(WORKLOADS[name][0], ctx))
+                e.activate(compile_prompt(WORKLOAD_PROMPTS[name], ctx))
                 seconds[f"{name}_activate"].append(time.perf_counter() - start)
                 merges = e.merges
-                measured(name, *bench.steps(e.set_step))
+                measured(name, *benches[name].steps(e.set_step))
                 extra[f"{name}_merges_during_steps"] = e.merges - merges
                 if name == "static":
                     extra.update(_change_one_strength(e, ctx, seconds))
                 e.deactivate()
             measured("per_region_passes", *bench.per_region_passes(per_region, per_region_plans))
             per_region.deactivate()
+    rows = {k: v for k, v in ROWS.items() if v[0] in runs and (v[1] == "base" or v[1] in runs)}
     ratio_runs = {key: [a / b for a, b in zip(runs[num], runs[den])] if den != "base" else
-                  runs[num] for key, (num, den) in ROWS.items()}
+                  runs[num] for key, (num, den) in rows.items()}
+    if quantize:  # seconds against seconds: the quantized UNet beside the float one merged
+        ratio_runs["quantized_beside_vs_float_merged"] = [
+            a / b for a, b in zip(seconds["quantized_static"], seconds["static"])]
+        rows["quantized_beside_vs_float_merged"] = ("quantized_static", "static")
     ratios = {k: statistics.median(v) for k, v in ratio_runs.items()}
     spread = {k: (min(v), max(v)) for k, v in ratio_runs.items()}
     floors = extra.pop("floors")
     floors["per_region_passes"] = 2 * floors["static"]  # two passes, each with merged networks
-    floor = {k: floors.get(a, 1.0) / floors.get(b, 1.0) for k, (a, b) in ROWS.items()}
+    floor = {k: floors.get(a, 1.0) / floors.get(b, 1.0) for k, (a, b) in rows.items()}
     median = {k: statistics.median(v) for k, v in seconds.items()}
     cal = calibration(torch.device(device), dtype)
     return {"machine": {"platform": platform.platform(), "processor": platform.processor(),
@@ -264,7 +306,7 @@ def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 
             "config": {"unet": setup.label, "steps": setup.steps, "latent": setup.latent,
                        "batch": batch, "rank": rank, "networks": 3,
                        "dtype": str(dtype).replace("torch.", ""), "keyframes": 4,
-                       "repeats": repeats},
+                       "repeats": repeats, "quantized": quantize},
             "ratios": ratios, "spread": spread, "floor": floor,
             "calibration": cal.as_dict(),
             "pristine_mib": extra.pop("pristine_mib"),
@@ -283,6 +325,16 @@ ROWS = {"static_vs_base": ("static", "base"), "scheduled_vs_static": ("scheduled
         "per_region_passes_vs_base": ("per_region_passes", "base"),
         "regional_vs_per_region_passes": ("regional", "per_region_passes"),
         "regional_blend15_vs_per_region_passes": ("regional_blend15", "per_region_passes")}
+
+
+# quantized workloads: the engine, the prompt (run on the quantized copy of the UNet)
+QUANTIZED = {"quantized_static": (Engine, STATIC), "quantized_scheduled": (Engine, SCHEDULED),
+             "quantized_requantize_every_change": (RequantizeEveryChange, SCHEDULED)}
+WORKLOAD_PROMPTS = {name: prompt for name, (prompt, _) in WORKLOADS.items()}
+ROWS.update({"quantized_static_vs_base": ("quantized_static", "base"),
+             "quantized_scheduled_vs_base": ("quantized_scheduled", "base"),
+             "quantized_requantize_vs_beside": ("quantized_requantize_every_change",
+                                                "quantized_scheduled")})
 
 
 def _choices(e: Engine) -> Dict[str, int]:
@@ -328,18 +380,24 @@ LABELS = {"static_vs_base": "3 static LoRAs vs base",
           "regional_full_blend_vs_base": "  the same, every step blended",
           "per_region_passes_vs_base": "baseline: a UNet pass per region",
           "regional_vs_per_region_passes": "regional one pass vs pass per region",
-          "regional_blend15_vs_per_region_passes": "blended start 15 % vs pass per region"}
+          "regional_blend15_vs_per_region_passes": "blended start 15 % vs pass per region",
+          "quantized_static_vs_base": "quantized: 3 static LoRAs beside vs base",
+          "quantized_scheduled_vs_base": "quantized: 4 keyframes beside vs base",
+          "quantized_requantize_vs_beside": "baseline: requantize on change vs beside",
+          "quantized_beside_vs_float_merged": "quantized beside vs float merged (s)"}
 
 
 def table(result: dict) -> str:
     r, t, cfg = result["ratios"], result["timings_s"], result["config"]
     c = result["change_one_strength"]
-    lines = [f"{cfg['unet']} UNet, {cfg['steps']} steps, latent {cfg['latent']}², batch "
+    lines = [f"{cfg['unet']} UNet{' (quantized rows: ' + cfg['quantized'] + ')' if cfg.get('quantized') else ''}, {cfg['steps']} steps, latent {cfg['latent']}², batch "
              f"{cfg['batch']}, {cfg['dtype']}, {result['machine']['device']} "
              f"({result['machine']['cores']} cores, torch {result['machine']['torch']}); "
              f"median of {cfg['repeats']} runs, each step timed beside a bare twin's",
              f"  {'workload':<36}{'ratio':>7}{'spread':>15}{'floor':>7}{'above':>7}{'target':>9}"]
     for key, label in LABELS.items():
+        if key not in r:
+            continue
         lo, hi = result["spread"][key]
         lines.append(f"  {label:<36}{r[key]:7.3f}{f'{lo:.3f}–{hi:.3f}':>15}"
                      f"{result['floor'][key]:7.3f}{r[key] - result['floor'][key]:+7.3f}"

@@ -163,8 +163,17 @@ def test_the_benchmark_reports_medians_spreads_floors_and_choices():
     assert result["choices"]["bypass_all"]["merged"] == 0
     assert result["choices"]["scheduled_merge_only"]["bypassed"] == 0
     assert result["choices"]["regional"]["bypassed"] > 0
+    # quantized rows: the LoRAs beside the quantized layers, the requantizing baseline merges
+    # (the convolutions stay float: they merge in every workload)
+    quantized, requantized = result["choices"]["quantized_static"], \
+        result["choices"]["quantized_requantize_every_change"]
+    assert quantized["bypassed"] > 0 and requantized["bypassed"] == 0
+    assert requantized["merged"] == quantized["merged"] + quantized["bypassed"]
+    assert {"quantized_static_vs_base", "quantized_requantize_vs_beside",
+            "quantized_beside_vs_float_merged"} <= set(ratios)
     text = table(result)
     assert "above" in text and "cost model, measured here" in text and "tiny SD1" in text
+    assert "requantize on change vs beside" in text and "quantized rows: q8_0" in text
 
 
 @pytest.mark.parametrize("batched", [False, True])

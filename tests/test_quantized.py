@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from engine_helpers import make_engine, plan
 
-from netweave.extension.quantize import QuantFormat, QuantizeError, parse_format, quantize_model
+from netweave.network.quantize import QuantFormat, QuantizeError, parse_format, quantize_model
 from netweave.network.keymap import KeyMap
 from netweave.network.quantized import dequantize, kind_of
 

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .keymap import Family
+
 
 class Blender:
     """The UNet root's two hooks and which networks blend at each step of each pass."""
@@ -109,7 +111,7 @@ class Blender:
         if key not in self._masks:
             entries = self.engine.entries
             maps = self.engine.runtime.maps
-            packed = self.engine.keymap.family == "flux" and len(shape) == 2
+            packed = self.engine.keymap.family is Family.FLUX and len(shape) == 2
             if packed:
                 h, w = self.engine.latent
                 grid = (h // 2, w // 2)

@@ -44,7 +44,7 @@ from .cache import NetworkCache
 from .calibrate import Calibration, calibration
 from .files import NetworkFileError
 from .flux_keys import Tokens
-from .keymap import KeyMap, Target, linear_like
+from .keymap import Family, KeyMap, Target, linear_like
 from .quantized import dequantize_as
 from .requantize import requantize, requantizer
 from .loader import LoadedNetwork, load_checkpoint, load_network, split_key
@@ -553,7 +553,7 @@ class Engine:
         sees the packed 2×2 patches and, in the single blocks, Flux's 512 text tokens too
         (an upper bound: the modulation layers see one row per image)."""
         h, w = self.latent
-        if self.keymap.family == "flux":
+        if self.keymap.family is Family.FLUX:
             return ((h // 2) * (w // 2) + 512) * self.batch
         if CROSS_KV.search(target.name):
             return 77 * self.batch
@@ -859,12 +859,12 @@ def _static(c: Contribution) -> bool:
     return bool(values.size) and bool(np.all(values == values[0]))
 
 
-def _maskable(target: Target, family: str) -> bool:
+def _maskable(target: Target, family: Family) -> bool:
     """Whether a regional network can act on a layer: everywhere on SD; on the Flux family on
     the layers that see image tokens. Joint attention has no cross-attention to condition
     per region, so a regional network's text encoders stay as they are there, and so do its
     text stream and the layers that hold one vector per image (flux_keys.Tokens)."""
-    if family != "flux":
+    if family is not Family.FLUX:
         return True
     return target.component == "unet" and target.tokens in (Tokens.IMAGE, Tokens.JOINT)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from enum import Enum
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 from torch import Tensor, nn
@@ -19,6 +20,14 @@ from torch import Tensor, nn
 from . import flux_keys, quantized, t5_keys
 
 PATCHABLE = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
+
+
+class Family(Enum):
+    """Which kind of model the trees are: the SD UNets, or the Flux family's transformers."""
+
+    SD = "sd"
+    FLUX = "flux"
+
 COMPONENTS = ("unet", "te1", "te2")
 
 
@@ -365,7 +374,8 @@ class KeyMap:
         self._frozen: Dict[str, Tuple[Target, str]] = {}  # spelling -> (target, why)
         unet = trees.get("unet")
         flux = unet is not None and flux_keys.tree_layout(unet) is not None
-        self.family = "flux" if flux or t5_keys.is_t5(trees.get("te2", nn.Module())) else "sd"
+        self.family = Family.FLUX if flux or t5_keys.is_t5(trees.get("te2", nn.Module())) \
+            else Family.SD
         if flux:
             self._add_flux(unet)
         elif unet is not None:
@@ -375,7 +385,7 @@ class KeyMap:
         for component in ("te1", "te2"):
             if component not in trees:
                 continue
-            block = "BASE" if self.family == "sd" else ("CLIP" if component == "te1" else "T5")
+            block = "BASE" if self.family is Family.SD else ("CLIP" if component == "te1" else "T5")
             if t5_keys.is_t5(trees[component]):
                 for name, path, module in t5_keys.t5_layers(trees[component], patchable):
                     self._add(Target(component, name, path, module, block=block),

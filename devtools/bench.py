@@ -10,7 +10,7 @@ step" (PEFT unfused), the engine held to one strategy. Regions: two LoRAs on the
 halves plus one global, in one forward (one pass; a blended start over 15 % of the steps; every
 step blended: network/blend.py), against the peers' way — one UNet pass per region, each
 with its own networks merged, blended by the masks (Regional Prompter's latent mode, ComfyUI's
-per-region conditioning). Quantized (`--quantize FORMAT`, default q8_0): the same UNet with its
+per-region conditioning). Quantized (`quantize=FORMAT`, e.g. q8_0): the same UNet with its
 linear layers quantized, the three LoRAs beside them (static and with 4 keyframes) against
 the quantized UNet alone, and the peers' way for the scheduled ones — dequantize, merge and
 quantize again at every change (network/requantize.py, held to it); the seconds beside the
@@ -223,7 +223,7 @@ def _sync(device) -> None:
 
 def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 32,
         batch: int = 2, steps: Optional[int] = None, setup: Optional[Setup] = None,
-        quantize: Optional[str] = "q8_0") -> dict:
+        quantize: Optional[str] = None) -> dict:
     """Every workload `repeats` times, each step paired with the bare twin's; medians and
     spreads. `setup` overrides `size` (tests use a tiny UNet); `quantize`: the format of the
     quantized rows, None for none."""

@@ -150,7 +150,7 @@ TINY = Setup("tiny SD1", "sd1", 8, 3, dict(
 
 
 def test_the_benchmark_reports_medians_spreads_floors_and_choices():
-    result = run(setup=TINY, repeats=2, rank=4)
+    result = run(setup=TINY, repeats=2, rank=4, quantize="q8_0")
     floor, ratios = result["floor"], result["ratios"]
     assert floor["static_vs_base"] == 1.0  # merged weights: the bare UNet's arithmetic
     assert floor["scheduled_vs_static"] > 1.0  # the keyframe merges

@@ -16,7 +16,9 @@
    - `demo_stripes`: LoCon (every resnet conv, attention and feed-forward), a texture;
    - `demo_boxy`: LyCORIS LoHa on attention, feed-forward and the text encoder, every shape a
      square;
-4. `demo_pastel`: the UNet fine-tuned on the pastel palette, for `<model:demo_pastel:…>`.
+4. `demo_pastel`: the UNet fine-tuned on the pastel palette, for `<model:demo_pastel:…>`;
+5. `flux_base`, `flux_sunset`, `flux_stripes`: the Flux-architecture demo on the same VAE and
+   CLIP (train_flux.py).
 
 A stage reads what the earlier ones wrote to `--out`, so one can be redone alone (the later
 ones then no longer match it: redo them too). Weights are written as fp16 safetensors beside
@@ -45,6 +47,7 @@ from ..network.algorithms import loha, lora
 from ..network.keymap import KeyMap
 from ..devtools.synthetic import layer_name
 from . import shapes
+from .train_flux import FLUX_STAGES, run_flux_stage
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(HERE, "weights")
@@ -72,7 +75,8 @@ NETWORKS = {
 # (batches of 16 halve a network's time and keep its effect, except the stripes': a texture
 # needs the pictures — at 16 its stripe measure was 6.1, at 32 it is 28.8)
 STAGES = {"vae": (2000, 16), "base": (1600, 32), "demo_sunset": (250, 16),
-          "demo_stripes": (200, 32), "demo_boxy": (300, 16), "demo_pastel": (200, 16)}
+          "demo_stripes": (200, 32), "demo_boxy": (300, 16), "demo_pastel": (200, 16),
+          **FLUX_STAGES}  # the Flux-architecture demo (train_flux.py), on the VAE and CLIP
 
 
 def build(scaling_factor: float = 1.0):
@@ -243,33 +247,48 @@ def _sample(data, batch, gen):
             None if masks is None else masks[idx])
 
 
-def train_base(unet, text, data, steps, batch, seed, lr=1e-3):
-    """UNet and text encoder together; returns their EMA copies (what is shipped)."""
-    tokens, noise_schedule = Tokens(), Noise()
-    gen = torch.Generator().manual_seed(seed)
-    ema = [copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)]
-    # a frozen text encoder (the pastel stage) is neither optimised nor averaged
-    pairs = [(e, p) for e, p in zip(list(ema[0].parameters()) + list(ema[1].parameters()),
-                                    list(unet.parameters()) + list(text.parameters()))
-             if p.requires_grad]
-    ema_params, params = [e for e, _ in pairs], [p for _, p in pairs]
+def optimise(params, loss_fn, steps, lr, label, warmup=0, ema=None):
+    """AdamW (no weight decay) on `params`, `loss_fn(step)` each step, gradients clipped to
+    norm 1, the learning rate warmed up over `warmup` steps; `ema`: averaged copies of
+    `params`, moved toward them after each step (what the base stages ship)."""
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     started = time.time()
     for step in range(steps):
-        warm = min(1.0, (step + 1) / 100)
-        for g in opt.param_groups:
-            g["lr"] = lr * warm
-        loss = diffusion_loss(unet, text, tokens, noise_schedule, _sample(data, batch, gen), gen)
+        if warmup:
+            for g in opt.param_groups:
+                g["lr"] = lr * min(1.0, (step + 1) / warmup)
+        loss = loss_fn(step)
         opt.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        decay = min(0.998, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema_params, params):
-                e.lerp_(p, 1 - decay)
-        _log("base", step, steps, loss.item(), started)
-    return ema[0].eval(), ema[1].eval()
+        if ema is not None:
+            decay = min(0.998, (1 + step) / (10 + step))
+            with torch.no_grad():
+                for e, p in zip(ema, params):
+                    e.lerp_(p, 1 - decay)
+        _log(label, step, steps, loss.item(), started)
+
+
+def train_with_ema(modules, loss_fn, steps, lr, label):
+    """Every trainable parameter of `modules` together; returns their EMA copies (a frozen
+    module, as the pastel stage's text encoder, is neither optimised nor averaged)."""
+    copies = [copy.deepcopy(m).requires_grad_(False) for m in modules]
+    pairs = [(e, p) for c, m in zip(copies, modules)
+             for e, p in zip(c.parameters(), m.parameters()) if p.requires_grad]
+    optimise([p for _, p in pairs], loss_fn, steps, lr, label, warmup=100,
+             ema=[e for e, _ in pairs])
+    return [c.eval() for c in copies]
+
+
+def train_base(unet, text, data, steps, batch, seed, lr=1e-3):
+    """UNet and text encoder together; returns their EMA copies (what is shipped)."""
+    tokens, noise_schedule = Tokens(), Noise()
+    gen = torch.Generator().manual_seed(seed)
+    return train_with_ema(
+        [unet, text], lambda step: diffusion_loss(unet, text, tokens, noise_schedule,
+                                                  _sample(data, batch, gen), gen),
+        steps, lr, "base")
 
 
 def _targets(unet, text, layers, with_text, per_token):
@@ -355,22 +374,17 @@ def train_network(unet, text, data, spec, steps, batch, seed):
     hooks = [t.module.register_forward_hook(
         functools.partial(hook, tr=tr, masked=regional and t.component == "unet"))
         for t, tr in zip(targets, trainables)]
-    params = [p for tr in trainables for p in tr.parameters()]
-    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
-    started = time.time()
+
+    def loss(step):
+        batch_data = _sample(data, batch, gen)
+        region["mask"] = batch_data[2]
+        # empty captions too: the network acts on the unconditional rows as well, and if it
+        # had never learnt them there, CFG (cond − uncond, × 7) would cancel a UNet-only
+        # network's effect (measured: a sunset trained without them tinted at CFG 1, not 7)
+        return diffusion_loss(unet, text, tokens, noise_schedule, batch_data, gen)
     try:
-        for step in range(steps):
-            batch_data = _sample(data, batch, gen)
-            region["mask"] = batch_data[2]
-            # empty captions too: the network acts on the unconditional rows as well, and if it
-            # had never learnt them there, CFG (cond − uncond, × 7) would cancel a UNet-only
-            # network's effect (measured: a sunset trained without them tinted at CFG 1, not 7)
-            loss = diffusion_loss(unet, text, tokens, noise_schedule, batch_data, gen)
-            opt.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            _log(spec.algorithm, step, steps, loss.item(), started)
+        optimise([p for tr in trainables for p in tr.parameters()], loss, steps, spec.lr,
+                 spec.algorithm)
     finally:
         for h in hooks:
             h.remove()
@@ -396,8 +410,13 @@ def _save_component(module, folder):
 
 
 def _save_network(path, layers, meta):
-    tensors = {f"{name}.{part}": v.detach().to(torch.float16).contiguous()
-               for name, parts in layers.items() for part, v in parts.items()}
+    _save_tensors(path, {f"{name}.{part}": v for name, parts in layers.items()
+                         for part, v in parts.items()}, meta)
+
+
+def _save_tensors(path, tensors, meta):
+    """A network file in fp16 with its metadata, written whole or not at all."""
+    tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in tensors.items()}
     tmp = path + ".tmp"
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_file(tensors, tmp, metadata={k: str(v) for k, v in meta.items()})
@@ -453,6 +472,8 @@ def run_stage(name, out, steps, batch, seed, count):
                        else "lycoris.kohya", "ss_network_args": json.dumps(
                            {"algo": spec.algorithm} if spec.algorithm != "lora" else
                            {"conv_dim": spec.rank} if spec.layers == "conv" else {})})
+    elif name in FLUX_STAGES:
+        run_flux_stage(name, out, steps, batch, seed, count)
     elif name == "demo_pastel":
         vae, text, unet = _load(out, "vae", "text_encoder", "unet")
         data = encode(vae, seed + 20, count // 4, "pastel")
@@ -490,7 +511,12 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", default=",".join(STAGES),
                     help="comma-separated stages to run, in order; each reads what the "
                          f"earlier ones wrote to --out (default: all: {','.join(STAGES)})")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch's CPU threads (default: torch's own; on 2 cores shared with "
+                         "other work, 1 trained the Flux demo 4× faster than 2)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -500,7 +526,8 @@ def main(argv=None) -> int:
     diffusers_logging.set_verbosity_error()  # its fp16-cast notice, once per component
     count = 512 if args.quick else 8192
     command = "python -m netweave.demo.train" + (" --quick" if args.quick else "") + \
-        ("" if stages == list(STAGES) else f" --stages {','.join(stages)}")
+        ("" if stages == list(STAGES) else f" --stages {','.join(stages)}") + \
+        (f" --threads {args.threads}" if args.threads else "")
     started = time.time()
     for name in sorted(stages, key=list(STAGES).index):
         torch.manual_seed(args.seed)

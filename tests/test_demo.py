@@ -87,14 +87,21 @@ CAPTIONS = [("red", "square", "white"), ("blue", "circle", "yellow"),
             ("orange", "circle", "green"), ("black", "square", "red")]
 
 
-def test_the_base_model_draws_what_the_caption_says(host):
-    right_shape = right_background = 0
+def caption_counts(draw_prompt):
+    """(pictures whose shape has the captioned colour, whose background has, pictures) over
+    CAPTIONS; `draw_prompt(prompt)` draws one batch."""
+    right_shape = right_background = pictures = 0
     for colour, shape, background in CAPTIONS:
-        for image in draw(host, "", prompt=f"a {colour} {shape} on a {background} background"):
+        for image in draw_prompt(f"a {colour} {shape} on a {background} background"):
             fg, bg, _ = shape_and_background(image)
             right_shape += fg == colour
             right_background += bg == background
-    pictures = len(CAPTIONS) * SEEDS
+            pictures += 1
+    return right_shape, right_background, pictures
+
+
+def test_the_base_model_draws_what_the_caption_says(host):
+    right_shape, right_background, pictures = caption_counts(lambda p: draw(host, "", prompt=p))
     assert right_background >= 0.9 * pictures, (right_background, pictures)
     assert right_shape >= 0.85 * pictures, (right_shape, pictures)
 
@@ -102,16 +109,24 @@ def test_the_base_model_draws_what_the_caption_says(host):
 def test_a_regional_lora_changes_its_region_and_leaves_the_rest(host, base):
     """Toward the sunset colour inside the region, not outside; the outside changes far less
     (what does change there is mostly the shape, which straddles the halves)."""
+    for region, moved_in, moved_out, changed_in, changed_out in region_moves(
+            lambda tags: draw(host, tags), base, "demo_sunset"):
+        assert moved_in > 20, (region, moved_in)
+        assert abs(moved_out) < 0.25 * moved_in, (region, moved_out, moved_in)
+        assert changed_out < 0.4 * changed_in, region
+
+
+def region_moves(draw_tags, base, network):
+    """For `network` on region=left and region=!left: (region, how far its half moved toward
+    the sunset colour, how far the other half did, the change of each half)."""
     half = base.shape[2] // 2
     sides = {"left": np.s_[:, :, :half], "right": np.s_[:, :, half:]}
     for region, inside, outside in (("left", "left", "right"), ("!left", "right", "left")):
-        image = draw(host, f"<lora:demo_sunset:1:region={region}>")
+        image = draw_tags(f"<lora:{network}:1:region={region}>")
         i, o = sides[inside], sides[outside]
-        moved_in = to_sunset(base[i]) - to_sunset(image[i])
-        moved_out = to_sunset(base[o]) - to_sunset(image[o])
-        assert moved_in > 20, (region, moved_in)
-        assert abs(moved_out) < 0.25 * moved_in, (region, moved_out, moved_in)
-        assert change(image[o], base[o]) < 0.4 * change(image[i], base[i]), region
+        yield (region, to_sunset(base[i]) - to_sunset(image[i]),
+               to_sunset(base[o]) - to_sunset(image[o]),
+               change(image[i], base[i]), change(image[o], base[o]))
 
 
 def test_a_loha_changes_the_shape(host):
@@ -225,6 +240,13 @@ def test_the_trainer_runs_end_to_end_and_its_files_load(tmp_path):
     assert kinds == {"demo_boxy.safetensors": (["loha"], ["te1", "unet"]),
                      "demo_stripes.safetensors": (["lora"], ["unet"]),
                      "demo_sunset.safetensors": (["lora"], ["unet"])}
+    from netweave.extension.standalone.flow_models import demo_flux_library, demo_flux_model
+    flux = demo_flux_model(str(out))  # the Flux demo's stages: its files load and fit
+    assert flux.arch == "flux" and flux.size == 64
+    flux_keys = KeyMap(flux.trees())
+    for name in sorted(os.listdir(demo_flux_library(str(out)))):
+        net = load_network(os.path.join(demo_flux_library(str(out)), name), flux_keys, "flux")
+        assert net.unmatched == () and net.layers, name
     before = {n: os.path.getmtime(os.path.join(loras, n)) for n in os.listdir(loras)}
     assert main(["--quick", "--out", str(out), "--stages", "demo_stripes"]) == 0
     after = {n: os.path.getmtime(os.path.join(loras, n)) for n in os.listdir(loras)}

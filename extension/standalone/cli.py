@@ -13,7 +13,7 @@ bench [--quick | --size 512|1024] [--repeats N] [--device cpu|cuda] [--json] tim
 engine's strategies side by side.
 
 generate --prompt P --out FILE [...] makes an image with the standalone host (no checkpoint:
-the embedded default model); serve [--port 7860] runs its page and A1111-style API on
+the embedded default model; `--checkpoint demo-flux`: the embedded Flux-architecture demo); serve [--port 7860] runs its page and A1111-style API on
 127.0.0.1 (`--listen` or `--host ADDR` only with `--api-auth USER:PASS`). Both read LoRAs from
 --lora-dir and `<model:…>` checkpoints from --model-dir.
 
@@ -280,6 +280,7 @@ def _host(args):
     from .host import DiffusersHost
     from ..library import Library
     from ..masks import MaskStore
+    from .flow_models import DEMO_FLUX_NAME, demo_flux_library
     from .models import demo_library, load_model
     from ..settings import Settings
 
@@ -288,6 +289,8 @@ def _host(args):
     if args.checkpoint is None:  # the default model brings networks to try every tag on
         demo = demo_library()
         loras, models = loras + [demo[0]], models + [demo[1]]
+    elif model.name == DEMO_FLUX_NAME:  # and so does the Flux demo
+        loras = loras + [demo_flux_library()]
     library = Library(loras, models, base=os.getcwd())  # messages name folders from here
     masks = MaskStore(args.mask_dir)  # the command line's: never changed over HTTP
     limits = Limits(int(args.max_body_mb * 2 ** 20), args.max_work) if args.command == "serve" \

@@ -167,7 +167,38 @@ def flow_single_file(path: str, arch: str, components: Optional[str],
 
 # ---- the embedded Flux demo ------------------------------------------------------------
 def demo_flux_model(root: str = DEMO_ROOT) -> Model:
-    """The embedded Flux-architecture demo (demo/README.md): its transformer and T5, with the
-    SD demo's VAE and CLIP text encoder (fp16 files, run in fp32)."""
-    raise FileNotFoundError(f"the Flux demo model is missing from {root}; remake it with "
-                            "`python -m netweave.demo.train --stages flux`")
+    """The embedded Flux-architecture demo (demo/README.md): its transformer and T5 encoder,
+    with the SD demo's VAE and CLIP text encoder (fp16 files, run in fp32). Its T5 tokenizer
+    is built here (lower-casing, as CLIP's does; saved and read back, transformers 5 rebuilds
+    a Unigram tokenizer from its vocabulary alone and would lose that)."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                           FluxTransformer2DModel)
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from ...demo.train_flux import CFG, FLUX_NAME, T5_LENGTH, WORDS
+    from ..tokenizer import clip_tokenizer, t5_tokenizer
+    from .models import DEMO_NAME
+
+    folder, base = os.path.join(root, FLUX_NAME), os.path.join(root, DEMO_NAME)
+    if not os.path.isdir(os.path.join(folder, "transformer")):
+        raise FileNotFoundError(f"the Flux demo model is missing from {folder}; remake it "
+                                "with `python -m netweave.demo.train --stages flux_base`")
+    kw = dict(dtype=torch.float32, local_files_only=True)
+    vae = AutoencoderKL.from_pretrained(os.path.join(base, "vae"), **kw)
+    vae.register_to_config(shift_factor=0.0)  # an SD VAE: FluxPipeline adds the shift back
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(os.path.join(folder, "scheduler")),
+        vae=vae, text_encoder=CLIPTextModel.from_pretrained(os.path.join(base, "text_encoder"), **kw),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=T5EncoderModel.from_pretrained(os.path.join(folder, "text_encoder_2"), **kw),
+        tokenizer_2=t5_tokenizer(WORDS, T5_LENGTH),
+        transformer=FluxTransformer2DModel.from_pretrained(os.path.join(folder, "transformer"), **kw))
+    pipe.default_sample_size = vae.config.sample_size // pipe.vae_scale_factor  # 64 px
+    pipe.set_progress_bar_config(disable=True)
+    return Model(pipe, "flux", DEMO_FLUX_NAME, cfg=CFG)
+
+
+def demo_flux_library(root: str = DEMO_ROOT) -> str:
+    """The Flux demo's network folder: flux_sunset (kohya), flux_stripes (diffusers/PEFT)."""
+    from ...demo.train_flux import FLUX_LORAS
+    return os.path.join(root, FLUX_LORAS)

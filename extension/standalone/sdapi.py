@@ -23,7 +23,7 @@ from ..masks import MaskError, check_mask_name, decode_image
 from .host import MAX_SEED, DiffusersHost, Interrupted
 from .host import Request as Txt2Img
 from .limits import OverBudget
-from .samplers import Sampler, sampler_named
+from .samplers import sampler_named
 
 MAX_QUEUED = 100  # generations waiting; more are refused (503) instead of held in memory
 

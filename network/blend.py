@@ -81,7 +81,9 @@ class Blender:
             return None
         b = int(x.shape[0])
         runtime.blend = (b, networks)
-        return _doubled(args, b), _doubled(kwargs, b)
+        shared = {k: v for k, v in kwargs.items() if k in TOKEN_IDS and v.dim() == 2}
+        doubled = _doubled({k: v for k, v in kwargs.items() if k not in shared}, b)
+        return _doubled(args, b), {**doubled, **shared}
 
     def _blend(self, module, args, kwargs, out):
         runtime = self.engine.runtime
@@ -152,6 +154,11 @@ def blended_steps(engine, phase: str, steps: int) -> List[FrozenSet[int]]:
                 now.append(j)
         out.append(frozenset(now))
     return out
+
+
+# diffusers' Flux-family position ids: (tokens, 3), one set for every row, never doubled
+# (a 2-D ids tensor whose token count equals the batch would look batch-sized)
+TOKEN_IDS = ("img_ids", "txt_ids")
 
 
 def _first_tensor(args, kwargs) -> Optional[Tensor]:

@@ -480,3 +480,17 @@ def test_inspect_maps_a_real_size_flux_file_onto_the_real_trees(tmp_path):
     # qkv reaches to_q, to_k, to_v; linear1 those three and proj_mlp; one T5 layer
     assert report["error"] is None and report["architecture"] == "flux"
     assert report["layers"] == 3 + 4 + 1 and not report["unmatched_keys"]
+
+
+def test_a_blended_start_never_doubles_position_ids_whose_length_is_the_batch(tmp_path):
+    """diffusers passes img_ids/txt_ids as (tokens, 3): with as many text tokens as rows in
+    the batch they look batch-sized, and doubling them would break the call."""
+    trees = flux_trees("flux")
+    bfl = from_diffusers(trees["unet"])
+    write_format(tmp_path / "net.safetensors", random_network(bfl), "kohya")
+    x = inputs(batch=TXT)  # as many rows as text tokens
+    engine = make_engine(trees, "flux", tmp_path, latent=(2 * H, 2 * W), batch=TXT)
+    assert engine.activate(plan("<lora:net:1:region=left:blend=1>", "flux", steps=2)) == []
+    engine.set_step(0)
+    assert run(trees["unet"], x).shape == (TXT, H * W, 64)
+    engine.deactivate()

@@ -10,10 +10,10 @@ dequantizes them) but the `gguf` package cannot make them, so they are no format
 from __future__ import annotations
 
 from enum import Enum
-from typing import Callable, Dict, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Tuple
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is imported where a model is quantized: the CLI parses without it
+    from torch import nn
 
 
 class QuantFormat(Enum):
@@ -58,6 +58,7 @@ def quantize_model(root: nn.Module, fmt: QuantFormat) -> int:
     except ImportError:
         raise QuantizeError(f"{fmt.value} needs the '{package}' package: "
                             f"pip install {PINS[package]}") from None
+    from torch import nn
     make = _MAKERS[fmt]
     count = 0
     for parent in list(root.modules()):
@@ -70,6 +71,8 @@ def quantize_model(root: nn.Module, fmt: QuantFormat) -> int:
 
 def _gguf(layer: nn.Linear, fmt: QuantFormat) -> nn.Module:
     import gguf
+    import torch
+    from torch import nn
     from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
 
     qtype = getattr(gguf.GGMLQuantizationType, fmt.value.upper())
@@ -84,6 +87,7 @@ def _gguf(layer: nn.Linear, fmt: QuantFormat) -> nn.Module:
 
 def _bnb4(layer: nn.Linear, fmt: QuantFormat) -> nn.Module:
     import bitsandbytes as bnb
+    from torch import nn
 
     out = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=layer.bias is not None,
                             compute_dtype=layer.weight.dtype, quant_type=fmt.value,
@@ -96,6 +100,7 @@ def _bnb4(layer: nn.Linear, fmt: QuantFormat) -> nn.Module:
 
 
 def _torchao(layer: nn.Linear, fmt: QuantFormat) -> nn.Module:
+    from torch import nn
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
     wrapper = nn.Sequential(layer)
@@ -122,5 +127,4 @@ _BLOCK: Dict[QuantFormat, int] = {QuantFormat.Q8_0: 32, QuantFormat.Q5_0: 32, Qu
                                   QuantFormat.SDNQ_UINT4: 8}
 
 
-def formats() -> Tuple[str, ...]:
-    return tuple(f.value for f in QuantFormat)
+FORMATS: Tuple[str, ...] = tuple(f.value for f in QuantFormat)

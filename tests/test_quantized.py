@@ -272,3 +272,31 @@ def test_unknown_formats_and_missing_packages_say_what_to_do(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_bnb)
     with pytest.raises(QuantizeError, match="pip install bitsandbytes==0.50.2"):
         quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 64)), QuantFormat.NF4)
+
+
+def test_generate_quantized_draws_the_demo_as_the_float_model_does(tmp_path):
+    """`generate --quantize q8_0`: the demo's linear layers quantized on load, every tag still
+    applied (a region, a schedule); the image is the float model's within the format's error."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+    prompt = "a red circle <lora:demo_sunset:1:region=left> <lora:demo_stripes:0.5@0,1@0.5>"
+    images = {}
+    for fmt in (None, "q8_0"):
+        out = tmp_path / f"{fmt}.png"
+        args = [sys.executable, "-m", "netweave", "generate", "--prompt", prompt, "--steps", "8",
+                "--out", str(out)] + (["--quantize", fmt] if fmt else [])
+        done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        if fmt:
+            assert "linear layers quantized as q8_0" in done.stderr
+        images[fmt] = np.asarray(Image.open(out).convert("RGB"), dtype=np.float32)
+        assert 'Lora hashes: "demo_sunset' in Image.open(out).info["parameters"]
+    diff = np.abs(images[None] - images["q8_0"])
+    assert diff.mean() < 3.0, diff.mean()  # of 255: the same picture
+    bad = subprocess.run([sys.executable, "-m", "netweave", "generate", "--prompt", "x", "--out",
+                          str(tmp_path / "x.png"), "--quantize", "q3_xx"], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "formats: q8_0" in bad.stderr

@@ -31,6 +31,7 @@ from typing import List, Optional
 from ...network.blocks import BLOCKS, parse_preset_file
 from ...network.explain import explain_table, heatmap
 from ...network.plan import MAX_STEPS, CompileContext, compile_prompt
+from ...network.quantize import FORMATS, QuantizeError, parse_format, quantize_model
 from ...network.sigma import flow_sigmas
 from ...parser import INTERPOLATIONS
 from .limits import DEFAULT_BODY_MB, DEFAULT_WORK, Limits
@@ -120,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="runs of each workload, interleaved (median and spread reported)")
     bench.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda")
     bench.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    bench.add_argument("--quantize", type=_quant_format, default=None, metavar="FORMAT",
+                       help="add the quantized rows, in this format (" + " ".join(FORMATS) + ")")
     bench.add_argument("--system-malloc", action="store_true",
                        help="keep glibc's default of returning freed memory to the OS")
     gen = sub.add_parser("generate", help="make an image with the standalone host")
@@ -155,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a .safetensors SD1/SDXL checkpoint or Flux/Chroma transformer, a "
                             "diffusers folder (SD1, SD2, SDXL, Flux, Chroma), or demo-flux "
                             "(default: the embedded model)")
+        p.add_argument("--quantize", type=_quant_format, default=None, metavar="FORMAT",
+                       help="quantize the model's linear layers on load, every tag still "
+                            "applies: " + " ".join(FORMATS))
         p.add_argument("--components", default=None, metavar="FOLDER",
                        help="for a single-file Flux/Chroma transformer: the diffusers folder "
                             "its VAE, text encoders and tokenizers come from")
@@ -166,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where named masks are kept")
         p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     return parser
+
+
+def _quant_format(name: str):
+    try:
+        return parse_format(name)
+    except QuantizeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _cuda() -> bool:
@@ -246,7 +259,8 @@ def bench_command(args) -> int:
                   {**os.environ, **KEEP_FREED_MEMORY})
     from ...devtools.bench import run, table  # builds an SD1.5 UNet: only when asked
 
-    result = run("quick" if args.quick else args.size, device=args.device, repeats=args.repeats)
+    result = run("quick" if args.quick else args.size, device=args.device, repeats=args.repeats,
+                 quantize=None if args.quantize is None else args.quantize.value)
     print(json.dumps(result) if args.json else table(result))
     return 0
 
@@ -285,6 +299,9 @@ def _host(args):
     from ..settings import Settings
 
     model = load_model(args.checkpoint, args.components)
+    if args.quantize is not None:
+        count = sum(quantize_model(tree, args.quantize) for tree in model.trees().values())
+        print(f"netweave: {count} linear layers quantized as {args.quantize.value}", file=sys.stderr)
     loras, models = list(args.lora_dir), list(args.model_dir)
     if args.checkpoint is None:  # the default model brings networks to try every tag on
         demo = demo_library()
@@ -361,6 +378,10 @@ def serve_command(args) -> int:
     except ValueError as exc:
         print(f"netweave: {exc}", file=sys.stderr)
         return 2
-    host, library, masks = _host(args)
+    try:
+        host, library, masks = _host(args)
+    except QuantizeError as exc:  # the format's package is missing
+        print(f"netweave: {exc}", file=sys.stderr)
+        return 2
     serve(host, library, masks, port=args.port, address=args.host, auth=auth)
     return 0

@@ -237,7 +237,7 @@ def test_a_regional_flux_lora_changes_its_half_most(flux):
 
 
 def test_the_plan_gets_the_pipelines_sigmas_and_sigma_positions_land(flux):
-    from netweave.extension.standalone.samplers import flow_schedule
+    from netweave.extension.flow_run import flow_schedule
     host = flux[0]
     sigmas, shift = flow_schedule(host.model.pipe, STEPS, (8, 8))
     between = (sigmas[1] + sigmas[2]) / 2

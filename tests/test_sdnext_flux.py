@@ -159,7 +159,7 @@ def test_a_regional_lora_changes_its_half_most(host):
 def test_sigma_positions_land_on_the_pipelines_sigmas(host):
     arch, adapter, _ = host
     from modules import shared
-    from netweave.extension.standalone.samplers import flow_schedule
+    from netweave.extension.flow_run import flow_schedule
     sigmas, _ = flow_schedule(shared.sd_model, STEPS, (16, 16))  # 64 px: a 16×16 VAE latent
     between = (sigmas[1] + sigmas[2]) / 2
     engine = adapter.ADAPTER.engine_for()

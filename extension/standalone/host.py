@@ -1,5 +1,5 @@
 """NetWeave on a diffusers Stable Diffusion / SDXL pipeline (the standalone host; SD.Next runs
-the same pipelines), and on a Flux / Chroma pipeline (flow_run.py).
+the same pipelines), and on a Flux / Chroma pipeline (extension/flow_run.py).
 
 One generation: the prompt's tags compile to a plan; the engine merges it at step 0; the text
 is encoded once per text-encoder segment (and once more per regional text-encoder network);
@@ -30,8 +30,8 @@ from ..session import Session, compile_context
 from ..settings import Settings
 from .limits import Limits
 from .models import Model
-from .flow_run import FlowRun
-from .samplers import FLOW_SAMPLERS, Sampler, flow_schedule, scheduler_for, step_sigmas
+from ..flow_run import FlowRun, flow_schedule
+from .samplers import FLOW_SAMPLERS, Sampler, scheduler_for, step_sigmas
 
 
 MAX_SEED = 2 ** 62  # seed + image index stays a 64-bit generator seed

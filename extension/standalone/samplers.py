@@ -64,28 +64,3 @@ def step_sigmas(scheduler, steps: int) -> Optional[Tuple[float, ...]]:
 
 # ---- flow-matching pipelines (Flux, Chroma) ------------------------------------------------
 FLOW_SAMPLERS = (Sampler.EULER,)  # the pipelines' own FlowMatchEulerDiscreteScheduler
-
-
-def flow_schedule(pipe, steps: int, latent: Tuple[int, int]):
-    """(sigmas, shift): a fresh twin of a Flux/Chroma pipeline's scheduler set up exactly as
-    the pipeline sets its own for `steps` at a VAE latent (h, w): time 1 → 1/steps, shifted by
-    mu from the image's packed token count (the pipeline module's own calculate_shift and
-    retrieve_timesteps, with its scheduler config's bounds). `shift` is the shift that schedule
-    amounts to (exp(mu) when dynamic, else the config's), what `explain --shift` takes."""
-    import math
-    import sys
-
-    import numpy as np
-
-    module = sys.modules[type(pipe).__module__]  # FluxPipeline's or ChromaPipeline's
-    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    config = scheduler.config
-    seq = (latent[0] // 2) * (latent[1] // 2)
-    mu = module.calculate_shift(seq, config.get("base_image_seq_len", 256),
-                                config.get("max_image_seq_len", 4096),
-                                config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-    sigmas = np.linspace(1.0, 1 / steps, steps)
-    module.retrieve_timesteps(scheduler, steps, "cpu", sigmas=sigmas, mu=mu)
-    values = tuple(float(v) for v in scheduler.sigmas[:steps])
-    shift = math.exp(mu) if config.get("use_dynamic_shifting") else float(config.get("shift", 1.0))
-    return (values if len(values) == steps else None), shift

@@ -53,8 +53,7 @@ from ..api import netweave_router
 from ..masks import MaskError, MaskStore
 from ..pipeline_run import PipelineRun
 from ..session import Session, compile_context
-from ..standalone.flow_run import FlowRun
-from ..standalone.samplers import flow_schedule
+from ..flow_run import FlowRun, flow_schedule
 from .common import (TITLE, ScriptParts, TagNames, inline_masks, library, mask_folder,
                      register_settings, settings, ui_tab, write_report)
 

@@ -1,5 +1,5 @@
-"""The engine through one FluxPipeline / ChromaPipeline call (the standalone host): what
-pipeline_run.py does for Stable Diffusion, for the pipelines of flow-matching transformers.
+"""The engine through one FluxPipeline / ChromaPipeline call (the standalone host, SD.Next):
+what pipeline_run.py does for Stable Diffusion, for the pipelines of flow-matching transformers.
 
 Why a forward pre-hook on the transformer instead of the step callback's tensors:
 
@@ -18,7 +18,7 @@ blended start doubles whatever this one passes on).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -135,3 +135,28 @@ class FlowRun:
         if found:  # the text encoders as step 0 has them
             engine.apply_te(next(iter(found)))
         return found
+
+
+def flow_schedule(pipe, steps: int, latent: Tuple[int, int]):
+    """(sigmas, shift): a fresh twin of a Flux/Chroma pipeline's scheduler set up exactly as
+    the pipeline sets its own for `steps` at a VAE latent (h, w): time 1 → 1/steps, shifted by
+    mu from the image's packed token count (the pipeline module's own calculate_shift and
+    retrieve_timesteps, with its scheduler config's bounds). `shift` is the shift that schedule
+    amounts to (exp(mu) when dynamic, else the config's), what `explain --shift` takes."""
+    import math
+    import sys
+
+    import numpy as np
+
+    module = sys.modules[type(pipe).__module__]  # FluxPipeline's or ChromaPipeline's
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    config = scheduler.config
+    seq = (latent[0] // 2) * (latent[1] // 2)
+    mu = module.calculate_shift(seq, config.get("base_image_seq_len", 256),
+                                config.get("max_image_seq_len", 4096),
+                                config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    sigmas = np.linspace(1.0, 1 / steps, steps)
+    module.retrieve_timesteps(scheduler, steps, "cpu", sigmas=sigmas, mu=mu)
+    values = tuple(float(v) for v in scheduler.sigmas[:steps])
+    shift = math.exp(mu) if config.get("use_dynamic_shifting") else float(config.get("shift", 1.0))
+    return (values if len(values) == steps else None), shift

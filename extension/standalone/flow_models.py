@@ -4,7 +4,7 @@
 - a single-file transformer in the original (BFL) layout, optionally under
   `model.diffusion_model.`, as Flux.1 dev/schnell and Chroma are published: diffusers'
   `from_single_file` with a config written here from the published hyper-parameters
-  (docs: /work/shared/reference/formats-dit.md §1.1; the classes' defaults are those models'),
+  (docs/design.md §5 "The Flux family"; the classes' defaults are those models'),
   the block counts, input widths and guidance layer taken from the file. Such a file holds no
   text encoders, tokenizers or VAE, and none can be downloaded here, so they come from a
   diffusers folder of the same family (`components`);

@@ -258,8 +258,7 @@ def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 
         benches = {name: bench for name in engines}
         if quantize:
             qbench = bench.quantized(parse_format(quantize))
-            for name, (cls, prompt) in QUANTIZED.items():
-                WORKLOAD_PROMPTS[name] = prompt
+            for name, (cls, _) in QUANTIZED.items():
                 engines[name] = cls({"unet": qbench.unet}, setup.arch, lambda kind, n: paths[n],
                                     latent=(setup.latent, setup.latent), batch=batch)
                 benches[name] = qbench
@@ -330,7 +329,8 @@ ROWS = {"static_vs_base": ("static", "base"), "scheduled_vs_static": ("scheduled
 # quantized workloads: the engine, the prompt (run on the quantized copy of the UNet)
 QUANTIZED = {"quantized_static": (Engine, STATIC), "quantized_scheduled": (Engine, SCHEDULED),
              "quantized_requantize_every_change": (RequantizeEveryChange, SCHEDULED)}
-WORKLOAD_PROMPTS = {name: prompt for name, (prompt, _) in WORKLOADS.items()}
+WORKLOAD_PROMPTS = {**{name: prompt for name, (prompt, _) in WORKLOADS.items()},
+                    **{name: prompt for name, (_, prompt) in QUANTIZED.items()}}
 ROWS.update({"quantized_static_vs_base": ("quantized_static", "base"),
              "quantized_scheduled_vs_base": ("quantized_scheduled", "base"),
              "quantized_requantize_vs_beside": ("quantized_requantize_every_change",

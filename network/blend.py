@@ -26,7 +26,7 @@ halves as it does in one pass.
 """
 from __future__ import annotations
 
-from typing import Dict, FrozenSet, List, Optional, Tuple
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ class Blender:
         self.steps: Dict[str, List[FrozenSet[int]]] = {}  # phase -> blended entries per step
         self.handles: List[object] = []
         self._masks: Dict[Tuple, Tensor] = {}
+        # keyword arguments the host repeats its own way, not by the batch-sized rule of
+        # _doubled: name -> fn(value, copies) (an adapter's, e.g. Forge's transformer_options)
+        self.host_doubling: Dict[str, Callable[[object, int], object]] = {}
 
     def attach(self, unet: Optional[nn.Module], steps: Dict[str, List[FrozenSet[int]]]) -> None:
         self.detach()
@@ -83,7 +86,11 @@ class Blender:
         runtime.blend = (b, networks)
         shared = {k: v for k, v in kwargs.items() if k in TOKEN_IDS and v.dim() == 2}
         doubled = _doubled({k: v for k, v in kwargs.items() if k not in shared}, b)
-        return _doubled(args, b), {**doubled, **shared}
+        return _doubled(args, b), {**doubled, **shared, **self._host_doubled(kwargs, 2)}
+
+    def _host_doubled(self, kwargs, copies: int) -> dict:
+        """The arguments the host said how to repeat, for its batch repeated `copies` times."""
+        return {k: fn(kwargs[k], copies) for k, fn in self.host_doubling.items() if k in kwargs}
 
     def _blend(self, module, args, kwargs, out):
         runtime = self.engine.runtime

@@ -347,3 +347,90 @@ def test_sdxl_trees_are_clip_l_and_clip_g(forge):
     assert adapter.ForgeAdapter.trees(model) == {"unet": "unet", "te1": text.clip_l,
                                                  "te2": text.clip_g}
     assert adapter.ForgeAdapter.arch(model) == "sdxl"
+
+
+class BlendProbe:
+    """Hooks on Forge's diffusion model around NetWeave's blend hooks (network/blend.py),
+    added at the first denoiser call, after the engine attached its own: the host's call,
+    what the UNet itself receives, the doubled prediction and the blended one."""
+
+    def __init__(self, unet):
+        self.unet, self.handles, self.calls = unet, [], []
+
+    def on_denoiser(self, params):
+        if self.handles:
+            return
+        self.handles = [
+            self.unet.register_forward_pre_hook(self.host_call, with_kwargs=True, prepend=True),
+            self.unet.register_forward_pre_hook(self.unet_call, with_kwargs=True),
+            self.unet.register_forward_hook(self.doubled, prepend=True),
+            self.unet.register_forward_hook(self.blended)]
+
+    def host_call(self, module, args, kwargs):
+        options = kwargs["transformer_options"]
+        self.calls.append({"marks": list(options["cond_or_uncond"]), "host": options,
+                           "b": args[0].shape[0]})
+
+    def unet_call(self, module, args, kwargs):
+        self.calls[-1].update(rows=args[0].shape[0], inside=kwargs["transformer_options"])
+
+    def doubled(self, module, args, out):
+        self.calls[-1]["doubled"] = out.detach().clone()
+
+    def blended(self, module, args, out):
+        self.calls[-1]["blended"] = out.detach().clone()
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def test_a_blended_step_on_forges_chunks_blends_each_row_by_its_prompts_region(forge):
+    """Two prompts, each with its own regional network blended at every step, the UNet batch
+    whole (uncond and cond chunks in one call) or one chunk per call. Inside the UNet, Forge's
+    chunk options describe the doubled batch (cond_or_uncond twice, the row marks and indices
+    with it, sigmas one chunk's); each row's prediction is the "without" half outside its
+    prompt's region and the "with" half inside it; whole and split batches draw the same."""
+    whole = _blended_run(forge, float("inf"))
+    split = _blended_run(forge, 1.5e6)
+    for a, b in zip(whole.images, split.images):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def _blended_run(forge, free_memory):
+    from backend import memory_management
+    from modules import processing, script_callbacks
+    adapter, _, model = forge
+    probe = BlendProbe(adapter.ADAPTER.trees(model)["unet"])
+    script_callbacks.on_cfg_denoiser(probe.on_denoiser)
+    memory_management.free_memory = free_memory
+    try:
+        out, _ = generate(["a <lora:style:te=0:unet=1:region=left:blend=1>",
+                           "b <lora:texture:te=0:unet=1:region=right:blend=1>"],
+                          batch_size=2, steps=2)
+    finally:
+        memory_management.free_memory = float("inf")
+        script_callbacks.callback_map["cfg_denoiser"].remove(probe.on_denoiser)
+        probe.remove()
+    assert "NetWeave errors" not in out.infotexts[0]
+    assert len(probe.calls) == (2 if free_memory == float("inf") else 4)
+    for call in probe.calls:
+        marks, b, inside = call["marks"], call["b"], call["inside"]
+        per = b // len(marks)
+        assert call["rows"] == 2 * b and call["doubled"].shape[0] == 2 * b
+        assert inside["cond_or_uncond"] == marks * 2 and call["host"]["cond_or_uncond"] == marks
+        assert inside["sigmas"].shape[0] == per  # one chunk's: chunks · sigmas = the rows
+        sigmas = inside["sigmas"]
+        assert torch.equal(inside["cond_mark"], processing.compute_cond_mark(marks * 2, sigmas))
+        assert (inside["cond_indices"], inside["uncond_indices"]) == \
+            processing.compute_cond_indices(marks * 2, sigmas)
+        without, with_ = call["doubled"][:b], call["doubled"][b:]
+        w = without.shape[-1] // 2
+        for r in range(b):
+            inside_cols, outside_cols = ((slice(0, w), slice(w, None)) if r % per == 0
+                                         else (slice(w, None), slice(0, w)))  # prompt 0: left
+            got = call["blended"][r]
+            assert torch.allclose(got[..., outside_cols], without[r][..., outside_cols])
+            assert torch.allclose(got[..., inside_cols], with_[r][..., inside_cols])
+            assert not torch.allclose(with_[r][..., inside_cols], without[r][..., inside_cols])
+    return out

@@ -14,6 +14,9 @@ What differs from A1111 (the rest is ldm.py):
 - Rows: Forge's sampling function runs the UNet in chunks of the whole image batch, unconds
   first, as many per call as memory allows; `transformer_options['cond_or_uncond']` (0 cond,
   1 uncond) says which, so a pre-hook on the diffusion model describes every call's rows.
+- A blended step repeats the UNet's batch (network/blend.py); Forge's per-call
+  transformer_options describe it by chunk, so they are repeated Forge's way
+  (`repeat_transformer_options`), for Forge's patches that read them inside the UNet.
 - Scaled low-precision weights (`scale_weight`): a merge stores (W·scale + ΔW) / scale.
   Quantized weights (NF4, GGUF) take no merge: the engine leaves those layers out and says so.
 - The hires pass samples a larger latent: as in A1111, each denoiser call gives the engine
@@ -28,6 +31,8 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
+import torch
+
 from modules import scripts, shared  # the host's own
 
 from ...network.files import FileHash
@@ -40,6 +45,11 @@ class ForgeAdapter(Adapter):
     def __init__(self):
         super().__init__()
         self._rows_hook = None  # (diffusion model, hook handle)
+
+    def engine_for(self, sd_model):
+        engine = super().engine_for(sd_model)
+        engine.blender.host_doubling["transformer_options"] = repeat_transformer_options
+        return engine
 
     @staticmethod
     def trees(sd_model) -> dict:
@@ -92,6 +102,26 @@ class ForgeAdapter(Adapter):
         self.engine.set_rows([j % n for _ in marks for j in range(per_chunk)],
                              [m == 1 for m in marks for _ in range(per_chunk)])
         return None
+
+
+def repeat_transformer_options(options, copies: int):
+    """Forge's transformer_options for the UNet batch repeated `copies` times (a blended
+    step, network/blend.py), as Forge's sampling function (backend/sampling/
+    sampling_function.py, calc_cond_uncond_batch) would make them for that many chunks: the
+    chunks' marks `cond_or_uncond` repeat, and the per-row `cond_mark`, `cond_indices` and
+    `uncond_indices` made from them; `sigmas` is one chunk's (its rows are the images, not
+    the chunks) and stays. Everything else is shared by the rows and passed as it is."""
+    if not isinstance(options, dict) or "cond_or_uncond" not in options:
+        return options
+    out = dict(options)  # the host's dict stays as it was: the UNet writes into this one
+    out["cond_or_uncond"] = list(options["cond_or_uncond"]) * copies
+    if isinstance(options.get("cond_mark"), torch.Tensor):
+        out["cond_mark"] = torch.cat([options["cond_mark"]] * copies)
+    rows = len(options.get("cond_indices", ())) + len(options.get("uncond_indices", ()))
+    for key in ("cond_indices", "uncond_indices"):
+        if key in options:
+            out[key] = [i + c * rows for c in range(copies) for i in options[key]]
+    return out
 
 
 def scale_weight(module) -> Optional[object]:

@@ -13,7 +13,8 @@ self), the callback, sampling_function, then `self.step += 1`.
 backend/sampling/sampling_function.py: sampling_prepare loads the UNet (refresh_loras);
 calc_cond_uncond_batch runs one chunk per condition, each the whole image batch, reversed
 (unconds first), as many per call as free memory allows, with
-transformer_options['cond_or_uncond'] (0 cond, 1 uncond)."""
+transformer_options['cond_or_uncond'] (0 cond, 1 uncond), 'sigmas' (one chunk's), and the
+per-row 'cond_mark', 'cond_indices', 'uncond_indices' made from them (L129–L151, L253–L257)."""
 import torch
 from a1111_infotext import create_infotext  # noqa: F401  (tests/: A1111's, as Forge keeps it)
 
@@ -123,6 +124,27 @@ def process_images(p):
 
 
 
+def compute_cond_mark(cond_or_uncond, sigmas):
+    """backend/sampling/sampling_function.py L129: each chunk's mark on each of its rows."""
+    size = int(sigmas.shape[0])
+    cond_mark = []
+    for cx in cond_or_uncond:
+        cond_mark += [cx] * size
+    return torch.Tensor(cond_mark).to(sigmas)
+
+
+def compute_cond_indices(cond_or_uncond, sigmas):
+    """sampling_function.py L140: the batch rows of the cond chunks and of the uncond ones."""
+    cl = int(sigmas.shape[0])
+    cond_indices, uncond_indices = [], []
+    for i, cx in enumerate(cond_or_uncond):
+        if cx == 0:
+            cond_indices += list(range(i * cl, (i + 1) * cl))
+        else:
+            uncond_indices += list(range(i * cl, (i + 1) * cl))
+    return cond_indices, uncond_indices
+
+
 class SamplerConfig:
     def __init__(self, name):
         self.name = name
@@ -188,7 +210,10 @@ class CFGDenoiser:
             marks = [m for _, m in picked]
             x_in = torch.cat([x] * len(picked))
             t = (torch.cat([sigma] * len(picked)) * 100).long().clamp(0, 999)
-            options = dict(unet.model_options["transformer_options"], cond_or_uncond=marks[:])
+            options = dict(unet.model_options["transformer_options"], cond_or_uncond=marks[:],
+                           sigmas=sigma)
+            options["cond_mark"] = compute_cond_mark(marks, sigma)
+            options["cond_indices"], options["uncond_indices"] = compute_cond_indices(marks, sigma)
             self.calls.append(marks[:])
             eps = unet.model.apply_model(x_in, t, c_crossattn=torch.cat([c for c, _ in picked]),
                                          transformer_options=options)

@@ -11,9 +11,10 @@ Why a forward pre-hook on the transformer instead of the step callback's tensors
   must know before each call which rows it gets (`neg=` acts on the negative ones).
 
 So the pipeline is handed step 0's embeddings; before every transformer call the hook tells
-which prompt the call carries (by the embeddings tensor it was handed), sets the engine's rows
-and puts in the current segment's embeddings. It goes before the engine's own pre-hooks (the
-blended start doubles whatever this one passes on).
+which prompt the call carries (by the embeddings tensor it was handed), sets the engine's rows,
+puts in the current segment's embeddings and gives the engine the prompt's encodings with each
+regional text-encoder network (which run as streams of their own: network/blend.py). It goes
+before the engine's own pre-hooks (the streams repeat whatever this one passes on).
 """
 from __future__ import annotations
 
@@ -89,7 +90,12 @@ class FlowRun:
         uncond = self._is_negative(text)
         rows = int(text.shape[0])
         self.engine.set_rows([0] * rows, [uncond] * rows)
-        now = self.embeds[self.segment]["neg" if uncond else "pos"]
+        e = self.embeds[self.segment]
+        now = e["neg" if uncond else "pos"]
+        variants = {} if uncond else e["variants"]  # the negative prompt's rows have none
+        self.engine.set_text_variants(
+            now.embeds, {j: v.embeds for j, v in variants.items()}, now.pooled,
+            {j: v.pooled for j, v in variants.items() if v.pooled is not None})
         if now is self.given["neg" if uncond else "pos"]:
             return None  # step 0's segment: the pipeline's own tensors
         kwargs = dict(kwargs, encoder_hidden_states=now.embeds)
@@ -120,9 +126,9 @@ class FlowRun:
             return Text(embeds, mask=mask)
 
     def _encodings(self) -> dict:
-        """Per text-encoder segment: the prompt's text, and the negative prompt's with each
-        network's `neg` when the pipeline runs it. (Regional networks leave the Flux family's
-        text encoders alone, so there are no per-region encodings.)"""
+        """Per text-encoder segment: the prompt's text, the negative prompt's with each
+        network's `neg` when the pipeline runs it, and the prompt's with each regional
+        network acting on the text encoders."""
         engine, found = self.engine, {}
         for seg in engine.te_segments("base"):
             engine.apply_te(seg)
@@ -131,7 +137,11 @@ class FlowRun:
             if self.cfg:
                 engine.apply_te(seg, uncond=True)
                 neg = self._encode(self.negative)
-            found[seg] = {"pos": pos, "neg": neg}
+            variants = {}
+            for j in seg.variants:
+                engine.apply_te(seg, variant=j)
+                variants[j] = self._encode(self.prompt)
+            found[seg] = {"pos": pos, "neg": neg, "variants": variants}
         if found:  # the text encoders as step 0 has them
             engine.apply_te(next(iter(found)))
         return found

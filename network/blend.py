@@ -1,4 +1,5 @@
-"""The blended start of regional networks (docs/design.md §4, issue 21).
+"""The blended start of regional networks (docs/design.md §4, issue 21), and the text streams
+of regional text-encoder networks on models without cross-attention (the Flux family).
 
 One pass with a regional network moves the picture's layout: the shape leaves the tinted
 area. The peers run two passes, one without the network and one with it, and blend the two
@@ -6,26 +7,40 @@ noise predictions by the region at every step: the layout stays, but the network
 half strength. The layout is decided in the first steps, so NetWeave blends only there (the
 `blend=` key, or the setting) and runs one pass after that.
 
-During a blended step the UNet's batch is doubled inside ONE forward:
+A regional text-encoder network conditions the image tokens inside its region on its own
+encoding of the prompt. A UNet's cross-attention re-runs on those tokens (bypass.py); joint
+attention has no such place: every image token attends to one text sequence, which the
+transformer's text stream changes block by block. So such a network gets a stream of its
+own: the host's rows again, with the text (and pooled vector) encoded with the network.
 
-    rows [0, b)   "without": the host's rows without the blended networks
-    rows [b, 2b)  "with":    the host's rows as they would run in one pass
+A stream is the peers' second pass for that network: it needs no blended start, so on these
+models only the networks' other layers blend.
 
-A forward pre-hook on the UNet root doubles every argument with the host's batch (x,
+All of it runs as ONE forward whose batch holds every stream, `b` host rows each:
+
+    [without]   the host's rows without the blended networks (while some network blends)
+    main        the host's rows as they would run in one pass
+    [stream j]  main with network j's text, per regional text-encoder network j acting now
+
+A forward pre-hook on the model root repeats every argument with the host's batch (x,
 timesteps, context, SDXL's y / added_cond_kwargs, control residuals: any tensor whose first
-dimension is the batch, inside dicts, lists and tuples too); the bypass hooks compute the
-blended networks on the "with" rows only (bypass.py: `Runtime.half`); a forward hook blends
-the two predictions back to the host's batch:
+dimension is the batch, inside dicts, lists and tuples too), putting each stream's text in;
+the bypass hooks compute the blended networks on every row but the "without" ones (bypass.py:
+`Runtime.half`); a forward hook combines the predictions back to the host's batch:
 
-    out[r] = without[r] + m_r ⊙ (with[r] − without[r])
+    w = without + m ⊙ (main − without)       (while some network blends; else w = main)
+    out = w + m_j ⊙ (stream_j − w)           for each stream j in turn
 
-m_r the union (max) of the regions of the blended networks that act on row r (its prompt's
-and the shared ones), on the output's grid. The host never sees the doubled batch. Everything
-else (global networks, regional ones past their blend, per-prompt rows, `neg`) runs on both
-halves as it does in one pass.
+m_j network j's region on row r (0 where row r's prompt lacks it), m the union (max) of the
+regions of the blended networks acting on the row, on the output's grid. The host never sees
+the larger batch. Everything else (global networks, regional ones past their blend, per-prompt
+rows, `neg`) runs on every stream as it does in one pass; the blended networks run on every
+stream but "without" (inside another network's text stream, a blended network's region leaks
+what attention carries from it, as in one pass).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import numpy as np
@@ -34,27 +49,55 @@ from torch import Tensor, nn
 
 from .keymap import Family
 
+NONE: FrozenSet[int] = frozenset()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The streams of one forward: `b` host rows each, in the order the module doc gives."""
+
+    b: int
+    blended: FrozenSet[int]  # networks left out of the "without" stream (none: no such stream)
+    streams: Tuple[int, ...] = ()  # regional text-encoder networks with a stream of their own
+
+    @property
+    def count(self) -> int:
+        return int(bool(self.blended)) + 1 + len(self.streams)
+
+    @property
+    def main(self) -> int:
+        """The first row of the main stream: where the blended networks' rows begin."""
+        return self.b if self.blended else 0
+
+
+@dataclass(frozen=True)
+class Now:
+    """What one step of a pass runs as extra streams."""
+
+    blended: FrozenSet[int] = NONE
+    streams: Tuple[int, ...] = ()
+
 
 class Blender:
-    """The UNet root's two hooks and which networks blend at each step of each pass."""
+    """The model root's two hooks, and the streams at each step of each pass."""
 
     def __init__(self, engine):
         self.engine = engine
-        self.steps: Dict[str, List[FrozenSet[int]]] = {}  # phase -> blended entries per step
+        self.steps: Dict[str, List[Now]] = {}  # phase -> per step
         self.handles: List[object] = []
         self._masks: Dict[Tuple, Tensor] = {}
         # keyword arguments the host repeats its own way, not by the batch-sized rule of
-        # _doubled: name -> fn(value, copies) (an adapter's, e.g. Forge's transformer_options)
+        # _expand: name -> fn(value, copies) (an adapter's, e.g. Forge's transformer_options)
         self.host_doubling: Dict[str, Callable[[object, int], object]] = {}
 
-    def attach(self, unet: Optional[nn.Module], steps: Dict[str, List[FrozenSet[int]]]) -> None:
+    def attach(self, unet: Optional[nn.Module], steps: Dict[str, List[Now]]) -> None:
         self.detach()
         self.steps = steps
         self._masks.clear()
-        if unet is None or not any(any(s) for s in steps.values()):
+        if unet is None or not any(n.blended or n.streams for s in steps.values() for n in s):
             return
-        self.handles = [unet.register_forward_pre_hook(self._double, with_kwargs=True),
-                        unet.register_forward_hook(self._blend, with_kwargs=True)]
+        self.handles = [unet.register_forward_pre_hook(self._expand, with_kwargs=True),
+                        unet.register_forward_hook(self._combine, with_kwargs=True)]
 
     def detach(self) -> None:
         for h in self.handles:
@@ -62,56 +105,80 @@ class Blender:
         self.handles = []
         self.steps = {}
         self._masks.clear()
-        self.engine.runtime.blend = None
+        self.engine.runtime.layout = None
 
-    def now(self) -> FrozenSet[int]:
-        """The entries blended at the engine's step."""
+    def now(self) -> Now:
+        """The streams at the engine's step."""
         at = self.engine.position
         if at is None or at[0] not in self.steps:
-            return frozenset()
+            return Now()
         steps = self.steps[at[0]]
-        return steps[at[1]] if at[1] < len(steps) else frozenset()
+        return steps[at[1]] if at[1] < len(steps) else Now()
 
     # ---- the hooks ----------------------------------------------------------------
-    def _double(self, module, args, kwargs):
+    def _expand(self, module, args, kwargs):
         runtime = self.engine.runtime
-        runtime.blend = None
-        networks = self.now()
-        if not networks:
+        runtime.layout = None
+        now = self._with_text(self.now())
+        if not now.blended and not now.streams:
             return None
         x = _first_tensor(args, kwargs)
         if x is None or x.dim() == 0:
             return None
         b = int(x.shape[0])
-        runtime.blend = (b, networks)
+        layout = Layout(b, now.blended, now.streams)
+        runtime.layout = layout
         shared = {k: v for k, v in kwargs.items() if k in TOKEN_IDS and v.dim() == 2}
-        doubled = _doubled({k: v for k, v in kwargs.items() if k not in shared}, b)
-        return _doubled(args, b), {**doubled, **shared, **self._host_doubled(kwargs, 2)}
+        call = (args, {k: v for k, v in kwargs.items() if k not in shared})
+        versions = [call] * (layout.count - len(now.streams)) + [
+            _mapped(call, b, lambda t, j=j: runtime.variant_text(t, j)) for j in now.streams]
+        args, kwargs = _joined(versions, b)
+        return args, {**kwargs, **shared, **self._host_doubled(call[1], layout.count)}
 
     def _host_doubled(self, kwargs, copies: int) -> dict:
         """The arguments the host said how to repeat, for its batch repeated `copies` times."""
         return {k: fn(kwargs[k], copies) for k, fn in self.host_doubling.items() if k in kwargs}
 
-    def _blend(self, module, args, kwargs, out):
+    def _with_text(self, now: Now) -> Now:
+        """`now` with only the streams whose network's encoding the host gave for this call
+        (none for a negative prompt's rows)."""
+        runtime, kept = self.engine.runtime, []
+        for j in now.streams:
+            given = runtime.has_text(j)
+            if given:
+                kept.append(j)
+            elif given is None:
+                e = self.engine.entries[j]
+                runtime.report(("no text", j), f"{e.net.kind}:{e.net.name}: regional on the text "
+                               "encoders, but the host gave no encoding with it; its text-encoder "
+                               "part is left out")
+        return Now(now.blended, tuple(kept))
+
+    def _combine(self, module, args, kwargs, out):
         runtime = self.engine.runtime
-        state, runtime.blend = runtime.blend, None
-        if state is None:
+        layout, runtime.layout = runtime.layout, None
+        if layout is None:
             return None
-        b, networks = state
+        b = layout.b
         pred = _prediction(out)
-        if pred is None or pred.shape[0] != 2 * b:
+        if pred is None or pred.shape[0] != layout.count * b:
             return None
-        without, with_ = pred[:b], pred[b:]
-        m = self.mask(b, networks, tuple(pred.shape[1:]), pred.device)
-        if m is None:
-            return None
-        blended = (without.float() + (with_.float() - without.float()) * m).to(pred.dtype)
-        return _with_prediction(out, blended)
+        parts = pred.split(b)
+        shape, first = tuple(pred.shape[1:]), layout.main // b
+        w = parts[first]
+        if layout.blended:
+            m = self.mask(b, layout.blended, shape, pred.device)
+            if m is not None:
+                w = parts[0].float() + (w.float() - parts[0].float()) * m
+        for k, j in enumerate(layout.streams):
+            m = self.mask(b, frozenset((j,)), shape, pred.device)
+            if m is not None:
+                w = w.float() + (parts[first + 1 + k].float() - w.float()) * m
+        return _with_prediction(out, w.to(pred.dtype))
 
     def mask(self, b: int, networks: FrozenSet[int], shape: Tuple[int, ...], device
              ) -> Optional[Tensor]:
-        """Per row, the union of the regions of the blended networks acting on that row's
-        prompt, shaped to broadcast over one row's prediction `shape`: (b, 1, h, w) for a
+        """Per row, the union of the regions of `networks` acting on that row's prompt, shaped to broadcast over one row's prediction `shape`: (b, 1, h, w) for a
         UNet's (c, h, w); (b, n, 1) for a Flux-family transformer's n packed 2×2 patches
         (None when n is not the latent's patch count)."""
         rows = self.engine.runtime.rows
@@ -143,23 +210,27 @@ class Blender:
         return self._masks[key]
 
 
-def blended_steps(engine, phase: str, steps: int) -> List[FrozenSet[int]]:
+def stream_steps(engine, phase: str, steps: int) -> List[Now]:
     """Per step of a pass: the regional entries whose blended start covers it and that act
-    on the model then (some strength of theirs is not 0)."""
+    on the model then (some strength of theirs is not 0); and, on a model without
+    cross-attention, the regional networks acting on a text encoder then (their streams)."""
     acting: Dict[int, np.ndarray] = {}
+    text: Dict[int, np.ndarray] = {}
+    streams = engine.keymap.family is Family.FLUX  # joint attention: no cross-attention
     for slot in engine._slots.values():
         for c in slot.contributions:
             if c.region is not None and phase in c.series:
                 a = np.asarray(c.series[phase]) != 0
-                acting[c.network] = acting.get(c.network, np.zeros(steps, bool)) | a
-    out: List[FrozenSet[int]] = []
+                found = text if streams and slot.target.component != "unet" else acting
+                found[c.network] = found.get(c.network, np.zeros(steps, bool)) | a
+    out: List[Now] = []
     for k in range(steps):
-        now = []
+        blended = []
         for j, on in acting.items():
             p = engine.entries[j].net.base if phase == "base" else engine.entries[j].net.hires
             if p is not None and k < p.blend and on[k]:
-                now.append(j)
-        out.append(frozenset(now))
+                blended.append(j)
+        out.append(Now(frozenset(blended), tuple(sorted(j for j, on in text.items() if on[k]))))
     return out
 
 
@@ -175,23 +246,48 @@ def _first_tensor(args, kwargs) -> Optional[Tensor]:
     return None
 
 
+def _mapped(value, b: int, fn: Callable[[Tensor], Tensor]):
+    """`value` with fn applied to every tensor whose first dimension is the batch."""
+    if isinstance(value, Tensor):
+        return fn(value) if value.dim() > 0 and value.shape[0] == b else value
+    if isinstance(value, dict):
+        return _rebuilt(value, {k: _mapped(v, b, fn) for k, v in value.items()})
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_mapped(v, b, fn) for v in value)
+    if isinstance(value, list):
+        return [_mapped(v, b, fn) for v in value]
+    return value
+
+
+def _joined(versions: list, b: int):
+    """One value from several versions of the same structure: each tensor whose first
+    dimension is the batch, the versions' tensors one after the other along it; anything
+    else, the first version's."""
+    first = versions[0]
+    if isinstance(first, Tensor):
+        return torch.cat(versions) if first.dim() > 0 and first.shape[0] == b else first
+    if isinstance(first, dict):
+        return _rebuilt(first, {k: _joined([v[k] for v in versions], b) for k in first})
+    if isinstance(first, tuple) and not hasattr(first, "_fields"):
+        return tuple(_joined(list(v), b) for v in zip(*versions))
+    if isinstance(first, list):
+        return [_joined(list(v), b) for v in zip(*versions)]
+    return first
+
+
 def _doubled(value, b: int):
     """Every tensor whose first dimension is the batch, twice along it; containers rebuilt."""
-    if isinstance(value, Tensor):
-        return torch.cat([value, value]) if value.dim() > 0 and value.shape[0] == b else value
-    if isinstance(value, dict):
-        new = {k: _doubled(v, b) for k, v in value.items()}
-        if type(value) is not dict:
-            try:
-                return type(value)(new)
-            except TypeError:
-                pass
-        return new
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_doubled(v, b) for v in value)
-    if isinstance(value, list):
-        return [_doubled(v, b) for v in value]
-    return value
+    return _joined([value, value], b)
+
+
+def _rebuilt(like: dict, new: dict) -> dict:
+    """`new` as the mapping type of `like` where that type can be built from a dict."""
+    if type(like) is not dict:
+        try:
+            return type(like)(new)
+        except TypeError:
+            pass
+    return new
 
 
 def _prediction(out) -> Optional[Tensor]:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .algorithms import factor_bypass_ok, is_conv, pointwise
+from .blend import Layout
 from .flux_keys import Tokens
 from .keymap import frozen
 from .quantized import dequantize
@@ -93,6 +94,7 @@ class Runtime:
         self.subset: Optional[Tensor] = None  # token indices of that re-run
         self._full_tokens = 0  # and how many tokens the layer has outside it
         self.text: Optional[Tuple[Tensor, Dict[int, Tensor]]] = None
+        self.pooled: Optional[Tuple[Tensor, Dict[int, Tensor]]] = None  # the same, pooled
         self._reused: Dict[int, Tensor] = {}  # a layer whose output a re-run reuses: its input
         self._row_factors: Dict[Tuple, RowFactors] = {}
         self._factors: Dict[Tuple[int, str], Optional[Factors]] = {}
@@ -101,11 +103,11 @@ class Runtime:
         # a resblock's held time-embedding deltas: (region, delta, first row or None)
         self._emb: Dict[int, List[Tuple[object, Tensor, Optional[int]]]] = {}
         self.reported: Set[Tuple] = set()
-        # a blended step's doubled forward (blend.py): (the host's batch, the blended entries)
-        self.blend: Optional[Tuple[int, frozenset]] = None
+        # the streams of a forward with more than the host's rows (blend.py)
+        self.layout: Optional[Layout] = None
 
     def reset(self) -> None:
-        self.variant, self.subset, self.text, self.blend = None, None, None, None
+        self.variant, self.subset, self.text, self.pooled, self.layout = (None,) * 5
         self._row_factors.clear()
         self._factors.clear()
         self._subsets.clear()
@@ -119,8 +121,9 @@ class Runtime:
         self.rows = rows
         self._row_factors.clear()
 
-    def set_text(self, base: Tensor, variants: Dict[int, Tensor]) -> None:
-        self.text = (base, variants)
+    def set_text(self, base: Tensor, variants: Dict[int, Tensor],
+                 pooled: Optional[Tuple[Tensor, Dict[int, Tensor]]] = None) -> None:
+        self.text, self.pooled = (base, variants), pooled
         self._contexts.clear()
 
     def new_step(self) -> None:
@@ -142,8 +145,9 @@ class Runtime:
             rows = self.rows
             if rows is None:  # the host said nothing: every row is conditional, of prompt 0
                 rows = Rows((0,) * batch, (False,) * batch)
-            if self.blend is not None and 2 * len(rows.prompts) == batch:  # without; with
-                rows = Rows(rows.prompts * 2, rows.uncond * 2)
+            n = len(rows.prompts)
+            if self.layout is not None and n and batch != n and batch % n == 0:  # streams
+                rows = Rows(rows.prompts * (batch // n), rows.uncond * (batch // n))
             if len(rows.prompts) != batch:
                 raise ValueError(f"the UNet got {batch} rows, but set_rows described "
                                  f"{len(rows.prompts)}")
@@ -165,11 +169,33 @@ class Runtime:
         return self._factors[key]
 
     def half(self, network: int, batch: int) -> Optional[int]:
-        """In a blended step's doubled forward, where the "with" rows of a blended network
-        begin (its contributions are computed on those rows only); None otherwise."""
-        if self.blend is None or network not in self.blend[1] or batch != 2 * self.blend[0]:
+        """In a blended step's forward, where the rows of a blended network begin (every
+        stream after "without": its contributions are computed on those rows only); None
+        otherwise."""
+        layout = self.layout
+        if layout is None or network not in layout.blended or batch != layout.count * layout.b:
             return None
-        return self.blend[0]
+        return layout.main
+
+    def has_text(self, network: int) -> Optional[bool]:
+        """Whether the host gave an encoding with regional network j for the coming calls;
+        None when it gave none at all (set_text never called)."""
+        if self.text is None:
+            return None
+        return any(p is not None and network in p[1] for p in (self.text, self.pooled))
+
+    def variant_text(self, value: Tensor, network: int) -> Tensor:
+        """A call's text (or pooled vector) with network j's encoding on each row that
+        equals a row of the base encoding; `value` itself where there is none."""
+        for pair in (self.text, self.pooled):
+            if pair is None or network not in pair[1] or \
+                    tuple(value.shape[1:]) != tuple(pair[0].shape[1:]):
+                continue
+            key = (value.data_ptr(), tuple(value.shape), network)
+            if key not in self._contexts:
+                self._contexts[key] = _rows_replaced(value, pair[0], pair[1][network])
+            return self._contexts[key]
+        return value
 
     def report(self, key: Tuple, message: str) -> None:
         if key not in self.reported:
@@ -207,7 +233,8 @@ class Runtime:
         h = self.half(c.network, out.shape[0])
         if h is None:
             return self._add_rows(slot, c, x, out, region)
-        part = self._add_rows(slot, c, x.narrow(0, h, h), out.narrow(0, h, h), region)
+        n = out.shape[0] - h
+        part = self._add_rows(slot, c, x.narrow(0, h, n), out.narrow(0, h, n), region)
         return _rows_back(out, part, h)
 
     def _add_rows(self, slot, c, x: Tensor, out: Tensor, region) -> Tensor:
@@ -348,7 +375,8 @@ class Runtime:
             return
         h = self.half(c.network, out.shape[0])
         if h is not None:  # the "with" rows only
-            x, out = x.narrow(0, h, h), out.narrow(0, h, h)
+            n = out.shape[0] - h
+            x, out = x.narrow(0, h, n), out.narrow(0, h, n)
         rows = self.row_factors(c, out.shape[0], out.device)
         if rows.none:
             return
@@ -445,8 +473,9 @@ class Runtime:
             h = self.half(j, x.shape[0])  # blended: the "with" rows only
             xs, a_rest, kw = x, tuple(args[1:]), dict(kwargs)
             if h is not None:
-                xs, a_rest, kw = x.narrow(0, h, h), _rows_of(a_rest, 2 * h, h), \
-                    _rows_of(kw, 2 * h, h)
+                n = x.shape[0]
+                xs, a_rest, kw = x.narrow(0, h, n - h), _rows_of(a_rest, n, h), \
+                    _rows_of(kw, n, h)
             tokens = xs if grid.full else xs.index_select(1, inside)
             a, kw = self._with_context((tokens,) + a_rest, kw, j)
             self.variant, self.subset, self._full_tokens = j, inside, x.shape[1]
@@ -454,7 +483,7 @@ class Runtime:
                 out_j = module(*a, **kw)
             finally:
                 self.variant, self.subset = None, None
-            target = out if h is None else out.narrow(0, h, h)
+            target = out if h is None else out.narrow(0, h, out.shape[0] - h)
             base = target if grid.full else target.index_select(1, inside)
             d = (out_j - base) * grid.values[inside].view(1, -1, 1).to(out.dtype)
             part = added(target, d, None if grid.full else inside)
@@ -476,19 +505,7 @@ class Runtime:
         ctx, where = _context_of(args, kwargs)
         if ctx is None:
             return args, kwargs
-        key = (ctx.data_ptr(), tuple(ctx.shape), j)
-        if key not in self._contexts:
-            base, variants = self.text
-            variant = variants[j].to(ctx.device, ctx.dtype)
-            base = base.to(ctx.device, ctx.dtype)
-            new = ctx.clone()
-            for b in range(ctx.shape[0]):
-                for r in range(base.shape[0]):
-                    if base.shape[1:] == ctx.shape[1:] and torch.equal(ctx[b], base[r]):
-                        new[b] = variant[r]
-                        break
-            self._contexts[key] = new
-        new = self._contexts[key]
+        new = self.variant_text(ctx, j)
         if where == "args":
             return args[:1] + (new,) + tuple(args[2:]), kwargs
         return args, {**kwargs, where: new}
@@ -504,6 +521,19 @@ def _context_of(args, kwargs):
     if len(args) > 1 and isinstance(args[1], Tensor):
         return args[1], "args"
     return None, None
+
+
+def _rows_replaced(value: Tensor, base: Tensor, variant: Tensor) -> Tensor:
+    """`value` with each row that equals a row of `base` replaced by that row of `variant`
+    (rows are matched by value, so the host's batching does not matter)."""
+    base, variant = base.to(value.device, value.dtype), variant.to(value.device, value.dtype)
+    new = value.clone()
+    for b in range(value.shape[0]):
+        for r in range(base.shape[0]):
+            if torch.equal(value[b], base[r]):
+                new[b] = variant[r]
+                break
+    return new
 
 
 def _croppable(module: nn.Module) -> bool:

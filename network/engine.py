@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from ..parser import format_tag
 from .algorithms import Adapter
 from .blocks import BLOCKS
-from .blend import Blender, blended_steps
+from .blend import Blender, stream_steps
 from .bypass import AttentionUnit, Rows, Runtime, dequantized_view, layer_view
 from . import batched_merge
 from .batched_merge import Job
@@ -268,7 +268,7 @@ class Engine:
                                            for i in sorted(loaded)))
         self._changes = {phase: _change_steps(self._unet_slots(), phase) for phase in PHASES}
         self.blender.attach(self.trees.get("unet"), {
-            phase: blended_steps(self, phase, n) for phase, n in
+            phase: stream_steps(self, phase, n) for phase, n in
             (("base", self.plan.steps), ("hires", self.plan.hires_steps)) if n})
         try:
             self._guarded(self._merge_where_changed, "base", 0, list(self._slots.values()))
@@ -292,12 +292,17 @@ class Engine:
             raise ValueError("prompts and uncond must have one entry per row")
         self.runtime.set_rows(Rows(tuple(int(p) for p in prompts), tuple(map(bool, uncond))))
 
-    def set_text_variants(self, base: Tensor, variants: Mapping[int, Tensor]) -> None:
+    def set_text_variants(self, base: Tensor, variants: Mapping[int, Tensor],
+                          pooled: Optional[Tensor] = None,
+                          pooled_variants: Optional[Mapping[int, Tensor]] = None) -> None:
         """The conditionings of regional text-encoder networks for the coming steps: `base`
         (rows, tokens, width) as encoded without them, `variants[network]` the same rows encoded
-        with that network (apply_te(segment, variant=network)). Cross-attention uses a
-        network's rows inside its region."""
-        self.runtime.set_text(base, dict(variants))
+        with that network (apply_te(segment, variant=network)); likewise a pooled vector
+        (rows, width) where the model takes one (Flux's CLIP-L). Cross-attention uses a
+        network's rows inside its region; a model without cross-attention runs them as the
+        network's own stream (blend.py)."""
+        self.runtime.set_text(base, dict(variants), None if pooled is None else
+                              (pooled, dict(pooled_variants or {})))
 
     def set_step(self, k: int, phase: str = "base") -> None:
         """UNet weights for step k (0-based) of `phase`."""
@@ -861,20 +866,18 @@ def _static(c: Contribution) -> bool:
 
 def _maskable(target: Target, family: Family) -> bool:
     """Whether a regional network can act on a layer: everywhere on SD; on the Flux family on
-    the layers that see image tokens. Joint attention has no cross-attention to condition
-    per region, so a regional network's text encoders stay as they are there, and so do its
-    text stream and the layers that hold one vector per image (flux_keys.Tokens)."""
-    if family is not Family.FLUX:
+    the text encoders (the network's own encoding, run as its stream: blend.py) and on the
+    layers that see image tokens. Its text stream and the layers that hold one vector per
+    image stay as they are (flux_keys.Tokens): no token of theirs lies in a region."""
+    if family is not Family.FLUX or target.component != "unet":
         return True
-    return target.component == "unet" and target.tokens in (Tokens.IMAGE, Tokens.JOINT)
+    return target.tokens in (Tokens.IMAGE, Tokens.JOINT)
 
 
 def _unmasked_note(entry: "Entry", targets: List[Target]) -> str:
-    text = sum(t.component != "unet" for t in targets)
     stream = sum(t.tokens is Tokens.TEXT for t in targets)
-    vector = len(targets) - text - stream
-    parts = [f"{n} {what}" for n, what in ((text, "text-encoder layers"),
-                                          (stream, "text-stream layers"),
+    vector = len(targets) - stream
+    parts = [f"{n} {what}" for n, what in ((stream, "text-stream layers"),
                                           (vector, "embedding and modulation layers")) if n]
     return (f"{entry.net.kind}:{entry.net.name}: regional on a Flux-family model, it acts on "
             f"the image tokens inside its region; left out on {', '.join(parts)}, which "

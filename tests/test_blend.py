@@ -199,7 +199,7 @@ def test_the_hires_pass_blends_its_own_first_steps():
     tag = "<lora:lora:1:region=left:blend=0.5>"
     engine = make_engine(trees, "sd1", NETS[0], latent=LATENT)
     engine.activate(plan(tag, steps=4, hires=4))
-    assert [bool(s) for s in engine.blender.steps["hires"]] == [True, True, False, False]
+    assert [bool(s.blended) for s in engine.blender.steps["hires"]] == [True, True, False, False]
     engine.set_latent(big)
     engine.set_step(1, "hires")
     blended = run_unet(trees, ctx, x)
@@ -228,7 +228,7 @@ def test_the_doubling_reaches_every_batch_argument_and_restores_after_a_failure(
     with pytest.raises(ValueError):
         run_unet(trees)
     engine.deactivate()
-    assert engine.runtime.blend is None
+    assert engine.runtime.layout is None
     assert_pristine(trees, before)
     assert not trees["unet"]._forward_pre_hooks and not trees["unet"]._forward_hooks
 

@@ -103,6 +103,20 @@ def kohya_flux_lora(path, double=2, single=2, seed=5, scale=0.4, only=None):
     save_file(sd, str(path))
 
 
+def text_lora(path, seed=8, scale=1.5):
+    """A kohya-Flux LoRA on the text encoders only: T5's first attention (te3 in kohya's
+    Flux files) and CLIP-L's (te1)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for key, width in (("lora_te3_encoder_block_0_layer_0_SelfAttention_q", 24),
+                       ("lora_te3_encoder_block_1_layer_1_DenseReluDense_wo", None),
+                       ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 32)):
+        inp, out = (32, 24) if width is None else (width, width)
+        sd[f"{key}.lora_down.weight"] = torch.randn(4, inp, generator=g) * scale
+        sd[f"{key}.lora_up.weight"] = torch.randn(out, 4, generator=g) * scale
+    save_file(sd, str(path))
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("flux_standalone")
@@ -111,6 +125,7 @@ def folders(tmp_path_factory):
     kohya_flux_lora(loras / "kflux.safetensors")
     kohya_flux_lora(loras / "kflux_single.safetensors", seed=6,
                     only=lambda n: n.startswith("single"))
+    text_lora(loras / "kwords.safetensors")
     return {"flux": write_pipeline(root / "tinyflux", "flux"),
             "chroma": write_pipeline(root / "tinychroma", "chroma"), "root": root,
             "loras": loras}
@@ -234,6 +249,33 @@ def test_a_regional_flux_lora_changes_its_half_most(flux):
     assert d[:, :64].mean() > 2 * d[:, 64:].mean(), (d[:, :64].mean(), d[:, 64:].mean())
     # the left half comes near the network on the whole picture there
     assert np.abs(left - whole)[:, :64].mean() < np.abs(base - whole)[:, :64].mean()
+
+
+def test_a_regional_text_encoder_lora_runs_as_its_own_stream_on_its_half(flux):
+    """T5 and CLIP-L encode the prompt once more with the network; the transformer runs that
+    stream beside the prompt's in one call per step, and its prediction counts inside the
+    region only (network/blend.py)."""
+    host = flux[0]
+    size = dict(width=128, height=128)
+    calls = []
+    hook = host.model.pipe.transformer.x_embedder.register_forward_hook(  # inside the model
+        lambda m, a, out: calls.append(a[0].shape[0]))
+    try:
+        base, _ = image(host, "a red square", **size)
+        whole, _ = image(host, "a red square <lora:kwords:1>", **size)
+        calls.clear()
+        left, result = image(host, "a red square <lora:kwords:1:region=left>", **size)
+    finally:
+        hook.remove()
+    assert result.errors == [], result.errors
+    assert calls == [2] * STEPS  # one call per step: the picture's row and the stream's
+    d_base, d_whole = np.abs(left - base).mean(axis=2), np.abs(left - whole).mean(axis=2)
+    assert np.abs(whole - base).mean() > 1.0  # the network changes the picture
+    # inside: the whole-picture network's image; outside: the model's own, both nearly
+    assert d_whole[:, :56].mean() < 0.5 * d_base[:, :56].mean(), (d_whole[:, :56].mean(),
+                                                                  d_base[:, :56].mean())
+    assert d_base[:, 72:].mean() < 0.5 * d_whole[:, 72:].mean(), (d_base[:, 72:].mean(),
+                                                                  d_whole[:, 72:].mean())
 
 
 def test_the_plan_gets_the_pipelines_sigmas_and_sigma_positions_land(flux):

@@ -65,6 +65,11 @@ def _title(n: NetworkPlan) -> str:
     return f"{n.kind}:{n.name}  {region}  interp={n.interp}{extra}"
 
 
+# the architectures whose text reaches the image through cross-attention (the SD UNets); on
+# the others a regional network's text encoders run as a stream (network/blend.py)
+CROSS_ATTENTION = ("sd1", "sd2", "sdxl")
+
+
 def blend_window(p: PassPlan) -> str:
     """A regional network's blended start in one pass (network/blend.py)."""
     if p.blend <= 0:
@@ -108,6 +113,10 @@ def explain_table(plan: Plan) -> str:
             lines += [f"  {name:<{width}}  {describe_series(v.tolist())}" for name, v in rows]
             if n.region is not None:
                 lines.append("  " + blend_window(p))
+                if plan.arch not in CROSS_ATTENTION and any(
+                        v.any() for c, v in p.strength.items() if c != "unet"):
+                    lines.append("  text encoders: a text stream of its own in the same forward "
+                                 "while they act (one more set of rows)")
             if p.landed:
                 lines.append("  by noise level: " + describe_landed(p))
     for e in plan.errors:

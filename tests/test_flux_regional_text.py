@@ -156,3 +156,12 @@ def test_a_host_that_gives_no_encoding_is_told_and_nothing_else_changes(tmp_path
     engine.deactivate()
     assert torch.equal(out, base)
     assert any("gave no encoding with it" in e for e in engine.errors), engine.errors
+
+
+def test_explain_says_which_regional_networks_run_a_text_stream():
+    from netweave.network.explain import explain_table
+    text = explain_table(plan("<lora:a:1:region=left> <lora:b:1:te=0:unet=1:region=right>",
+                              "flux", steps=4))
+    a, b = text.split("#2")
+    assert "a text stream of its own" in a and "a text stream" not in b
+    assert "a text stream" not in explain_table(plan("<lora:a:1:region=left>", "sd1", steps=4))

@@ -1,43 +1,52 @@
-"""Engine benchmark: the same UNet and networks under every strategy, timed side by side in one
-run, so the ratios compare like with like (`python -m netweave bench [--quick | --size 512|1024]
-[--repeats N] [--json]`).
+"""Engine benchmark: the same model and networks under every strategy, timed side by side in
+one run, so the ratios compare like with like (`python -m netweave bench [--arch sd|flux]
+[--quick | --size 512|1024] [--repeats N] [--json]`).
 
-Workloads: the bare UNet; three static rank-32 LoRAs (one on the attention, one on the
-feed-forward, one on the conv layers) merged by the engine; the same with 4 keyframes each
+Models (`FAMILIES`, one entry per family): SD's UNets (SD1.5, SDXL) and a Flux-architecture
+transformer at Flux.1's real width with fewer blocks (random weights, made on the device);
+their networks are synthetic files in the key names their trainers write.
+
+Workloads: the bare model; three static rank-32 LoRAs (one on the attention, one on the
+feed-forward, one on the conv layers — on a transformer, on the modulations, embedders and
+final layer) merged by the engine; the same with 4 keyframes each
 (the engine's cost model picks merge or bypass per layer); and two baselines — "restore and
 re-merge every patched layer on every change" (A1111, loractl) and "bypass every network every
 step" (PEFT unfused), the engine held to one strategy. Regions: two LoRAs on the left and right
 halves plus one global, in one forward (one pass; a blended start over 15 % of the steps; every
-step blended: network/blend.py), against the peers' way — one UNet pass per region, each
+step blended: network/blend.py), against the peers' way — one model pass per region, each
 with its own networks merged, blended by the masks (Regional Prompter's latent mode, ComfyUI's
-per-region conditioning). Quantized (`quantize=FORMAT`, e.g. q8_0): the same UNet with its
+per-region conditioning). On a transformer the regions are halves of the packed patch grid.
+Quantized (`quantize=FORMAT`, e.g. q8_0): the same model with its
 linear layers quantized, the three LoRAs beside them (static and with 4 keyframes) against
-the quantized UNet alone, and the peers' way for the scheduled ones — dequantize, merge and
+the quantized model alone, and the peers' way for the scheduled ones — dequantize, merge and
 quantize again at every change (network/requantize.py, held to it); the seconds beside the
-float UNet's with the LoRAs merged. Plus: what changing one network's strength between two
+float model's with the LoRAs merged. Plus: what changing one network's strength between two
 generations costs, and the bytes of pristine copies.
 
-Timing is paired: the workloads run on one UNet while an identical twin with nothing applied
+Timing is paired: the workloads run on one model while an identical twin with nothing applied
 runs the same step right before each of theirs, so each ratio compares seconds measured in the
 same moments (a shared or throttled machine drifts by ±10 % between runs of a minute; the
 pairs cancel that). Each workload runs `repeats` times; a ratio is the median of its runs,
 with the spread (min–max over the runs) beside it. The floor of a row is its arithmetic: the
 floating-point operations of its steps (forwards and merges, counted by torch's FlopCounterMode)
-over those of the bare UNet, so "above floor" is what the engine costs beyond its arithmetic.
+over those of the bare model, so "above floor" is what the engine costs beyond its arithmetic.
 """
 from __future__ import annotations
 
 import collections
 import copy
+import dataclasses
 import os
 import platform
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass
+from enum import Enum
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..network.calibrate import calibration
@@ -49,10 +58,6 @@ from ..network.reference import UNET
 from .synthetic import write_network
 
 STATIC = "<lora:net0:0.8> <lora:net1:0.6> <lora:net2:0.4>"
-# What each network covers: attention, feed-forward, convolutions.
-COVERS = (lambda t: ".attn" in t.name or "proj_in" in t.name or "proj_out" in t.name,
-          lambda t: ".ff." in t.name,
-          lambda t: isinstance(t.module, torch.nn.Conv2d))
 SCHEDULED = ("<lora:net0:0.2@0,0.5@0.25,0.8@0.5,1@0.75> <lora:net1:1@0,0.6@0.25,0.3@0.5,0@0.75> "
              "<lora:net2:0.4@0,0.1@0.25,0.4@0.5,0.7@0.75>")
 CHANGED = "<lora:net0:0.8> <lora:net1:0.5> <lora:net2:0.4>"
@@ -70,23 +75,199 @@ WORKLOADS = {"static": (STATIC, "auto"), "scheduled": (SCHEDULED, "auto"),
              "regional_full_blend": (REGIONAL_FULL_BLEND, "auto")}
 
 
+class Family(Enum):
+    """The model families `bench --arch` builds (each size names the engine's architecture)."""
+
+    SD = "sd"
+    FLUX = "flux"
+
+
 @dataclass(frozen=True)
 class Setup:
-    """One benchmark size: which UNet, at which latent, for how many steps."""
+    """One benchmark size: which model, at which latent, for how many steps."""
 
     label: str
     arch: str
-    latent: int
+    latent: int  # the VAE latent's side; a transformer packs 2×2 of it into one token
     steps: int
-    config: Dict  # diffusers UNet2DConditionModel arguments
+    config: Dict  # the diffusers model class's arguments
+    family: Family = Family.SD
+    text: int = 77  # text tokens the model attends to
 
 
-SETUPS = {
-    "quick": Setup("SD1.5 (narrow, --quick)", "sd1", 32, 8,
-                   {**UNET["sd1"], "block_out_channels": (64, 128, 128, 128)}),
-    "512": Setup("SD1.5 at 512 px", "sd1", 64, 20, UNET["sd1"]),
-    "1024": Setup("SDXL at 1024 px", "sdxl", 128, 20, UNET["sdxl"]),
-}
+@dataclass(frozen=True)
+class ModelFamily:
+    """How the bench builds one family's model, feeds and calls it as its pipeline does, and
+    what its three networks cover (attention, feed-forward, the rest). Another family
+    (Z-Image, Qwen-Image) is one more entry of FAMILIES."""
+
+    kind: str  # what the report calls the model
+    setups: Dict[str, Setup]
+    build: Callable[[Setup, str, torch.dtype], nn.Module]
+    inputs: Callable[[Setup, int, str, torch.dtype], Dict]  # the call's arguments but the time
+    timestep: Callable[[int, int, int, str, torch.dtype], object]  # (k, steps, batch, …)
+    left: Callable[[Setup, str, torch.dtype], torch.Tensor]  # the left half, on the output
+    shape: Callable[[Setup], str]  # the size, in words
+    covers: Tuple[Callable, Callable, Callable]  # target -> covered, per network
+    style: str  # synthetic.py's key style and format of the networks' files
+    fmt: str
+    batch: int  # rows per model call: cond and uncond, or one (guidance-distilled)
+    cuda_dtype: torch.dtype
+
+
+# ---- SD's UNets -------------------------------------------------------------------------
+def _build_unet(setup: Setup, device: str, dtype: torch.dtype) -> nn.Module:
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    return UNet2DConditionModel(layers_per_block=2, **setup.config).eval() \
+        .to(device=device, dtype=dtype)
+
+
+def _unet_inputs(setup: Setup, batch: int, device: str, dtype: torch.dtype) -> Dict:
+    gen = torch.Generator().manual_seed(1)
+    n, width = setup.latent, setup.config["cross_attention_dim"]
+    inputs = {"sample": torch.randn(batch, 4, n, n, generator=gen).to(device, dtype),
+              "encoder_hidden_states": torch.randn(batch, setup.text, width, generator=gen)
+              .to(device, dtype)}
+    if setup.config.get("addition_embed_type") == "text_time":  # SDXL's pooled text and sizes
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, 1280, generator=gen).to(device, dtype),
+            "time_ids": torch.tensor([[1024., 1024., 0., 0., 1024., 1024.]] * batch,
+                                     device=device, dtype=dtype)}
+    return inputs
+
+
+def _unet_timestep(k: int, steps: int, batch: int, device: str, dtype: torch.dtype) -> int:
+    return 999 - k * 999 // steps
+
+
+def _left_half(n: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    left = torch.zeros(n, n, device=device, dtype=dtype)
+    left[:, : n // 2] = 1
+    return left
+
+
+def _unet_left(setup: Setup, device: str, dtype: torch.dtype) -> torch.Tensor:
+    return _left_half(setup.latent, device, dtype)
+
+
+SD = ModelFamily(
+    "UNet",
+    {"quick": Setup("SD1.5 (narrow, --quick)", "sd1", 32, 8,
+                    {**UNET["sd1"], "block_out_channels": (64, 128, 128, 128)}),
+     "512": Setup("SD1.5 at 512 px", "sd1", 64, 20, UNET["sd1"]),
+     "1024": Setup("SDXL at 1024 px", "sdxl", 128, 20, UNET["sdxl"])},
+    _build_unet, _unet_inputs, _unet_timestep, _unet_left,
+    lambda s: f"latent {s.latent}²",
+    (lambda t: ".attn" in t.name or "proj_in" in t.name or "proj_out" in t.name,
+     lambda t: ".ff." in t.name,
+     lambda t: isinstance(t.module, torch.nn.Conv2d)),
+    "kohya", "lora", batch=2, cuda_dtype=torch.float16)
+SETUPS = SD.setups  # the UNet sizes, as before families
+
+
+# ---- transformers (Flux) ----------------------------------------------------------------
+def _random_on(device: str, dtype: torch.dtype, make: Callable[[], nn.Module]) -> nn.Module:
+    """`make()`'s module with random weights made on the device itself: built without
+    storage (meta), then filled in place, so a model of billions of weights starts in seconds
+    and never passes through CPU memory. Matrices ~ N(0, 1/fan-in) (activations stay of order
+    one through the blocks), norm scales 1, biases 0."""
+    with torch.device("meta"):
+        # nn.Module's own `to`: diffusers' warns of modules from_pretrained keeps in float32
+        model = nn.Module.to(make(), dtype)
+    model = model.to_empty(device=device).eval()
+    gen = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, p[0].numel() ** -0.5, generator=gen)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1)
+    return model
+
+
+def _build_flux(setup: Setup, device: str, dtype: torch.dtype) -> nn.Module:
+    from diffusers import FluxTransformer2DModel
+    return _random_on(device, dtype, lambda: FluxTransformer2DModel(**setup.config))
+
+
+def _packed_grid(setup: Setup) -> int:
+    return setup.latent // 2  # 2×2 latent patches per token
+
+
+def _flux_inputs(setup: Setup, batch: int, device: str, dtype: torch.dtype) -> Dict:
+    """What diffusers' FluxPipeline passes: packed latent tokens, T5 states, CLIP's pooled
+    vector, the positions (0, row, column) of the image tokens and zeros of the text's, and
+    the embedded guidance."""
+    gen = torch.Generator().manual_seed(1)
+    g, cfg = _packed_grid(setup), setup.config
+    ids = torch.zeros(g, g, 3)
+    ids[..., 1], ids[..., 2] = torch.arange(g)[:, None], torch.arange(g)[None]
+    cpu = {"hidden_states": torch.randn(batch, g * g, cfg["in_channels"], generator=gen),
+           "encoder_hidden_states": torch.randn(batch, setup.text, cfg["joint_attention_dim"],
+                                                generator=gen),
+           "pooled_projections": torch.randn(batch, cfg["pooled_projection_dim"], generator=gen),
+           "img_ids": ids.reshape(-1, 3), "txt_ids": torch.zeros(setup.text, 3),
+           "guidance": torch.full((batch,), 3.5)}
+    return {k: v.to(device, dtype) for k, v in cpu.items()}
+
+
+def _flow_timestep(k: int, steps: int, batch: int, device: str, dtype: torch.dtype):
+    """A flow pipeline's time: 1 → 0 over the pass, one per row (the model scales it by 1000)."""
+    return torch.full((batch,), 1 - k / steps, device=device, dtype=dtype)
+
+
+def _token_left(setup: Setup, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """The left half of the packed grid, one value per image token (row by row)."""
+    return _left_half(_packed_grid(setup), device, dtype).reshape(-1, 1)
+
+
+def _flux_config(heads: int, head_dim: int, text_width: int, pooled: int,
+                 rope: Tuple[int, int, int]) -> Dict:
+    # 2 double + 4 single blocks: at Flux's width that is 1.31 G weights, 5.2 GB in fp32; with
+    # the bench's bare twin and the engine's pristine copies about 16 GB, which fits a 2-core
+    # 24 GiB box (Flux.1's 19 + 38 blocks would take 48 GB in fp32 before any copy)
+    return dict(patch_size=1, in_channels=64, num_layers=2, num_single_layers=4,
+                attention_head_dim=head_dim, num_attention_heads=heads,
+                joint_attention_dim=text_width, pooled_projection_dim=pooled,
+                guidance_embeds=True, axes_dims_rope=rope)
+
+
+FLUX_WIDTH = _flux_config(24, 128, 4096, 768, (16, 56, 56))  # Flux.1 dev's published shapes
+FLUX_NARROW = _flux_config(2, 64, 64, 32, (8, 28, 28))
+
+
+def _flux_attention(t) -> bool:
+    return ".attn." in t.name
+
+
+def _flux_feed_forward(t) -> bool:
+    return ".ff." in t.name or ".ff_context." in t.name or t.name.endswith(".proj_mlp") or \
+        (t.name.startswith("single_transformer_blocks.") and t.name.endswith(".proj_out"))
+
+
+def _tokens(s: Setup) -> str:
+    return f"{_packed_grid(s) ** 2} image + {s.text} text tokens"
+
+
+FLUX = ModelFamily(
+    "transformer",
+    {"quick": Setup("Flux architecture (2 heads × 64, 2 double + 4 single blocks, --size quick)",
+                    "flux", 16, 8, FLUX_NARROW, Family.FLUX, text=16),
+     "512": Setup("Flux width (24 heads × 128, 2 double + 4 single blocks) at 512 px",
+                  "flux", 64, 20, FLUX_WIDTH, Family.FLUX, text=512),
+     "1024": Setup("Flux width (24 heads × 128, 2 double + 4 single blocks) at 1024 px",
+                   "flux", 128, 20, FLUX_WIDTH, Family.FLUX, text=512)},
+    _build_flux, _flux_inputs, _flow_timestep, _token_left, _tokens,
+    # attention; feed-forward; the rest: modulations, embedders, the final layer
+    (_flux_attention, _flux_feed_forward,
+     lambda t: not _flux_attention(t) and not _flux_feed_forward(t)),
+    # diffusers' names (ai-toolkit writes them), no alpha: the PEFT layout
+    "diffusers", "peft", batch=1, cuda_dtype=torch.bfloat16)
+
+FAMILIES = {Family.SD: SD, Family.FLUX: FLUX}
 
 
 class RemergeEverything(Engine):
@@ -114,44 +295,32 @@ class RequantizeEveryChange(Engine):
 
 
 class Bench:
-    """A UNet with its inputs for `steps` denoiser calls (cond and uncond rows in one batch, as
-    WebUIs run)."""
+    """A model with its inputs for `steps` denoiser calls (SD: cond and uncond rows in one
+    batch, as WebUIs run; Flux: one row, its guidance embedded)."""
 
     def __init__(self, setup: Setup, device: str, dtype: torch.dtype, batch: int):
-        from diffusers import UNet2DConditionModel
-        torch.manual_seed(0)
-        self.unet = UNet2DConditionModel(layers_per_block=2, **setup.config).eval() \
-            .to(device=device, dtype=dtype)
-        self.twin = copy.deepcopy(self.unet)  # never patched: the base every step is paired with
-        self.setup, self.device, self.batch = setup, device, batch
-        gen = torch.Generator().manual_seed(1)
-        n = setup.latent
-        self.x = torch.randn(batch, 4, n, n, generator=gen).to(device, dtype)
-        width = setup.config["cross_attention_dim"]
-        self.ctx = torch.randn(batch, 77, width, generator=gen).to(device, dtype)
-        self.extra = {}
-        if setup.config.get("addition_embed_type") == "text_time":  # SDXL's pooled text and sizes
-            self.extra["added_cond_kwargs"] = {
-                "text_embeds": torch.randn(batch, 1280, generator=gen).to(device, dtype),
-                "time_ids": torch.tensor([[1024., 1024., 0., 0., 1024., 1024.]] * batch,
-                                         device=device, dtype=dtype)}
+        self.family = FAMILIES[setup.family]
+        self.model = self.family.build(setup, device, dtype)
+        self.twin = copy.deepcopy(self.model)  # never patched: the base every step is paired with
+        self.setup, self.device, self.dtype, self.batch = setup, device, dtype, batch
+        self.inputs = self.family.inputs(setup, batch, device, dtype)
 
     def quantized(self, fmt: QuantFormat) -> "Bench":
-        """The same bench on a copy of the UNet (and of its twin) quantized in `fmt`."""
+        """The same bench on a copy of the model (and of its twin) quantized in `fmt`."""
         other = copy.copy(self)
-        other.unet, other.twin = copy.deepcopy(self.unet), copy.deepcopy(self.unet)
-        for unet in (other.unet, other.twin):  # each quantized: GGUF weights do not deepcopy
-            quantize_model(unet, fmt)
+        other.model, other.twin = copy.deepcopy(self.model), copy.deepcopy(self.model)
+        for model in (other.model, other.twin):  # each quantized: GGUF weights do not deepcopy
+            quantize_model(model, fmt)
         return other
 
-    def forward(self, k: int, unet=None):
-        t = 999 - k * 999 // self.setup.steps
-        return (unet or self.unet)(self.x, t, encoder_hidden_states=self.ctx, **self.extra).sample
+    def forward(self, k: int, model=None):
+        t = self.family.timestep(k, self.setup.steps, self.batch, self.device, self.dtype)
+        return (model or self.model)(**self.inputs, timestep=t).sample
 
     def steps(self, on_step: Optional[Callable[[int], None]] = None,
               steps: Optional[int] = None) -> Tuple[float, float]:
         """(seconds of the workload, seconds of the bare twin) over the pass: each step the
-        twin runs, then the workload (`on_step(k)`, then its UNet call)."""
+        twin runs, then the workload (`on_step(k)`, then its model call)."""
         def step(k):
             if on_step is not None:
                 on_step(k)
@@ -171,11 +340,9 @@ class Bench:
         return time.perf_counter() - start
 
     def per_region_passes(self, engine: Engine, plans) -> Tuple[float, float]:
-        """Baseline: per step, one UNet pass per region with that region's networks merged
+        """Baseline: per step, one model pass per region with that region's networks merged
         (only the layers that differ re-merge between passes), blended by the half masks."""
-        n = self.setup.latent
-        left = torch.zeros(n, n, device=self.device, dtype=self.x.dtype)
-        left[:, : n // 2] = 1
+        left = self.family.left(self.setup, self.device, self.dtype)
         mine = base = 0.0
         with torch.no_grad():
             for k in range(self.setup.steps):
@@ -205,7 +372,7 @@ class Bench:
                         engine.set_step(k)
                 total += counter.get_total_flops()
                 engine.set_step(0)
-                blended = [bool(b) for b in engine.blender.steps.get("base", [])]
+                blended = [bool(b.blended) for b in engine.blender.steps.get("base", [])]
                 if any(blended) and not all(blended):  # step 0 ran doubled, the rest one pass
                     engine.set_step(blended.index(False))
                     with FlopCounterMode(display=False) as counter:
@@ -222,15 +389,18 @@ def _sync(device) -> None:
 
 
 def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 32,
-        batch: int = 2, steps: Optional[int] = None, setup: Optional[Setup] = None,
-        quantize: Optional[str] = None) -> dict:
+        batch: Optional[int] = None, steps: Optional[int] = None, setup: Optional[Setup] = None,
+        quantize: Optional[str] = None, arch: str = Family.SD.value) -> dict:
     """Every workload `repeats` times, each step paired with the bare twin's; medians and
-    spreads. `setup` overrides `size` (tests use a tiny UNet); `quantize`: the format of the
-    quantized rows, None for none."""
-    setup = setup or SETUPS[str(size)]
+    spreads. `arch`: the model family (sd, flux); `setup` overrides it and `size` (tests use
+    a tiny UNet); `batch`: rows per call (default the family's); `steps` overrides the
+    size's; `quantize`: the format of the quantized rows, None for none."""
+    setup = setup or FAMILIES[Family(arch)].setups[str(size)]
     if steps is not None:
-        setup = Setup(setup.label, setup.arch, setup.latent, steps, setup.config)
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+        setup = dataclasses.replace(setup, steps=steps)
+    family = FAMILIES[setup.family]
+    batch = family.batch if batch is None else batch
+    dtype = family.cuda_dtype if device.startswith("cuda") else torch.float32
     bench = Bench(setup, device, dtype, batch)
     ctx = CompileContext(arch=setup.arch, steps=setup.steps)
     seconds: Dict[str, List[float]] = collections.defaultdict(list)
@@ -244,13 +414,14 @@ def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
-        for i, covers in enumerate(COVERS):
+        for i, covers in enumerate(family.covers):
             paths[f"net{i}"] = os.path.join(tmp, f"net{i}.safetensors")
-            write_network(paths[f"net{i}"], {"unet": bench.unet}, "lora", "kohya", setup.arch,
-                          rank=rank, seed=i, components=("unet",), scale=0.02, select=covers)
+            write_network(paths[f"net{i}"], {"unet": bench.model}, family.fmt, family.style,
+                          setup.arch, rank=rank, seed=i, components=("unet",), scale=0.02,
+                          select=covers)
 
         def engine(cls=Engine, strategy="auto"):
-            return cls({"unet": bench.unet}, setup.arch, lambda kind, n: paths[n],
+            return cls({"unet": bench.model}, setup.arch, lambda kind, n: paths[n],
                        latent=(setup.latent, setup.latent), batch=batch, strategy=strategy)
 
         engines = {name: engine(RemergeEverything if name == "remerge_every_change" else Engine,
@@ -259,7 +430,7 @@ def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 
         if quantize:
             qbench = bench.quantized(parse_format(quantize))
             for name, (cls, _) in QUANTIZED.items():
-                engines[name] = cls({"unet": qbench.unet}, setup.arch, lambda kind, n: paths[n],
+                engines[name] = cls({"unet": qbench.model}, setup.arch, lambda kind, n: paths[n],
                                     latent=(setup.latent, setup.latent), batch=batch)
                 benches[name] = qbench
         per_region = engine()
@@ -287,7 +458,7 @@ def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 
     rows = {k: v for k, v in ROWS.items() if v[0] in runs and (v[1] == "base" or v[1] in runs)}
     ratio_runs = {key: [a / b for a, b in zip(runs[num], runs[den])] if den != "base" else
                   runs[num] for key, (num, den) in rows.items()}
-    if quantize:  # seconds against seconds: the quantized UNet beside the float one merged
+    if quantize:  # seconds against seconds: the quantized model beside the float one merged
         ratio_runs["quantized_beside_vs_float_merged"] = [
             a / b for a, b in zip(seconds["quantized_static"], seconds["static"])]
         rows["quantized_beside_vs_float_merged"] = ("quantized_static", "static")
@@ -302,8 +473,9 @@ def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 
                         "cores": os.cpu_count(), "torch": torch.__version__,
                         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
                         "threads": torch.get_num_threads()},
-            "config": {"unet": setup.label, "steps": setup.steps, "latent": setup.latent,
-                       "batch": batch, "rank": rank, "networks": 3,
+            "config": {"model": setup.label, "kind": family.kind, "arch": setup.family.value,
+                       "steps": setup.steps, "latent": setup.latent,
+                       "shape": family.shape(setup), "batch": batch, "rank": rank, "networks": 3,
                        "dtype": str(dtype).replace("torch.", ""), "keyframes": 4,
                        "repeats": repeats, "quantized": quantize},
             "ratios": ratios, "spread": spread, "floor": floor,
@@ -326,7 +498,7 @@ ROWS = {"static_vs_base": ("static", "base"), "scheduled_vs_static": ("scheduled
         "regional_blend15_vs_per_region_passes": ("regional_blend15", "per_region_passes")}
 
 
-# quantized workloads: the engine, the prompt (run on the quantized copy of the UNet)
+# quantized workloads: the engine, the prompt (run on the quantized copy of the model)
 QUANTIZED = {"quantized_static": (Engine, STATIC), "quantized_scheduled": (Engine, SCHEDULED),
              "quantized_requantize_every_change": (RequantizeEveryChange, SCHEDULED)}
 WORKLOAD_PROMPTS = {**{name: prompt for name, (prompt, _) in WORKLOADS.items()},
@@ -338,7 +510,7 @@ ROWS.update({"quantized_static_vs_base": ("quantized_static", "base"),
 
 
 def _choices(e: Engine) -> Dict[str, int]:
-    """How the engine runs each UNet layer of a plan: merged, bypassed, or both."""
+    """How the engine runs each model layer of a plan: merged, bypassed, or both."""
     counts = {"merged": 0, "bypassed": 0, "both": 0}
     for slot in e._unet_slots():
         kinds = {c.bypass for c in slot.contributions}
@@ -378,7 +550,7 @@ LABELS = {"static_vs_base": "3 static LoRAs vs base",
           "regional_vs_base": "2 regional + 1 global LoRA vs base",
           "regional_blend15_vs_base": "  the same, blended start 15 %",
           "regional_full_blend_vs_base": "  the same, every step blended",
-          "per_region_passes_vs_base": "baseline: a UNet pass per region",
+          "per_region_passes_vs_base": "baseline: a model pass per region",
           "regional_vs_per_region_passes": "regional one pass vs pass per region",
           "regional_blend15_vs_per_region_passes": "blended start 15 % vs pass per region",
           "quantized_static_vs_base": "quantized: 3 static LoRAs beside vs base",
@@ -390,7 +562,7 @@ LABELS = {"static_vs_base": "3 static LoRAs vs base",
 def table(result: dict) -> str:
     r, t, cfg = result["ratios"], result["timings_s"], result["config"]
     c = result["change_one_strength"]
-    lines = [f"{cfg['unet']} UNet{' (quantized rows: ' + cfg['quantized'] + ')' if cfg.get('quantized') else ''}, {cfg['steps']} steps, latent {cfg['latent']}², batch "
+    lines = [f"{cfg['model']} {cfg['kind']}{' (quantized rows: ' + cfg['quantized'] + ')' if cfg.get('quantized') else ''}, {cfg['steps']} steps, {cfg['shape']}, batch "
              f"{cfg['batch']}, {cfg['dtype']}, {result['machine']['device']} "
              f"({result['machine']['cores']} cores, torch {result['machine']['torch']}); "
              f"median of {cfg['repeats']} runs, each step timed beside a bare twin's",

@@ -20,7 +20,7 @@ FORMATS = {
     "loha": "loha", "loha_tucker": "loha", "lokr": "lokr", "lokr_decomposed": "lokr",
     "glora": "glora", "ia3": "ia3", "oft": "oft", "boft": "boft", "full": "full", "norm": "norm",
 }
-STYLES = ("kohya", "kohya_ldm", "lycoris", "peft", "oft")
+STYLES = ("kohya", "kohya_ldm", "lycoris", "peft", "oft", "diffusers")
 
 
 def _factor(n):
@@ -94,9 +94,13 @@ def parts_for(fmt, shape, is_norm, has_bias, rank, rnd):
 
 
 def layer_name(target, style, arch, ldm_path=None):
-    """The name a file of `style` gives a target (kohya, LDM-style kohya, LyCORIS, PEFT, OFT)."""
+    """The name a file of `style` gives a target (kohya, LDM-style kohya, LyCORIS, PEFT, OFT,
+    diffusers: a transformer's layers under `transformer.`, as diffusers and ai-toolkit write
+    Flux LoRAs; its text encoders as PEFT)."""
     if target.component == "unet":
         d = target.name
+        if style == "diffusers":
+            return "transformer." + d
         if style == "peft":
             return "unet." + d
         if style == "kohya_ldm":
@@ -104,7 +108,7 @@ def layer_name(target, style, arch, ldm_path=None):
         prefix = {"kohya": "lora_unet_", "lycoris": "lycoris_", "oft": "oft_unet_"}[style]
         return prefix + d.replace(".", "_")
     full = "text_model." + target.name
-    if style == "peft":
+    if style in ("peft", "diffusers"):
         return ("text_encoder." if target.component == "te1" else "text_encoder_2.") + full
     te = "te" if arch != "sdxl" else target.component
     prefix = "lycoris_" if style == "lycoris" else "lora_"

@@ -9,8 +9,8 @@ command-line arguments.
 inspect FILE [--json] says what NetWeave makes of a network or checkpoint file; exit 1 with
 `error` set when it cannot be loaded.
 
-bench [--quick | --size 512|1024] [--repeats N] [--device cpu|cuda] [--json] times the
-engine's strategies side by side.
+bench [--arch sd|flux] [--quick | --size 512|1024] [--repeats N] [--steps N] [--device cpu|cuda]
+[--json] times the engine's strategies side by side.
 
 generate --prompt P --out FILE [...] makes an image with the standalone host (no checkpoint:
 the embedded default model; `--checkpoint demo-flux`: the embedded Flux-architecture demo); serve [--port 7860] runs its page and A1111-style API on
@@ -113,10 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("file", help="a .safetensors network or checkpoint, or a diffusers folder")
     ins.add_argument("--json", action="store_true", help="print the report as one JSON object")
     bench = sub.add_parser("bench", help="engine benchmark: strategies timed side by side")
+    bench.add_argument("--arch", choices=("sd", "flux"), default="sd",  # bench.Family's values
+                       help="sd: SD1.5/SDXL UNets; flux: a Flux.1-width transformer (3072 wide, "
+                            "24 heads) with 2 double + 4 single blocks, so that it, its bare twin "
+                            "and the pristine copies (about 16 GB in fp32) fit a 24 GiB box")
     bench.add_argument("--quick", action="store_true",
-                       help="a narrower SD1.5 UNet at a 32² latent, 8 steps (same as --size quick)")
+                       help="a narrow model on a small latent (SD1.5 32², Flux 8² tokens), "
+                            "8 steps (same as --size quick)")
     bench.add_argument("--size", choices=("quick", "512", "1024"), default="512",
-                       help="512: SD1.5 at a 64² latent; 1024: SDXL at a 128² latent (20 steps)")
+                       help="512: SD1.5 at a 64² latent, Flux 1024 image + 512 text tokens; "
+                            "1024: SDXL at a 128² latent, Flux 4096 + 512 tokens (20 steps)")
+    bench.add_argument("--steps", type=int, default=None, choices=range(1, 1001), metavar="N",
+                       help="steps of each pass instead of the size's (a short smoke run)")
     bench.add_argument("--repeats", type=int, default=5, choices=range(1, 101), metavar="N",
                        help="runs of each workload, interleaved (median and spread reported)")
     bench.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda")
@@ -257,10 +265,11 @@ def bench_command(args) -> int:
         # glibc reads these at start: run again with them set
         os.execve(sys.executable, [sys.executable, "-m", "netweave", *sys.argv[1:]],
                   {**os.environ, **KEEP_FREED_MEMORY})
-    from ...devtools.bench import run, table  # builds an SD1.5 UNet: only when asked
+    from ...devtools.bench import run, table  # builds a model: only when asked
 
     result = run("quick" if args.quick else args.size, device=args.device, repeats=args.repeats,
-                 quantize=None if args.quantize is None else args.quantize.value)
+                 quantize=None if args.quantize is None else args.quantize.value,
+                 arch=args.arch, steps=args.steps)
     print(json.dumps(result) if args.json else table(result))
     return 0
 

@@ -187,10 +187,10 @@ class Blender:
         if key not in self._masks:
             entries = self.engine.entries
             maps = self.engine.runtime.maps
-            packed = self.engine.keymap.family is Family.FLUX and len(shape) == 2
+            layout = self.engine.keymap.tokens  # a transformer's packed patches (tokens.py)
+            packed = layout is not None and len(shape) == 2
             if packed:
-                h, w = self.engine.latent
-                grid = (h // 2, w // 2)
+                grid = layout.grid(self.engine.latent)
                 if grid[0] * grid[1] != shape[0]:
                     return None
             else:

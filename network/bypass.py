@@ -27,7 +27,6 @@ from torch import Tensor, nn
 
 from .algorithms import factor_bypass_ok, is_conv, pointwise
 from .blend import Layout
-from .flux_keys import Tokens
 from .keymap import frozen
 from .quantized import dequantize
 from .regions import RegionMaps, grid_for
@@ -273,22 +272,26 @@ class Runtime:
     def _token_region(self, target, region, n: int, device) -> Optional[Tuple[Tensor, Tensor]]:
         """A region's values on a layer's N tokens and the indices where it acts, or None
         when the tokens are no image grid. A UNet layer's grid follows from its token count;
-        a Flux-family layer says its layout: the packed 2×2 patches of the latent, after the
-        text tokens in the single blocks (flux_keys.Tokens)."""
+        a transformer layer says what its rows are (tokens.Tokens) and the model where the
+        packed patches sit among them (tokens.TokenLayout: after or before the text tokens
+        of a joint sequence, padding after them)."""
         if target.tokens is None:
             n = n if self.subset is None else self._full_tokens
             shape = grid_for(n, self.engine.latent)
             return None if shape is None else self._tokens_inside(region, shape, device)
         key = (region, target.tokens, n, str(device))
         if key not in self._subsets:
-            h, w = self.engine.latent
-            grid = self.maps.on_grid(region, (h // 2, w // 2), device)
-            text = n - grid.values.numel()
-            if target.tokens not in (Tokens.IMAGE, Tokens.JOINT) or text < 0 or \
-                    (target.tokens is Tokens.IMAGE and text):
+            layout = self.engine.keymap.tokens
+            grid = self.maps.on_grid(region, layout.grid(self.engine.latent), device)
+            cells = grid.values.numel()
+            place = layout.image_place(target.tokens, n, cells)
+            if place is None:
                 return None
-            values = torch.cat([grid.values.new_zeros(text), grid.values])
-            self._subsets[key] = (values, grid.inside + text)
+            first, frames = place
+            values = torch.cat([grid.values.new_zeros(first), grid.values.repeat(frames),
+                                grid.values.new_zeros(n - first - frames * cells)])
+            inside = torch.cat([grid.inside + first + f * cells for f in range(frames)])
+            self._subsets[key] = (values, inside)
         return self._subsets[key][:2]
 
     def _tokens_inside(self, region, shape, device) -> Tuple[Tensor, Tensor]:

@@ -1,5 +1,12 @@
-"""Which architecture (SD1, SD2, SDXL, Flux, Chroma) a file was made for, from its keys and
-shapes alone.
+"""Which architecture (SD1, SD2, SDXL, Flux, Chroma, Z-Image, Qwen-Image, SD3) a file was made
+for, from its keys and shapes alone.
+
+Z-Image, Qwen-Image and SD3 are told first, each by layers only it has (Z-Image's
+`layers.N.attention` and refiners, Qwen-Image's `img_mlp`/`txt_mod`, SD3's `joint_blocks`,
+`attn2` or patch embedder); a file in diffusers' names that holds only the attention of
+`transformer_blocks.N` (the name Flux's double blocks share) by its deepest block (beyond
+SD3's 38 only Qwen-Image has) or its width (SD3.5's 1536 or 2432; Flux and Qwen-Image are
+3072 wide).
 
 The Flux family is told first, by its blocks (double- and single-stream, in any naming) or its
 T5 text encoder; Chroma from Flux by Chroma's distilled guidance layer, which Flux lacks, else
@@ -17,8 +24,9 @@ from __future__ import annotations
 import re
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-ARCHS = ("sd1", "sd2", "sdxl", "flux", "chroma")
+ARCHS = ("sd1", "sd2", "sdxl", "flux", "chroma", "zimage", "qwenimage", "sd3", "wan22")
 FLUX_FAMILY = ("flux", "chroma")
+TRANSFORMERS = FLUX_FAMILY + ("zimage", "qwenimage", "sd3", "wan22")
 CONTEXT_WIDTH = {768: ("sd1",), 1024: ("sd2",), 2048: ("sdxl",)}
 TEXT_WIDTH = {768: ("sd1", "sdxl"), 1024: ("sd2",), 1280: ("sdxl",)}
 
@@ -36,6 +44,48 @@ _DOWN_PARTS = ("lora_down.weight", "lora_A.weight", "diff", "weight")
 _FLUX_BLOCKS = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks)[._]\d+[._]")
 _T5 = re.compile(r"^(lora_te3_|lycoris_te3_)|t5xxl|(^|[._])encoder[._]block[._]\d+[._]layer[._]")
 _CHROMA = re.compile(r"distilled_guidance_layer")
+_ZIMAGE = re.compile(r"(^|[._])((layers|noise_refiner|context_refiner)[._]\d+[._](attention|"
+                     r"feed_forward)[._]|all_x_embedder|all_final_layer|cap_embedder)")
+# `transformer_blocks` at the top of a transformer, not inside an SD UNet's attentions.N
+_TOP_BLOCKS = r"(^|(?<![0-9][._])(?<=[._]))transformer_blocks"
+_QWEN = re.compile(_TOP_BLOCKS + r"[._]\d+[._](img|txt)_(mlp|mod)[._]|(^|[._])txt_norm[._]")
+_SD3 = re.compile(r"(^|[._])joint_blocks[._]\d+[._]|" + _TOP_BLOCKS + r"[._]\d+[._]attn2[._]|"
+                  r"(^|[._])pos_embed[._]proj")
+_WAN = re.compile(r"^(model[._])?(diffusion_model[._]|transformer[._]|lora_unet_+|lycoris_|"
+                  r"lora_transformer_|base_model[._]model[._])?blocks[._]\d+[._]"
+                  r"(self_attn|cross_attn|attn1|attn2|ffn)[._]")
+_JOINT_LAYER = re.compile(_TOP_BLOCKS + r"[._](\d+)[._](attn[._](to_|add_)|ff|norm1)")
+SD3_WIDTHS = (1536, 2432)  # SD3.5 Medium, Large: 64 per block
+LAST_FLUX_DOUBLE, LAST_SD3_JOINT = 18, 37
+
+
+def _dit(keys: Sequence[str], shape: Callable[[str], Sequence[int]]
+         ) -> Optional[Tuple[Optional[str], List[str]]]:
+    """Z-Image, Wan, Qwen-Image or SD3 by layers only they have; for diffusers names three
+    trees share (`transformer_blocks.N.attn.to_q`), by block index and width; (None,
+    reasons) when those say a transformer but not which."""
+    if any(_ZIMAGE.search(k) for k in keys):
+        return "zimage", ["it has Z-Image's layers (layers.N.attention, refiners, cap_embedder)"]
+    if any(_WAN.search(k) for k in keys):  # before SD3: `lora_transformer_blocks_0_attn2`
+        return "wan22", ["it has Wan's blocks (self- and cross-attention)"]
+    if any(_QWEN.search(k) for k in keys):
+        return "qwenimage", ["it has Qwen-Image's img/txt MLP or modulation layers"]
+    if any(_SD3.search(k) for k in keys):
+        return "sd3", ["it has SD3's joint blocks (MMDiT)"]
+    if any(_FLUX_BLOCKS.search(k) for k in keys):
+        return None  # Flux's single-stream blocks
+    joint = [k for k in keys if _JOINT_LAYER.search(k)]
+    if not joint:
+        return None
+    deepest = max(int(_JOINT_LAYER.search(k).group(2)) for k in joint)
+    if deepest > LAST_SD3_JOINT:
+        return "qwenimage", [f"it has a double-stream block {deepest} (Qwen-Image has 60)"]
+    for k in joint:
+        width = _input_width(k, shape)
+        if width in SD3_WIDTHS:
+            return "sd3", [f"its joint blocks are {width} wide (SD3.5)"]
+    # Flux's double blocks and Qwen-Image's in diffusers' names: it loads on either
+    return None, ["its transformer_blocks fit Flux and Qwen-Image alike"]
 
 
 def _flux_family(keys: Sequence[str]) -> Optional[Tuple[str, List[str]]]:
@@ -54,12 +104,15 @@ def detect_architecture(keys: Iterable[str], shape: Callable[[str], Sequence[int
                         metadata_arch: Optional[str] = None) -> Tuple[Optional[str], List[str]]:
     """(architecture or None when the signals disagree or are absent, the reasons)."""
     keys = list(keys)
+    dit = _dit(keys, shape)
+    if dit is not None:
+        return dit
     family = _flux_family(keys)
     if family is not None:
         return family
-    if metadata_arch in FLUX_FAMILY:
+    if metadata_arch in TRANSFORMERS:
         return metadata_arch, [f"its metadata says {metadata_arch}"]
-    votes: Dict[str, List[str]] = {a: [] for a in ARCHS if a not in FLUX_FAMILY}
+    votes: Dict[str, List[str]] = {a: [] for a in ARCHS if a not in TRANSFORMERS}
 
     def vote(archs: Sequence[str], reason: str):
         for a in archs:

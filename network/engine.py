@@ -43,7 +43,7 @@ from .batched_merge import Job
 from .cache import NetworkCache
 from .calibrate import Calibration, calibration
 from .files import NetworkFileError
-from .flux_keys import Tokens
+from .tokens import Tokens
 from .keymap import Family, KeyMap, Target, linear_like
 from .quantized import dequantize_as
 from .requantize import requantize, requantizer
@@ -519,6 +519,8 @@ class Engine:
         needs every cross-attention); or on its resblock's feature map (time embedding)."""
         units: Dict[str, AttentionUnit] = {}
         unet = self.trees.get("unet")
+        if self.keymap.tokens is not None:  # a transformer: its attn2 (SD3.5) sees no text
+            return units
 
         def unit(path: str) -> AttentionUnit:
             if path not in units:
@@ -554,12 +556,14 @@ class Engine:
 
     def _tokens(self, target: Target, levels: int) -> int:
         """Rows a UNet layer sees per forward: latent pixels at its level (or the 77 text
-        tokens for cross-attention keys and values), times the batch. A Flux-family layer
-        sees the packed 2×2 patches and, in the single blocks, Flux's 512 text tokens too
-        (an upper bound: the modulation layers see one row per image)."""
+        tokens for cross-attention keys and values), times the batch. A transformer layer
+        sees the packed 2×2 patches and, in joint sequences, the text tokens too (an upper
+        bound: the modulation layers see one row per image; tokens.TokenLayout)."""
         h, w = self.latent
-        if self.keymap.family is Family.FLUX:
-            return ((h // 2) * (w // 2) + 512) * self.batch
+        layout = self.keymap.tokens
+        if layout is not None:
+            gh, gw = layout.grid((h, w))
+            return (gh * gw + layout.text) * self.batch
         if CROSS_KV.search(target.name):
             return 77 * self.batch
         level = _level(target.block, levels)
@@ -869,7 +873,7 @@ def _maskable(target: Target, family: Family) -> bool:
     the text encoders (the network's own encoding, run as its stream: blend.py) and on the
     layers that see image tokens. Its text stream and the layers that hold one vector per
     image stay as they are (flux_keys.Tokens): no token of theirs lies in a region."""
-    if family is not Family.FLUX or target.component != "unet":
+    if family is Family.SD or target.component != "unet":
         return True
     return target.tokens in (Tokens.IMAGE, Tokens.JOINT)
 
@@ -879,7 +883,8 @@ def _unmasked_note(entry: "Entry", targets: List[Target]) -> str:
     vector = len(targets) - stream
     parts = [f"{n} {what}" for n, what in ((stream, "text-stream layers"),
                                           (vector, "embedding and modulation layers")) if n]
-    return (f"{entry.net.kind}:{entry.net.name}: regional on a Flux-family model, it acts on "
+    return (f"{entry.net.kind}:{entry.net.name}: regional on a model with joint attention "
+            "(Flux, Z-Image, Qwen-Image, SD3), it acts on "
             f"the image tokens inside its region; left out on {', '.join(parts)}, which "
             "see no image tokens")
 

@@ -21,27 +21,12 @@ single-block `qkv_lora` holds q, k, v of `linear1` without the MLP rows).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from enum import Enum
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 from torch import nn
 
-from .quantized import logical_shape
-
-
-@dataclass(frozen=True)
-class Segment:
-    """`length` rows of a canonical layer from row `start`, at row `offset` of the weight
-    (a host layer's or a file layer's) that holds them."""
-
-    layer: str
-    start: int
-    offset: int
-    length: int
-
-
-Span = Tuple[Segment, ...]
+from .dit_keys import DIFFUSERS, NATIVE, DitKeys, block_namer, Segment, Span, fill, match, pattern
+from .tokens import Order, TokenLayout, Tokens
 
 # Canonical fused layers and the diffusers layers that split them, in row order. A "{}" is
 # the block index; the last part of linear1 (the MLP input) takes the rows the others leave.
@@ -98,31 +83,7 @@ XLABS = {
 XLABS_QKV_ONLY = "single_blocks.{}.linear1"
 
 
-def _pattern(template: str) -> re.Pattern:
-    return re.compile(re.escape(template).replace(r"\{\}", r"(\d+)") + "$")
-
-
-def _match(table, name: str) -> Optional[Tuple[str, str]]:
-    """(template key, its index or "") of the table entry `name` fills."""
-    for template in table:
-        m = _pattern(template).match(name)
-        if m:
-            return template, (m.group(1) if m.groups() else "")
-    return None
-
-
-_SPLIT_PARTS = {d: (fused, i) for fused, parts in FUSED.items() for i, d in enumerate(parts)}
-_RENAMED_BACK = {d: c for c, d in RENAMED.items()}
-_SWAPPED_BACK = {d: c for c, d in SWAPPED.items()}
-
-
-class Tokens(Enum):
-    """What the rows of a Flux-family layer's input are: where a region can act."""
-
-    IMAGE = "image"  # the latent's 2×2 patches, row by row: a region's mask on that grid
-    TEXT = "text"  # the text stream: a regional network leaves it alone
-    JOINT = "joint"  # the single blocks: the text tokens, then the image tokens
-    VECTOR = "vector"  # one row per image (embedders, modulations): no place to mask
+_pattern, _match, _fill = pattern, match, fill  # the names tests/test_flux.py reads
 
 
 def tokens_of(layer: str) -> Tokens:
@@ -138,29 +99,22 @@ def tokens_of(layer: str) -> Tokens:
 
 
 def tree_layout(root: nn.Module) -> Optional[str]:
-    """"bfl" (double_blocks, single_blocks: BFL, ComfyUI, Forge Neo), "diffusers"
+    """NATIVE (double_blocks, single_blocks: BFL, ComfyUI, Forge Neo), DIFFUSERS
     (transformer_blocks, single_transformer_blocks) or None when `root` is no Flux-family
     transformer."""
     children = dict(root.named_children())
     if "double_blocks" in children and "single_blocks" in children:
-        return "bfl"
+        return NATIVE
     if "transformer_blocks" in children and "single_transformer_blocks" in children and \
             "x_embedder" in children and "context_embedder" in children:
-        return "diffusers"
+        return DIFFUSERS
     return None
 
 
-def block_of(layer: str) -> Optional[str]:
-    """The block (blocks.FLUX_BLOCKS) of a canonical layer."""
-    m = re.match(r"(double|single)_blocks\.(\d+)\.", layer)
-    if m:
-        return f"{'D' if m.group(1) == 'double' else 'S'}{int(m.group(2)):02d}"
-    if layer.startswith(("img_in", "txt_in", "time_in", "vector_in", "guidance_in",
-                         "distilled_guidance_layer")):
-        return "IN"
-    if layer.startswith("final_layer"):
-        return "OUT"
-    return None
+# The blocks of blocks.FLUX_BLOCKS.
+block_of = block_namer({"double_blocks": "D", "single_blocks": "S"},
+                       ("img_in", "txt_in", "time_in", "vector_in", "guidance_in",
+                        "distilled_guidance_layer"), ("final_layer",))
 
 
 def part_rows(fused: str, rows: int, width: int) -> Tuple[int, ...]:
@@ -171,97 +125,18 @@ def part_rows(fused: str, rows: int, width: int) -> Tuple[int, ...]:
     return (rows // 3,) * 3
 
 
-def _fill(template: str, index: str) -> str:
-    return template.replace("{}", index)
-
-
-def host_layers(root: nn.Module, patchable) -> Iterator[Tuple[str, nn.Module, Span]]:
-    """(path, module, span) of every patchable layer of a Flux-family transformer."""
-    layout = tree_layout(root)
-    if layout is None:
-        raise ValueError(f"{type(root).__name__} is no Flux-family transformer")
-    modules = dict(root.named_modules())
-    for path, module in modules.items():
-        if not patchable(module) or getattr(module, "weight", None) is None or \
-                len(logical_shape(module)) != 2:
-            continue  # the family's layers are all Linear; norms without affine have no weight
-        rows = logical_shape(module)[0]
-        if layout == "bfl":
-            yield path, module, (Segment(path, 0, 0, rows),)
-            continue
-        span = _diffusers_span(path, rows, modules)
-        if span is not None:
-            yield path, module, span
-
-
-def _diffusers_span(path: str, rows: int, modules) -> Optional[Span]:
-    hit = _match(_SPLIT_PARTS, path)
-    if hit:
-        fused, i = _SPLIT_PARTS[hit[0]]
-        siblings = [modules.get(_fill(p, hit[1])) for p in FUSED[fused]]
-        if any(s is None for s in siblings):
-            return None
-        start = sum(logical_shape(s)[0] for s in siblings[:i])
-        return (Segment(_fill(fused, hit[1]), start, 0, rows),)
-    hit = _match(_SWAPPED_BACK, path)
-    if hit:
-        half = rows // 2
-        layer = _fill(_SWAPPED_BACK[hit[0]], hit[1])
-        return (Segment(layer, half, 0, half), Segment(layer, 0, half, half))
-    hit = _match(_RENAMED_BACK, path)
-    if hit:
-        return (Segment(_fill(_RENAMED_BACK[hit[0]], hit[1]), 0, 0, rows),)
-    return None
-
-
-def _us(path: str) -> str:
-    return path.replace(".", "_")
-
-
-BFL_PREFIXES = ("diffusion_model.", "model.diffusion_model.", "transformer.", "base_model.model.", "")
-DIFFUSERS_PREFIXES = ("transformer.", "")
-
-
-def file_spellings(layers: Dict[str, Tuple[int, int]]) -> Iterator[Tuple[str, Span]]:
-    """(name, span) of every layer name a file may use, for canonical layers
-    {name: (rows, input width)}."""
-    for layer, (rows, width) in layers.items():
-        whole = (Segment(layer, 0, 0, rows),)
-        names = [p + layer for p in BFL_PREFIXES] + ["lora_unet_" + _us(layer),
-                                                     "lycoris_" + _us(layer)]
-        for name in names:
-            yield name, whole
-        for d, span in _diffusers_names(layer, rows, width):
-            for name in [p + d for p in DIFFUSERS_PREFIXES] + [
-                    "lora_transformer_" + _us(d), "lycoris_" + _us(d), "lora_unet_" + _us(d)]:
-                yield name, span
-        for x, span in _xlabs_names(layer, rows, width):
-            for prefix in ("", "diffusion_model."):
-                yield prefix + x, span
-
-
-def _diffusers_names(layer: str, rows: int, width: int) -> Iterator[Tuple[str, Span]]:
-    hit = _match(FUSED, layer)
-    if hit:
-        start = 0
-        for part, n in zip(FUSED[hit[0]], part_rows(layer, rows, width)):
-            yield _fill(part, hit[1]), (Segment(layer, start, 0, n),)
-            start += n
-        return
-    hit = _match(SWAPPED, layer)
-    if hit:
-        half = rows // 2
-        yield _fill(SWAPPED[hit[0]], hit[1]), (Segment(layer, half, 0, half),
-                                              Segment(layer, 0, half, half))
-        return
-    hit = _match(RENAMED, layer)
-    if hit:
-        yield _fill(RENAMED[hit[0]], hit[1]), (Segment(layer, 0, 0, rows),)
-
-
 def _xlabs_names(layer: str, rows: int, width: int) -> Iterator[Tuple[str, Span]]:
     for x, canonical in XLABS.items():
         m = _pattern(canonical).match(layer)
         if m:
             held = 3 * width if canonical == XLABS_QKV_ONLY else rows
-            yield _fill(x, m.group(1)), (Segment(layer, 0, 0, held),)
+            for prefix in ("", "diffusion_model."):
+                yield prefix + _fill(x, m.group(1)), (Segment(layer, 0, 0, held),)
+
+
+# Text first in the joint sequence, on both trees (BFL and diffusers alike).
+FLUX = DitKeys("flux", tree_layout, tokens_of, block_of,
+               tokens={NATIVE: TokenLayout(Order.TEXT_FIRST), DIFFUSERS: TokenLayout(Order.TEXT_FIRST)},
+               fused=FUSED, renamed=RENAMED, swapped=SWAPPED, part_rows=part_rows,
+               extra_names=_xlabs_names)
+host_layers, file_spellings = FLUX.host_layers, FLUX.file_spellings

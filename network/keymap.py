@@ -17,16 +17,23 @@ from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 from torch import Tensor, nn
 
-from . import flux_keys, quantized, t5_keys
+from . import dit_keys, quantized, t5_keys
+from .dit_arches import ARCHES
+from .tokens import TokenLayout, Tokens
 
 PATCHABLE = (nn.Linear, nn.Conv2d, nn.GroupNorm, nn.LayerNorm)
 
 
 class Family(Enum):
-    """Which kind of model the trees are: the SD UNets, or the Flux family's transformers."""
+    """Which kind of model the trees are: the SD UNets, or one of the transformers
+    (dit_arches.py; Chroma is the Flux family's)."""
 
     SD = "sd"
     FLUX = "flux"
+    ZIMAGE = "zimage"
+    QWENIMAGE = "qwenimage"
+    SD3 = "sd3"
+    WAN22 = "wan22"
 
 COMPONENTS = ("unet", "te1", "te2")
 
@@ -67,7 +74,7 @@ class Target:
     param: str = "weight"  # "weight", or "in_proj_weight" / "out_proj.weight" of an OpenCLIP MHA
     chunk: Optional[Tuple[int, int]] = None  # (index, count) of q/k/v inside in_proj_weight
     block: Optional[str] = None  # BASE, INxx, M00, OUTxx; None for UNet layers outside blocks
-    tokens: Optional[flux_keys.Tokens] = None  # a Flux-family layer's rows; None: found by grid
+    tokens: Optional[Tokens] = None  # a transformer layer's rows; None: found by grid
     quant: Optional[quantized.Quant] = None  # stored quantized: networks run beside it only
 
     @property
@@ -306,8 +313,10 @@ def text_spellings(component: str, hf: str) -> List[str]:
     names = [k + _us(full) for k in kohya]
     names += [p + n for p in peft for n in (full, hf)]
     names += [c + full for c in ckpt]
-    if component == "te1":  # ComfyUI's names for Flux's CLIP-L
+    if component == "te1":  # ComfyUI's names for Flux's and SD3's CLIP-L
         names.append("text_encoders.clip_l.transformer." + full)
+    else:  # and for SD3's CLIP-G
+        names.append("text_encoders.clip_g.transformer." + full)
     openclip = _openclip_name(hf)
     if openclip:  # SD2's and SDXL-G's OpenCLIP in LDM checkpoints
         names.append(("cond_stage_model.model." if component == "te1" else
@@ -358,6 +367,13 @@ def _joined(pieces: List[Piece]) -> List[Piece]:
     return out
 
 
+def _transformer_keys(unet: Optional[nn.Module]) -> Optional[dit_keys.DitKeys]:
+    """The transformer architecture whose tree `unet` is, or None (an SD UNet, or none)."""
+    if unet is None:
+        return None
+    return next((keys for keys in ARCHES if keys.tree_layout(unet) is not None), None)
+
+
 class KeyMap:
     """Every host target by every name a file may give it. Layers whose weight cannot take a
     merge (`frozen`) are kept apart: no file reaches them, `refused` says which keys meant to.
@@ -370,14 +386,17 @@ class KeyMap:
             raise ValueError(f"unknown components {sorted(unknown)}; use {COMPONENTS}")
         self.targets: List[Target] = []
         self._by_name: Dict[str, List[Target]] = {}
-        self._views: Dict[str, List[Piece]] = {}  # Flux-family names -> rows of targets
+        self._views: Dict[str, List[Piece]] = {}  # transformer names -> rows of targets
         self._frozen: Dict[str, Tuple[Target, str]] = {}  # spelling -> (target, why)
         unet = trees.get("unet")
-        flux = unet is not None and flux_keys.tree_layout(unet) is not None
-        self.family = Family.FLUX if flux or t5_keys.is_t5(trees.get("te2", nn.Module())) \
-            else Family.SD
-        if flux:
-            self._add_flux(unet)
+        keys = _transformer_keys(unet)
+        self.family = Family(keys.arch) if keys is not None else \
+            Family.FLUX if t5_keys.is_t5(trees.get("te2", nn.Module())) else Family.SD
+        # how the transformer lays out its tokens (None: an SD UNet, regions found by grid)
+        self.tokens: Optional[TokenLayout] = None
+        if keys is not None:
+            self.tokens = keys.tokens[keys.tree_layout(unet)]
+            self._add_transformer(unet, keys)
         elif unet is not None:
             for d, l, module in _unet_layers(unet):
                 path = l if hasattr(unet, "input_blocks") else d
@@ -385,7 +404,8 @@ class KeyMap:
         for component in ("te1", "te2"):
             if component not in trees:
                 continue
-            block = "BASE" if self.family is Family.SD else ("CLIP" if component == "te1" else "T5")
+            block = "BASE" if self.family in (Family.SD, Family.SD3) else \
+                ("CLIP" if component == "te1" else "T5")
             if t5_keys.is_t5(trees[component]):
                 for name, path, module in t5_keys.t5_layers(trees[component], patchable):
                     self._add(Target(component, name, path, module, block=block),
@@ -395,14 +415,14 @@ class KeyMap:
                 target = Target(component, hf, path, module, param, chunk, block=block)
                 self._add(target, text_spellings(component, hf))
 
-    def _add_flux(self, root: nn.Module) -> None:
-        """Targets of a Flux-family transformer and the rows every file name reaches."""
-        covering: Dict[str, List[Tuple[Target, flux_keys.Segment, Optional[str]]]] = {}
+    def _add_transformer(self, root: nn.Module, keys: dit_keys.DitKeys) -> None:
+        """Targets of a transformer and the rows every file name reaches."""
+        covering: Dict[str, List[Tuple[Target, dit_keys.Segment, Optional[str]]]] = {}
         canonical: Dict[str, Tuple[int, int]] = {}
-        for path, module, span in flux_keys.host_layers(root, patchable):
+        for path, module, span in keys.host_layers(root, patchable):
             layer = span[0].layer
-            target = _with_quant(Target("unet", path, path, module, block=flux_keys.block_of(layer),
-                                        tokens=flux_keys.tokens_of(layer)))
+            target = _with_quant(Target("unet", path, path, module, block=keys.block_of(layer),
+                                        tokens=keys.tokens_of(layer)))
             why = None if target.quant is not None else frozen(target.weight)
             if why is None:
                 self.targets.append(target)
@@ -410,7 +430,7 @@ class KeyMap:
                 covering.setdefault(seg.layer, []).append((target, seg, why))
                 rows, width = canonical.get(seg.layer, (0, int(target.shape[1])))
                 canonical[seg.layer] = (max(rows, seg.start + seg.length), width)
-        for name, span in flux_keys.file_spellings(canonical):
+        for name, span in keys.file_spellings(canonical):
             src_rows = sum(seg.length for seg in span)
             pieces = []
             for seg in span:

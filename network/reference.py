@@ -1,7 +1,10 @@
-"""The real SD1, SD2, SDXL, Flux and Chroma module trees, built on the meta device (shapes, no
-memory), so a file can be checked layer by layer without loading any model: `inspect` uses
-them. Configs are the published ones of SD 1.5, SD 2.1, SDXL 1.0 base, Flux.1-dev and Chroma
-(diffusers layout; the classes' defaults are those models'), with CLIP-L and T5-XXL v1.1."""
+"""The real SD1, SD2, SDXL, Flux, Chroma, Z-Image, Qwen-Image and SD3.5 module trees, built on
+the meta device (shapes, no memory), so a file can be checked layer by layer without loading
+any model: `inspect` uses them. Configs are the published ones of SD 1.5, SD 2.1, SDXL 1.0
+base, Flux.1-dev, Chroma, Z-Image Turbo and Qwen-Image (diffusers layout; the classes' defaults
+are those models'), SD3.5 Large (38 joint blocks of 64 per head; docs/design.md §5), with
+CLIP-L, OpenCLIP-G and T5-XXL v1.1. Z-Image's and Qwen-Image's language-model text encoders
+are not mapped, so their trees hold the transformer only."""
 from __future__ import annotations
 
 import functools
@@ -43,11 +46,13 @@ T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24
 FLUX_TEXT = {"flux": {"te1": CLIP_L, "te2": T5_XXL}, "chroma": {"te2": T5_XXL}}
 
 
-@functools.lru_cache(maxsize=3)
+@functools.lru_cache(maxsize=9)
 def reference_trees(arch: str) -> Dict[str, nn.Module]:
     """{"unet", "te1"[, "te2"]} of `arch` on the meta device ("unet": the denoiser)."""
     if arch in FLUX_TEXT:
         return _flux_trees(arch)
+    if arch in ("zimage", "qwenimage", "sd3", "wan22"):
+        return _dit_trees(arch)
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -75,4 +80,30 @@ def _flux_trees(arch: str) -> Dict[str, nn.Module]:
                 trees[component] = CLIPTextModel(CLIPTextConfig(
                     vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
                     eos_token_id=49407, **config))
+    return trees
+
+
+SD3_LARGE = dict(num_layers=38, attention_head_dim=64, num_attention_heads=38,
+                 caption_projection_dim=2432, pos_embed_max_size=192, qk_norm="rms_norm",
+                 sample_size=128, joint_attention_dim=4096, pooled_projection_dim=2048,
+                 out_channels=16)
+
+
+def _dit_trees(arch: str) -> Dict[str, nn.Module]:
+    from diffusers import (QwenImageTransformer2DModel, SD3Transformer2DModel,
+                           WanTransformer3DModel, ZImageTransformer2DModel)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    with torch.device("meta"):
+        if arch == "zimage":
+            return {"unet": ZImageTransformer2DModel()}
+        if arch == "qwenimage":
+            return {"unet": QwenImageTransformer2DModel()}
+        if arch == "wan22":  # one expert of A14B (both have this shape)
+            return {"unet": WanTransformer3DModel()}
+        trees = {"unet": SD3Transformer2DModel(**SD3_LARGE)}
+        for component, config in (("te1", CLIP_L), ("te2", TEXT["sdxl"]["te2"])):
+            trees[component] = CLIPTextModelWithProjection(CLIPTextConfig(
+                vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
+                eos_token_id=49407, **{"projection_dim": 768, **config}))
     return trees

@@ -310,6 +310,10 @@ def _block_sort(item) -> Tuple[int, int]:
         return (1, int(name[2:]))
     if name.startswith("M"):
         return (2, 0)
+    if name.startswith("B") and name != "BASE":  # Wan's blocks
+        return (4, int(name[1:]))
+    if name.startswith(("NR", "CR")):  # Z-Image's noise and context refiners
+        return (1, (100 if name[0] == "N" else 200) + int(name[2:]))
     if name.startswith("D"):  # Flux-family double- then single-stream blocks
         return (4, int(name[1:]))
     if name.startswith("S"):

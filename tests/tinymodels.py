@@ -176,7 +176,12 @@ def flux_transformer(arch="flux"):
     else:
         model = FluxTransformer2DModel(pooled_projection_dim=FLUX_POOLED, guidance_embeds=True,
                                        **common)
-    with torch.no_grad():  # a fresh model's zero-initialised output layers would hide every change
+    return no_zero_outputs(model)
+
+
+def no_zero_outputs(model):
+    """A fresh model's zero-initialised output layers would hide every change."""
+    with torch.no_grad():
         for p in model.parameters():
             if p.dim() >= 1 and float(p.abs().max()) == 0.0:
                 p.normal_(0, 0.05)

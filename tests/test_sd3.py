@@ -1,0 +1,121 @@
+"""SD3.5 (MMDiT): both trees a host may hold (diffusers' split q/k/v, Stability's and
+ComfyUI's fused qkv with the two-chunk modulations' halves swapped), Medium's second image
+attention, every published LoRA key format, LoKr/LoHa across fused and split layers, CLIP-L
+and CLIP-G keys, blocks, regions on the image stream and a blended start, `<model:>`,
+detection and inspect (tests/dit_contract.py says how each is checked)."""
+
+import pytest
+import torch
+
+import dit_contract as dc
+from engine_helpers import make_engine, plan
+from tinydits import SD3_POOLED, SD3_TEXT, sd3_native, sd3_to_native, sd3_transformer
+from tinymodels import TE1_WIDTH, TE2_WIDTH, hf_text
+
+from netweave.network.detect import detect_architecture
+from netweave.network.keymap import KeyMap
+from netweave.network.sd3_keys import tokens_of
+
+H, W, TXT = 8, 12, 5  # latent (4×6 patches), text tokens
+# ai-toolkit writes SD3 in diffusers' names under `transformer.` (the "diffusers" format)
+FORMATS = tuple(f for f in dc.FORMATS if f != "aitoolkit")
+
+
+def inputs(batch=2):
+    torch.manual_seed(11)
+    return dict(hidden_states=torch.randn(batch, 4, H, W),
+                encoder_hidden_states=torch.randn(batch, TXT, SD3_TEXT),
+                pooled_projections=torch.randn(batch, SD3_POOLED), timestep=torch.full((batch,), 600.0))
+
+
+def run(model, x):
+    with torch.no_grad():
+        return model(**x).sample
+
+
+@pytest.fixture(scope="module")
+def case():
+    return dc.Case("sd3", sd3_transformer, sd3_native, sd3_to_native, inputs, run)
+
+
+@pytest.fixture(scope="module")
+def base(case):
+    return case.model, case.parts
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_on_the_diffusers_tree_matches_merging_the_full_delta(fmt, case, tmp_path):
+    dc.check_format_on_diffusers(case, fmt, tmp_path)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_on_the_original_tree_adds_the_full_delta(fmt, case, tmp_path):
+    dc.check_format_on_native(case, fmt, tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "native"])
+def test_lokr_on_fused_qkv_and_loha_on_split_parts_reach_either_tree(layout, case, tmp_path):
+    dc.check_kron_and_hada(case, layout, tmp_path)
+
+
+def test_clip_l_and_clip_g_keys_reach_their_encoders():
+    trees = {"unet": sd3_transformer(), "te1": hf_text(TE1_WIDTH, projection=True),
+             "te2": hf_text(TE2_WIDTH, projection=True)}
+    km = KeyMap(trees)
+    for key, component in (("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", "te1"),
+                           ("lora_te2_text_model_encoder_layers_1_mlp_fc1", "te2"),
+                           ("text_encoders.clip_g.transformer.text_model.encoder.layers.0.mlp.fc2", "te2"),
+                           ("text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc2", "te1")):
+        (piece,) = km.pieces(key)
+        assert piece.target.component == component and piece.target.block == "BASE", key
+
+
+def test_blocks_and_groups_name_the_models_own_structure(base, tmp_path):
+    model, parts = base
+    blocks = {t.name: t.block for t in KeyMap({"unet": model}).targets}
+    assert (blocks["pos_embed.proj"], blocks["time_text_embed.text_embedder.linear_2"],
+            blocks["transformer_blocks.0.attn2.to_v"], blocks["transformer_blocks.1.norm1_context.linear"],
+            blocks["norm_out.linear"]) == ("IN", "IN", "D00", "D01", "OUT")
+    native = sd3_native(model)
+    deltas = dc.write_format(tmp_path / "net.safetensors", dc.random_network(native), "kohya", parts)
+    lbw = ",".join(["1", "0", "1"] + ["0"] * 37 + ["1"])  # BASE, IN, D00–D37, OUT
+    for tag, kept in (("<lora:net:1:double=0>", ("x_embedder", "context_embedder", "t_embedder",
+                                                 "y_embedder", "final_layer")),
+                      (f"<lora:net:1:lbw={lbw}>", ("joint_blocks.0.", "final_layer")),
+                      ("<lora:net:1:in=0:out=0:D00=0>", ("joint_blocks.1.",))):
+        host = sd3_native(model)
+        engine = make_engine({"unet": host}, "sd3", tmp_path)
+        assert engine.activate(plan(tag, "sd3", steps=2)) == []
+        engine.set_step(0)
+        dc.assert_native_weights(host, dc.weights(native), {n: d for n, d in deltas.items()
+                                                              if n.startswith(kept)})
+        engine.deactivate()
+
+
+def test_a_region_acts_on_the_image_stream_exactly_and_a_blended_start_keeps_the_rest(case, tmp_path):
+    dc.check_regions(case, tmp_path, (H, W), tokens_of, lambda n: slice(0, n),
+                     lambda out: (out[..., :W // 2], out[..., W // 2:]))
+
+
+@pytest.mark.parametrize("host", ["diffusers", "native"])
+def test_model_blend_from_a_checkpoint_in_the_other_layout(host, case, tmp_path):
+    dc.check_model_blend(case, host, tmp_path)
+
+
+def test_detection_of_every_format_and_of_checkpoints(case, tmp_path):
+    dc.check_formats_detected(case, FORMATS, tmp_path)
+    # attention only, in diffusers' names: SD3.5's width tells it from Flux and Qwen-Image
+    assert detect_architecture(["transformer.transformer_blocks.3.attn.to_q.lora_A.weight"],
+                               lambda k: (4, 1536))[0] == "sd3"
+    assert detect_architecture(["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"],
+                               lambda k: (4, 16))[0] == "sd3"
+
+
+def test_inspect_maps_a_real_size_file_onto_the_real_trees(tmp_path):
+    dc.check_inspect(tmp_path, {  # SD3.5 Large: the last block's text qkv, an MLP, CLIP-G
+        "lora_unet_joint_blocks_37_context_block_attn_qkv.lora_down.weight": (1, 2432),
+        "lora_unet_joint_blocks_37_context_block_attn_qkv.lora_up.weight": (7296, 1),
+        "transformer.transformer_blocks.0.ff.net.0.proj.lora_A.weight": (1, 2432),
+        "transformer.transformer_blocks.0.ff.net.0.proj.lora_B.weight": (9728, 1),
+        "lora_te2_text_model_encoder_layers_31_mlp_fc1.lora_down.weight": (1, 1280),
+        "lora_te2_text_model_encoder_layers_31_mlp_fc1.lora_up.weight": (5120, 1)}, "sd3", 3 + 1 + 1)

@@ -1,0 +1,93 @@
+"""Wan 2.2 A14B, one expert (its two experts share this shape; one tag for both experts is
+not built yet): both trees (diffusers' `attn1`/`attn2`, the original `self_attn`/`cross_attn`),
+every published LoRA key format, blocks, regions on the video's patches (every frame) with
+cross-attention's text side left alone and a blended start, `<model:>`, detection and inspect
+(tests/dit_contract.py says how each is checked)."""
+
+import pytest
+import torch
+
+import dit_contract as dc
+from engine_helpers import make_engine, plan
+from tinydits import WAN_TEXT, wan_native, wan_to_native, wan_transformer
+
+from netweave.network.detect import detect_architecture
+from netweave.network.keymap import KeyMap
+from netweave.network.wan_keys import tokens_of
+
+F, H, W, TXT = 2, 8, 12, 5  # frames, latent (4×6 patches a frame), text tokens
+# musubi-tuner and ComfyUI write the original names; diffusers, OneTrainer and SimpleTuner
+# diffusers' (ai-toolkit's ComfyUI export is the "comfy" format here)
+FORMATS = tuple(f for f in dc.FORMATS if f != "aitoolkit")
+
+
+def inputs(batch=2):
+    torch.manual_seed(11)
+    return dict(hidden_states=torch.randn(batch, 4, F, H, W),
+                encoder_hidden_states=torch.randn(batch, TXT, WAN_TEXT),
+                timestep=torch.full((batch,), 600.0))
+
+
+def run(model, x):
+    with torch.no_grad():
+        return model(**x).sample
+
+
+@pytest.fixture(scope="module")
+def case():
+    return dc.Case("wan22", wan_transformer, wan_native, wan_to_native, inputs, run)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_on_the_diffusers_tree_matches_merging_the_full_delta(fmt, case, tmp_path):
+    dc.check_format_on_diffusers(case, fmt, tmp_path)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_format_on_the_original_tree_adds_the_full_delta(fmt, case, tmp_path):
+    dc.check_format_on_native(case, fmt, tmp_path)
+
+
+def test_blocks_and_groups(case, tmp_path):
+    blocks = {t.name: t.block for t in KeyMap({"unet": case.model}).targets}
+    assert (blocks["condition_embedder.time_proj"], blocks["blocks.1.attn2.to_k"],
+            blocks["proj_out"]) == ("IN", "B01", "OUT")
+    native = wan_native(case.model)
+    deltas = dc.write_format(tmp_path / "net.safetensors", dc.random_network(native), "kohya", case.parts)
+    host = wan_native(case.model)
+    engine = make_engine({"unet": host}, "wan22", tmp_path)
+    assert engine.activate(plan("<lora:net:1:in=0:B00=0.5:out=0>", "wan22", steps=2)) == []
+    engine.set_step(0)
+    dc.assert_native_weights(host, dc.weights(native), {
+        n: (0.5 if n.startswith("blocks.0.") else 1.0) * d for n, d in deltas.items()
+        if n.startswith("blocks.")})
+    engine.deactivate()
+
+
+def test_a_region_acts_on_every_frames_patches_and_a_blended_start_keeps_the_rest(case, tmp_path):
+    """The same mask on each frame's patches; cross-attention's keys and values (the text
+    side) and the embedders untouched."""
+    dc.check_regions(case, tmp_path, (H, W), tokens_of, lambda n: slice(0, n),
+                     lambda out: (out[..., :W // 2], out[..., W // 2:]))
+
+
+@pytest.mark.parametrize("host", ["diffusers", "native"])
+def test_model_blend_from_a_checkpoint_in_the_other_layout(host, case, tmp_path):
+    dc.check_model_blend(case, host, tmp_path)
+
+
+def test_detection(case, tmp_path):
+    dc.check_formats_detected(case, FORMATS, tmp_path)
+    shape = lambda k: (4, 5120)  # noqa: E731
+    assert detect_architecture(["lora_unet__blocks_0_self_attn_q.lora_down.weight"], shape)[0] == "wan22"
+    # an SD UNet's transformer_blocks.N.attn1 are no Wan blocks
+    assert detect_architecture(["lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"
+                                ".lora_down.weight"], shape)[0] != "wan22"
+
+
+def test_inspect_maps_a_real_size_file_onto_the_real_tree(tmp_path):
+    dc.check_inspect(tmp_path, {
+        "diffusion_model.blocks.39.cross_attn.k.lora_A.weight": (1, 5120),
+        "diffusion_model.blocks.39.cross_attn.k.lora_B.weight": (5120, 1),
+        "lora_unet_blocks_0_ffn_0.lora_down.weight": (1, 5120),
+        "lora_unet_blocks_0_ffn_0.lora_up.weight": (13824, 1)}, "wan22", 2)

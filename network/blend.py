@@ -216,7 +216,7 @@ def stream_steps(engine, phase: str, steps: int) -> List[Now]:
     cross-attention, the regional networks acting on a text encoder then (their streams)."""
     acting: Dict[int, np.ndarray] = {}
     text: Dict[int, np.ndarray] = {}
-    streams = engine.keymap.family is Family.FLUX  # joint attention: no cross-attention
+    streams = engine.keymap.family is not Family.SD  # joint attention: no cross-attention
     for slot in engine._slots.values():
         for c in slot.contributions:
             if c.region is not None and phase in c.series:

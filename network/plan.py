@@ -17,6 +17,7 @@ import numpy as np
 from ..parser import (BUILTIN_REGIONS, Diagnostic, Mask, Not, Position, Prompt, Region, Scaled,
                       Schedule, Tag, Window, format_region, format_tag, parse, snippet)
 from ..parser.parse import strictly
+from ..parser.transform import EXPERTS
 from .blocks import (ARCH_TITLES, BLOCKS, GROUPS, TEXT_ENCODER_TITLES, TEXT_ENCODERS, group_of,
                      resolve_weights)
 from .schedule import EPS, evaluate, index_of, window_mask
@@ -55,6 +56,9 @@ class CompileContext:
     hires_sigmas: Optional[Tuple[float, ...]] = None
     # False for guidance-distilled models (Flux dev/schnell): no negative rows, so neg= warns
     negative_rows: bool = True
+    # which expert of a two-expert model (Wan 2.2: "high" noise, then "low") the plan is for:
+    # a tag's high=/low= multiply its unet strength there; None: a model of one denoiser
+    expert: Optional[str] = None
 
     def __post_init__(self):
         if self.arch not in BLOCKS:
@@ -63,6 +67,8 @@ class CompileContext:
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and 1 <= value <= MAX_STEPS):
                 raise ValueError(f"{name} must be a whole number from 1 to {MAX_STEPS}, not {value!r}")
+        if self.expert not in (None,) + EXPERTS:
+            raise ValueError(f"expert must be one of {', '.join(EXPERTS)} or None, not {self.expert!r}")
         if not 0.0 <= float(self.blend) <= 1.0:
             raise ValueError(f"blend must be a fraction of the pass in [0, 1], not {self.blend!r}")
         for name, steps in (("sigmas", self.steps), ("hires_sigmas", self.hires_steps)):
@@ -250,6 +256,10 @@ def _check(tag: Tag, ctx: CompileContext, problem) -> None:
     for group, _ in tag.groups:
         if not len(GROUP_ROWS[ctx.arch][group]):
             problem(group, f"{arch} has no {group} blocks; {group}= is ignored", "warning")
+    for expert, _ in tag.experts[:1]:
+        if ctx.expert is None:
+            problem(expert, f"{arch} runs one denoiser here: the tag's expert (high, low, "
+                            "module=) is ignored", "warning")
     encoders = TEXT_ENCODERS[ctx.arch]
     for te in ("te1", "te2"):
         if getattr(tag, te) is not None and te not in encoders:
@@ -333,6 +343,9 @@ def _pass(tag: Tag, ctx: CompileContext, steps: int, interp: str,
         if unet_hr is not None:
             schedules["unet"] = unet_hr
     strength = {c: evaluate(s, steps, interp) for c, s in schedules.items()}
+    for expert, s in tag.experts:  # this expert's share of the denoiser's strength
+        if expert == ctx.expert:
+            strength["unet"] = strength["unet"] * evaluate(s, steps, interp)
     if tag.window != NO_WINDOW:
         window = window_mask(tag.window, steps)
         strength = {c: v * window for c, v in strength.items()}

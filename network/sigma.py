@@ -83,7 +83,7 @@ def sigma_items(tag: Tag) -> Iterator[Tuple[str, Tuple[float, ...]]]:
         s = getattr(tag, key)
         if _uses_sigma(s):
             yield key, tuple(k.at.value for k in s.keys if k.at.unit == "sigma")
-    for key, s in tag.groups + tag.blocks:
+    for key, s in tag.groups + tag.blocks + tag.experts:
         if _uses_sigma(s):
             yield key, tuple(k.at.value for k in s.keys if k.at.unit == "sigma")
     w = tag.window
@@ -126,7 +126,7 @@ def on_steps(tag: Tag, sigmas: Optional[Sequence[float]]) -> Tag:
         return tag
     changes = {key: _schedule_on_steps(getattr(tag, key), sigmas) for key in STRENGTH_KEYS
                if key in keys}
-    for field in ("groups", "blocks"):
+    for field in ("groups", "blocks", "experts"):
         pairs = ((k, _schedule_on_steps(s, sigmas)) for k, s in getattr(tag, field))
         changes[field] = tuple((k, s) for k, s in pairs if s is not None)
     placed = (lambda pos: _on_steps(pos, sigmas)) if sigmas is not None else (lambda pos: None)

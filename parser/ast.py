@@ -115,6 +115,8 @@ class Tag:
     hrunet: Optional[Schedule] = None
     groups: Tuple[Tuple[str, Schedule], ...] = ()  # ("in"|"mid"|"out", schedule), sorted
     blocks: Tuple[Tuple[str, Schedule], ...] = ()  # ("IN04", schedule), in block order
+    # ("high"|"low", schedule): a two-expert model's (Wan 2.2) multiplier on each expert
+    experts: Tuple[Tuple[str, Schedule], ...] = ()
     lbw: Optional[BlockWeights] = None
     x: Optional[float] = None
     dyn: Optional[int] = None

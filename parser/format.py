@@ -74,7 +74,7 @@ def format_tag(tag: Tag) -> str:
     for key in ("te1", "te2", "unet"):
         if getattr(tag, key) is not None:
             items.append(f"{key}={format_schedule(getattr(tag, key))}")
-    items += [f"{k}={format_schedule(v)}" for k, v in tag.groups + tag.blocks]
+    items += [f"{k}={format_schedule(v)}" for k, v in tag.groups + tag.blocks + tag.experts]
     if tag.lbw is not None:
         items.append(f"lbw={format_weights(tag.lbw)}")
     for key in ("x", "dyn"):

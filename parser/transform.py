@@ -21,11 +21,14 @@ Problem = Tuple[int, str, str]  # (offset in the tag text, message, severity)
 
 KNOWN_KEYS = ("te", "te1", "te2", "unet", "in", "mid", "out", "down", "up", "double", "single",
               "lbw", "w", "x", "dyn", "start", "stop", "step", "hr", "hrte", "hrunet", "region", "interp", "neg",
-              "blend", "BASE", "IN00", "M00", "OUT00", "D00", "S00")
+              "blend", "high", "low", "module", "BASE", "IN00", "M00", "OUT00", "D00", "S00")
 MAX_REGION_DEPTH = 32  # deeper expressions are refused: evaluating them would recurse too far
 GROUP_ALIASES = {"in": "in", "down": "in", "mid": "mid", "out": "out", "up": "out",
                  "double": "double", "single": "single"}
 GROUPS = ("in", "mid", "out", "double", "single")  # what the block groups are called in a Tag
+EXPERTS = ("high", "low")  # a two-expert model's experts (Wan 2.2: high noise, then low noise)
+# SD.Next's forms: the flag `high`/`low` and `module=`, each naming the one expert a tag is on
+EXPERT_FLAGS = {"high": "high", "low": "low", "transformer": "high", "transformer_2": "low"}
 
 
 def region_depth(region) -> int:
@@ -164,6 +167,10 @@ class TagTransformer(Transformer):
         key, value = children
         return Item(GROUP_ALIASES[key.lower()], value, key.start_pos)
 
+    def expert_item(self, children):
+        key, value = children
+        return Item(key.lower(), value, key.start_pos)
+
     def block_item(self, children):
         key, value = children
         return Item(key.upper(), value, key.start_pos)
@@ -227,6 +234,13 @@ class TagTransformer(Transformer):
 
     def unknown_item(self, children):
         key, _value = children
+        if str(key).lower() == "module":  # SD.Next: module=transformer / transformer_2
+            expert = EXPERT_FLAGS.get(str(_value).strip().lower())
+            if expert is not None:
+                return Item("#expert", expert, key.start_pos)
+            return Item("#unknown", str(key), key.start_pos, (
+                (key.start_pos, f"module={str(_value).strip()} names no expert "
+                                "(transformer, transformer_2, high, low); it is ignored", "warning"),))
         close = difflib.get_close_matches(str(key).lower(), [k.lower() for k in KNOWN_KEYS], n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         return Item("#unknown", str(key), key.start_pos,
@@ -247,7 +261,11 @@ class TagTransformer(Transformer):
             problems.extend(item.problems)
             if item.key == "#unknown" or item.problems and item.value is None:
                 continue
-            if item.key == "#positional":
+            expert = _expert_flag(item)
+            if expert is not None:  # `high` / `low` / module=: on that expert only
+                other = EXPERTS[1 - EXPERTS.index(expert)]
+                settings = [(other, Schedule.const(0.0))]
+            elif item.key == "#positional":
                 positional += 1
                 key, value, problem = _positional(positional, item.value)
                 if problem:
@@ -266,6 +284,16 @@ class TagTransformer(Transformer):
                 fields[key] = value
                 columns.append((key, offset))
         return (_build(kind_tok.lower(), name, fields), tuple(columns), tuple(problems))
+
+
+def _expert_flag(item: Item) -> Optional[str]:
+    """The expert a flag names: SD.Next's positional `high`/`low` or `module=`."""
+    if item.key == "#expert":
+        return item.value
+    if item.key == "#positional" and isinstance(item.value, BlockWeights) and \
+            item.value.preset is not None and item.value.preset.lower() in EXPERTS:
+        return item.value.preset.lower()
+    return None
 
 
 def _positional(index: int, value) -> Tuple[Optional[str], Any, Optional[Tuple[str, str]]]:
@@ -295,11 +323,13 @@ def _positional(index: int, value) -> Tuple[Optional[str], Any, Optional[Tuple[s
 
 def _build(kind: str, name: str, fields: dict) -> Tag:
     groups = tuple(sorted((k, fields[k]) for k in GROUPS if k in fields))
+    experts = tuple((k, fields[k]) for k in EXPERTS if k in fields)
     blocks = tuple(sorted(((k, v) for k, v in fields.items() if k.isupper()), key=_block_sort))
     window = Window(start=fields.get("start"), stop=fields.get("stop"), last=fields.get("last"))
     simple = {k: fields.get(k) for k in ("te", "te1", "te2", "unet", "hr", "hrte", "hrunet", "lbw",
                                          "x", "dyn", "region", "interp", "neg", "blend")}
-    return Tag(kind=kind, name=name, groups=groups, blocks=blocks, window=window, **simple)
+    return Tag(kind=kind, name=name, groups=groups, blocks=blocks, experts=experts, window=window,
+               **simple)
 
 
 def _block_sort(item) -> Tuple[int, int]:

@@ -1,8 +1,8 @@
-"""Wan 2.2 A14B, one expert (its two experts share this shape; one tag for both experts is
-not built yet): both trees (diffusers' `attn1`/`attn2`, the original `self_attn`/`cross_attn`),
-every published LoRA key format, blocks, regions on the video's patches (every frame) with
-cross-attention's text side left alone and a blended start, `<model:>`, detection and inspect
-(tests/dit_contract.py says how each is checked)."""
+"""Wan 2.2 A14B: one expert (its two experts share this shape) on both trees (diffusers'
+`attn1`/`attn2`, the original `self_attn`/`cross_attn`), every published LoRA key format, blocks, regions on the video's patches (every frame) with
+cross-attention's text side left alone and a blended start, `<model:>`, detection and
+inspect (tests/dit_contract.py says how each is checked); and one tag on both experts, each
+with its own strength (a plan per expert)."""
 
 import pytest
 import torch
@@ -91,3 +91,46 @@ def test_inspect_maps_a_real_size_file_onto_the_real_tree(tmp_path):
         "diffusion_model.blocks.39.cross_attn.k.lora_B.weight": (5120, 1),
         "lora_unet_blocks_0_ffn_0.lora_down.weight": (1, 5120),
         "lora_unet_blocks_0_ffn_0.lora_up.weight": (13824, 1)}, "wan22", 2)
+
+
+# ---- two experts, one tag ----------------------------------------------------------------
+@pytest.mark.parametrize("prompt, shown", [
+    ("<lora:x:1:high>", "<lora:x:1:low=0>"),  # SD.Next: on the high-noise expert only
+    ("<lora:x:1.0:low>", "<lora:x:1:high=0>"),
+    ("<lora:x:1:module=transformer_2>", "<lora:x:1:high=0>"),
+    ("<lora:x:0.8:high=1:low=0.5@0,1@0.9>", "<lora:x:0.8:high=1:low=0.5@0,1@0.9>"),
+])
+def test_the_expert_forms_parse_and_print_back(prompt, shown):
+    from netweave.parser import format_tag, parse
+    parsed = parse(prompt)
+    assert not parsed.errors and format_tag(parsed.tags[0]) == shown
+    assert parse(shown).tags[0] == parsed.tags[0]
+
+
+def test_an_expert_that_names_no_expert_and_experts_on_a_one_denoiser_model_warn():
+    from netweave.network.plan import CompileContext, compile_prompt
+    from netweave.parser import parse
+    assert "names no expert" in parse("<lora:x:1:module=unet>").errors[0].message
+    p = compile_prompt("<lora:x:1:high>", CompileContext(arch="flux", steps=2))
+    assert [e.severity for e in p.errors] == ["warning"] and "one denoiser" in p.errors[0].message
+    assert list(p.networks[0].base.strength["unet"]) == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("tag, high, low", [("<lora:net:0.8:high=1:low=0.5>", 0.8, 0.4),
+                                            ("<lora:net:1:high>", 1.0, 0.0),
+                                            ("<lora:net:1:module=transformer_2>", 0.0, 1.0)])
+def test_one_tag_gives_each_expert_its_own_strength(tag, high, low, case, tmp_path):
+    """A host runs each expert with its own plan (CompileContext.expert): the tag's
+    high=/low= multiply its strength on that expert."""
+    from netweave.network.plan import CompileContext, compile_prompt
+    native = wan_native(case.model)
+    deltas = dc.write_format(tmp_path / "net.safetensors", dc.random_network(native), "comfy",
+                             case.parts)
+    for expert, s in (("high", high), ("low", low)):
+        host = wan_native(case.model)
+        engine = make_engine({"unet": host}, "wan22", tmp_path)
+        assert engine.activate(compile_prompt(tag, CompileContext(arch="wan22", steps=2,
+                                                                  expert=expert))) == []
+        engine.set_step(0)
+        dc.assert_native_weights(host, dc.weights(native), {n: s * d for n, d in deltas.items()})
+        engine.deactivate()

@@ -1,6 +1,6 @@
 """What NetWeave makes of a file, without any model loaded: the file is mapped onto the real
-SD1/SD2/SDXL/Flux/Chroma trees (built on the meta device), so every key, layer and shape is
-checked."""
+trees of each architecture (SD1/SD2/SDXL, Flux/Chroma, Z-Image, Qwen-Image, SD3.5 Large and
+Medium, Wan 2.2; built on the meta device), so every key, layer and shape is checked."""
 from __future__ import annotations
 
 import os
@@ -10,7 +10,7 @@ from .detect import ARCHS
 from .files import NetworkFileError, checkpoint_files, describe_metadata, open_safetensors
 from .keymap import KeyMap
 from .loader import ArchitectureMismatch, LoadedNetwork, load_checkpoint, load_network
-from .reference import reference_trees
+from .reference import reference_trees, variants
 
 _CHECKPOINT_PREFIXES = ("model.diffusion_model.", "cond_stage_model.", "conditioner.",
                         "first_stage_model.")
@@ -26,8 +26,18 @@ def file_kind(path: str) -> str:
 
 
 def _load(path: str, kind: str, arch: str) -> LoadedNetwork:
-    keymap = KeyMap(reference_trees(arch))
-    return (load_checkpoint if kind == "checkpoint" else load_network)(path, keymap, arch)
+    """Loaded onto the architecture's reference tree; of several sizes (SD3.5 Large and
+    Medium), onto the first whose shapes the file fits."""
+    loader = load_checkpoint if kind == "checkpoint" else load_network
+    names = variants(arch)
+    for name in names[:-1]:
+        try:
+            return loader(path, KeyMap(reference_trees(name)), arch)
+        except ArchitectureMismatch:
+            raise
+        except NetworkFileError:
+            continue  # another size may fit
+    return loader(path, KeyMap(reference_trees(names[-1])), arch)
 
 
 def inspect(path: str) -> Dict:

@@ -46,12 +46,12 @@ T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24
 FLUX_TEXT = {"flux": {"te1": CLIP_L, "te2": T5_XXL}, "chroma": {"te2": T5_XXL}}
 
 
-@functools.lru_cache(maxsize=9)
+@functools.lru_cache(maxsize=10)
 def reference_trees(arch: str) -> Dict[str, nn.Module]:
     """{"unet", "te1"[, "te2"]} of `arch` on the meta device ("unet": the denoiser)."""
     if arch in FLUX_TEXT:
         return _flux_trees(arch)
-    if arch in ("zimage", "qwenimage", "sd3", "wan22"):
+    if arch in ("zimage", "qwenimage", "sd3", "sd3-medium", "wan22"):
         return _dit_trees(arch)
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -87,6 +87,16 @@ SD3_LARGE = dict(num_layers=38, attention_head_dim=64, num_attention_heads=38,
                  caption_projection_dim=2432, pos_embed_max_size=192, qk_norm="rms_norm",
                  sample_size=128, joint_attention_dim=4096, pooled_projection_dim=2048,
                  out_channels=16)
+# SD3.5 Medium (MMDiT-X): 24 blocks of 1536, a second image attention in its first 13 blocks.
+SD3_MEDIUM = dict(SD3_LARGE, num_layers=24, num_attention_heads=24, caption_projection_dim=1536,
+                  pos_embed_max_size=384, dual_attention_layers=tuple(range(13)))
+# Sizes of one architecture a file may be for, tried in turn (inspect.py): {arch: trees}.
+VARIANTS = {"sd3": ("sd3", "sd3-medium")}
+
+
+def variants(arch: str):
+    """The reference trees' names for an architecture: itself, or each of its sizes."""
+    return VARIANTS.get(arch, (arch,))
 
 
 def _dit_trees(arch: str) -> Dict[str, nn.Module]:
@@ -101,7 +111,7 @@ def _dit_trees(arch: str) -> Dict[str, nn.Module]:
             return {"unet": QwenImageTransformer2DModel()}
         if arch == "wan22":  # one expert of A14B (both have this shape)
             return {"unet": WanTransformer3DModel()}
-        trees = {"unet": SD3Transformer2DModel(**SD3_LARGE)}
+        trees = {"unet": SD3Transformer2DModel(**(SD3_MEDIUM if arch == "sd3-medium" else SD3_LARGE))}
         for component, config in (("te1", CLIP_L), ("te2", TEXT["sdxl"]["te2"])):
             trees[component] = CLIPTextModelWithProjection(CLIPTextConfig(
                 vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,

@@ -119,3 +119,13 @@ def test_inspect_maps_a_real_size_file_onto_the_real_trees(tmp_path):
         "transformer.transformer_blocks.0.ff.net.0.proj.lora_B.weight": (9728, 1),
         "lora_te2_text_model_encoder_layers_31_mlp_fc1.lora_down.weight": (1, 1280),
         "lora_te2_text_model_encoder_layers_31_mlp_fc1.lora_up.weight": (5120, 1)}, "sd3", 3 + 1 + 1)
+
+
+def test_inspect_maps_a_medium_file_onto_the_medium_tree(tmp_path):
+    """SD3.5 Medium is 1536 wide with 24 blocks and a second image attention up front: its
+    files fit the Medium reference tree where the Large one refuses their shapes."""
+    dc.check_inspect(tmp_path, {
+        "transformer.transformer_blocks.23.attn.add_k_proj.lora_A.weight": (1, 1536),
+        "transformer.transformer_blocks.23.attn.add_k_proj.lora_B.weight": (1536, 1),
+        "lora_unet_joint_blocks_12_x_block_attn2_qkv.lora_down.weight": (1, 1536),
+        "lora_unet_joint_blocks_12_x_block_attn2_qkv.lora_up.weight": (4608, 1)}, "sd3", 1 + 3)

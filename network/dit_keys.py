@@ -110,6 +110,9 @@ class DitKeys:
     native_underscored: Tuple[str, ...] = ("lora_unet_", "lycoris_")
     diffusers_underscored: Tuple[str, ...] = ("lora_transformer_", "lycoris_", "lora_unet_")
     extra_names: Callable[[str, int, int], Iterator[Tuple[str, Span]]] = _no_extra
+    # norms with a learned scale a checkpoint (or a file's norm layers) may change: canonical
+    # module template -> the diffusers module that holds the same vector
+    norms: Mapping[str, str] = field(default_factory=dict)
 
     @functools.cached_property
     def _split_parts(self) -> Dict[str, Tuple[str, int]]:
@@ -162,6 +165,34 @@ class DitKeys:
         if hit:
             return (Segment(fill(self._renamed_back[hit[0]], hit[1]), 0, 0, rows),)
         return (Segment(path, 0, 0, rows),) if self.same_names else None
+
+    def norm_layers(self, root: nn.Module) -> Iterator[Tuple[str, nn.Module, str, str]]:
+        """(path, module, its scale's parameter name, canonical name) of every norm in `norms`:
+        RMSNorms over attention heads, whose vector the original trees call `scale` and
+        diffusers `weight`."""
+        layout = self.tree_layout(root)
+        table = {c: c for c in self.norms} if layout == NATIVE else \
+            {d: c for c, d in self.norms.items()}
+        for path, module in root.named_modules():
+            hit = match(table, path)
+            if hit is None:
+                continue
+            param = next((p for p in ("scale", "weight")
+                          if isinstance(getattr(module, p, None), nn.Parameter)), None)
+            if param is not None:
+                yield path, module, param, fill(table[hit[0]], hit[1])
+
+    def norm_spellings(self, canonical: str) -> Tuple[str, ...]:
+        """Every name a file gives a norm of `norms` (its tensor is `<name>.scale` or
+        `<name>.weight`)."""
+        hit = match(self.norms, canonical)
+        names = [p + canonical for p in self.native_prefixes] + \
+            [u + underscored(canonical) for u in self.native_underscored]
+        if hit is not None:
+            d = fill(self.norms[hit[0]], hit[1])
+            names += [p + d for p in self.diffusers_prefixes] + \
+                [u + underscored(d) for u in self.diffusers_underscored]
+        return tuple(dict.fromkeys(names))
 
     def file_spellings(self, layers: Dict[str, Tuple[int, int]]) -> Iterator[Tuple[str, Span]]:
         """(name, span) of every layer name a file may use, for canonical layers

@@ -880,13 +880,15 @@ def _maskable(target: Target, family: Family) -> bool:
 
 def _unmasked_note(entry: "Entry", targets: List[Target]) -> str:
     stream = sum(t.tokens is Tokens.TEXT for t in targets)
-    vector = len(targets) - stream
+    norms = sum(t.tokens is None for t in targets)  # RMSNorms over heads (dit_keys.norms)
+    vector = len(targets) - stream - norms
     parts = [f"{n} {what}" for n, what in ((stream, "text-stream layers"),
-                                          (vector, "embedding and modulation layers")) if n]
+                                          (vector, "embedding and modulation layers"),
+                                          (norms, "attention norms")) if n]
     return (f"{entry.net.kind}:{entry.net.name}: regional on a model with joint attention "
             "(Flux, Z-Image, Qwen-Image, SD3), it acts on "
             f"the image tokens inside its region; left out on {', '.join(parts)}, which "
-            "see no image tokens")
+            "hold no image token of their own")
 
 
 def _series(p: PassPlan, target: Target) -> np.ndarray:

@@ -81,6 +81,16 @@ XLABS = {
     "single_blocks.{}.processor.proj_lora": "single_blocks.{}.linear2",
 }
 XLABS_QKV_ONLY = "single_blocks.{}.linear1"
+# The attention's RMSNorms over each head's q and k (QKNorm): `scale` in the original tree,
+# `weight` in diffusers'.
+NORMS = {
+    "double_blocks.{}.img_attn.norm.query_norm": "transformer_blocks.{}.attn.norm_q",
+    "double_blocks.{}.img_attn.norm.key_norm": "transformer_blocks.{}.attn.norm_k",
+    "double_blocks.{}.txt_attn.norm.query_norm": "transformer_blocks.{}.attn.norm_added_q",
+    "double_blocks.{}.txt_attn.norm.key_norm": "transformer_blocks.{}.attn.norm_added_k",
+    "single_blocks.{}.norm.query_norm": "single_transformer_blocks.{}.attn.norm_q",
+    "single_blocks.{}.norm.key_norm": "single_transformer_blocks.{}.attn.norm_k",
+}
 
 
 _pattern, _match, _fill = pattern, match, fill  # the names tests/test_flux.py reads
@@ -138,5 +148,5 @@ def _xlabs_names(layer: str, rows: int, width: int) -> Iterator[Tuple[str, Span]
 FLUX = DitKeys("flux", tree_layout, tokens_of, block_of,
                tokens={NATIVE: TokenLayout(Order.TEXT_FIRST), DIFFUSERS: TokenLayout(Order.TEXT_FIRST)},
                fused=FUSED, renamed=RENAMED, swapped=SWAPPED, part_rows=part_rows,
-               extra_names=_xlabs_names)
+               extra_names=_xlabs_names, norms=NORMS)
 host_layers, file_spellings = FLUX.host_layers, FLUX.file_spellings

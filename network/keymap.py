@@ -94,7 +94,9 @@ class Target:
     @property
     def bias_param(self) -> Optional[str]:
         name = {"weight": "bias", "in_proj_weight": "in_proj_bias",
-                "out_proj.weight": "out_proj.bias"}[self.param]
+                "out_proj.weight": "out_proj.bias"}.get(self.param)  # an RMSNorm's scale: none
+        if name is None:
+            return None
         try:
             return name if self.module.get_parameter(name) is not None else None
         except AttributeError:
@@ -325,7 +327,7 @@ def text_spellings(component: str, hf: str) -> List[str]:
 
 
 _TENSOR_SUFFIXES = ("weight", "bias", "in_proj_weight", "in_proj_bias", "out_proj.weight",
-                    "out_proj.bias")
+                    "out_proj.bias", "scale")  # scale: an original DiT tree's RMSNorm
 _QKV = {"q_proj": 0, "k_proj": 1, "v_proj": 2}
 
 
@@ -446,6 +448,9 @@ class KeyMap:
                                         host.offset + lo - host.start, hi - lo, src_rows))
             if pieces:
                 self._views.setdefault(name, _joined(pieces))
+        for path, module, param, canonical in keys.norm_layers(root):  # one vector each
+            self._add(Target("unet", path, path, module, param, block=keys.block_of(canonical)),
+                      list(keys.norm_spellings(canonical)))
 
     def _add(self, target: Target, spellings: List[str]) -> None:
         target = _with_quant(target)

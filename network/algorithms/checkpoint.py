@@ -76,8 +76,8 @@ class CheckpointDelta(Adapter):
         return delta_weight(_read(self.bias_source), bias, strength)
 
     def bypass(self, x, module, y, strength=1.0, dyn=None):
-        if isinstance(module, NORMS):  # a norm's affine: normalize(x)·Δγ + Δβ, as norm.py
-            w = module.weight.detach()
+        if isinstance(module, NORMS) or norm.is_rms_norm(module):  # normalize(x)·Δγ + Δβ
+            w = norm.affine(module).detach()
             b = getattr(module, "bias", None)
             return norm.bypass(x, module, delta_weight(_read(self.source), w, strength),
                                None if b is None else self.bias_delta(b.detach(), strength)).to(y.dtype)

@@ -26,13 +26,27 @@ def delta_weight(w_norm: Tensor, strength: float = 1.0) -> Tensor:
     return f32(w_norm) * strength
 
 
+def is_rms_norm(module: nn.Module) -> bool:
+    """torch's, diffusers' or an original DiT tree's RMSNorm (their classes share the name)."""
+    return isinstance(module, nn.RMSNorm) or type(module).__name__ == "RMSNorm"
+
+
+def affine(module: nn.Module) -> Tensor:
+    """A norm's learned scale γ: `weight`, or `scale` in the original DiT trees."""
+    w = getattr(module, "weight", None)
+    return w if isinstance(w, Tensor) else module.scale
+
+
 def normalized(x: Tensor, module: nn.Module) -> tuple:
     """(x normalised without affine, the axis or trailing shape γ broadcasts over)."""
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(x, module.num_groups, None, None, module.eps), 1 if x.dim() > 1 else 0
     if isinstance(module, nn.LayerNorm):
         return F.layer_norm(x, module.normalized_shape, None, None, module.eps), tuple(module.normalized_shape)
-    raise TypeError(f"norm: bypass needs a GroupNorm or LayerNorm, got {type(module).__name__}")
+    if is_rms_norm(module):  # over the last axis; the original trees' eps is 1e-6
+        eps = getattr(module, "eps", None)
+        return F.rms_norm(x, (x.shape[-1],), None, 1e-6 if eps is None else eps), (x.shape[-1],)
+    raise TypeError(f"norm: bypass needs a GroupNorm, LayerNorm or RMSNorm, got {type(module).__name__}")
 
 
 def bypass(x: Tensor, module: nn.Module, w_norm: Tensor, b_norm: Optional[Tensor] = None,
@@ -70,7 +84,7 @@ class Norm(Adapter):
         return vector_delta(self.algorithm, "b_norm", self.b_norm, bias, strength)
 
     def bypass(self, x, module, y, strength=1.0, dyn=None):
-        self.require(module.weight.shape)
+        self.require(affine(module).shape)
         return bypass(x, module, self.w_norm, self.b_norm, strength).to(y.dtype)
 
 

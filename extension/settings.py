@@ -20,7 +20,7 @@ class Settings:
     pristine: str = PRISTINE[0]
     interp: str = DEFAULT_INTERP
     strict: bool = False
-    blend: int = 0  # regional networks' blended start, % of each pass (network/blend.py)
+    blend: int = 15  # regional networks' blended start, % of each pass (network/blend.py)
     quantized_merge: bool = False  # static networks merged into quantized layers (requantize.py)
     mask_dir: str = ""  # empty: the host's own place (netweave-masks in its data folder)
 

@@ -47,6 +47,15 @@ def test_json_sdxl_blocks_and_no_hires():
     assert n["blocks"]["OUT05"] == [1.0] * 3 and n["blocks"]["IN04"] == [0.0] * 3
 
 
+def test_explain_shows_the_blended_start_generate_runs():
+    """A regional network without blend= takes the setting's default (15 % of the pass, as
+    `generate` compiles it); blend=0 is one pass."""
+    default = run("explain", "<lora:x:1:region=left>", "--steps", "20")
+    assert "blended start: steps 1–3 (then one pass)" in default.stdout, default.stdout
+    off = run("explain", "<lora:x:1:region=left:blend=0>", "--steps", "20")
+    assert "one pass from step 1" in off.stdout, off.stdout
+
+
 def test_table_and_png(tmp_path):
     png = tmp_path / "plan.png"
     result = run("explain", PROMPT, "--steps", "30", "--png", str(png))

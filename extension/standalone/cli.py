@@ -221,6 +221,7 @@ def _read_presets(path: str) -> dict:
 
 
 def explain_command(args) -> int:
+    from ..settings import Settings
     try:
         presets = _read_presets(args.presets) if args.presets else {}
     except ValueError as exc:
@@ -234,7 +235,8 @@ def explain_command(args) -> int:
     try:
         ctx = CompileContext(arch=args.arch, steps=args.steps, hires_steps=args.hires_steps,
                              seed=args.seed, default_interp=args.interp, presets=presets,
-                             strict=args.strict, sigmas=sigmas, hires_sigmas=hires_sigmas)
+                             strict=args.strict, sigmas=sigmas, hires_sigmas=hires_sigmas,
+                             blend=Settings().blend / 100)  # as generate compiles it
     except ValueError as exc:  # sigmas that do not fit the steps
         print(f"netweave: {exc}", file=sys.stderr)
         return 2

@@ -30,14 +30,18 @@ def _factor(n):
 
 
 def _is_norm(target):
-    return isinstance(target.module, (nn.GroupNorm, nn.LayerNorm))
+    """A norm's scale: GroupNorm, LayerNorm, or any 1-D weight (a transformer's RMSNorm
+    scales are targets too: network/dit_keys.py)."""
+    return isinstance(target.module, (nn.GroupNorm, nn.LayerNorm)) or target.weight.dim() == 1
 
 
 def parts_for(fmt, shape, is_norm, has_bias, rank, rnd):
     """The parts one layer of format `fmt` has for a host weight of `shape`; None when the
     format does not apply to that kind of layer."""
     if fmt == "norm":
-        return {"w_norm": rnd(shape[0]), "b_norm": rnd(shape[0])} if is_norm else None
+        if not is_norm:
+            return None
+        return {"w_norm": rnd(shape[0]), **({"b_norm": rnd(shape[0])} if has_bias else {})}
     if is_norm:
         return None
     out, inp, ks = shape[0], shape[1], tuple(shape[2:])

@@ -130,14 +130,21 @@ class Blender:
         runtime.layout = layout
         shared = {k: v for k, v in kwargs.items() if k in TOKEN_IDS and v.dim() == 2}
         call = (args, {k: v for k, v in kwargs.items() if k not in shared})
+        lists = self._per_image()
         versions = [call] * (layout.count - len(now.streams)) + [
-            _mapped(call, b, lambda t, j=j: runtime.variant_text(t, j)) for j in now.streams]
-        args, kwargs = _joined(versions, b)
+            _mapped(call, b, lambda t, j=j: runtime.variant_text(t, j), lists)
+            for j in now.streams]
+        args, kwargs = _joined(versions, b, lists)
         return args, {**kwargs, **shared, **self._host_doubled(call[1], layout.count)}
 
     def _host_doubled(self, kwargs, copies: int) -> dict:
         """The arguments the host said how to repeat, for its batch repeated `copies` times."""
         return {k: fn(kwargs[k], copies) for k, fn in self.host_doubling.items() if k in kwargs}
+
+    def _per_image(self) -> bool:
+        """Whether the model takes lists of one tensor per image (tokens.TokenLayout)."""
+        tokens = self.engine.keymap.tokens
+        return tokens is not None and tokens.per_image
 
     def _with_text(self, now: Now) -> Now:
         """`now` with only the streams whose network's encoding the host gave for this call
@@ -159,9 +166,10 @@ class Blender:
         layout, runtime.layout = runtime.layout, None
         if layout is None:
             return None
-        b = layout.b
-        pred = _prediction(out)
-        if pred is None or pred.shape[0] != layout.count * b:
+        b, lists = layout.b, self._per_image()
+        given = _prediction(out, lists)
+        pred = torch.stack(given) if isinstance(given, list) and given else given
+        if not isinstance(pred, Tensor) or pred.shape[0] != layout.count * b:
             return None
         parts = pred.split(b)
         shape, first = tuple(pred.shape[1:]), layout.main // b
@@ -174,7 +182,8 @@ class Blender:
             m = self.mask(b, frozenset((j,)), shape, pred.device)
             if m is not None:
                 w = w.float() + (parts[first + 1 + k].float() - w.float()) * m
-        return _with_prediction(out, w.to(pred.dtype))
+        w = w.to(pred.dtype)
+        return _with_prediction(out, list(w.unbind()) if isinstance(given, list) else w, lists)
 
     def mask(self, b: int, networks: FrozenSet[int], shape: Tuple[int, ...], device
              ) -> Optional[Tensor]:
@@ -246,33 +255,45 @@ def _first_tensor(args, kwargs) -> Optional[Tensor]:
     return None
 
 
-def _mapped(value, b: int, fn: Callable[[Tensor], Tensor]):
-    """`value` with fn applied to every tensor whose first dimension is the batch."""
+def _mapped(value, b: int, fn: Callable[[Tensor], Tensor], lists: bool = False):
+    """`value` with fn applied to every tensor whose first dimension is the batch (with
+    `lists`, to each tensor of a list of one per image, as a batch of one)."""
     if isinstance(value, Tensor):
         return fn(value) if value.dim() > 0 and value.shape[0] == b else value
+    if lists and _per_image(value, b):
+        return [fn(v.unsqueeze(0))[0] for v in value]
     if isinstance(value, dict):
-        return _rebuilt(value, {k: _mapped(v, b, fn) for k, v in value.items()})
+        return _rebuilt(value, {k: _mapped(v, b, fn, lists) for k, v in value.items()})
     if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_mapped(v, b, fn) for v in value)
+        return tuple(_mapped(v, b, fn, lists) for v in value)
     if isinstance(value, list):
-        return [_mapped(v, b, fn) for v in value]
+        return [_mapped(v, b, fn, lists) for v in value]
     return value
 
 
-def _joined(versions: list, b: int):
+def _joined(versions: list, b: int, lists: bool = False):
     """One value from several versions of the same structure: each tensor whose first
-    dimension is the batch, the versions' tensors one after the other along it; anything
+    dimension is the batch, the versions' tensors one after the other along it (with `lists`,
+    each list of one tensor per image, the versions' lists one after the other); anything
     else, the first version's."""
     first = versions[0]
     if isinstance(first, Tensor):
         return torch.cat(versions) if first.dim() > 0 and first.shape[0] == b else first
+    if lists and _per_image(first, b):
+        return [t for v in versions for t in v]
     if isinstance(first, dict):
-        return _rebuilt(first, {k: _joined([v[k] for v in versions], b) for k in first})
+        return _rebuilt(first, {k: _joined([v[k] for v in versions], b, lists) for k in first})
     if isinstance(first, tuple) and not hasattr(first, "_fields"):
-        return tuple(_joined(list(v), b) for v in zip(*versions))
+        return tuple(_joined(list(v), b, lists) for v in zip(*versions))
     if isinstance(first, list):
-        return [_joined(list(v), b) for v in zip(*versions)]
+        return [_joined(list(v), b, lists) for v in zip(*versions)]
     return first
+
+
+def _per_image(value, b: int) -> bool:
+    """A list of one tensor per image of a batch of b."""
+    return isinstance(value, list) and len(value) == b and \
+        all(isinstance(t, Tensor) for t in value)
 
 
 def _doubled(value, b: int):
@@ -290,17 +311,22 @@ def _rebuilt(like: dict, new: dict) -> dict:
     return new
 
 
-def _prediction(out) -> Optional[Tensor]:
-    if isinstance(out, Tensor):
+def _prediction(out, lists: bool = False):
+    """The model's prediction in its output: a tensor, or with `lists` a list of one per
+    image (the output itself, its first item or its `sample`)."""
+    def found(v) -> bool:
+        return isinstance(v, Tensor) or (lists and isinstance(v, list) and bool(v) and
+                                         all(isinstance(t, Tensor) for t in v))
+    if isinstance(out, Tensor) or (lists and found(out)):
         return out
-    if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+    if isinstance(out, (tuple, list)) and out and found(out[0]):
         return out[0]
     sample = getattr(out, "sample", None)
-    return sample if isinstance(sample, Tensor) else None
+    return sample if found(sample) else None
 
 
-def _with_prediction(out, pred: Tensor):
-    if isinstance(out, Tensor):
+def _with_prediction(out, pred, lists: bool = False):
+    if isinstance(out, Tensor) or (lists and _prediction(out, lists) is out):
         return pred
     if isinstance(out, tuple):
         return (pred,) + tuple(out[1:])

@@ -31,14 +31,16 @@ class TokenLayout:
     """How a transformer lays out its tokens: the latent packed into `patch`×`patch` patches
     row by row, a joint sequence in `order`, image sequences padded at their end when
     `padded` (Z-Image pads to a multiple of 32), a video's frames one after the other when
-    `frames` (Wan: the same region on every frame), and about `text` text tokens per image
-    (for the cost model only)."""
+    `frames` (Wan: the same region on every frame), about `text` text tokens per image
+    (for the cost model only), and whether the model takes and returns lists of one tensor
+    per image (`per_image`: diffusers' Z-Image) instead of batched tensors."""
 
     order: Order = Order.TEXT_FIRST
     padded: bool = False
     text: int = 512
     patch: int = 2
     frames: bool = False
+    per_image: bool = False
 
     def grid(self, latent: Tuple[int, int]) -> Tuple[int, int]:
         """The patch grid of a latent (h, w)."""

@@ -68,7 +68,7 @@ def tree_layout(root: nn.Module) -> Optional[str]:
 # diffusers joins [image, caption], each padded to a multiple of 32 tokens; ComfyUI's NextDiT
 # (the original tree) puts the caption first.
 ZIMAGE = DitKeys("zimage", tree_layout, tokens_of, block_of,
-                 tokens={DIFFUSERS: TokenLayout(Order.IMAGE_FIRST, padded=True),
+                 tokens={DIFFUSERS: TokenLayout(Order.IMAGE_FIRST, padded=True, per_image=True),
                          NATIVE: TokenLayout(Order.TEXT_FIRST)},
                  fused=FUSED, renamed=RENAMED, same_names=True,
                  diffusers_prefixes=("transformer.", "diffusion_model.", "model.diffusion_model.",

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..parser import format_tag
 from .algorithms import Adapter
-from .blocks import BLOCKS
+from .blocks import ARCH_TITLES, BLOCKS
 from .blend import Blender, stream_steps
 from .bypass import AttentionUnit, Rows, Runtime, dequantized_view, layer_view
 from . import batched_merge
@@ -255,7 +255,8 @@ class Engine:
                                 f"{len(loaded[i].layers)}")
         self._rounding = {}
         slots, unmasked = self._build_slots(entries, loaded)
-        warnings += [_unmasked_note(entries[i], targets) for i, targets in unmasked.items()]
+        warnings += [_unmasked_note(entries[i], targets, self.arch)
+                     for i, targets in unmasked.items()]
         self._choose_strategies(slots)
         units = self._choose_routes(slots)
         self.runtime.reset()
@@ -878,17 +879,16 @@ def _maskable(target: Target, family: Family) -> bool:
     return target.tokens in (Tokens.IMAGE, Tokens.JOINT)
 
 
-def _unmasked_note(entry: "Entry", targets: List[Target]) -> str:
+def _unmasked_note(entry: "Entry", targets: List[Target], arch: str) -> str:
     stream = sum(t.tokens is Tokens.TEXT for t in targets)
     norms = sum(t.tokens is None for t in targets)  # RMSNorms over heads (dit_keys.norms)
     vector = len(targets) - stream - norms
     parts = [f"{n} {what}" for n, what in ((stream, "text-stream layers"),
                                           (vector, "embedding and modulation layers"),
                                           (norms, "attention norms")) if n]
-    return (f"{entry.net.kind}:{entry.net.name}: regional on a model with joint attention "
-            "(Flux, Z-Image, Qwen-Image, SD3), it acts on "
-            f"the image tokens inside its region; left out on {', '.join(parts)}, which "
-            "hold no image token of their own")
+    return (f"{entry.net.kind}:{entry.net.name}: regional on {ARCH_TITLES.get(arch, arch)}, "
+            f"it acts on the image tokens inside its region; left out on {', '.join(parts)}, "
+            "which hold no image token of their own")
 
 
 def _series(p: PassPlan, target: Target) -> np.ndarray:

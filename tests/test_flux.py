@@ -436,7 +436,7 @@ def test_a_region_acts_on_the_image_tokens_inside_it_exactly(layout, tmp_path):
         engine = make_engine(trees, "flux", tmp_path, latent=(2 * H, 2 * W), masks=masks)
         p = plan(f"<lora:net:0.9:region={region}>", "flux", steps=2)
         assert engine.activate(p) == []
-        assert any("regional on a model with joint attention" in w and "embedding and modulation" in w
+        assert any("regional on Flux, it acts on the image tokens" in w and "embedding and modulation" in w
                    for w in engine.warnings), engine.warnings
         engine.set_step(0)
         outs[region] = run(trees["unet"], x)

@@ -88,7 +88,7 @@ class Blender:
         self._masks: Dict[Tuple, Tensor] = {}
         # keyword arguments the host repeats its own way, not by the batch-sized rule of
         # _expand: name -> fn(value, copies) (an adapter's, e.g. Forge's transformer_options)
-        self.host_doubling: Dict[str, Callable[[object, int], object]] = {}
+        self._host_repeats: Dict[str, Callable[[object, int], object]] = {}
 
     def attach(self, unet: Optional[nn.Module], steps: Dict[str, List[Now]]) -> None:
         self.detach()
@@ -135,11 +135,17 @@ class Blender:
             _mapped(call, b, lambda t, j=j: runtime.variant_text(t, j), lists)
             for j in now.streams]
         args, kwargs = _joined(versions, b, lists)
-        return args, {**kwargs, **shared, **self._host_doubled(call[1], layout.count)}
+        return args, {**kwargs, **shared, **self._host_repeated(call[1], layout.count)}
 
-    def _host_doubled(self, kwargs, copies: int) -> dict:
+    def repeat_with(self, name: str, fn: Callable[[object, int], object]) -> None:
+        """The host's own way to repeat its keyword argument `name` for a batch repeated
+        `copies` times, where the batch-sized rule does not fit (Forge's transformer_options:
+        lists per chunk, extension/webui/forge.py)."""
+        self._host_repeats[name] = fn
+
+    def _host_repeated(self, kwargs, copies: int) -> dict:
         """The arguments the host said how to repeat, for its batch repeated `copies` times."""
-        return {k: fn(kwargs[k], copies) for k, fn in self.host_doubling.items() if k in kwargs}
+        return {k: fn(kwargs[k], copies) for k, fn in self._host_repeats.items() if k in kwargs}
 
     def _per_image(self) -> bool:
         """Whether the model takes lists of one tensor per image (tokens.TokenLayout)."""

@@ -48,7 +48,7 @@ class ForgeAdapter(Adapter):
 
     def engine_for(self, sd_model):
         engine = super().engine_for(sd_model)
-        engine.blender.host_doubling["transformer_options"] = repeat_transformer_options
+        engine.blender.repeat_with("transformer_options", repeat_transformer_options)
         return engine
 
     @staticmethod

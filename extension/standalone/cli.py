@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--arch", choices=("sd", "flux"), default="sd",  # bench.Family's values
                        help="sd: SD1.5/SDXL UNets; flux: a Flux.1-width transformer (3072 wide, "
                             "24 heads) with 2 double + 4 single blocks, so that it, its bare twin "
-                            "and the pristine copies (about 16 GB in fp32) fit a 24 GiB box")
+                            "and the pristine copies (17 GiB at most in fp32) fit a 24 GiB box")
     bench.add_argument("--quick", action="store_true",
                        help="a narrow model on a small latent (SD1.5 32², Flux 8² tokens), "
                             "8 steps (same as --size quick)")

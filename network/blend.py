@@ -193,9 +193,10 @@ class Blender:
 
     def mask(self, b: int, networks: FrozenSet[int], shape: Tuple[int, ...], device
              ) -> Optional[Tensor]:
-        """Per row, the union of the regions of `networks` acting on that row's prompt, shaped to broadcast over one row's prediction `shape`: (b, 1, h, w) for a
-        UNet's (c, h, w); (b, n, 1) for a Flux-family transformer's n packed 2×2 patches
-        (None when n is not the latent's patch count)."""
+        """Per row, the union of the regions of `networks` acting on that row's prompt,
+        shaped to broadcast over one row's prediction `shape`: (b, 1, h, w) for a UNet's
+        (c, h, w); (b, n, 1) for a transformer's n packed patches (None when n is not the
+        latent's patch count)."""
         rows = self.engine.runtime.rows
         prompts = rows.prompts if rows is not None and len(rows.prompts) == b else (0,) * b
         key = (prompts, networks, shape, str(device))

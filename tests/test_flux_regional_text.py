@@ -21,7 +21,8 @@ RANK, ALPHA = 4, 2.0
 T5_LAYER = "encoder.block.0.layer.0.SelfAttention.q"
 CLIP_LAYER = "encoder.layers.0.self_attn.q_proj"
 TEXT_KEYS = {"lora_te3_encoder_block_0_layer_0_SelfAttention_q": ("te2", T5_LAYER, FLUX_CONTEXT),
-             "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": ("te1", CLIP_LAYER, TE1_WIDTH)}
+             "lora_te1_text_model_encoder_layers_0_self_attn_q_proj":
+                 ("te1", CLIP_LAYER, TE1_WIDTH)}
 
 
 def text_network(path, seed=21):
@@ -29,7 +30,8 @@ def text_network(path, seed=21):
     g = torch.Generator().manual_seed(seed)
     sd, deltas = {}, {}
     for key, (component, layer, width) in TEXT_KEYS.items():
-        down, up = torch.randn(RANK, width, generator=g) * 0.5, torch.randn(width, RANK, generator=g) * 0.5
+        down = torch.randn(RANK, width, generator=g) * 0.5
+        up = torch.randn(width, RANK, generator=g) * 0.5
         sd.update({f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
                    f"{key}.alpha": torch.tensor(ALPHA)})
         deltas[component, layer] = up @ down * (ALPHA / RANK)
@@ -116,12 +118,14 @@ def test_two_regional_text_networks_each_get_their_stream_beside_a_blended_start
     it (its blend acts on the main stream; the text streams replace it in their regions)."""
     trees = flux_trees("flux")
     from flux_bfl import from_diffusers
-    write_format(tmp_path / "img.safetensors", random_network(from_diffusers(trees["unet"])), "kohya")
+    write_format(tmp_path / "img.safetensors", random_network(from_diffusers(trees["unet"])),
+                 "kohya")
     d_a = text_network(tmp_path / "a.safetensors", seed=21)
     d_b = text_network(tmp_path / "b.safetensors", seed=22)
     x = inputs()
     engine = make_engine(trees, "flux", tmp_path, latent=(2 * H, 2 * W))
-    tag = "<lora:a:1:region=left:blend=1> <lora:b:1:region=right> <lora:img:0.7:region=left:blend=1>"
+    tag = ("<lora:a:1:region=left:blend=1> <lora:b:1:region=right> "
+           "<lora:img:0.7:region=left:blend=1>")
     assert engine.activate(plan(tag, "flux", steps=2)) == []
     calls = []  # after the engine's hooks: what the model itself is called with
     hook = trees["unet"].register_forward_pre_hook(

@@ -81,7 +81,8 @@ def _fit(macs, seconds):
     """The line through the two points. On a loaded machine the larger size can time faster:
     then the larger point's whole time is priced per MAC (a price is never zero or negative)."""
     slope = (seconds[1] - seconds[0]) / (macs[1] - macs[0])
-    per_mac = slope if slope > 0 else seconds[1] / macs[1]
+    per_mac = slope if slope > 0 else max(seconds) / macs[1]
+    per_mac = max(per_mac, 1e-15)  # a timer that read 0 on a loaded machine: still priced
     return per_mac, max(seconds[0] - per_mac * macs[0], 0.0)
 
 

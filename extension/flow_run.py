@@ -23,6 +23,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from .pipeline_run import segment_encodings
+
 MAX_T5_TOKENS = 512  # the pipelines' default max_sequence_length
 
 
@@ -129,22 +131,9 @@ class FlowRun:
         """Per text-encoder segment: the prompt's text, the negative prompt's with each
         network's `neg` when the pipeline runs it, and the prompt's with each regional
         network acting on the text encoders."""
-        engine, found = self.engine, {}
-        for seg in engine.te_segments("base"):
-            engine.apply_te(seg)
-            pos = self._encode(self.prompt)
-            neg = None
-            if self.cfg:
-                engine.apply_te(seg, uncond=True)
-                neg = self._encode(self.negative)
-            variants = {}
-            for j in seg.variants:
-                engine.apply_te(seg, variant=j)
-                variants[j] = self._encode(self.prompt)
-            found[seg] = {"pos": pos, "neg": neg, "variants": variants}
-        if found:  # the text encoders as step 0 has them
-            engine.apply_te(next(iter(found)))
-        return found
+        return {seg: {"pos": pos, "neg": neg, "variants": variants}
+                for seg, (pos, neg, variants) in segment_encodings(
+                    self.engine, "base", self._encode, self.prompt, self.negative, self.cfg).items()}
 
 
 def flow_schedule(pipe, steps: int, latent: Tuple[int, int]):

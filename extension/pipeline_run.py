@@ -69,23 +69,12 @@ class PipelineRun:
         return {"embeds": out[0], "pooled": None}
 
     def _encodings(self, phase: str) -> dict:
-        engine, found = self.engine, {}
-        for seg in engine.te_segments(phase):
-            engine.apply_te(seg)
-            pos = self._encode(self.prompt)
-            neg: Optional[dict] = None
-            if self.cfg:
-                engine.apply_te(seg, uncond=True)
-                neg = self._encode(self.negative)
-            variants = {}
-            for j in seg.variants:
-                engine.apply_te(seg, variant=j)
-                variants[j] = self._encode(self.prompt)["embeds"]
+        found = {}
+        for seg, (pos, neg, variants) in segment_encodings(
+                self.engine, phase, self._encode, self.prompt, self.negative, self.cfg).items():
             found[seg] = {"pos": pos["embeds"], "neg": neg and neg["embeds"],
                           "pooled": pos["pooled"], "neg_pooled": neg and neg["pooled"],
-                          "variants": variants}
-        if found:  # leave the text encoders as step 0 has them: a host may encode again
-            engine.apply_te(next(iter(found)))
+                          "variants": {j: v["embeds"] for j, v in variants.items()}}
         return found
 
     def _use(self, seg) -> torch.Tensor:
@@ -96,3 +85,25 @@ class PipelineRun:
         self.engine.set_text_variants(rows, {
             j: torch.cat([e["neg"], v]) if self.cfg else v for j, v in e["variants"].items()})
         return rows
+
+
+def segment_encodings(engine, phase: str, encode, prompt: str, negative: str, cfg: bool) -> dict:
+    """Per text-encoder segment of a pass: (the prompt's encoding, the negative prompt's with
+    each network's `neg` when `cfg`, else None, {regional network: the prompt's encoding with
+    it}); the text encoders are left as step 0 has them, since a host may encode again."""
+    found = {}
+    for seg in engine.te_segments(phase):
+        engine.apply_te(seg)
+        pos = encode(prompt)
+        neg = None
+        if cfg:
+            engine.apply_te(seg, uncond=True)
+            neg = encode(negative)
+        variants = {}
+        for j in seg.variants:
+            engine.apply_te(seg, variant=j)
+            variants[j] = encode(prompt)
+        found[seg] = (pos, neg, variants)
+    if found:
+        engine.apply_te(next(iter(found)))
+    return found

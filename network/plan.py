@@ -20,7 +20,7 @@ from ..parser.parse import strictly
 from ..parser.transform import EXPERTS
 from .blocks import (ARCH_TITLES, BLOCKS, GROUPS, TEXT_ENCODER_TITLES, TEXT_ENCODERS, group_of,
                      resolve_weights)
-from .schedule import EPS, evaluate, index_of, window_mask
+from .schedule import EPS, evaluate, index_of, is_phased, on_phase, window_mask
 from .sigma import item_label, on_steps, sigma_index, sigma_items, sigma_problem
 
 ONE = Schedule.const(1.0)
@@ -59,6 +59,9 @@ class CompileContext:
     # which expert of a two-expert model (Wan 2.2: "high" noise, then "low") the plan is for:
     # a tag's high=/low= multiply its unet strength there; None: a model of one denoiser
     expert: Optional[str] = None
+    # the first step (0-based) of the base pass the low-noise expert runs, for Wan2GP's values
+    # that step through each expert's own steps; None: the host does not say
+    switch_step: Optional[int] = None
 
     def __post_init__(self):
         if self.arch not in BLOCKS:
@@ -69,6 +72,10 @@ class CompileContext:
                 raise ValueError(f"{name} must be a whole number from 1 to {MAX_STEPS}, not {value!r}")
         if self.expert not in (None,) + EXPERTS:
             raise ValueError(f"expert must be one of {', '.join(EXPERTS)} or None, not {self.expert!r}")
+        if self.switch_step is not None and not (
+                isinstance(self.switch_step, int) and 0 <= self.switch_step <= self.steps):
+            raise ValueError(f"switch_step must be a step index from 0 to {self.steps}, "
+                             f"not {self.switch_step!r}")
         if not 0.0 <= float(self.blend) <= 1.0:
             raise ValueError(f"blend must be a fraction of the pass in [0, 1], not {self.blend!r}")
         for name, steps in (("sigmas", self.steps), ("hires_sigmas", self.hires_steps)):
@@ -260,6 +267,9 @@ def _check(tag: Tag, ctx: CompileContext, problem) -> None:
         if ctx.expert is None:
             problem(expert, f"{arch} runs one denoiser here: the tag's expert (high, low, "
                             "module=) is ignored", "warning")
+        elif ctx.switch_step is None and any(is_phased(s) for _, s in tag.experts):
+            problem(expert, "the host does not say at which step the experts switch, so each "
+                            "expert's values step through the whole pass", "warning")
     encoders = TEXT_ENCODERS[ctx.arch]
     for te in ("te1", "te2"):
         if getattr(tag, te) is not None and te not in encoders:
@@ -327,6 +337,17 @@ def region_masks(region: Region) -> FrozenSet[str]:
     return frozenset().union(*(region_masks(r) for r in region.operands))
 
 
+def _expert_strength(expert: str, s: Schedule, ctx: CompileContext, steps: int, interp: str,
+                     hires: bool) -> np.ndarray:
+    """A tag's multiplier on one expert; Wan2GP's stepped values cover that expert's steps."""
+    if not is_phased(s):
+        return evaluate(s, steps, interp)
+    first, end = 0, steps
+    if ctx.switch_step is not None and not hires:
+        first, end = (0, ctx.switch_step) if expert == EXPERTS[0] else (ctx.switch_step, steps)
+    return on_phase(s, steps, first, end)
+
+
 def _pass(tag: Tag, ctx: CompileContext, steps: int, interp: str,
           lbw_row: Optional[np.ndarray], hires: bool) -> PassPlan:
     sigmas = ctx.hires_sigmas if hires else ctx.sigmas
@@ -335,17 +356,20 @@ def _pass(tag: Tag, ctx: CompileContext, steps: int, interp: str,
         for key, named in sigma_items(tag) if _pass_uses(tag, key, hires) for s in named)
     tag = on_steps(tag, sigmas)  # positions by noise level: step numbers of this pass
     te = tag.te or ONE
-    schedules = {"te": te, "te1": tag.te1 or te, "te2": tag.te2 or te, "unet": tag.unet or te}
+    # te3 (SD3.5's T5) has no key of its own: te sets it
+    schedules = {"te": te, "te1": tag.te1 or te, "te2": tag.te2 or te, "te3": te,
+                 "unet": tag.unet or te}
     if hires:  # loractl: hr sets both, hrte / hrunet one each, else the base pass's curves
         te_hr, unet_hr = tag.hrte or tag.hr, tag.hrunet or tag.hr
         if te_hr is not None:
-            schedules.update(te=te_hr, te1=te_hr, te2=te_hr)
+            schedules.update(te=te_hr, te1=te_hr, te2=te_hr, te3=te_hr)
         if unet_hr is not None:
             schedules["unet"] = unet_hr
     strength = {c: evaluate(s, steps, interp) for c, s in schedules.items()}
     for expert, s in tag.experts:  # this expert's share of the denoiser's strength
         if expert == ctx.expert:
-            strength["unet"] = strength["unet"] * evaluate(s, steps, interp)
+            strength["unet"] = strength["unet"] * _expert_strength(expert, s, ctx, steps,
+                                                                   interp, hires)
     if tag.window != NO_WINDOW:
         window = window_mask(tag.window, steps)
         strength = {c: v * window for c, v in strength.items()}

@@ -31,6 +31,8 @@ def index_of(pos: Position, steps: int, unit: str) -> float:
     if pos.unit == "percent":
         return pos.value / 100.0 * span
     unit = unit if pos.unit == "auto" else pos.unit
+    if unit in ("progress", "phase"):  # Forge Neo's and Wan2GP's k/N
+        return pos.value * steps
     if unit == "fraction":
         return pos.value * span
     return pos.value - 1.0
@@ -68,6 +70,23 @@ def evaluate(schedule: Schedule, steps: int, interp: str) -> np.ndarray:
     out = np.asarray(out, dtype=np.float64)
     out.flags.writeable = False
     return out
+
+
+def on_phase(schedule: Schedule, steps: int, first: int, end: int) -> np.ndarray:
+    """Wan2GP's values for one expert: each holds an equal share of the steps [first, end)
+    that expert runs (as Wan2GP spreads them), the first and last held outside."""
+    if end <= first:
+        out = np.full(steps, schedule.keys[0].value if schedule.keys else schedule.constant)
+    else:
+        inside = evaluate(schedule, end - first, "step")
+        out = np.concatenate([np.full(first, inside[0]), inside,
+                              np.full(steps - end, inside[-1])])
+    out.flags.writeable = False
+    return out
+
+
+def is_phased(schedule: Schedule) -> bool:
+    return any(k.at.unit == "phase" for k in schedule.keys)
 
 
 @functools.lru_cache(maxsize=1024)

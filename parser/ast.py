@@ -22,6 +22,8 @@ class Position:
     "fraction": progress in [0, 1]; "percent": progress in percent;
     "sigma": where the sampler's noise level falls to `value` (`s0.5`), placed on the steps
     by the pass's own sigmas (network/sigma.py);
+    "progress": Forge Neo's `[v@t]`, step k of N at k/N (not k/(N-1));
+    "phase": Wan2GP's values for one expert, the progress k/M over that expert's M steps;
     "auto": a schedule keyframe whose unit the whole schedule decides (docs/design.md §3).
     """
 

@@ -22,6 +22,8 @@ def format_position(pos: Position) -> str:
         return "s" + format_number(pos.value)
     if pos.unit == "step":
         return str(int(pos.value))
+    if pos.unit == "progress":  # inside Forge Neo's brackets, where it is the plain number
+        return format_number(pos.value)
     text = format_number(pos.value)
     if pos.unit == "fraction" and "." not in text:
         text += ".0"  # a whole number would read back as a step number
@@ -31,7 +33,11 @@ def format_position(pos: Position) -> str:
 def format_schedule(s: Schedule) -> str:
     if s.constant is not None:
         return format_number(s.constant)
-    return ",".join(f"{format_number(k.value)}@{format_position(k.at)}" for k in s.keys)
+    units = {k.at.unit for k in s.keys}
+    if units == {"phase"}:  # Wan2GP's values over one expert's steps
+        return ",".join(format_number(k.value) for k in s.keys)
+    keys = ",".join(f"{format_number(k.value)}@{format_position(k.at)}" for k in s.keys)
+    return f"[{keys}]" if "progress" in units else keys
 
 
 def format_entry(e: VectorEntry) -> str:

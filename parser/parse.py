@@ -27,7 +27,7 @@ _TERMINALS = {
     "VSYM": "R, U or X", "MASK": "a mask name", "WORD": "a name", "OTHER_VALUE": "a value", "$END": "the end",
     "STRENGTH_KEY": "a key", "GROUP_KEY": "a key", "BLOCK_KEY": "a key", "LBW_KEY": "a key",
     "NUMBER_KEY": "a key", "DYN_KEY": "a key", "WINDOW_KEY": "a key", "STEP_KEY": "a key",
-    "REGION_KEY": "a key", "INTERP_KEY": "a key", "OTHER_KEY": "a key",
+    "REGION_KEY": "a key", "INTERP_KEY": "a key", "OTHER_KEY": "a key", "SEMI": "';'",
 }
 MAX_SNIPPET = 80
 

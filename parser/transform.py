@@ -108,7 +108,14 @@ class TagTransformer(Transformer):
 
     def keyframes(self, children):
         return Schedule(keys=tuple(
-            Keyframe(_num(c), Position(1.0)) if isinstance(c, Token) else c for c in children))
+            Keyframe(_num(c), Position(1.0)) if isinstance(c, Token) else c for c in children
+            if not (isinstance(c, Token) and c.type == "SEMI")))
+
+    def progress(self, children):
+        """Forge Neo's [v@t,...]: a plain t is its progress sampling_step/steps."""
+        return Schedule(keys=tuple(
+            Keyframe(k.value, Position(k.at.value, "progress")) if k.at.unit == "auto" else k
+            for k in children))
 
     def keyframe(self, children):
         return Keyframe(_num(children[0]), children[1][0])
@@ -154,6 +161,8 @@ class TagTransformer(Transformer):
         return Item("#positional", children[0], -1)
 
     def pos_vector(self, children):
+        if any(isinstance(c, Token) for c in children):  # a ";": Wan2GP's phases
+            return _phases(children)
         return Item("#positional", BlockWeights(entries=tuple(children)), -1)
 
     def pos_preset(self, children):
@@ -170,6 +179,10 @@ class TagTransformer(Transformer):
     def expert_item(self, children):
         key, value = children
         return Item(key.lower(), value, key.start_pos)
+
+    def expert_steps(self, children):
+        key, *values = children
+        return Item(key.lower(), phase_schedule([_num(v) for v in values]), key.start_pos)
 
     def block_item(self, children):
         key, value = children
@@ -273,6 +286,13 @@ class TagTransformer(Transformer):
                 if key is None or key in fields:  # A1111: a named item wins over its slot
                     continue
                 settings = [(key, value)]
+            elif item.key == "#phases":  # Wan2GP: high;low in the first slot
+                positional += 1
+                if positional != 1:
+                    problems.append((offset, "Wan2GP's expert phases (high;low) go in the "
+                                     "first slot; they are ignored here", "warning"))
+                    continue
+                settings = list(zip(EXPERTS, item.value))
             elif item.key == "step":  # step=a-b is start=a plus the last step still on
                 settings = [("start", item.value[0]), ("last", item.value[1])]
             else:
@@ -284,6 +304,34 @@ class TagTransformer(Transformer):
                 fields[key] = value
                 columns.append((key, offset))
         return (_build(kind_tok.lower(), name, fields), tuple(columns), tuple(problems))
+
+
+def phase_schedule(values: List[float]) -> Schedule:
+    """Wan2GP's values for one expert: each holds an equal share of that expert's steps."""
+    if len(values) == 1:
+        return Schedule.const(values[0])
+    return Schedule(keys=tuple(Keyframe(v, Position(i / len(values), "phase"))
+                               for i, v in enumerate(values)))
+
+
+def _phases(children) -> Item:
+    """Wan2GP's "high;low" multipliers: the two experts' strengths, the text encoder at 1."""
+    phases: List[List] = [[]]
+    for c in children:
+        if isinstance(c, Token):
+            phases.append([])
+        else:
+            phases[-1].append(c)
+    if len(phases) != len(EXPERTS) or any(e.kind != "num" for p in phases for e in p):
+        return Item("#positional", None, -1, ((0, f"'{_phase_text(phases)}' reads as Wan2GP's "
+                    "expert phases, which are two lists of numbers: high;low (like 1;0 or "
+                    "0.9,0.8;1)", "error"),))
+    return Item("#phases", tuple(phase_schedule([e.value for e in p]) for p in phases), -1)
+
+
+def _phase_text(phases) -> str:
+    from .format import format_entry
+    return ";".join(",".join(format_entry(e) for e in p) for p in phases)
 
 
 def _expert_flag(item: Item) -> Optional[str]:
@@ -322,6 +370,10 @@ def _positional(index: int, value) -> Tuple[Optional[str], Any, Optional[Tuple[s
 
 
 def _build(kind: str, name: str, fields: dict) -> Tag:
+    if "interp" not in fields and any(  # Forge Neo ramps its [v@t] schedules
+            k.at.unit == "progress" for v in fields.values() if isinstance(v, Schedule)
+            for k in v.keys):
+        fields["interp"] = "linear"
     groups = tuple(sorted((k, fields[k]) for k in GROUPS if k in fields))
     experts = tuple((k, fields[k]) for k in EXPERTS if k in fields)
     blocks = tuple(sorted(((k, v) for k, v in fields.items() if k.isupper()), key=_block_sort))

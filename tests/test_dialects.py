@@ -182,3 +182,70 @@ def test_lbw_x_fills_placeholders():
     assert n.lbw[:4] == (1.0, 0.5, 0.7, 0.4)
     assert series(n.base.blocks["IN01"]) == [0.5]
     assert series(n.base.blocks["IN02"]) == [0.7]
+
+
+# ---- Forge Neo's [w@t] schedule --------------------------------------------------------------
+def test_forge_neo_brackets_ramp_on_its_own_progress():
+    """Neo reads t as sampling_step/steps (step k of N at k/N) and ramps between keyframes,
+    holding the last value after it (extensions-builtin/sd_forge_lora_schedule in Neo)."""
+    from netweave.network.plan import CompileContext, compile_prompt
+    tag = one_tag("<lora:turbo:[1@0,0@0.2]>")
+    assert tag.interp == "linear" and tag.unet is None
+    assert tag.te.keys == (Keyframe(1.0, Position(0.0, "progress")),
+                           Keyframe(0.0, Position(0.2, "progress")))
+    plan = compile_prompt("a <lora:turbo:[1@0,0@0.2]>", CompileContext(steps=10))
+    assert list(plan.networks[0].base.strength["unet"]) == pytest.approx(
+        [1.0, 0.5, 0, 0, 0, 0, 0, 0, 0, 0])  # a turbo LoRA on the first two steps (Neo #1439)
+    # where Neo's k/N differs from NetWeave's k/(N-1): 0.5 of 5 steps is step 2.5, not 2
+    plan = compile_prompt("a <lora:x:[0@0,1@0.5]>", CompileContext(steps=5))
+    assert list(plan.networks[0].base.strength["unet"]) == pytest.approx([0, 0.4, 0.8, 1, 1])
+
+
+def test_forge_neo_brackets_keep_percent_and_sigma_units_and_an_explicit_interp():
+    tag = one_tag("<lora:x:[1@0,0@50%,1@s0.3]:interp=step>")
+    assert [k.at.unit for k in tag.te.keys] == ["progress", "percent", "sigma"]
+    assert tag.interp == "step"
+
+
+@pytest.mark.parametrize("bad", ["<lora:x:[1@0,0.5]>", "<lora:x:[1@0,0@0.5>", "<lora:x:[]>"])
+def test_a_broken_bracket_is_an_error_at_its_column(bad):
+    parsed = parse("a " + bad + " b")
+    assert not parsed.tags and parsed.errors[0].severity == "error"
+    assert parsed.text == "a b"
+
+
+# ---- Wan2GP's expert phases -------------------------------------------------------------------
+def test_wan2gp_phases_set_each_expert():
+    tag = one_tag("<lora:x:1;0>")
+    assert tag.experts == (("high", C(1)), ("low", C(0))) and tag.te is None
+    tag = one_tag("<lora:x:0.9,0.8;1.2,1.1,1>")
+    assert [k.value for k in tag.experts[1][1].keys] == [1.2, 1.1, 1.0]
+    assert {k.at.unit for _, s in tag.experts for k in s.keys} == {"phase"}
+    assert one_tag("<lora:x:high=0.9,0.8:low=1.2,1.1,1>") == tag  # the keyed spelling
+
+
+def test_wan2gp_values_step_through_each_experts_own_steps():
+    """As Wan2GP spreads them: n values over an expert's M steps, value i on steps
+    [i·M/n, (i+1)·M/n)."""
+    from netweave.network.plan import CompileContext, compile_prompt
+    prompt = "a <lora:x:0.9,0.8;1.2,1.1,1>"
+    high = compile_prompt(prompt, CompileContext(arch="wan22", steps=10, expert="high",
+                                                 switch_step=4))
+    low = compile_prompt(prompt, CompileContext(arch="wan22", steps=10, expert="low",
+                                                switch_step=4))
+    assert not high.errors and not low.errors
+    assert list(high.networks[0].base.strength["unet"][:4]) == pytest.approx([0.9, 0.9, 0.8, 0.8])
+    assert list(low.networks[0].base.strength["unet"][4:]) == pytest.approx(
+        [1.2, 1.2, 1.1, 1.1, 1.0, 1.0])
+    unsaid = compile_prompt(prompt, CompileContext(arch="wan22", steps=10, expert="low"))
+    assert "does not say at which step" in unsaid.errors[0].message
+    assert list(unsaid.networks[0].base.strength["unet"]) == pytest.approx(
+        [1.2] * 4 + [1.1] * 3 + [1.0] * 3)
+
+
+@pytest.mark.parametrize("bad, says", [("<lora:x:1;0;1>", "two lists of numbers"),
+                                       ("<lora:x:1;R>", "two lists of numbers"),
+                                       ("<lora:x:1:1;0>", "first slot")])
+def test_wan2gp_phases_that_are_not_two_lists_of_numbers_are_said(bad, says):
+    parsed = parse(bad)
+    assert says in parsed.errors[0].message

@@ -1,4 +1,6 @@
 """format_tag gives canonical text that parses back to the same AST, over generated ASTs."""
+from dataclasses import replace
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -6,6 +8,7 @@ from netweave.network.blocks import SD1_BLOCKS
 from netweave.parser import (BUILTIN_REGIONS, INTERPOLATIONS, KINDS, BlockWeights, Intersect,
                              Keyframe, Mask, Not, Position, Scaled, Schedule, Tag, Union_,
                              VectorEntry, Window, format, format_region, parse, parse_region)
+from netweave.parser.transform import EXPERTS, phase_schedule
 
 numbers = st.floats(-10, 10, allow_nan=False, allow_subnormal=False)
 nonneg = st.floats(0, 100, allow_nan=False, allow_subnormal=False).map(abs)
@@ -17,10 +20,17 @@ names = st.lists(word.filter(lambda w: w not in (".", "..")), min_size=1, max_si
 sigmas = nonneg.map(lambda v: Position(v, "sigma"))  # s0.5: where the noise level reaches 0.5
 positions = st.one_of(nonneg.map(lambda v: Position(v)), nonneg.map(lambda v: Position(v, "percent")),
                       sigmas)
+# Forge Neo's [v@t]: a plain t is progress k/N; percent and sigma keep their own unit
+progress = st.lists(st.builds(Keyframe, numbers, st.one_of(
+    nonneg.map(lambda v: Position(v, "progress")), positions.filter(lambda p: p.unit != "auto"))),
+    min_size=1, max_size=4).filter(lambda ks: any(k.at.unit == "progress" for k in ks))
 schedules = st.one_of(
     numbers.map(Schedule.const),
     st.lists(st.builds(Keyframe, numbers, positions), min_size=1, max_size=4).map(
-        lambda ks: Schedule(keys=tuple(ks))))
+        lambda ks: Schedule(keys=tuple(ks))),
+    progress.map(lambda ks: Schedule(keys=tuple(ks))))
+# an expert's multiplier may also be Wan2GP's values stepping through its steps
+expert_schedules = st.one_of(schedules, st.lists(numbers, min_size=2, max_size=5).map(phase_schedule))
 
 entries = st.one_of(numbers.map(lambda v: VectorEntry("num", v)),
                     st.sampled_from([VectorEntry("R"), VectorEntry("U")]),
@@ -64,14 +74,20 @@ def tags(draw):
     opt = lambda s: draw(st.none() | s)  # noqa: E731
     groups = draw(st.dictionaries(st.sampled_from(["in", "mid", "out"]), schedules, max_size=3))
     blocks = draw(st.dictionaries(st.sampled_from(SD1_BLOCKS), schedules, max_size=4))
-    return Tag(kind=draw(st.sampled_from(KINDS)), name=draw(names),
-               te=opt(schedules), te1=opt(schedules), te2=opt(schedules), unet=opt(schedules),
-               hr=opt(schedules), hrte=opt(schedules), hrunet=opt(schedules),
-               groups=tuple(sorted(groups.items())),
-               blocks=tuple(sorted(blocks.items(), key=lambda kv: _block_key(kv[0]))),
-               lbw=opt(weights), x=opt(numbers), dyn=opt(st.integers(1, 512)),
-               window=draw(windows), region=opt(regions), interp=opt(st.sampled_from(INTERPOLATIONS)),
-               neg=opt(numbers), blend=opt(blend_positions))
+    experts = draw(st.dictionaries(st.sampled_from(EXPERTS), expert_schedules, max_size=2))
+    tag = Tag(kind=draw(st.sampled_from(KINDS)), name=draw(names),
+              te=opt(schedules), te1=opt(schedules), te2=opt(schedules), unet=opt(schedules),
+              hr=opt(schedules), hrte=opt(schedules), hrunet=opt(schedules),
+              groups=tuple(sorted(groups.items())),
+              blocks=tuple(sorted(blocks.items(), key=lambda kv: _block_key(kv[0]))),
+              experts=tuple((k, experts[k]) for k in EXPERTS if k in experts),
+              lbw=opt(weights), x=opt(numbers), dyn=opt(st.integers(1, 512)),
+              window=draw(windows), region=opt(regions), interp=opt(st.sampled_from(INTERPOLATIONS)),
+              neg=opt(numbers), blend=opt(blend_positions))
+    neo = any(k.at.unit == "progress" for v in vars(tag).values() if isinstance(v, Schedule)
+              for k in v.keys) or any(k.at.unit == "progress" for _, v in
+                                       tag.groups + tag.blocks + tag.experts for k in v.keys)
+    return replace(tag, interp="linear") if neo and tag.interp is None else tag  # Neo ramps
 
 
 @settings(max_examples=600, deadline=None)

@@ -3,8 +3,9 @@
 Block names follow LBW. SD UNets: BASE is the text encoder(s), INxx/M00/OUTxx the LDM input,
 middle and output blocks. The Flux family (Flux, Chroma): CLIP and T5 the text encoders, IN the
 layers before the blocks (img_in, txt_in, the time, vector and guidance embedders), D00–D18 the
-double-stream and S00–S37 the single-stream blocks, OUT the final layer. Z-Image, Qwen-Image and SD3
-are named after their own structure (docs/design.md §3). LBW vectors name a subset of blocks
+double-stream and S00–S37 the single-stream blocks, OUT the final layer. Z-Image, Qwen-Image, SD3
+and Wan are named after their own structure, each text encoder a block of its own before the
+denoiser's (docs/design.md §3). LBW vectors name a subset of blocks
 by their length; blocks a vector does not name get 0, exactly as LBW's `to26` does.
 """
 from __future__ import annotations
@@ -27,20 +28,22 @@ FLUX_DOUBLE, FLUX_SINGLE = 19, 38  # Flux.1's and Chroma's blocks
 # LBW's BLOCKIDFLUX, the 61 blocks of its Flux vectors.
 FLUX_BLOCKS = ("CLIP", "T5", "IN") + _names("D", range(FLUX_DOUBLE)) + \
     _names("S", range(FLUX_SINGLE)) + ("OUT",)
-# Z-Image: IN (the embedders), its noise refiner (image tokens) and context refiner (caption
-# tokens), the 30 single-stream layers, OUT (the final layer); no text encoder NetWeave maps.
+# Z-Image: QWEN3 (its text encoder), IN (the embedders), its noise refiner (image tokens) and
+# context refiner (caption tokens), the 30 single-stream layers, OUT (the final layer).
 ZIMAGE_REFINERS, ZIMAGE_LAYERS = 2, 30
-ZIMAGE_BLOCKS = ("IN",) + _names("NR", range(ZIMAGE_REFINERS)) + \
+ZIMAGE_BLOCKS = ("QWEN3", "IN") + _names("NR", range(ZIMAGE_REFINERS)) + \
     _names("CR", range(ZIMAGE_REFINERS)) + _names("S", range(ZIMAGE_LAYERS)) + ("OUT",)
-# Qwen-Image: IN (img_in, txt_in, the time embedder), 60 double-stream blocks, OUT.
+# Qwen-Image: QWENVL (Qwen2.5-VL's language model), IN (img_in, txt_in, the time embedder),
+# 60 double-stream blocks, OUT.
 QWEN_DOUBLE = 60
-QWEN_BLOCKS = ("IN",) + _names("D", range(QWEN_DOUBLE)) + ("OUT",)
-# SD3.5: BASE (CLIP-L and CLIP-G), IN (patch, caption and time/pooled embedders), the joint
-# (MMDiT, double-stream) blocks — 38 in Large, 24 in Medium — and OUT.
+QWEN_BLOCKS = ("QWENVL", "IN") + _names("D", range(QWEN_DOUBLE)) + ("OUT",)
+# SD3.5: BASE (CLIP-L and CLIP-G), T5 (its T5-XXL), IN (patch, caption and time/pooled
+# embedders), the joint (MMDiT, double-stream) blocks — 38 in Large, 24 in Medium — and OUT.
 SD3_JOINT = 38
-SD3_BLOCKS = ("BASE", "IN") + _names("D", range(SD3_JOINT)) + ("OUT",)
-# Wan 2.2 (each expert): IN (text and time embedders), its 40 blocks, OUT (the head).
-WAN_BLOCKS = ("IN",) + _names("B", range(40)) + ("OUT",)
+SD3_BLOCKS = ("BASE", "T5", "IN") + _names("D", range(SD3_JOINT)) + ("OUT",)
+# Wan 2.2 (each expert): UMT5 (its text encoder), IN (text and time embedders), its 40
+# blocks, OUT (the head).
+WAN_BLOCKS = ("UMT5", "IN") + _names("B", range(40)) + ("OUT",)
 BLOCKS = {"sd1": SD1_BLOCKS, "sd2": SD1_BLOCKS, "sdxl": SDXL_BLOCKS, "flux": FLUX_BLOCKS,
           "chroma": FLUX_BLOCKS, "zimage": ZIMAGE_BLOCKS, "qwenimage": QWEN_BLOCKS,
           "sd3": SD3_BLOCKS, "wan22": WAN_BLOCKS}
@@ -48,19 +51,22 @@ ARCH_TITLES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "flux": "Flux", "chro
                "zimage": "Z-Image", "qwenimage": "Qwen-Image", "sd3": "SD3",
                "wan22": "Wan 2.2"}
 # Chroma has Flux's T5 and no CLIP: T5 is te2 on both, so one file's keys mean one encoder.
+# SD3.5's T5 is te3 (no tag key of its own: `te` sets it, its block T5 scales it); a model
+# of one encoder has it as te1.
 TEXT_ENCODERS = {"sd1": ("te1",), "sd2": ("te1",), "sdxl": ("te1", "te2"), "flux": ("te1", "te2"),
-                 "chroma": ("te2",), "zimage": (), "qwenimage": (), "sd3": ("te1", "te2"),
-                 "wan22": ()}
+                 "chroma": ("te2",), "zimage": ("te1",), "qwenimage": ("te1",),
+                 "sd3": ("te1", "te2", "te3"), "wan22": ("te1",)}
 TEXT_ENCODER_TITLES = {"sd1": {"te1": "CLIP-L"}, "sd2": {"te1": "OpenCLIP-H"},
                        "sdxl": {"te1": "CLIP-L", "te2": "OpenCLIP-G"},
                        "flux": {"te1": "CLIP-L", "te2": "T5-XXL"}, "chroma": {"te2": "T5-XXL"},
-                       "zimage": {}, "qwenimage": {}, "sd3": {"te1": "CLIP-L", "te2": "CLIP-G"},
-                       "wan22": {}}
+                       "zimage": {"te1": "Qwen3-4B"}, "qwenimage": {"te1": "Qwen2.5-VL-7B"},
+                       "sd3": {"te1": "CLIP-L", "te2": "CLIP-G", "te3": "T5-XXL"},
+                       "wan22": {"te1": "umT5-XXL"}}
 # The block a text-encoder layer belongs to.
 TEXT_BLOCKS = {"sd1": {"te1": "BASE"}, "sd2": {"te1": "BASE"}, "sdxl": {"te1": "BASE", "te2": "BASE"},
                "flux": {"te1": "CLIP", "te2": "T5"}, "chroma": {"te2": "T5"},
-               "zimage": {}, "qwenimage": {}, "sd3": {"te1": "BASE", "te2": "BASE"},
-               "wan22": {}}
+               "zimage": {"te1": "QWEN3"}, "qwenimage": {"te1": "QWENVL"},
+               "sd3": {"te1": "BASE", "te2": "BASE", "te3": "T5"}, "wan22": {"te1": "UMT5"}}
 GROUPS = ("in", "mid", "out", "double", "single")  # the group keys of a tag
 
 # LBW's vector layouts by length (its BLOCKID17/26 for SD1 and SD2, BLOCKID12/20 for SDXL).
@@ -116,7 +122,8 @@ PRESETS = {"sd1": _SD1_PRESETS, "sd2": _SD1_PRESETS, "sdxl": _SDXL_PRESETS,
 
 
 def group_of(block: str) -> Optional[str]:
-    """The group (GROUPS) a block belongs to; None for the text encoders (BASE, CLIP, T5)."""
+    """The group (GROUPS) a block belongs to; None for the text encoders (BASE, CLIP, T5,
+    QWEN3, QWENVL, UMT5)."""
     if block.startswith(("IN", "NR", "CR")):  # Z-Image's refiners run before its layers
         return "in"
     if block == "M00":

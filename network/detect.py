@@ -1,5 +1,5 @@
-"""Which architecture (SD1, SD2, SDXL, Flux, Chroma, Z-Image, Qwen-Image, SD3) a file was made
-for, from its keys and shapes alone.
+"""Which architecture (SD1, SD2, SDXL, Flux, Chroma, Z-Image, Qwen-Image, SD3, Wan 2.2) a file
+was made for, from its keys and shapes alone.
 
 Z-Image, Qwen-Image and SD3 are told first, each by layers only it has (Z-Image's
 `layers.N.attention` and refiners, Qwen-Image's `img_mlp`/`txt_mod`, SD3's `joint_blocks`,
@@ -8,9 +8,16 @@ Z-Image, Qwen-Image and SD3 are told first, each by layers only it has (Z-Image'
 SD3's 38 only Qwen-Image has) or its width (SD3.5's 1536 or 2432; Flux and Qwen-Image are
 3072 wide).
 
-The Flux family is told first, by its blocks (double- and single-stream, in any naming) or its
-T5 text encoder; Chroma from Flux by Chroma's distilled guidance layer, which Flux lacks, else
-Flux (a file that changes only attention layers fits both, and loads on both).
+A file of text-encoder keys alone is told by the encoder: ComfyUI's names (`qwen3_4b`
+Z-Image, `qwen25_7b` Qwen-Image, `umt5xxl` Wan), a language model's width (2560 Qwen3-4B,
+3584 Qwen2.5-VL-7B) or Qwen2.5-VL's `language_model`/`visual`.
+
+A T5 alone fits Flux, Chroma and SD3: beside CLIP-G it is SD3's, beside CLIP-L alone or as a
+pipeline's second encoder Flux's.
+
+The Flux family is told next, by its blocks (double- and single-stream, in any naming);
+Chroma from Flux by Chroma's distilled guidance layer, which Flux lacks, else Flux (a file
+that changes only attention layers fits both, and loads on both).
 
 Signals, strongest first: a second text encoder (SDXL only); the UNet's attention layout
 (SD1/SD2 have attention in the first level and one transformer block per attention, SDXL none
@@ -42,7 +49,22 @@ _TE_Q = re.compile(r"(lora_te1?_|text_encoder\.|cond_stage_model|embedders\.0).*
 _PROJ_IN = re.compile(r"proj_in")
 _DOWN_PARTS = ("lora_down.weight", "lora_A.weight", "diff", "weight")
 _FLUX_BLOCKS = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transformer_blocks)[._]\d+[._]")
-_T5 = re.compile(r"^(lora_te3_|lycoris_te3_)|t5xxl|(^|[._])encoder[._]block[._]\d+[._]layer[._]")
+# T5 as a pipeline's third encoder (kohya, OneTrainer's SD3, ComfyUI): Flux's, Chroma's or
+# SD3's; as its second (OneTrainer's and diffusers' Flux): only Flux's; as its only one
+# (`text_encoder.`, `lora_te_`, bare): Chroma's or Wan's umT5.
+_T5 = re.compile(r"^(lora_te3_|lycoris_te3_)|t5xxl")
+_FLUX_T5 = re.compile(r"^(lora_te2_encoder_block|text_encoder_2\.encoder\.block)")
+_ONLY_T5 = re.compile(r"^(text_encoder\.|lora_te1?_|lycoris_te1?_)?encoder[._]block[._]\d+[._]layer[._]")
+_CLIP_L = re.compile(r"^(lora_te1_|lycoris_te1_|text_encoder\.)text_model|clip_l")
+_CLIP_G = re.compile(r"^(lora_te2_|lycoris_te2_|text_encoder_2\.)text_model|clip_g")
+# ComfyUI's names of the encoders only one architecture has
+_NAMED_TE = re.compile(r"(^|[._])(qwen3_4b|qwen25_7b|umt5xxl)[._]")
+NAMED_TE = {"qwen3_4b": "zimage", "qwen25_7b": "qwenimage", "umt5xxl": "wan22"}
+# a language model's decoder layer (CLIP's are `encoder.layers.N` with fc1/fc2, out_proj)
+_LM = re.compile(r"(?<!encoder[._])layers[._]\d+[._](self_attn[._][qkvo]_proj|mlp[._](gate|up|down)_proj)")
+_LM_HIDDEN = re.compile(r"(self_attn[._][qkv]_proj|mlp[._](gate|up)_proj)")  # they read the hidden width
+_VL = re.compile(r"language_model|(^|[._])visual[._]")  # Qwen2.5-VL's wrappers and vision tower
+LM_WIDTHS = {2560: "zimage", 3584: "qwenimage"}  # Qwen3-4B, Qwen2.5-VL-7B
 _CHROMA = re.compile(r"distilled_guidance_layer")
 _ZIMAGE = re.compile(r"(^|[._])((layers|noise_refiner|context_refiner)[._]\d+[._](attention|"
                      r"feed_forward)[._]|all_x_embedder|all_final_layer|cap_embedder)")
@@ -88,13 +110,52 @@ def _dit(keys: Sequence[str], shape: Callable[[str], Sequence[int]]
     return None, ["its transformer_blocks fit Flux and Qwen-Image alike"]
 
 
-def _flux_family(keys: Sequence[str]) -> Optional[Tuple[str, List[str]]]:
-    if any(_FLUX_BLOCKS.search(k) for k in keys):
-        reason = "its transformer blocks are the Flux family's (double- and single-stream)"
-    elif any(_T5.search(k) for k in keys):
-        reason = "it has keys for a T5 text encoder"
-    else:
+def _text_encoders(keys: Sequence[str], shape: Callable[[str], Sequence[int]]
+                   ) -> Optional[Tuple[Optional[str], List[str]]]:
+    """SD3, Flux, Z-Image, Qwen-Image or Wan by their text encoders' keys: ComfyUI's names
+    for them, where a T5 sits, a language model's width; (None, reasons) when the keys are
+    a text encoder two architectures share."""
+    for k in keys:
+        m = _NAMED_TE.search(k)
+        if m:
+            return NAMED_TE[m.group(2)], [f"its text-encoder keys name {m.group(2)}"]
+    t5 = _t5(keys)
+    if t5 is not None:
+        return t5
+    lm = [k for k in keys if _LM.search(k)]
+    if lm:
+        if any(_VL.search(k) for k in keys):
+            return "qwenimage", ["its text encoder is Qwen2.5-VL (language_model, visual)"]
+        for k in lm:
+            width = _input_width(k, shape) if _LM_HIDDEN.search(k) else None
+            if width in LM_WIDTHS:
+                return LM_WIDTHS[width], [f"its language-model text encoder is {width} wide"]
+        return None, ["its language-model text encoder's width says neither Z-Image (2560) "
+                      "nor Qwen-Image (3584)"]
+    if any(_ONLY_T5.match(k) for k in keys):
+        return None, ["its T5 keys fit Chroma's T5 and Wan's umT5 alike"]
+    return None
+
+
+def _t5(keys: Sequence[str]) -> Optional[Tuple[Optional[str], List[str]]]:
+    """SD3 or Flux by where a file puts its T5 and which CLIPs are beside it."""
+    if any(k.startswith("text_encoder_3.") for k in keys):
+        return "sd3", ["it has keys for diffusers' text_encoder_3 (SD3's T5)"]
+    if any(_FLUX_T5.match(k) for k in keys):
+        return "flux", ["it has keys for a T5 as the second text encoder (Flux's)"]
+    if not any(_T5.search(k) for k in keys):
         return None
+    if any(_CLIP_G.search(k) for k in keys):
+        return "sd3", ["it has keys for a T5 beside CLIP-G (SD3's three text encoders)"]
+    if any(_CLIP_L.search(k) for k in keys):
+        return "flux", ["it has keys for a T5 beside CLIP-L alone (Flux's text encoders)"]
+    return None, ["its T5 keys fit Flux's, Chroma's and SD3's T5 alike"]
+
+
+def _flux_family(keys: Sequence[str]) -> Optional[Tuple[str, List[str]]]:
+    if not any(_FLUX_BLOCKS.search(k) for k in keys):
+        return None
+    reason = "its transformer blocks are the Flux family's (double- and single-stream)"
     if any(_CHROMA.search(k) for k in keys):
         return "chroma", [reason, "it has Chroma's distilled guidance layer"]
     return "flux", [reason]
@@ -107,6 +168,10 @@ def detect_architecture(keys: Iterable[str], shape: Callable[[str], Sequence[int
     dit = _dit(keys, shape)
     if dit is not None:
         return dit
+    if not any(_FLUX_BLOCKS.search(k) for k in keys):  # Flux's own blocks decide first
+        text = _text_encoders(keys, shape)
+        if text is not None and (text[0] is not None or metadata_arch not in TRANSFORMERS):
+            return text
     family = _flux_family(keys)
     if family is not None:
         return family

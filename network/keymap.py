@@ -17,7 +17,8 @@ from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 from torch import Tensor, nn
 
-from . import dit_keys, quantized, t5_keys
+from . import dit_keys, quantized, te_keys
+from .blocks import TEXT_BLOCKS
 from .dit_arches import ARCHES
 from .tokens import TokenLayout, Tokens
 
@@ -35,7 +36,7 @@ class Family(Enum):
     SD3 = "sd3"
     WAN22 = "wan22"
 
-COMPONENTS = ("unet", "te1", "te2")
+COMPONENTS = ("unet", "te1", "te2", "te3")  # te3: SD3.5's T5
 
 
 def linear_like(module: nn.Module) -> bool:
@@ -67,13 +68,13 @@ def frozen(weight: Tensor) -> Optional[str]:
 class Target:
     """One thing a network can change: a module's weight, or one chunk of a fused weight."""
 
-    component: str  # "unet", "te1" or "te2"
-    name: str  # canonical: the diffusers UNet path or the HF CLIP text-model path
+    component: str  # "unet", "te1", "te2" or "te3"
+    name: str  # canonical: the diffusers UNet path, the HF CLIP text-model path, …
     path: str  # the module's path inside the host's component tree
     module: nn.Module = field(compare=False, repr=False)
     param: str = "weight"  # "weight", or "in_proj_weight" / "out_proj.weight" of an OpenCLIP MHA
     chunk: Optional[Tuple[int, int]] = None  # (index, count) of q/k/v inside in_proj_weight
-    block: Optional[str] = None  # BASE, INxx, M00, OUTxx; None for UNet layers outside blocks
+    block: Optional[str] = None  # BASE, INxx, …, a text encoder's; None outside every block
     tokens: Optional[Tokens] = None  # a transformer layer's rows; None: found by grid
     quant: Optional[quantized.Quant] = None  # stored quantized: networks run beside it only
 
@@ -393,7 +394,8 @@ class KeyMap:
         unet = trees.get("unet")
         keys = _transformer_keys(unet)
         self.family = Family(keys.arch) if keys is not None else \
-            Family.FLUX if t5_keys.is_t5(trees.get("te2", nn.Module())) else Family.SD
+            Family.FLUX if te_keys.kind_of(trees.get("te2", nn.Module())) is te_keys.Kind.T5 \
+            else Family.SD
         # how the transformer lays out its tokens (None: an SD UNet, regions found by grid)
         self.tokens: Optional[TokenLayout] = None
         if keys is not None:
@@ -403,19 +405,23 @@ class KeyMap:
             for d, l, module in _unet_layers(unet):
                 path = l if hasattr(unet, "input_blocks") else d
                 self._add(Target("unet", d, path, module, block=unet_block(d)), unet_spellings(d, l))
-        for component in ("te1", "te2"):
-            if component not in trees:
-                continue
-            block = "BASE" if self.family in (Family.SD, Family.SD3) else \
-                ("CLIP" if component == "te1" else "T5")
-            if t5_keys.is_t5(trees[component]):
-                for name, path, module in t5_keys.t5_layers(trees[component], patchable):
-                    self._add(Target(component, name, path, module, block=block),
-                              t5_keys.t5_spellings(name))
-                continue
-            for hf, path, module, param, chunk in _text_layers(trees[component]):
-                target = Target(component, hf, path, module, param, chunk, block=block)
-                self._add(target, text_spellings(component, hf))
+        for component in ("te1", "te2", "te3"):
+            if component in trees:
+                self._add_text_encoder(component, trees[component])
+
+    def _add_text_encoder(self, component: str, tree: nn.Module) -> None:
+        """Targets of one text encoder, in the block its architecture gives it (blocks.py)."""
+        arch = self.family.value
+        block = TEXT_BLOCKS.get(arch, {}).get(component, "BASE")  # SD: every encoder BASE
+        kind = te_keys.kind_of(tree)
+        if kind is not None:
+            names = te_keys.names_for(arch, component, kind)
+            for name, path, module in te_keys.layers(kind, tree, patchable):
+                self._add(Target(component, name, path, module, block=block), names.spellings(name))
+            return
+        for hf, path, module, param, chunk in _text_layers(tree):
+            target = Target(component, hf, path, module, param, chunk, block=block)
+            self._add(target, text_spellings(component, hf))
 
     def _add_transformer(self, root: nn.Module, keys: dit_keys.DitKeys) -> None:
         """Targets of a transformer and the rows every file name reaches."""

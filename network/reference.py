@@ -1,10 +1,10 @@
-"""The real SD1, SD2, SDXL, Flux, Chroma, Z-Image, Qwen-Image and SD3.5 module trees, built on
-the meta device (shapes, no memory), so a file can be checked layer by layer without loading
-any model: `inspect` uses them. Configs are the published ones of SD 1.5, SD 2.1, SDXL 1.0
-base, Flux.1-dev, Chroma, Z-Image Turbo and Qwen-Image (diffusers layout; the classes' defaults
-are those models'), SD3.5 Large (38 joint blocks of 64 per head; docs/design.md §5), with
-CLIP-L, OpenCLIP-G and T5-XXL v1.1. Z-Image's and Qwen-Image's language-model text encoders
-are not mapped, so their trees hold the transformer only."""
+"""The real SD1, SD2, SDXL, Flux, Chroma, Z-Image, Qwen-Image, SD3.5 and Wan 2.2 module trees,
+built on the meta device (shapes, no memory), so a file can be checked layer by layer without
+loading any model: `inspect` uses them. Configs are the published ones of SD 1.5, SD 2.1, SDXL
+1.0 base, Flux.1-dev, Chroma, Z-Image Turbo, Qwen-Image and Wan 2.2 A14B (diffusers layout; the
+classes' defaults are those models'), SD3.5 Large (38 joint blocks of 64 per head;
+docs/design.md §5), with CLIP-L, OpenCLIP-G and T5-XXL v1.1, and each newer model's own text
+encoder: Z-Image's Qwen3-4B, Qwen-Image's Qwen2.5-VL-7B, SD3.5's T5-XXL, Wan's umT5-XXL."""
 from __future__ import annotations
 
 import functools
@@ -102,18 +102,42 @@ def variants(arch: str):
 def _dit_trees(arch: str) -> Dict[str, nn.Module]:
     from diffusers import (QwenImageTransformer2DModel, SD3Transformer2DModel,
                            WanTransformer3DModel, ZImageTransformer2DModel)
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     with torch.device("meta"):
         if arch == "zimage":
-            return {"unet": ZImageTransformer2DModel()}
+            return {"unet": ZImageTransformer2DModel(), "te1": _language_model(arch)}
         if arch == "qwenimage":
-            return {"unet": QwenImageTransformer2DModel()}
+            return {"unet": QwenImageTransformer2DModel(), "te1": _language_model(arch)}
         if arch == "wan22":  # one expert of A14B (both have this shape)
-            return {"unet": WanTransformer3DModel()}
+            from transformers import UMT5Config, UMT5EncoderModel
+            return {"unet": WanTransformer3DModel(), "te1": UMT5EncoderModel(UMT5Config(**UMT5_XXL))}
         trees = {"unet": SD3Transformer2DModel(**(SD3_MEDIUM if arch == "sd3-medium" else SD3_LARGE))}
         for component, config in (("te1", CLIP_L), ("te2", TEXT["sdxl"]["te2"])):
             trees[component] = CLIPTextModelWithProjection(CLIPTextConfig(
                 vocab_size=49408, max_position_embeddings=77, bos_token_id=49406,
                 eos_token_id=49407, **{"projection_dim": 768, **config}))
+        trees["te3"] = T5EncoderModel(T5Config(**T5_XXL))
     return trees
+
+
+# The published text encoders of the newer transformers (docs/design.md §5): Wan's umT5-XXL
+# (T5-XXL's shapes, a larger vocabulary), Z-Image's Qwen3-4B and Qwen-Image's Qwen2.5-VL-7B.
+UMT5_XXL = dict(T5_XXL, vocab_size=256384)
+QWEN3_4B = dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)
+QWEN25_VL_7B = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                    num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                    rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+QWEN25_VL_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                        out_hidden_size=3584, fullatt_block_indexes=[7, 15, 23, 31])
+
+
+def _language_model(arch: str) -> nn.Module:
+    """The text encoder as diffusers' pipelines load it (call on the meta device)."""
+    if arch == "zimage":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+        return Qwen3ForCausalLM(Qwen3Config(**QWEN3_4B))
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=QWEN25_VL_7B, vision_config=QWEN25_VL_VISION))

@@ -76,7 +76,7 @@ def test_blocks_and_groups(base, tmp_path):
     deltas = dc.write_format(tmp_path / "net.safetensors", dc.random_network(model), "musubi", parts)
     x = inputs()
     only = {n: d for n, d in deltas.items() if n.startswith("transformer_blocks.1.")}
-    lbw = ",".join(["0", "0", "1"] + ["0"] * 59)  # IN, D00–D59, OUT: D01 only
+    lbw = ",".join(["0", "0", "0", "1"] + ["0"] * 59)  # QWENVL, IN, D00–D59, OUT: D01 only
     for tag in ("<lora:net:1:in=0:out=0:D00=0>", f"<lora:net:1:lbw={lbw}>"):
         trees = {"unet": copy.deepcopy(model)}
         engine = make_engine(trees, "qwenimage", tmp_path)

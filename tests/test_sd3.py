@@ -78,7 +78,7 @@ def test_blocks_and_groups_name_the_models_own_structure(base, tmp_path):
             blocks["norm_out.linear"]) == ("IN", "IN", "D00", "D01", "OUT")
     native = sd3_native(model)
     deltas = dc.write_format(tmp_path / "net.safetensors", dc.random_network(native), "kohya", parts)
-    lbw = ",".join(["1", "0", "1"] + ["0"] * 37 + ["1"])  # BASE, IN, D00–D37, OUT
+    lbw = ",".join(["1", "1", "0", "1"] + ["0"] * 37 + ["1"])  # BASE, T5, IN, D00–D37, OUT
     for tag, kept in (("<lora:net:1:double=0>", ("x_embedder", "context_embedder", "t_embedder",
                                                  "y_embedder", "final_layer")),
                       (f"<lora:net:1:lbw={lbw}>", ("joint_blocks.0.", "final_layer")),

@@ -83,20 +83,31 @@ class Session:
             self.report.add(p)
         ctx = self.context(steps, hires_steps, sigmas=sigmas, hires_sigmas=hires_sigmas,
                            negative_rows=negative_rows)
+        # A model of two experts (extension/experts.py): one set of plans per expert, the
+        # first expert's reported (the same tags give the same diagnostics)
+        experts = getattr(self.engine, "experts", None)
+        by_expert = {e: self._compile(prompts, hires_prompts, hires_steps,
+                                      dataclasses.replace(ctx, expert=e))
+                     for e in (experts or (None,))}
+        plans = next(iter(by_expert.values()))
+        for plan in plans:
+            self.report.add_diagnostics(plan.errors)
+        self.engine.configure(**self.settings.engine_options())
+        self.engine.activate(by_expert if experts else plans, latent=latent, batch=rows,
+                             masks=self.masks)
+        self.plans = plans
+        self._seen = (0, 0)
+        self.collect()
+        self._describe_resources()
+        return plans
+
+    def _compile(self, prompts, hires_prompts, hires_steps, ctx: CompileContext) -> List[Plan]:
         plans = [compile_prompt(text, ctx) for text in prompts]
         if hires_steps is not None and hires_prompts is not None:
             plans = [with_hires_prompt(plan, compile_prompt(text, ctx))
                      for plan, text in zip(plans, hires_prompts)]
         if not self.settings.enabled:
             plans = [dataclasses.replace(plan, networks=()) for plan in plans]
-        for plan in plans:
-            self.report.add_diagnostics(plan.errors)
-        self.engine.configure(**self.settings.engine_options())
-        self.engine.activate(plans, latent=latent, batch=rows, masks=self.masks)
-        self.plans = plans
-        self._seen = (0, 0)
-        self.collect()
-        self._describe_resources()
         return plans
 
     def collect(self) -> bool:

@@ -32,14 +32,16 @@ def load(arch):
     return make
 
 
-def t5_lora(path, t5, seed=3, scale=0.5):
+def t5_lora(path, t5, seed=3, scale=0.5, prefix="lora_te3_",
+            only=lambda name: name.startswith("encoder.")):
     """A kohya LoRA on every linear layer of T5 (`lora_te3_encoder_block_…`, as sd-scripts
-    names the Flux T5's layers)."""
+    names the Flux T5's layers), or of another text encoder's layers that `only` keeps, under
+    `prefix`."""
     from safetensors.torch import save_file
     g, sd = torch.Generator().manual_seed(seed), {}
     for name, m in t5.named_modules():
-        if isinstance(m, torch.nn.Linear) and name.startswith("encoder."):
-            key = "lora_te3_" + name.replace(".", "_")
+        if isinstance(m, torch.nn.Linear) and only(name):
+            key = prefix + name.replace(".", "_")
             sd[f"{key}.lora_down.weight"] = torch.randn(4, m.in_features, generator=g) * scale
             sd[f"{key}.lora_up.weight"] = torch.randn(m.out_features, 4, generator=g) * scale
             sd[f"{key}.alpha"] = torch.tensor(4.0)
@@ -63,20 +65,17 @@ def draw(adapter, arch, prompt, **kw):
 
 
 def weights():
+    """Every transformer and text encoder of the pipeline (Wan 2.2: both experts)."""
     from modules import shared
     pipe = shared.sd_model
-    parts = [pipe.transformer, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)]
+    parts = [getattr(pipe, n, None) for n in ("transformer", "transformer_2", "text_encoder",
+                                             "text_encoder_2", "text_encoder_3")]
     return [{k: v.clone() for k, v in m.state_dict().items()} for m in parts if m is not None]
 
 
 def test_trees_and_architecture_from_sdnexts_pipeline(host):
     arch, adapter, _ = host
-    from modules import shared
-    pipe = shared.sd_model
-    draw(adapter, arch, PROMPT)
-    engine = adapter.ADAPTER.engine_for()
-    assert adapter.Adapter.arch() == engine.arch == arch
-    assert engine.trees["unet"] is pipe.transformer
+    engine, pipe = engine_of_a_generation(adapter, arch)
     if arch == "flux":
         assert engine.trees["te1"] is pipe.text_encoder
         assert engine.trees["te2"] is pipe.text_encoder_2
@@ -84,18 +83,37 @@ def test_trees_and_architecture_from_sdnexts_pipeline(host):
         assert set(engine.trees) == {"unet", "te2"} and engine.trees["te2"] is pipe.text_encoder
 
 
+def engine_of_a_generation(adapter, arch):
+    """(the adapter's engine, the pipeline) after a generation: the architecture SD.Next's
+    model type names, the transformer as the engine's "unet"."""
+    from modules import shared
+    pipe = shared.sd_model
+    draw(adapter, arch, PROMPT)
+    engine = adapter.ADAPTER.engine_for()
+    assert adapter.Adapter.arch() == engine.arch == arch
+    assert engine.trees["unet"] is pipe.transformer
+    return engine, pipe
+
+
 def test_a_kohya_lora_changes_the_image_and_no_tags_is_sdnexts_own(host):
     arch, adapter, _ = host
+    check_a_lora_and_no_tags(adapter, arch, "kflux")
+
+
+def check_a_lora_and_no_tags(adapter, arch, name):
+    """Without tags SD.Next's own picture (NetWeave hands nothing in); with the LoRA
+    NetWeave's text in p.task_args and another picture; at 0 and after it, SD.Next's picture
+    again and every weight as before."""
     before = weights()
     off, _, _ = draw(adapter, arch, PROMPT, enabled=False)
     fresh, out, p = draw(adapter, arch, PROMPT)
     assert same(fresh, off) and "prompt_embeds" not in p.task_args  # NetWeave left it alone
-    lora, out, p = draw(adapter, arch, f"{PROMPT} <lora:kflux:1>")
-    assert "NetWeave errors" not in out.extra_generation_params
-    assert out.extra_generation_params["Lora hashes"].startswith("kflux: ")
+    lora, out, p = draw(adapter, arch, f"{PROMPT} <lora:{name}:1>")
+    assert "NetWeave errors" not in out.extra_generation_params, out.extra_generation_params
+    assert out.extra_generation_params["Lora hashes"].startswith(f"{name}: ")
     assert p.task_args["prompt"] is None and p.task_args["prompt_embeds"] is not None
     assert np.abs(lora - fresh).mean() > 1e-3
-    zero, _, _ = draw(adapter, arch, f"{PROMPT} <lora:kflux:0>")  # NetWeave's text, no change
+    zero, _, _ = draw(adapter, arch, f"{PROMPT} <lora:{name}:0>")  # NetWeave's text, no change
     assert same(zero, fresh)
     again, _, _ = draw(adapter, arch, PROMPT)
     assert same(again, fresh)

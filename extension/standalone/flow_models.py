@@ -1,6 +1,8 @@
-"""Flux and Chroma checkpoints for the standalone host, loaded fully offline.
+"""Checkpoints of flow-matching transformers for the standalone host, loaded fully offline.
 
-- a diffusers folder whose model_index.json names FluxPipeline or ChromaPipeline;
+- a diffusers folder whose model_index.json names one of the pipelines of
+  extension/flow_families.py (Flux, Chroma, Z-Image, Qwen-Image, SD3/3.5, Wan 2.2 with one or
+  two experts);
 - a single-file transformer in the original (BFL) layout, optionally under
   `model.diffusion_model.`, as Flux.1 dev/schnell and Chroma are published: diffusers'
   `from_single_file` with a config written here from the published hyper-parameters
@@ -23,20 +25,27 @@ from typing import Dict, Optional
 
 import torch
 
+from ..flow_families import PIPELINES
 from .models import DEMO_ROOT, Model
 
-FLOW_PIPELINES = {"FluxPipeline": "flux", "ChromaPipeline": "chroma"}
+FLOW_PIPELINES = PIPELINES  # pipeline class name → NetWeave's architecture
 DEMO_FLUX_NAME = "demo-flux"
 WIDTH, HEAD = 3072, 128  # the published transformer width and head size (diffusers assumes them)
 PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 # What each tokenizer folder is, for the message when one is missing (they cannot be downloaded)
 TOKENIZERS = {("flux", "tokenizer"): "CLIP-L's tokenizer (vocab.json, merges.txt)",
               ("flux", "tokenizer_2"): "T5-XXL's tokenizer (spiece.model or tokenizer.json)",
-              ("chroma", "tokenizer"): "T5-XXL's tokenizer (spiece.model or tokenizer.json)"}
+              ("chroma", "tokenizer"): "T5-XXL's tokenizer (spiece.model or tokenizer.json)",
+              ("zimage", "tokenizer"): "Qwen3's tokenizer (tokenizer.json, with its chat template)",
+              ("qwenimage", "tokenizer"): "Qwen2.5-VL's tokenizer (vocab.json, merges.txt)",
+              ("sd3", "tokenizer"): "CLIP-L's tokenizer (vocab.json, merges.txt)",
+              ("sd3", "tokenizer_2"): "CLIP-G's tokenizer (vocab.json, merges.txt)",
+              ("sd3", "tokenizer_3"): "T5-XXL's tokenizer (spiece.model or tokenizer.json)",
+              ("wan22", "tokenizer"): "umT5-XXL's tokenizer (spiece.model or tokenizer.json)"}
 
 
 def flow_folder(folder: str, arch: str, dtype: torch.dtype = torch.float32) -> Model:
-    """A FluxPipeline / ChromaPipeline diffusers folder; every component must be there."""
+    """A diffusers folder of a flow family's pipeline; every component must be there."""
     from diffusers import DiffusionPipeline
 
     check_components(folder, arch)

@@ -1,5 +1,6 @@
 """NetWeave on a diffusers Stable Diffusion / SDXL pipeline (the standalone host; SD.Next runs
-the same pipelines), and on a Flux / Chroma pipeline (extension/flow_run.py).
+the same pipelines), and on the pipelines of flow-matching transformers — Flux, Chroma,
+Z-Image, Qwen-Image, SD3/3.5, Wan 2.2 (extension/flow_run.py, flow_families.py).
 
 One generation: the prompt's tags compile to a plan; the engine merges it at step 0; the text
 is encoded once per text-encoder segment (and once more per regional text-encoder network);
@@ -30,7 +31,8 @@ from ..session import Session, compile_context
 from ..settings import Settings
 from .limits import Limits
 from .models import Model
-from ..flow_run import FlowRun, flow_schedule
+from ..experts import flow_engine
+from ..flow_run import FlowRun, flow_schedule, high_noise_steps
 from .samplers import FLOW_SAMPLERS, Sampler, scheduler_for, step_sigmas
 
 
@@ -53,9 +55,12 @@ class Request:
     batch_size: int = 1
     masks: Dict[str, Image.Image] = field(default_factory=dict)  # inline, in front of the store
     sampler: Sampler = Sampler.EULER
+    frames: int = 1  # a video model's frames (Wan: 4k+1); 1, a picture, for every model
 
     def check(self) -> None:
         problems = []
+        if not 1 <= self.frames <= 241 or (self.frames - 1) % 4:
+            problems.append(f"frames must be 1, 5, 9, … (4k+1) up to 241, not {self.frames}")
         if not 1 <= self.steps <= 500:
             problems.append(f"steps must be 1–500, not {self.steps}")
         if not 1 <= self.batch_size <= 16:
@@ -117,7 +122,8 @@ class DiffusersHost:
         self.settings = settings or Settings()
         model.pipe.to(device)
         self.scheduler_config = model.pipe.scheduler.config  # each sampler is built from it
-        self.engine = Engine(model.trees(), model.arch, library.find)
+        self.engine = flow_engine(model.pipe, model.arch, model.trees(), library.find) \
+            if model.flow else Engine(model.trees(), model.arch, library.find)
         self.lock = threading.Lock()
         self.progress = Progress()
 
@@ -148,10 +154,18 @@ class DiffusersHost:
             raise ValueError(f"width and height must be multiples of {step} for this "
                              f"{self.model.arch} model (2×2 patches of the latent), not "
                              f"{req.width}x{req.height}")
+        if req.frames > 1 and not self._video:
+            raise ValueError(f"this {self.model.arch} model draws pictures, not videos: frames "
+                             f"must be 1, not {req.frames}")
         if Sampler(req.sampler) not in self.samplers():
             raise ValueError(f"this {self.model.arch} model samples with "
                              + ", ".join(s.value for s in self.samplers())
                              + f" (its pipeline's scheduler), not {req.sampler}")
+
+    @property
+    def _video(self) -> bool:
+        import inspect
+        return "num_frames" in inspect.signature(type(self.model.pipe).__call__).parameters
 
     def txt2img(self, req: Request) -> Result:
         """One batch; ValueError (before anything runs) for a request out of bounds."""
@@ -215,14 +229,16 @@ class DiffusersHost:
         return on_step_end
 
     def _generate_flow(self, req: Request) -> Result:
-        """Flux / Chroma: the CFG field is Flux dev's distilled guidance (no negative rows), or
-        true CFG (Chroma, a Flux without distilled guidance: a negative pass when above 1);
-        the plan gets the very sigmas the pipeline samples with at this size."""
+        """A flow family's pipeline (flow_families.py): the CFG field becomes the argument its
+        family takes (Flux dev's distilled guidance: no negative rows; Qwen-Image's
+        true_cfg_scale; else guidance_scale), and the negative prompt runs where the pipeline
+        would run it; the plan gets the very sigmas the pipeline samples with at this size.
+        A video model (Wan) returns each video's frames in order."""
         model, engine = self.model, self.engine
-        pipe = model.pipe
+        pipe, family = model.pipe, model.family
         seed = req.seed if req.seed >= 0 else int(np.random.default_rng().integers(2 ** 31))
         b = req.batch_size
-        cfg = not model.distilled and req.cfg_scale > 1.0
+        cfg = family.cfg(req.cfg_scale, model.distilled)
         latent = model.latent(req.height, req.width)
         sigmas, shift = flow_schedule(pipe, req.steps, latent)
         session = Session(engine, self.library, self.masks, self.settings)
@@ -232,10 +248,11 @@ class DiffusersHost:
                                     latent=latent, sigmas=sigmas, negative_rows=cfg)
             run = FlowRun(engine, pipe, model.arch, self.device, plan.prompt,
                           req.negative_prompt, b, cfg, req.steps)
-            guidance = {"guidance_scale": req.cfg_scale} if model.arch == "chroma" or \
-                model.distilled else {"true_cfg_scale": req.cfg_scale if cfg else 1.0}
-            out = pipe(**run.first_args(), **guidance, num_inference_steps=req.steps,
-                       height=req.height, width=req.width, max_sequence_length=run.length,
+            extra = {"num_frames": req.frames} if self._video else {}
+            out = pipe(**run.first_args(), **family.guidance_args(req.cfg_scale, cfg,
+                                                                   model.distilled),
+                       **extra, num_inference_steps=req.steps, height=req.height,
+                       width=req.width, max_sequence_length=run.length,
                        generator=torch.Generator("cpu").manual_seed(seed),
                        callback_on_step_end=self._step_callback(run), output_type="pil")
         except BaseException:
@@ -245,9 +262,17 @@ class DiffusersHost:
             if run is not None:
                 run.close()
         session.collect()
-        images = list(out.images)
+        images = list(out.images) if hasattr(out, "images") else \
+            [frame for video in out.frames for frame in video]
         extra = {"Shift": round(shift, 4)}
-        info = [self.infotext(req, seed + i, session.report, extra) for i in range(len(images))]
+        high = high_noise_steps(pipe, req.steps, latent)
+        if high is not None:  # Wan 2.2: where the low-noise expert takes over
+            extra["Experts"] = f"high 1-{high}, low {high + 1}-{req.steps}"
+        if self._video:
+            extra["Frames"] = req.frames
+        per = len(images) // b  # a video's frames share its seed
+        info = [self.infotext(req, seed + i // per, session.report, extra)
+                for i in range(len(images))]
         return Result(images, seed, plan, session.report.lines(), info)
 
     # ---- infotext -----------------------------------------------------------------------

@@ -4,8 +4,9 @@
 - a single-file SD1/SDXL .safetensors (A1111's format): diffusers' single-file loader, with a
   config folder written here from the published SD 1.5 / SDXL 1.0 configs (network/reference.py
   and the VAE and scheduler below) and the tokenizer built offline (tokenizer.py);
-- a Flux or Chroma diffusers folder, or a single-file Flux/Chroma transformer with a folder
-  for the rest (flow_models.py);
+- a diffusers folder of a flow-matching transformer family (Flux, Chroma, Z-Image, Qwen-Image,
+  SD3/3.5, Wan 2.2 with one or two experts: extension/flow_families.py), or a single-file
+  Flux/Chroma transformer with a folder for the rest (flow_models.py);
 - nothing: the embedded demo (`demo/weights`, trained by `python -m netweave.demo.train`): a
   small SD1-architecture model that draws coloured shapes, with LoRAs whose effects are visible;
   `demo-flux` (DEMO_FLUX_NAME): its small Flux-architecture sibling (flow_models.py).
@@ -24,6 +25,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..flow_families import FAMILIES, Family
 from ..tokenizer import clip_tokenizer
 
 TINY_NAME = "netweave-tiny"
@@ -33,19 +35,29 @@ DEMO_ROOT = os.path.join(ROOT, "demo",
                          "weights")
 
 
-FLOW_ARCHS = ("flux", "chroma")  # flow-matching transformers: FluxPipeline, ChromaPipeline
+FLOW_ARCHS = tuple(FAMILIES)  # flow-matching transformers (extension/flow_families.py)
 
 
 @dataclass
 class Model:
-    pipe: object  # a diffusers StableDiffusion(XL)Pipeline, FluxPipeline or ChromaPipeline
-    arch: str  # sd1, sd2, sdxl, flux, chroma
+    pipe: object  # a diffusers StableDiffusion(XL)Pipeline or a flow family's pipeline
+    arch: str  # sd1, sd2, sdxl, or a flow family's (flux, chroma, zimage, qwenimage, sd3, wan22)
     name: str
     cfg: Optional[float] = None  # the CFG field's default, where the model says its own
 
     @property
     def flow(self) -> bool:
         return self.arch in FLOW_ARCHS
+
+    @property
+    def family(self) -> Optional[Family]:
+        return FAMILIES.get(self.arch)
+
+    @property
+    def vae_factor(self) -> int:
+        """Pixels per VAE latent cell (WanPipeline names it vae_scale_factor_spatial)."""
+        return int(getattr(self.pipe, "vae_scale_factor", None)
+                   or getattr(self.pipe, "vae_scale_factor_spatial", 8))
 
     @property
     def distilled(self) -> bool:
@@ -57,15 +69,15 @@ class Model:
     def vae_scale(self) -> int:
         """Pixels per latent cell, and the step picture sizes come in: a Flux-family latent
         is packed in 2×2 patches, so its pictures go by twice the VAE's factor."""
-        factor = getattr(self.pipe, "vae_scale_factor", 8)
-        return 2 * factor if self.flow else factor
+        return 2 * self.vae_factor if self.flow else self.vae_factor
 
     @property
     def size(self) -> int:
         """The picture size the model was trained at (512 for SD1, 1024 for SDXL and Flux, 64
-        for the demos)."""
+        for the demos): a flow pipeline's default_sample_size, else its family's default."""
         if self.flow:
-            return int(self.pipe.default_sample_size) * self.pipe.vae_scale_factor
+            sample = getattr(self.pipe, "default_sample_size", None)
+            return int(sample) * self.vae_factor if sample else self.family.size
         return int(self.pipe.unet.config.sample_size) * self.vae_scale
 
     def latent(self, height: int, width: int) -> Tuple[int, int]:
@@ -77,27 +89,23 @@ class Model:
 
     @property
     def default_cfg(self) -> float:
-        """The CFG field's default: the model's own, else its pipeline's (Flux dev's guidance
-        3.5, Chroma's 5; 1 — no negative pass — for a Flux without distilled guidance, as
-        schnell), else A1111's 7."""
+        """The CFG field's default: the model's own, else its pipeline's for the argument the
+        field becomes (Flux dev's guidance 3.5, Chroma's 5, Qwen-Image's true_cfg_scale 4; 1 —
+        no negative pass — for a Flux without distilled guidance, as schnell), else A1111's
+        7."""
         if self.cfg is not None:
             return self.cfg
-        if self.flow and not self.distilled and self.arch == "flux":
-            return 1.0
         if self.flow:
             import inspect
-            return float(inspect.signature(type(self.pipe).__call__)
-                         .parameters["guidance_scale"].default)
+            name, = self.family.guidance_args(1.0, True, self.distilled)
+            return float(inspect.signature(type(self.pipe).__call__).parameters[name].default)
         return 7.0
 
     def trees(self) -> dict:
-        """The engine's components: "unet" is the denoiser (a Flux-family transformer too);
-        Flux's text encoders are CLIP-L ("te1") and T5 ("te2"), Chroma's only T5 ("te2")."""
-        if self.arch == "flux":
-            return {"unet": self.pipe.transformer, "te1": self.pipe.text_encoder,
-                    "te2": self.pipe.text_encoder_2}
-        if self.arch == "chroma":
-            return {"unet": self.pipe.transformer, "te2": self.pipe.text_encoder}
+        """The engine's components: "unet" is the denoiser (a transformer too: the first
+        expert of two); a flow family's text encoders by its table (flow_families.py)."""
+        if self.flow:
+            return self.family.trees(self.pipe)
         trees = {"unet": self.pipe.unet, "te1": self.pipe.text_encoder}
         if getattr(self.pipe, "text_encoder_2", None) is not None:
             trees["te2"] = self.pipe.text_encoder_2
@@ -224,7 +232,7 @@ def _arch_of_folder(folder: str) -> str:
         return FLOW_PIPELINES[kind]
     if kind not in (None, "StableDiffusionPipeline", "StableDiffusionXLPipeline"):
         raise ValueError(f"{folder}: a {kind}; NetWeave runs StableDiffusionPipeline, "
-                         "StableDiffusionXLPipeline, " + " and ".join(FLOW_PIPELINES))
+                         "StableDiffusionXLPipeline, " + ", ".join(FLOW_PIPELINES))
     if "text_encoder_2" in index:
         return "sdxl"
     with open(os.path.join(folder, "unet", "config.json"), encoding="utf-8") as f:

@@ -23,11 +23,15 @@ right before it encodes the prompt, and merges `p.task_args` over the pipeline's
   UI defaults (on; NetWeave's `enabled` setting switches it off).
 - The infotext gets the session's report (problems, `Lora hashes: "name: hash"` as A1111
   writes it) beside SD.Next's own entries.
-- Flux.1 and Chroma (`shared.sd_model_type` 'f1', 'chroma'; `start_flow`): the transformer
-  and the text encoders are the trees; with networks in the plan NetWeave encodes the text
-  itself and puts it in `p.task_args` (FlowRun, as in the standalone host), since SD.Next's
-  Flux/Chroma `encode_prompt` caches by the prompt text alone; the plan gets the pipeline's
-  sigmas. SD.Next's facts: docs/design.md §6.
+- Flow-matching transformers (`shared.sd_model_type` 'f1', 'chroma', 'zimage', 'qwen', 'sd3',
+  'wanai'; `start_flow`, the family table in extension/flow_families.py): the transformer and
+  the text encoders are the trees; with networks in the plan NetWeave encodes the text itself
+  through the pipeline's own encode_prompt and puts it in `p.task_args` (FlowRun, as in the
+  standalone host), since SD.Next's loaders wrap `encode_prompt` in a cache keyed by the
+  prompt text alone (and encode SD3 and Flux with their own parser); the plan gets the
+  pipeline's sigmas. Wan 2.2 with both experts resident (`transformer_2`, a boundary): one
+  engine per expert (extension/experts.py), `<lora:x:1:high>` and high=/low= per expert, steps
+  counted across the run. SD.Next's facts: docs/design.md §6.
 
 Unlike SD.Next's built-in Lora, which applies a network's text-encoder part only when
 `lora_apply_te` is set (off by default), NetWeave applies every part the tag asks for (`te=0`
@@ -53,13 +57,17 @@ from ..api import netweave_router
 from ..masks import MaskError, MaskStore
 from ..pipeline_run import PipelineRun
 from ..session import Session, compile_context
+from ..experts import flow_engine
+from ..flow_families import FAMILIES, Guidance, family_of
 from ..flow_run import FlowRun, flow_schedule
 from .common import (TITLE, ScriptParts, TagNames, inline_masks, library, mask_folder,
                      register_settings, settings, ui_tab, write_report)
 
 MARK = "netweave:te="  # no item of a parsed tag holds ':' (SD.Next splits tags on it)
 TEXT_ENCODERS = ["text_encoder", "text_encoder_2", "text_encoder_3"]
-FLOW = {"f1": "flux", "chroma": "chroma"}  # shared.sd_model_type → NetWeave's architecture
+# shared.sd_model_type (modules/modeldata.get_model_type) → NetWeave's architecture
+FLOW = {"f1": "flux", "chroma": "chroma", "zimage": "zimage", "qwen": "qwenimage", "sd3": "sd3",
+        "wanai": "wan22"}
 
 
 class NetWeaveNetworks(extra_networks.ExtraNetwork):
@@ -84,13 +92,12 @@ def denoiser(pipe):
 
 
 def model_trees(pipe, arch: str) -> dict:
-    """The engine's components as SD.Next's pipelines hold them: the Flux family's transformer
-    is "unet"; Flux.1 has CLIP-L (text_encoder) and T5 (text_encoder_2), Chroma only T5
-    (text_encoder), which is NetWeave's "te2" in both."""
-    if arch == "flux":
-        return {"unet": pipe.transformer, "te1": pipe.text_encoder, "te2": pipe.text_encoder_2}
-    if arch == "chroma":
-        return {"unet": pipe.transformer, "te2": pipe.text_encoder}
+    """The engine's components as SD.Next's pipelines hold them: a flow family's transformer
+    is "unet" (Wan 2.2: the high-noise expert's; extension/experts.py adds the other), its text
+    encoders by the family table (Flux.1's CLIP-L te1 and T5 te2, Chroma's T5 te2, SD3's
+    CLIP-L and CLIP-G)."""
+    if arch in FAMILIES:
+        return FAMILIES[arch].trees(pipe)
     trees = {"unet": pipe.unet, "te1": pipe.text_encoder}
     if getattr(pipe, "text_encoder_2", None) is not None:
         trees["te2"] = pipe.text_encoder_2
@@ -98,7 +105,8 @@ def model_trees(pipe, arch: str) -> dict:
 
 
 class Unhijacked:
-    """The pipeline with its own encode_prompt: SD.Next's Flux and Chroma loaders replace it by
+    """The pipeline with its own encode_prompt: SD.Next's loaders (Flux, Chroma, Z-Image, SD3,
+    Qwen-Image, Wan) replace it by
     a wrapper (modules/sd_hijack_te.py) that caches encodings by the prompt text alone, which
     would hand NetWeave one text-encoder state's encoding for another's."""
 
@@ -144,7 +152,10 @@ class Adapter:
         if self.engine is None or self.model_id != id(model):
             if self.engine is not None:
                 self.engine.deactivate()
-            self.engine = Engine(model_trees(pipe, self.arch()), self.arch(), library().find)
+            arch = self.arch()
+            trees = model_trees(pipe, arch)
+            self.engine = flow_engine(pipe, arch, trees, library().find) if arch in FLOW.values() \
+                else Engine(trees, arch, library().find)
             self.model_id = id(model)
         return self.engine
 
@@ -214,34 +225,42 @@ class Adapter:
                            plan.prompt, p.negative_prompts[0], p.batch_size, cfg,
                            p.steps, plan.hires_steps)
 
-    def start_flow(self, p, prompt: str, engine: Engine, session: Session) -> Optional[FlowRun]:
-        """Flux.1 and Chroma. The pipelines call the transformer once per kind of row, the
-        prompt's, then (with true CFG) the negative prompt's, each with the whole batch: Flux.1
-        is guidance-distilled (guidance_scale is an input of the model, no negative rows)
-        unless SD.Next's `cfg_true` is above 1; Chroma runs its negative prompt whenever the
-        CFG scale is above 1. With networks in the plan NetWeave encodes the text itself and
-        hands it to the pipeline in p.task_args (merged over SD.Next's arguments; with
-        'prompt' there SD.Next does not encode), so SD.Next's prompt caches never hold an
-        encoding made with NetWeave's text-encoder weights; FlowRun's transformer hook then
-        tells the engine each call's rows and swaps the text where a text-encoder segment
-        ends. The hires pass keeps the base pass's last step."""
+    def start_flow(self, p, prompt: str, engine, session: Session) -> Optional[FlowRun]:
+        """The flow families' pipelines. They call the transformer once per kind of row (Flux,
+        Chroma, Qwen-Image, Wan: the prompt's, then with CFG the negative prompt's) or once
+        with both (SD3: negative first; Z-Image: a list, the prompt's first). SD.Next's
+        guidance_scale is the CFG scale (Flux.1: its distilled guidance); Flux.1 and Qwen-Image
+        run their negative prompt when `cfg_true` (true_cfg_scale) is above 1, Z-Image when
+        the CFG scale is above 0, the others above 1. With networks in the plan NetWeave
+        encodes the text itself and hands it to the pipeline in p.task_args (merged over
+        SD.Next's arguments; with 'prompt' there SD.Next does not encode), so SD.Next's prompt
+        caches never hold an encoding made with NetWeave's text-encoder weights; FlowRun's
+        transformer hook then tells the engine each call's rows and swaps the text where a
+        text-encoder segment ends. The hires pass keeps the base pass's last step."""
         pipe = pipeline()
-        vae = getattr(pipe, "vae_scale_factor", 8)
+        try:
+            family = family_of(pipe)
+        except ValueError as exc:  # an edit or video pipeline of the same model type
+            session.report.add(f"{exc}; networks are not applied", Severity.ERROR)
+            engine.deactivate()
+            return None
+        vae = getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", 8)
         latent = (2 * (p.height // (2 * vae)), 2 * (p.width // (2 * vae)))  # as prepare_latents
-        cfg = (getattr(p, "cfg_true", 0) or 0) > 1 if engine.arch == "flux" else p.cfg_scale > 1
+        true_cfg = family.guidance in (Guidance.FLUX, Guidance.TRUE_CFG)
+        cfg = family.cfg((getattr(p, "cfg_true", 0) or 0) if true_cfg else p.cfg_scale)
         plan, = session.prepare([prompt], steps=p.steps, latent=latent, rows=p.batch_size,
                                 inline=self.inline, problems=self.problems,
                                 sigmas=flow_sigmas(pipe, p.steps, latent), negative_rows=cfg)
         if not plan.networks:
             return None  # nothing to apply: SD.Next's own text and calls, untouched
         if getattr(p, "enable_hr", False):
-            session.report.add("the hires pass of Flux and Chroma keeps the base pass's last "
-                               "step (hr=, hrte= and hrunet= are not applied there)",
+            session.report.add("the hires pass of a transformer model keeps the base pass's "
+                               "last step (hr=, hrte= and hrunet= are not applied there)",
                                Severity.WARNING)
         run = FlowRun(engine, Unhijacked(pipe), engine.arch, pipe.device, plan.prompt,
                       p.negative_prompts[0], p.batch_size, cfg, p.steps)
-        p.task_args.update(prompt=None, prompt_2=None, negative_prompt=None,
-                           negative_prompt_2=None, **run.first_args())
+        p.task_args.update(prompt=None, prompt_2=None, prompt_3=None, negative_prompt=None,
+                           negative_prompt_2=None, negative_prompt_3=None, **run.first_args())
         return run
 
     def te_mark(self) -> str:
@@ -291,7 +310,7 @@ ADAPTER = Adapter()
 
 
 def flow_sigmas(pipe, steps: int, latent):
-    """The sigmas a Flux/Chroma pipeline will call its transformer with (a twin of its
+    """The sigmas a flow family's pipeline will call its transformer with (a twin of its
     scheduler set up as the pipeline sets it up), or None where the scheduler SD.Next put in
     does not take the pipeline's sigmas (then `s…` positions warn and are left out)."""
     try:

@@ -8,13 +8,17 @@ postprocess. Images come back as float arrays (output_type "np") so tests compar
 exactly.
 
 The text arguments by pipeline (processing_prompt.set_prompt, processing_args.set_pipeline_args):
-SD and Flux.1 get embeddings from prompt_parser_diffusers (Flux: T5's and the pooled CLIP
-vector, and the negative prompt as text, since that parser makes no negative for Flux); Chroma,
-or any pipeline when p.task_args holds 'prompt', gets the prompts as text (the "fixed" parser)
-and encodes them itself. guidance_scale is the CFG scale (Flux.1: its distilled guidance, no
-negative rows); true_cfg_scale is p.cfg_true when > -1 (Flux runs its negative prompt only
-when it is > 1). The step callback's tensors are the pipeline's _callback_tensor_inputs when it
-takes both prompt_embeds and negative_prompt_embeds."""
+pipelines whose class name holds 'StableDiffusion' (SD, SDXL, SD3) or 'Flux' (not Flux2) get
+embeddings from prompt_parser_diffusers (Flux: T5's and the pooled CLIP vector, and the
+negative prompt as text, since that parser makes no negative for Flux; SD3: the three encoders'
+embeddings and pooled vectors, the negative's too); every other pipeline (Chroma, Z-Image,
+Qwen-Image, Wan), or any when p.task_args holds 'prompt', gets the prompts as text (the "fixed"
+parser) and encodes them itself. guidance_scale is the CFG scale (Flux.1: its distilled
+guidance, no negative rows); true_cfg_scale is p.cfg_true when > -1 (Flux and Qwen-Image run
+their negative prompt only when it is > 1); num_frames is p.frames (1 unless a video tab sets
+it). The step callback's tensors are the pipeline's _callback_tensor_inputs when it takes both
+prompt_embeds and negative_prompt_embeds. A video pipeline's output is its frames
+(processing_diffusers: `output.frames`), the first video's here."""
 import inspect
 
 import torch
@@ -69,13 +73,15 @@ def process_base(p):
         args = set_pipeline_args(p, pipe, steps=p.hr_second_pass_steps or p.steps)
         out = pipe(**args)
     extra_networks.deactivate(p)
-    return list(out.images)
+    return list(out.images) if hasattr(out, "images") else list(out.frames[0])
 
 
 def set_pipeline_args(p, pipe, steps=None):
     possible = set(inspect.signature(type(pipe).__call__).parameters)
     args = {}
-    if 'Chroma' in type(pipe).__name__ or 'prompt' in p.task_args:  # the pipeline encodes
+    cls = type(pipe).__name__
+    embedder = 'StableDiffusion' in cls or ('Flux' in cls and 'Flux2' not in cls)
+    if not embedder or 'prompt' in p.task_args:  # the pipeline encodes
         args.update(prompt=list(p.prompts), negative_prompt=list(p.negative_prompts))
     else:
         embeds = prompt_parser_diffusers.encode(pipe, p, p.prompts, p.negative_prompts, p.steps,
@@ -83,6 +89,8 @@ def set_pipeline_args(p, pipe, steps=None):
         args["prompt_embeds"] = embeds["prompt_embeds"]
         if 'pooled_prompt_embeds' in possible:
             args["pooled_prompt_embeds"] = embeds["pooled"]
+        if 'negative_pooled_prompt_embeds' in possible and embeds["negative_pooled"] is not None:
+            args["negative_pooled_prompt_embeds"] = embeds["negative_pooled"]
         if embeds["negative_prompt_embeds"] is None:  # Flux: the negative prompt as text
             args["negative_prompt"] = list(p.negative_prompts)
         else:
@@ -92,7 +100,8 @@ def set_pipeline_args(p, pipe, steps=None):
     args.update({"num_inference_steps": steps or p.steps, "guidance_scale": p.cfg_scale,
                  "height": p.height, "width": p.width, "output_type": "np",
                  "generator": torch.Generator("cpu").manual_seed(p.seeds[0]),
-                 "callback_on_step_end": diffusers_callback})
+                 "callback_on_step_end": diffusers_callback,
+                 "num_frames": getattr(p, "frames", 1)})
     if p.cfg_true is not None and p.cfg_true > -1:
         args["true_cfg_scale"] = p.cfg_true
     both = {'prompt_embeds', 'negative_prompt_embeds'} <= possible

@@ -8,8 +8,11 @@ Nothing in the key says whose text-encoder weights encoded the prompt.
 Flux (get_weighted_text_embeddings): each prompt alone through `pipe.encode_prompt(prompt=,
 prompt_2=, device=, num_images_per_prompt=1)` — which is sd_hijack_te's cached wrapper on a
 Flux pipeline — for T5's embeddings and CLIP's pooled vector; no negative ("no negative
-support"), so processing hands the pipeline the negative prompt as text. Chroma never comes
-here (processing_prompt.set_prompt leaves it to the pipeline)."""
+support"), so processing hands the pipeline the negative prompt as text. SD3
+(get_weighted_text_embeddings_sd3, which runs the three text encoders itself): the prompt's and
+the negative prompt's embeddings and pooled vectors, here from the pipeline's own encode_prompt
+(not sd_hijack_te's wrapper, which SD.Next's SD3 loader installs). Chroma, Z-Image, Qwen-Image
+and Wan never come here (processing_prompt.set_prompt leaves them to the pipeline)."""
 from collections import OrderedDict
 
 from . import shared
@@ -42,6 +45,13 @@ def encode(pipe, p, prompts, negative_prompts, steps, cfg):
             embeds = {'prompt_embeds': torch.cat([e[0] for e in each]),
                       'pooled': torch.cat([e[1] for e in each]),
                       'negative_prompt_embeds': None, 'negative_pooled': None}
+        elif 'StableDiffusion3' in type(pipe).__name__:
+            encode = getattr(pipe, 'orig_encode_prompt', pipe.encode_prompt)
+            e = encode(prompt=prompts[0], prompt_2=None, prompt_3=None, device="cpu",
+                       num_images_per_prompt=len(prompts), do_classifier_free_guidance=True,
+                       negative_prompt=negative_prompts[0])
+            embeds = {'prompt_embeds': e[0], 'negative_prompt_embeds': e[1], 'pooled': e[2],
+                      'negative_pooled': e[3]}
         else:
             encoded = pipe.encode_prompt(prompt=prompts[0], device="cpu",
                                          num_images_per_prompt=len(prompts),

@@ -18,8 +18,12 @@ import torch
 
 from .. import extra_networks, shared
 
-COMPONENTS = {'text_encoder': 'final_layer_norm.weight', 'unet': 'conv_in.bias',
-              'transformer': 'x_embedder.bias'}  # the parameter moved: its name's ending
+# the parameter moved: the first whose name ends so (the transformers of Flux/Chroma, Z-Image,
+# SD3, Wan, Qwen-Image; CLIP/T5/umT5, Qwen3/Qwen2.5-VL)
+COMPONENTS = {'text_encoder': ('.final_layer_norm.weight', 'model.norm.weight', '.norm.weight'),
+              'unet': ('.conv_in.bias',),
+              'transformer': ('.x_embedder.bias', 'x_embedder.2-1.bias', 'pos_embed.proj.bias',
+                              'patch_embedding.bias', 'img_in.bias')}
 previously_loaded_networks = []
 
 
@@ -77,7 +81,9 @@ class ExtraNetworkLora(extra_networks.ExtraNetwork):
 
     def _param(self, component):
         module = getattr(pipeline(), component)
-        return next(t for n, t in module.named_parameters() if n.endswith(COMPONENTS[component]))
+        params = dict(module.named_parameters())
+        return next(params[n] for end in COMPONENTS[component] for n in params
+                    if ('.' + n).endswith(end))
 
     def unfuse(self, include=(), exclude=()):
         with torch.no_grad():

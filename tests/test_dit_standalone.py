@@ -253,3 +253,24 @@ def test_wan_frames_come_back_as_pictures(wan):
     assert result.infotexts[5].count(f"Seed: {result.seed + 1}") == 1
     with pytest.raises(ValueError, match="4k\\+1"):
         image(h, "a red square", frames=4)
+
+
+def test_wan_frames_through_the_api(wan):
+    """A1111's txt2img route with NetWeave's `frames`: every frame an image, the video's seed."""
+    import base64
+    import io
+    import json
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from netweave.extension.standalone.server import build_app
+    h, _ = wan
+    client = TestClient(build_app(h, h.library, h.masks, ui=False))
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a red square <lora:w:1>", "steps": 2,
+                                               "width": 64, "height": 64, "frames": 5,
+                                               "cfg_scale": 1, "seed": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["images"]) == 5 and json.loads(body["info"])["all_seeds"] == [3] * 5
+    assert Image.open(io.BytesIO(base64.b64decode(body["images"][4]))).size == (64, 64)

@@ -171,7 +171,7 @@ class DiffusersHost:
         """One batch; ValueError (before anything runs) for a request out of bounds."""
         req.check()
         self.check(req)
-        self.limits.check_work(req.width, req.height, req.steps, req.batch_size)
+        self.limits.check_work(req.width, req.height, req.steps, req.batch_size * req.frames)
         with self.lock:  # one generation at a time on this model
             self.progress = Progress(job=f"txt2img {time.time():.0f}", steps=req.steps,
                                      started=time.time(), busy=True)

@@ -78,6 +78,7 @@ class Txt2ImgBody(BaseModel):
     height: int = Field(512, ge=8, le=4096, multiple_of=8)
     batch_size: int = Field(1, ge=1, le=16)
     n_iter: int = Field(1, ge=1, le=100)
+    frames: int = Field(1, ge=1, le=241)  # a video model's (Wan: 4k+1), each a picture back
     sampler_name: Text = "Euler"
     send_images: bool = True
 
@@ -157,7 +158,8 @@ def sdapi_router(host: DiffusersHost, library: Library) -> APIRouter:
                           steps=body.steps, cfg_scale=guidance(body),
                           seed=seed if seed < 0 else seed + i * body.batch_size,
                           width=body.width, height=body.height, batch_size=body.batch_size,
-                          masks=inline, sampler=sampler_named(body.sampler_name))
+                          masks=inline, sampler=sampler_named(body.sampler_name),
+                          frames=body.frames)
             try:
                 result = host.txt2img(req)
             except NetworkFileError as exc:  # changed on disk twice during one generation
@@ -168,7 +170,7 @@ def sdapi_router(host: DiffusersHost, library: Library) -> APIRouter:
                 break
             images += result.images
             infos += result.infotexts
-            seeds += [result.seed + k for k in range(len(result.images))]
+            seeds += [result.seed + k // body.frames for k in range(len(result.images))]
             errors, plan = result.errors, result.plan.to_dict()  # this request's own
         info = {"prompt": body.prompt, "negative_prompt": body.negative_prompt,
                 "seed": seeds[0] if seeds else body.seed, "all_seeds": seeds,
@@ -185,7 +187,7 @@ def sdapi_router(host: DiffusersHost, library: Library) -> APIRouter:
         args = script_args(body.alwayson_scripts)
         try:
             host.limits.check_work(body.width, body.height, body.steps,
-                                   body.batch_size * body.n_iter)
+                                   body.batch_size * body.n_iter * body.frames)
         except OverBudget as exc:
             raise HTTPException(422, str(exc)) from None
         with count:

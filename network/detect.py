@@ -12,8 +12,8 @@ A file of text-encoder keys alone is told by the encoder: ComfyUI's names (`qwen
 Z-Image, `qwen25_7b` Qwen-Image, `umt5xxl` Wan), a language model's width (2560 Qwen3-4B,
 3584 Qwen2.5-VL-7B) or Qwen2.5-VL's `language_model`/`visual`.
 
-A T5 alone fits Flux, Chroma and SD3: beside CLIP-G it is SD3's, beside CLIP-L alone or as a
-pipeline's second encoder Flux's.
+A T5 alone fits Flux, Chroma and SD3 (kohya's `lora_te3_`, ComfyUI's `t5xxl`) and is left
+undecided: beside CLIP-G it is SD3's, as a pipeline's second encoder Flux's.
 
 The Flux family is told next, by its blocks (double- and single-stream, in any naming);
 Chroma from Flux by Chroma's distilled guidance layer, which Flux lacks, else Flux (a file
@@ -54,15 +54,17 @@ _FLUX_BLOCKS = re.compile(r"(^|[._])(double_blocks|single_blocks|single_transfor
 # (`text_encoder.`, `lora_te_`, bare): Chroma's or Wan's umT5.
 _T5 = re.compile(r"^(lora_te3_|lycoris_te3_)|t5xxl")
 _FLUX_T5 = re.compile(r"^(lora_te2_encoder_block|text_encoder_2\.encoder\.block)")
-_ONLY_T5 = re.compile(r"^(text_encoder\.|lora_te1?_|lycoris_te1?_)?encoder[._]block[._]\d+[._]layer[._]")
-_CLIP_L = re.compile(r"^(lora_te1_|lycoris_te1_|text_encoder\.)text_model|clip_l")
+_ONLY_T5 = re.compile(r"^(text_encoder\.|lora_te1?_|lycoris_te1?_)?"
+                      r"encoder[._]block[._]\d+[._]layer[._]")
 _CLIP_G = re.compile(r"^(lora_te2_|lycoris_te2_|text_encoder_2\.)text_model|clip_g")
 # ComfyUI's names of the encoders only one architecture has
 _NAMED_TE = re.compile(r"(^|[._])(qwen3_4b|qwen25_7b|umt5xxl)[._]")
 NAMED_TE = {"qwen3_4b": "zimage", "qwen25_7b": "qwenimage", "umt5xxl": "wan22"}
 # a language model's decoder layer (CLIP's are `encoder.layers.N` with fc1/fc2, out_proj)
-_LM = re.compile(r"(?<!encoder[._])layers[._]\d+[._](self_attn[._][qkvo]_proj|mlp[._](gate|up|down)_proj)")
-_LM_HIDDEN = re.compile(r"(self_attn[._][qkv]_proj|mlp[._](gate|up)_proj)")  # they read the hidden width
+_LM = re.compile(r"(?<!encoder[._])layers[._]\d+[._]"
+                 r"(self_attn[._][qkvo]_proj|mlp[._](gate|up|down)_proj)")
+# the layers that read the hidden width
+_LM_HIDDEN = re.compile(r"(self_attn[._][qkv]_proj|mlp[._](gate|up)_proj)")
 _VL = re.compile(r"language_model|(^|[._])visual[._]")  # Qwen2.5-VL's wrappers and vision tower
 LM_WIDTHS = {2560: "zimage", 3584: "qwenimage"}  # Qwen3-4B, Qwen2.5-VL-7B
 _CHROMA = re.compile(r"distilled_guidance_layer")
@@ -147,8 +149,7 @@ def _t5(keys: Sequence[str]) -> Optional[Tuple[Optional[str], List[str]]]:
         return None
     if any(_CLIP_G.search(k) for k in keys):
         return "sd3", ["it has keys for a T5 beside CLIP-G (SD3's three text encoders)"]
-    if any(_CLIP_L.search(k) for k in keys):
-        return "flux", ["it has keys for a T5 beside CLIP-L alone (Flux's text encoders)"]
+    # beside CLIP-L alone it still fits SD3 (a file may train two of its three encoders)
     return None, ["its T5 keys fit Flux's, Chroma's and SD3's T5 alike"]
 
 

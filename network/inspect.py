@@ -73,13 +73,15 @@ def _best_fit(path: str, kind: str) -> Tuple[LoadedNetwork, Optional[str]]:
             continue
         if network.arch is not None:
             return network, network.arch  # the keys decided, and the file fits
-        fits.append((len(network.unmatched), -len(network.layers), arch, network))
-    reaching = [f for f in fits if f[3].layers]  # reaching no layer at all is no fit
+        # a tie goes to the first in ARCHS (a lone kohya T5: Flux's before Chroma's and SD3's)
+        fits.append((len(network.unmatched), -len(network.layers), ARCHS.index(arch), arch,
+                     network))
+    reaching = [f for f in fits if f[-1].layers]  # reaching no layer at all is no fit
     if reaching:
-        _, _, arch, network = min(reaching, key=lambda f: f[:3])
+        *_, arch, network = min(reaching, key=lambda f: f[:3])
         return network, arch
     if fits and not errors:
-        return fits[0][3], None
+        return fits[0][-1], None
     raise _first_real_error(errors)
 
 

@@ -48,9 +48,19 @@ XLABS_PARTS = {"down.weight": "lora_down.weight", "up.weight": "lora_up.weight"}
 UNDERSCORED = ("lora_", "lycoris_", "oft_")  # kohya-style layer names never hold a "."
 
 
+# Anime-Z's Z-Image files write diffusers' to_q/to_k/to_v with a dot (`attention.to.q`), its
+# alpha under either name; no tree has a module `to` holding `q`.
+_DOTTED_QKV = re.compile(r"\.to\.([qkv])$")
+
+
 def split_key(key: str) -> Optional[Tuple[str, str]]:
     """`lora_unet_x.lora_down.weight` → ("lora_unet_x", "lora_down.weight"); None if the key
     ends in no part name NetWeave knows."""
+    found = _split_key(key)
+    return None if found is None else (_DOTTED_QKV.sub(r".to_\1", found[0]), found[1])
+
+
+def _split_key(key: str) -> Optional[Tuple[str, str]]:
     if key.startswith(UNDERSCORED) and "." in key:
         layer, part = key.split(".", 1)
         part = PART_ALIASES.get(part, part)
@@ -149,7 +159,8 @@ def load_network(path: str, keymap: KeyMap, arch: Optional[str] = None) -> Loade
 
 def _assemble(path: str, target: Target, items: List[Tuple[Piece, Adapter, str]]) -> Adapter:
     """One adapter for a target from the file layers that reach its rows."""
-    items = sorted(items, key=lambda item: item[0].dst)
+    items = _without_duplicates(target, sorted(items, key=lambda item: (item[0].dst,
+                                                                         -item[0].length)))
     for (a, _, first), (b, _, second) in zip(items, items[1:]):
         if b.dst < a.dst + a.length:
             raise NetworkFileError(path, f"'{first}' and '{second}' both change {target.component} "
@@ -159,6 +170,34 @@ def _assemble(path: str, target: Target, items: List[Tuple[Piece, Adapter, str]]
     if len(items) == 1 and piece.dst == 0 and piece.length == rows:
         return adapter
     return Placed([(p.dst, p.length, a) for p, a, _ in items], rows)
+
+
+def _without_duplicates(target: Target, items: List[Tuple[Piece, Adapter, str]]
+                        ) -> List[Tuple[Piece, Adapter, str]]:
+    """`items` (by first row, longest first) without those whose rows lie inside an earlier
+    one's and change them exactly as it does: some trainers store a layer under two names
+    (Anime-Z's Z-Image files: the fused `qkv` beside `to.q/k/v`, `out` beside `to_out.0`)."""
+    kept: List[Tuple[Piece, Adapter, str]] = []
+    for item in items:
+        piece = item[0]
+        outer = next((k for k in kept if k[0].dst <= piece.dst and
+                      piece.dst + piece.length <= k[0].dst + k[0].length), None)
+        if outer is None or not _same_rows(target, outer, item):
+            kept.append(item)
+    return kept
+
+
+def _same_rows(target: Target, outer, inner) -> bool:
+    """Whether `inner` builds the same ΔW as `outer` on its rows (float rounding aside)."""
+    (po, ao, _), (pi, ai, _) = outer, inner
+    if ao.uses_weight or ai.uses_weight:  # built from W: a second copy is no duplicate
+        return False
+    rest = tuple(target.shape[1:])
+    start = pi.dst - po.dst
+    a = ao.delta(torch.zeros(po.length, *rest))[start:start + pi.length]
+    b = ai.delta(torch.zeros(pi.length, *rest))
+    return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4,
+                                                 atol=1e-6 * float(a.abs().max().clamp(min=1)))
 
 
 # A weight or factor beyond this is damage, not training (real ones stay below a few hundred):

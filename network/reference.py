@@ -111,7 +111,8 @@ def _dit_trees(arch: str) -> Dict[str, nn.Module]:
             return {"unet": QwenImageTransformer2DModel(), "te1": _language_model(arch)}
         if arch == "wan22":  # one expert of A14B (both have this shape)
             from transformers import UMT5Config, UMT5EncoderModel
-            return {"unet": WanTransformer3DModel(), "te1": UMT5EncoderModel(UMT5Config(**UMT5_XXL))}
+            return {"unet": WanTransformer3DModel(),
+                    "te1": UMT5EncoderModel(UMT5Config(**UMT5_XXL))}
         trees = {"unet": SD3Transformer2DModel(**(SD3_MEDIUM if arch == "sd3-medium" else SD3_LARGE))}
         for component, config in (("te1", CLIP_L), ("te2", TEXT["sdxl"]["te2"])):
             trees[component] = CLIPTextModelWithProjection(CLIPTextConfig(

@@ -69,7 +69,8 @@ def names_for(arch: str, component: str, kind: Kind) -> EncoderNames:
     return found if found is not None and found.kind is kind else FALLBACK[kind]
 
 
-_FINDERS = {Kind.T5: (t5_keys.t5_root, t5_keys.t5_layers), Kind.LM: (lm_keys.lm_root, lm_keys.lm_layers)}
+_FINDERS = {Kind.T5: (t5_keys.t5_root, t5_keys.t5_layers),
+            Kind.LM: (lm_keys.lm_root, lm_keys.lm_layers)}
 
 
 def kind_of(tree: nn.Module) -> Optional[Kind]:

@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -194,7 +195,8 @@ def test_lokr_on_qwen3_and_loha_on_t5_merge_their_full_delta(algo, tmp_path):
     for name, host in CASES[case][5](te).items():
         rows, cols = te.get_submodule(host).weight.shape
         if algo == "lokr":
-            w1, w2 = torch.randn(2, 2, generator=g) * 0.5, torch.randn(rows // 2, cols // 2, generator=g) * 0.3
+            w1 = torch.randn(2, 2, generator=g) * 0.5
+            w2 = torch.randn(rows // 2, cols // 2, generator=g) * 0.3
             sd.update({f"{key(name)}.lokr_w1": w1, f"{key(name)}.lokr_w2": w2})
             deltas[host] = torch.kron(w1, w2)
         else:
@@ -232,23 +234,30 @@ def test_te_and_the_encoders_block_set_its_strength_and_unet_leaves_it(case, tmp
         engine.deactivate()
 
 
-def test_sd3_t5_follows_te_beside_clip_l_and_g_and_its_block_alone_turns_it_off(tmp_path):
+def test_sd3s_t5_is_te3_which_te_sets_and_its_block_scales_while_te1_leaves_clip_l(tmp_path):
     from tinymodels import TE1_WIDTH, TE2_WIDTH, hf_text  # CLIP-L and CLIP-G in small
     arch, component, trees = trees_of("sd3")
     trees.update(te1=hf_text(TE1_WIDTH, projection=True), te2=hf_text(TE2_WIDTH, projection=True))
     te = trees["te3"]
-    deltas = write_lora(tmp_path / "net.safetensors", te, t5_paths, CASES["sd3"][6]["kohya"])
+    deltas = write_lora(tmp_path / "t5.safetensors", te, t5_paths, CASES["sd3"][6]["kohya"])
+    with safe_open(str(tmp_path / "t5.safetensors"), "pt") as f:  # one CLIP-L layer beside
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    clip = "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"
+    sd.update({f"{clip}.lora_down.weight": torch.ones(RANK, TE1_WIDTH),
+               f"{clip}.lora_up.weight": torch.ones(TE1_WIDTH, RANK)})
+    save_file(sd, str(tmp_path / "net.safetensors"))
     lbw = ",".join("0.5" if b == "T5" else "1" for b in BLOCKS["sd3"])
-    p = plan(f"<lora:net:1:te1=0:te2=0:lbw={lbw}>", "sd3", steps=2)
-    table = explain_table(p)
-    assert any(line.split()[:2] == ["te3", "1–2:"] and line.split()[2] == "0.5"
-               for line in table.splitlines()), table
-    expected = encode(hand_merged(te, deltas, 0.5))
+    p = plan(f"<lora:net:0.8:te1=0:lbw={lbw}>", "sd3", steps=2)
+    rows = {line.split()[0]: line.split()[1:] for line in explain_table(p).splitlines()
+            if line.startswith("  ") and line.split()}
+    assert (rows["te1"], rows["te3"]) == (["1–2:", "0"], ["1–2:", "0.4"]), rows
+    expected, clip_l = encode(hand_merged(te, deltas, 0.4)), encode(trees["te1"])
     before = snapshot(trees)
     engine = make_engine(trees, "sd3", tmp_path)
     assert engine.activate(p) == []
     engine.apply_te(engine.segment_at(0))
     torch.testing.assert_close(encode(te), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(encode(trees["te1"]), clip_l, atol=0, rtol=0)  # te1=0
     engine.deactivate()
     assert_pristine(trees, before)
 
@@ -284,11 +293,11 @@ def test_detection_tells_each_model_from_its_text_encoder_keys_alone():
     }
     for key, arch in cases.items():
         assert detect_architecture([key], shape)[0] == arch, key
-    # kohya's third encoder: SD3's T5 beside CLIP-G, Flux's beside CLIP-L alone, else either
+    # kohya's third encoder: SD3's T5 beside CLIP-G; alone or beside CLIP-L, Flux's or SD3's
     t5 = "lora_te3_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight"
     clip = "lora_te{}_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight"
     assert detect_architecture([t5, clip.format(1), clip.format(2)], shape)[0] == "sd3"
-    assert detect_architecture([t5, clip.format(1)], shape)[0] == "flux"
+    assert detect_architecture([t5, clip.format(1)], shape)[0] is None
     assert detect_architecture([t5], shape)[0] is None
     # a language model of another width, and a lone encoder's T5 (Chroma's or Wan's): undecided
     assert detect_architecture(["text_encoder.model.layers.0.self_attn.q_proj.lora_A.weight"],
@@ -401,3 +410,18 @@ def test_a_regional_language_model_network_conditions_the_tokens_inside_its_regi
     inside, outside = left_of(outs["left"], arch, h, w)
     torch.testing.assert_close(inside, left_of(ref_net, arch, h, w)[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outside, left_of(ref_base, arch, h, w)[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("key,arch", [
+    ("lora_te3_encoder_block_0_layer_0_SelfAttention_q", "flux"),  # Flux's, Chroma's or SD3's
+    ("text_encoder.encoder.block.0.layer.0.SelfAttention.q", "wan22"),  # Chroma names it no such
+])
+def test_inspect_names_the_first_architecture_an_undecided_t5_file_fits(key, arch, tmp_path):
+    from netweave.network.inspect import inspect
+    factors = ((".lora_down.weight", (1, 4096)), (".lora_up.weight", (4096, 1))) \
+        if key.startswith("lora_") else ((".lora_A.weight", (1, 4096)), (".lora_B.weight", (4096, 1)))
+    save_file({key + part: torch.zeros(s) for part, s in factors}, str(tmp_path / "t5.safetensors"))
+    assert detect_architecture([key + factors[0][0]], lambda k: (1, 4096))[0] is None
+    report = inspect(str(tmp_path / "t5.safetensors"))
+    assert (report["error"], report["architecture"], report["layers"], report["unmatched_keys"]) == \
+        (None, arch, 1, []), report

@@ -48,8 +48,9 @@ class EncoderNames:
 _ONLY = dict(dotted=("text_encoder.", "base_model.model.", ""),
              underscored=("lora_te_", "lora_te1_", "lycoris_te_", "lycoris_te1_"))
 # Flux's T5: kohya `lora_te3_` (sd-scripts counts CLIP-L, CLIP-G, T5 as SD3 does), OneTrainer
-# `lora_te2_` (its second encoder there), diffusers `text_encoder_2`.
-FLUX_T5 = EncoderNames(Kind.T5, "t5xxl", ("text_encoder_2.", ""),
+# `lora_te2_` (its second encoder there), diffusers `text_encoder_2` (Chroma's pipeline:
+# `text_encoder`, which on Flux is CLIP-L, whose layers have other names).
+FLUX_T5 = EncoderNames(Kind.T5, "t5xxl", ("text_encoder_2.", "text_encoder.", ""),
                        ("lora_te3_", "lora_te2_", "lycoris_te3_"))
 # {(architecture, component): names}; Chroma's T5 is the Flux family's te2.
 ENCODERS = {

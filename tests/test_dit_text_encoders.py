@@ -425,3 +425,15 @@ def test_inspect_names_the_first_architecture_an_undecided_t5_file_fits(key, arc
     report = inspect(str(tmp_path / "t5.safetensors"))
     assert (report["error"], report["architecture"], report["layers"], report["unmatched_keys"]) == \
         (None, arch, 1, []), report
+
+
+def test_chromas_t5_in_its_pipelines_diffusers_names_reaches_te2_on_chroma_and_flux():
+    from tinymodels import flux_trees
+    key = "text_encoder.encoder.block.1.layer.1.DenseReluDense.wo"
+    for arch in ("chroma", "flux"):
+        km = KeyMap(flux_trees(arch))
+        (piece,) = km.pieces(key)
+        assert (piece.target.component, piece.target.block) == ("te2", "T5"), arch
+    # on Flux `text_encoder.` is CLIP-L: its layers keep reaching te1
+    (piece,) = km.pieces("text_encoder.text_model.encoder.layers.0.self_attn.q_proj")
+    assert piece.target.component == "te1"

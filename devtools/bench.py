@@ -1,10 +1,10 @@
 """Engine benchmark: the same model and networks under every strategy, timed side by side in
-one run, so the ratios compare like with like (`python -m netweave bench [--arch sd|flux]
-[--quick | --size 512|1024] [--repeats N] [--json]`).
+one run, so the ratios compare like with like (`python -m netweave bench
+[--arch sd|flux|zimage] [--quick | --size 512|1024] [--repeats N] [--json]`).
 
-Models (`FAMILIES`, one entry per family): SD's UNets (SD1.5, SDXL) and a Flux-architecture
-transformer at Flux.1's real width with fewer blocks (random weights, made on the device);
-their networks are synthetic files in the key names their trainers write.
+Models (`FAMILIES`, one entry per family): SD's UNets (SD1.5, SDXL), and Flux-architecture and
+Z-Image transformers at their releases' real widths with fewer blocks (random weights, made on
+the device); their networks are synthetic files in the key names their trainers write.
 
 Workloads: the bare model; three static rank-32 LoRAs (one on the attention, one on the
 feed-forward, one on the conv layers — on a transformer, on the modulations, embedders and
@@ -80,6 +80,7 @@ class Family(Enum):
 
     SD = "sd"
     FLUX = "flux"
+    ZIMAGE = "zimage"
 
 
 @dataclass(frozen=True)
@@ -99,14 +100,15 @@ class Setup:
 class ModelFamily:
     """How the bench builds one family's model, feeds and calls it as its pipeline does, and
     what its three networks cover (attention, feed-forward, the rest). Another family
-    (Z-Image, Qwen-Image) is one more entry of FAMILIES."""
+    (Qwen-Image, SD3) is one more entry of FAMILIES."""
 
     kind: str  # what the report calls the model
     setups: Dict[str, Setup]
     build: Callable[[Setup, str, torch.dtype], nn.Module]
     inputs: Callable[[Setup, int, str, torch.dtype], Dict]  # the call's arguments but the time
     timestep: Callable[[int, int, int, str, torch.dtype], object]  # (k, steps, batch, …)
-    left: Callable[[Setup, str, torch.dtype], torch.Tensor]  # the left half, on the output
+    call: Callable[[nn.Module, Dict, object], torch.Tensor]  # (model, inputs, time) -> prediction
+    left: Callable[[Setup, str, torch.dtype], torch.Tensor]  # the left half, on the prediction
     shape: Callable[[Setup], str]  # the size, in words
     covers: Tuple[Callable, Callable, Callable]  # target -> covered, per network
     style: str  # synthetic.py's key style and format of the networks' files
@@ -141,13 +143,19 @@ def _unet_timestep(k: int, steps: int, batch: int, device: str, dtype: torch.dty
     return 999 - k * 999 // steps
 
 
+def _keyword_call(model: nn.Module, inputs: Dict, t) -> torch.Tensor:
+    """As diffusers' UNet and Flux pipelines call their model: keywords, `.sample` back."""
+    return model(**inputs, timestep=t).sample
+
+
 def _left_half(n: int, device: str, dtype: torch.dtype) -> torch.Tensor:
     left = torch.zeros(n, n, device=device, dtype=dtype)
     left[:, : n // 2] = 1
     return left
 
 
-def _unet_left(setup: Setup, device: str, dtype: torch.dtype) -> torch.Tensor:
+def _latent_left(setup: Setup, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """The left half of the latent, for a prediction shaped like it (a UNet's; Z-Image's)."""
     return _left_half(setup.latent, device, dtype)
 
 
@@ -157,7 +165,7 @@ SD = ModelFamily(
                     {**UNET["sd1"], "block_out_channels": (64, 128, 128, 128)}),
      "512": Setup("SD1.5 at 512 px", "sd1", 64, 20, UNET["sd1"]),
      "1024": Setup("SDXL at 1024 px", "sdxl", 128, 20, UNET["sdxl"])},
-    _build_unet, _unet_inputs, _unet_timestep, _unet_left,
+    _build_unet, _unet_inputs, _unet_timestep, _keyword_call, _latent_left,
     lambda s: f"latent {s.latent}²",
     (lambda t: ".attn" in t.name or "proj_in" in t.name or "proj_out" in t.name,
      lambda t: ".ff." in t.name,
@@ -166,7 +174,7 @@ SD = ModelFamily(
 SETUPS = SD.setups  # the UNet sizes, as before families
 
 
-# ---- transformers (Flux) ----------------------------------------------------------------
+# ---- transformers (Flux, Z-Image) -------------------------------------------------------
 def _random_on(device: str, dtype: torch.dtype, make: Callable[[], nn.Module]) -> nn.Module:
     """`make()`'s module with random weights made on the device itself: built without
     storage (meta), then filled in place, so a model of billions of weights starts in seconds
@@ -188,9 +196,12 @@ def _random_on(device: str, dtype: torch.dtype, make: Callable[[], nn.Module]) -
     return model
 
 
-def _build_flux(setup: Setup, device: str, dtype: torch.dtype) -> nn.Module:
-    from diffusers import FluxTransformer2DModel
-    return _random_on(device, dtype, lambda: FluxTransformer2DModel(**setup.config))
+def _transformer(cls: str) -> Callable[[Setup, str, torch.dtype], nn.Module]:
+    """Builds diffusers' transformer class `cls` with the setup's config, random weights."""
+    def build(setup: Setup, device: str, dtype: torch.dtype) -> nn.Module:
+        import diffusers
+        return _random_on(device, dtype, lambda: getattr(diffusers, cls)(**setup.config))
+    return build
 
 
 def _packed_grid(setup: Setup) -> int:
@@ -217,6 +228,11 @@ def _flux_inputs(setup: Setup, batch: int, device: str, dtype: torch.dtype) -> D
 def _flow_timestep(k: int, steps: int, batch: int, device: str, dtype: torch.dtype):
     """A flow pipeline's time: 1 → 0 over the pass, one per row (the model scales it by 1000)."""
     return torch.full((batch,), 1 - k / steps, device=device, dtype=dtype)
+
+
+def _rising_timestep(k: int, steps: int, batch: int, device: str, dtype: torch.dtype):
+    """ZImagePipeline's time: (1000 − t) / 1000, so 0 → 1 over the pass, one per row."""
+    return torch.full((batch,), k / steps, device=device, dtype=dtype)
 
 
 def _token_left(setup: Setup, device: str, dtype: torch.dtype) -> torch.Tensor:
@@ -248,8 +264,19 @@ def _flux_feed_forward(t) -> bool:
         (t.name.startswith("single_transformer_blocks.") and t.name.endswith(".proj_out"))
 
 
-def _tokens(s: Setup) -> str:
-    return f"{_packed_grid(s) ** 2} image + {s.text} text tokens"
+def _split(attention: Callable, feed_forward: Callable) -> Tuple[Callable, Callable, Callable]:
+    """The three networks' layers: attention; feed-forward; the rest (modulations,
+    embedders, the final layer)."""
+    return attention, feed_forward, lambda t: not attention(t) and not feed_forward(t)
+
+
+def _tokens(text: str = "text", multiple: int = 1) -> Callable[[Setup], str]:
+    """The size in tokens, the text's padded to a multiple of `multiple` by the model."""
+    def words(s: Setup) -> str:
+        padded = -(-s.text // multiple) * multiple
+        return f"{_packed_grid(s) ** 2} image + {s.text} {text} tokens" + \
+            (f" (padded to {padded})" if padded != s.text else "")
+    return words
 
 
 FLUX = ModelFamily(
@@ -260,14 +287,61 @@ FLUX = ModelFamily(
                   "flux", 64, 20, FLUX_WIDTH, Family.FLUX, text=512),
      "1024": Setup("Flux width (24 heads × 128, 2 double + 4 single blocks) at 1024 px",
                    "flux", 128, 20, FLUX_WIDTH, Family.FLUX, text=512)},
-    _build_flux, _flux_inputs, _flow_timestep, _token_left, _tokens,
-    # attention; feed-forward; the rest: modulations, embedders, the final layer
-    (_flux_attention, _flux_feed_forward,
-     lambda t: not _flux_attention(t) and not _flux_feed_forward(t)),
+    _transformer("FluxTransformer2DModel"), _flux_inputs, _flow_timestep, _keyword_call,
+    _token_left, _tokens(), _split(_flux_attention, _flux_feed_forward),
     # diffusers' names (ai-toolkit writes them), no alpha: the PEFT layout
     "diffusers", "peft", batch=1, cuda_dtype=torch.bfloat16)
 
-FAMILIES = {Family.SD: SD, Family.FLUX: FLUX}
+
+def _zimage_inputs(setup: Setup, batch: int, device: str, dtype: torch.dtype) -> Dict:
+    """What diffusers' ZImagePipeline passes: one latent (C, 1, H, W) and one caption's Qwen3
+    states (tokens, 2560) per image, in lists; the model patchifies the latent itself and pads
+    either sequence to a multiple of 32 (diffusers' SEQ_MULTI_OF)."""
+    gen = torch.Generator().manual_seed(1)
+    n, cfg = setup.latent, setup.config
+    return {"x": [torch.randn(cfg["in_channels"], 1, n, n, generator=gen).to(device, dtype)
+                  for _ in range(batch)],
+            "cap_feats": [torch.randn(setup.text, cfg["cap_feat_dim"], generator=gen)
+                          .to(device, dtype) for _ in range(batch)]}
+
+
+def _zimage_call(model: nn.Module, inputs: Dict, t) -> torch.Tensor:
+    """As ZImagePipeline calls it: positional (lists, time, lists; the blended start's hook
+    finds the batch from the time), one prediction per image back, stacked as it stacks them."""
+    return torch.stack(model(inputs["x"], t, inputs["cap_feats"], return_dict=False)[0])
+
+
+def _zimage_config(heads: int, head_dim: int, caption: int, rope: Tuple[int, int, int]) -> Dict:
+    # 4 main layers of 30, the 2 noise + 2 context refiners kept: at Z-Image's width 1.45 G
+    # weights, 5.4 GiB in fp32 (the whole model: 6.15 G, 23 GiB per copy), so the model, its
+    # bare twin and the pristine copies fit a 24 GiB box as the Flux entry's do
+    return dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16,
+                dim=heads * head_dim, n_layers=4, n_refiner_layers=2, n_heads=heads,
+                n_kv_heads=heads, cap_feat_dim=caption, axes_dims=list(rope))
+
+
+ZIMAGE_WIDTH = _zimage_config(30, 128, 2560, (32, 48, 48))  # Z-Image Turbo's published shapes
+ZIMAGE_NARROW = _zimage_config(2, 64, 64, (16, 24, 24))
+# the pipeline keeps a caption's own tokens (chat template included), up to its
+# max_sequence_length 512: the real sizes take that longest caption, as Flux's T5 takes 512
+ZIMAGE_CAPTION = 512
+_ZIMAGE = "Z-Image width (30 heads × 128, 4 of 30 layers + 2 + 2 refiners)"
+
+ZIMAGE = ModelFamily(
+    "transformer",
+    {"quick": Setup("Z-Image architecture (2 heads × 64, 4 layers + 2 + 2 refiners, --size quick)",
+                    "zimage", 16, 8, ZIMAGE_NARROW, Family.ZIMAGE, text=20),
+     "512": Setup(f"{_ZIMAGE} at 512 px", "zimage", 64, 8, ZIMAGE_WIDTH, Family.ZIMAGE,
+                  text=ZIMAGE_CAPTION),
+     "1024": Setup(f"{_ZIMAGE} at 1024 px", "zimage", 128, 8, ZIMAGE_WIDTH, Family.ZIMAGE,
+                   text=ZIMAGE_CAPTION)},
+    _transformer("ZImageTransformer2DModel"), _zimage_inputs, _rising_timestep, _zimage_call,
+    _latent_left, _tokens("caption", 32),
+    _split(lambda t: ".attention." in t.name, lambda t: ".feed_forward." in t.name),
+    # ai-toolkit's Z-Image files: diffusers' names under ComfyUI's diffusion_model. prefix
+    "comfy", "peft", batch=1, cuda_dtype=torch.bfloat16)
+
+FAMILIES = {Family.SD: SD, Family.FLUX: FLUX, Family.ZIMAGE: ZIMAGE}
 
 
 class RemergeEverything(Engine):
@@ -296,7 +370,8 @@ class RequantizeEveryChange(Engine):
 
 class Bench:
     """A model with its inputs for `steps` denoiser calls (SD: cond and uncond rows in one
-    batch, as WebUIs run; Flux: one row, its guidance embedded)."""
+    batch, as WebUIs run; Flux: one row, its guidance embedded; Z-Image Turbo: one row, no
+    CFG)."""
 
     def __init__(self, setup: Setup, device: str, dtype: torch.dtype, batch: int):
         self.family = FAMILIES[setup.family]
@@ -315,7 +390,7 @@ class Bench:
 
     def forward(self, k: int, model=None):
         t = self.family.timestep(k, self.setup.steps, self.batch, self.device, self.dtype)
-        return (model or self.model)(**self.inputs, timestep=t).sample
+        return self.family.call(model or self.model, self.inputs, t)
 
     def steps(self, on_step: Optional[Callable[[int], None]] = None,
               steps: Optional[int] = None) -> Tuple[float, float]:
@@ -392,7 +467,7 @@ def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 
         batch: Optional[int] = None, steps: Optional[int] = None, setup: Optional[Setup] = None,
         quantize: Optional[str] = None, arch: str = Family.SD.value) -> dict:
     """Every workload `repeats` times, each step paired with the bare twin's; medians and
-    spreads. `arch`: the model family (sd, flux); `setup` overrides it and `size` (tests use
+    spreads. `arch`: the model family (sd, flux, zimage); `setup` overrides it and `size` (tests use
     a tiny UNet); `batch`: rows per call (default the family's); `steps` overrides the
     size's; `quantize`: the format of the quantized rows, None for none."""
     setup = setup or FAMILIES[Family(arch)].setups[str(size)]
@@ -405,7 +480,7 @@ def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 
     ctx = CompileContext(arch=setup.arch, steps=setup.steps)
     seconds: Dict[str, List[float]] = collections.defaultdict(list)
     runs: Dict[str, List[float]] = collections.defaultdict(list)  # workload / its paired base
-    extra: dict = {"choices": {}, "floors": {}}
+    extra: dict = {"choices": {}, "floors": {}, "problems": {}}
 
     def measured(name, mine, base):
         seconds[name].append(mine)
@@ -416,9 +491,11 @@ def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 
         paths = {}
         for i, covers in enumerate(family.covers):
             paths[f"net{i}"] = os.path.join(tmp, f"net{i}.safetensors")
-            write_network(paths[f"net{i}"], {"unet": bench.model}, family.fmt, family.style,
-                          setup.arch, rank=rank, seed=i, components=("unet",), scale=0.02,
-                          select=covers)
+            written = write_network(paths[f"net{i}"], {"unet": bench.model}, family.fmt,
+                                    family.style, setup.arch, rank=rank, seed=i,
+                                    components=("unet",), scale=0.02, select=covers)
+            extra.setdefault("lora_layers", []).append(len(written))
+            extra.setdefault("lora_key", next(iter(written)))  # a name as the files give it
 
         def engine(cls=Engine, strategy="auto"):
             return cls({"unet": bench.model}, setup.arch, lambda kind, n: paths[n],
@@ -437,7 +514,9 @@ def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 
         per_region_plans = [compile_prompt(p, ctx) for p in PER_REGION]
         base_flops = bench.flops(None)
         for name, e in engines.items():
-            e.activate(compile_prompt(WORKLOAD_PROMPTS[name], ctx))
+            # what the engine left out or warned of: a row on networks it half applied lies
+            extra["problems"][name] = e.activate(compile_prompt(WORKLOAD_PROMPTS[name], ctx)) \
+                + e.warnings
             extra["floors"][name] = benches[name].flops(e) / base_flops
             extra["choices"][name] = _choices(e)
             e.deactivate()
@@ -574,6 +653,14 @@ def table(result: dict) -> str:
         lines.append(f"  {label:<36}{r[key]:7.3f}{f'{lo:.3f}–{hi:.3f}':>15}"
                      f"{result['floor'][key]:7.3f}{r[key] - result['floor'][key]:+7.3f}"
                      f"{TARGETS.get(key, ''):>9}")
+    if "lora_key" in result:
+        lines.append(f"  networks: {' + '.join(map(str, result['lora_layers']))} layers "
+                     f"(attention, feed-forward, the rest), keys as {result['lora_key']}")
+    said: Dict[str, List[str]] = {}  # each problem once, with the workloads it came up in
+    for name, problems in result.get("problems", {}).items():
+        for p in problems:
+            said.setdefault(p, []).append(name)
+    lines += [f"  {', '.join(names)}: {p}" for p, names in said.items()]
     lines.append("  layers (merged / bypassed / both): " + "; ".join(
         f"{name} {v['merged']}/{v['bypassed']}/{v['both']}"
         for name, v in result["choices"].items()))

@@ -20,7 +20,7 @@ FORMATS = {
     "loha": "loha", "loha_tucker": "loha", "lokr": "lokr", "lokr_decomposed": "lokr",
     "glora": "glora", "ia3": "ia3", "oft": "oft", "boft": "boft", "full": "full", "norm": "norm",
 }
-STYLES = ("kohya", "kohya_ldm", "lycoris", "peft", "oft", "diffusers")
+STYLES = ("kohya", "kohya_ldm", "lycoris", "peft", "oft", "diffusers", "comfy")
 
 
 def _factor(n):
@@ -100,11 +100,12 @@ def parts_for(fmt, shape, is_norm, has_bias, rank, rnd):
 def layer_name(target, style, arch, ldm_path=None):
     """The name a file of `style` gives a target (kohya, LDM-style kohya, LyCORIS, PEFT, OFT,
     diffusers: a transformer's layers under `transformer.`, as diffusers and ai-toolkit write
-    Flux LoRAs; its text encoders as PEFT)."""
+    Flux LoRAs; its text encoders as PEFT; comfy: the same names under ComfyUI's
+    `diffusion_model.`, as ai-toolkit writes Z-Image LoRAs)."""
     if target.component == "unet":
         d = target.name
-        if style == "diffusers":
-            return "transformer." + d
+        if style in ("diffusers", "comfy"):
+            return ("transformer." if style == "diffusers" else "diffusion_model.") + d
         if style == "peft":
             return "unet." + d
         if style == "kohya_ldm":

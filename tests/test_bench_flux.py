@@ -1,5 +1,6 @@
 """The engine benchmark on a Flux-architecture transformer (devtools/bench.py, `bench --arch
-flux`): its quick size runs every row, at CI size."""
+flux`): its quick size runs every row, at CI size. `check_every_row` is what any family's
+quick bench must show (tests/test_bench_zimage.py uses it too)."""
 import math
 
 import pytest
@@ -21,8 +22,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_the_flux_quick_bench_reports_every_row_and_the_engines_choices(one_thread):
-    result = run("quick", arch=Family.FLUX.value, repeats=1)
+def check_every_row(result):
+    """Every row finite and positive with its median inside its spread; the floors' own
+    arithmetic; every layer the engine touched accounted for in its choices."""
     ratios, floors = result["ratios"], result["floor"]
     assert set(ratios) == EXPECTED_ROWS
     for key, value in ratios.items():
@@ -37,7 +39,13 @@ def test_the_flux_quick_bench_reports_every_row_and_the_engines_choices(one_thre
     # the regional networks run beside the layers with image tokens; the text stream and the
     # per-image vectors take none of them (network/tokens.py)
     assert 0 < choices["regional"]["bypassed"] < layers
+
+
+def test_the_flux_quick_bench_reports_every_row_and_the_engines_choices(one_thread):
+    result = run("quick", arch=Family.FLUX.value, repeats=1)
+    check_every_row(result)
     assert result["config"]["arch"] == "flux" and result["config"]["batch"] == FLUX.batch
+    assert result["lora_key"].startswith("transformer.")  # diffusers' names, as ai-toolkit's
     text = table(result)
     assert "transformer" in text and "64 image + 16 text tokens" in text
     assert "layers (merged / bypassed / both)" in text

@@ -274,3 +274,47 @@ def test_wan_frames_through_the_api(wan):
     body = r.json()
     assert len(body["images"]) == 5 and json.loads(body["info"])["all_seeds"] == [3] * 5
     assert Image.open(io.BytesIO(base64.b64decode(body["images"][4]))).size == (64, 64)
+
+
+# ---- single files --------------------------------------------------------------------------
+_WAN_ORIGINAL = (  # diffusers' convert_wan_transformer_to_diffusers, read the other way
+    ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
+    ("condition_embedder.time_embedder.linear_2", "time_embedding.2"),
+    ("condition_embedder.text_embedder.linear_1", "text_embedding.0"),
+    ("condition_embedder.text_embedder.linear_2", "text_embedding.2"),
+    ("condition_embedder.time_proj", "time_projection.1"), (".attn2.", ".cross_attn."),
+    (".attn1.", ".self_attn."), (".to_out.0.", ".o."), (".to_q.", ".q."), (".to_k.", ".k."),
+    (".to_v.", ".v."), ("ffn.net.0.proj", "ffn.0"), ("ffn.net.2", "ffn.2"),
+    ("proj_out", "head.head"), (".norm2.", ".norm_x."), (".norm3.", ".norm2."),
+    (".norm_x.", ".norm3."))
+
+
+def wan_original_file(path, transformer):
+    """The transformer in the original release's names, as Wan's single files are published."""
+    sd = {}
+    for key, value in transformer.state_dict().items():
+        name = key
+        for a, b in _WAN_ORIGINAL:
+            name = name.replace(a, b)
+        name = "head.modulation" if name == "scale_shift_table" else \
+            name.replace(".scale_shift_table", ".modulation")
+        sd["model.diffusion_model." + name] = value.clone().contiguous()
+    save_file(sd, str(path))
+
+
+def test_a_single_file_wan_expert_with_its_components(tmp_path):
+    """diffusers' converter reads the original names back onto the components' config; a
+    folder of two experts is refused (A14B's experts are two files)."""
+    one = write_pipeline(tmp_path / "wan1", "wan22")
+    import tinypipes
+    tinypipes.wan_pipeline(experts=1).save_pretrained(str(tmp_path / "wan21"))
+    source = load_model(str(tmp_path / "wan21")).pipe.transformer
+    wan_original_file(tmp_path / "expert.safetensors", source)
+    model = load_model(str(tmp_path / "expert.safetensors"), components=str(tmp_path / "wan21"))
+    assert model.arch == "wan22" and model.name == "expert"
+    loaded = model.pipe.transformer.state_dict()
+    assert all(torch.equal(v, loaded[k]) for k, v in source.state_dict().items())
+    with pytest.raises(ValueError, match="two experts"):
+        load_model(str(tmp_path / "expert.safetensors"), components=str(one))
+    with pytest.raises(ValueError, match="--components"):
+        load_model(str(tmp_path / "expert.safetensors"))

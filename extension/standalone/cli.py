@@ -163,14 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest request body in MiB (default %(default)s)")
     for p in (gen, srv):
         p.add_argument("--checkpoint", default=None,
-                       help="a .safetensors SD1/SDXL checkpoint or Flux/Chroma transformer, a "
-                            "diffusers folder (SD1, SD2, SDXL, Flux, Chroma), or demo-flux "
-                            "(default: the embedded model)")
+                       help="a .safetensors SD1/SDXL checkpoint or a transformer (Flux, Chroma, "
+                            "Z-Image, Qwen-Image, SD3, Wan), a diffusers folder (SD1, SD2, SDXL, "
+                            "Flux, Chroma, Z-Image, Qwen-Image, SD3/3.5, Wan 2.1/2.2), or "
+                            "demo-flux (default: the embedded model)")
         p.add_argument("--quantize", type=_quant_format, default=None, metavar="FORMAT",
                        help="quantize the model's linear layers on load, every tag still "
                             "applies: " + " ".join(FORMATS))
         p.add_argument("--components", default=None, metavar="FOLDER",
-                       help="for a single-file Flux/Chroma transformer: the diffusers folder "
+                       help="for a single-file transformer: the diffusers folder of its family "
                             "its VAE, text encoders and tokenizers come from")
         p.add_argument("--lora-dir", action="append", default=[], help="LoRA folder (repeatable)")
         p.add_argument("--model-dir", action="append", default=[],

@@ -3,6 +3,9 @@
 - a diffusers folder whose model_index.json names one of the pipelines of
   extension/flow_families.py (Flux, Chroma, Z-Image, Qwen-Image, SD3/3.5, Wan 2.2 with one or
   two experts);
+- a single-file transformer of Z-Image, Qwen-Image, SD3/3.5 or Wan (one expert) in its original
+  layout, read by diffusers' single-file converter with the config of the `components`
+  folder's transformer;
 - a single-file transformer in the original (BFL) layout, optionally under
   `model.diffusion_model.`, as Flux.1 dev/schnell and Chroma are published: diffusers'
   `from_single_file` with a config written here from the published hyper-parameters
@@ -141,19 +144,25 @@ def config_folder(arch: str, config: Dict[str, object]) -> str:
     return folder
 
 
+ENCODERS = {"flux": "CLIP-L and T5-XXL", "chroma": "T5-XXL", "zimage": "Qwen3",
+            "qwenimage": "Qwen2.5-VL", "sd3": "CLIP-L, CLIP-G and T5-XXL", "wan22": "umT5-XXL"}
+
+
 def flow_single_file(path: str, arch: str, components: Optional[str],
                      dtype: torch.dtype = torch.float32) -> Model:
-    """A single-file Flux/Chroma transformer with the rest of its pipeline from the diffusers
-    folder `components` (whose own transformer is not loaded)."""
-    from diffusers import (ChromaPipeline, ChromaTransformer2DModel, FluxPipeline,
-                           FluxTransformer2DModel)
+    """A single-file transformer of a flow family with the rest of its pipeline from the
+    diffusers folder `components` (whose own transformer is not loaded). Flux/Chroma: the
+    config written from the published one and the file's shapes; the other families: the
+    components folder's own transformer config (the file must be that model's size), read by
+    diffusers' single-file converter for the class."""
+    import diffusers
 
-    family = "Flux" if arch == "flux" else "Chroma"
-    encoders = "CLIP-L and T5-XXL" if arch == "flux" else "T5-XXL"
+    from ...network.blocks import ARCH_TITLES
+    family = ARCH_TITLES[arch]
     if components is None:
         raise ValueError(
-            f"{path} holds a {family} transformer only: its text encoders ({encoders}), their "
-            "tokenizers and the VAE are not in it and cannot be downloaded here; give a "
+            f"{path} holds a {family} transformer only: its text encoders ({ENCODERS[arch]}), "
+            "their tokenizers and the VAE are not in it and cannot be downloaded here; give a "
             f"{family} diffusers folder for them with --components FOLDER")
     if not os.path.isfile(os.path.join(components, "model_index.json")):
         raise ValueError(f"--components {components}: not a diffusers folder (no "
@@ -161,13 +170,19 @@ def flow_single_file(path: str, arch: str, components: Optional[str],
     from .models import _arch_of_folder
     if _arch_of_folder(components) != arch:
         raise ValueError(f"--components {components}: not a {family} pipeline folder")
-    check_components(components, arch)
-    config = transformer_config(file_shapes(path), arch, path)
-    cls = FluxTransformer2DModel if arch == "flux" else ChromaTransformer2DModel
-    transformer = cls.from_single_file(path, config=config_folder(arch, config),
-                                       subfolder="transformer", local_files_only=True,
-                                       dtype=dtype)
-    pipeline = FluxPipeline if arch == "flux" else ChromaPipeline
+    parts = check_components(components, arch)
+    if "transformer_2" in parts:
+        raise ValueError(f"--components {components}: a model of two experts (Wan 2.2 A14B), "
+                         "published as two files; run its diffusers folder")
+    cls = getattr(diffusers, parts["transformer"][1])
+    if arch in ("flux", "chroma"):
+        config = config_folder(arch, transformer_config(file_shapes(path), arch, path))
+    else:
+        config = components
+    transformer = cls.from_single_file(path, config=config, subfolder="transformer",
+                                       local_files_only=True, dtype=dtype)
+    with open(os.path.join(components, "model_index.json"), encoding="utf-8") as f:
+        pipeline = getattr(diffusers, json.load(f)["_class_name"])
     pipe = pipeline.from_pretrained(components, transformer=transformer, local_files_only=True,
                                     dtype=dtype)
     pipe.set_progress_bar_config(disable=True)

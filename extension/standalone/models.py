@@ -279,8 +279,9 @@ def load_single_file(path: str, config: Optional[str] = None, arch: Optional[str
             from .flow_models import flow_single_file
             return flow_single_file(path, arch, components)
         if arch not in ("sd1", "sdxl"):
-            raise ValueError(f"{path}: single-file checkpoints are read for SD1, SDXL, Flux and "
-                             f"Chroma; this one is {arch or 'not recognised'} "
+            raise ValueError(f"{path}: single-file checkpoints are read for SD1, SDXL and the "
+                             "transformers of flow_families.py; this one is "
+                             f"{arch or 'not recognised'} "
                              f"({'; '.join(reasons) or 'no signal'})")
     cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
     extra = {} if arch == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}

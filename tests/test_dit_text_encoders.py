@@ -45,10 +45,10 @@ def qwen25_vl(width=32):
                            out_hidden_size=width, fullatt_block_indexes=[0]))).eval()
 
 
-def t5(umt5=False):
+def t5(umt5=False, width=32):
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
     torch.manual_seed(7)
-    kw = dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+    kw = dict(vocab_size=64, d_model=width, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
               feed_forward_proj="gated-gelu", is_encoder_decoder=False)
     return (UMT5EncoderModel(UMT5Config(**kw)) if umt5 else T5EncoderModel(T5Config(**kw))).eval()
 
@@ -356,9 +356,15 @@ def zimage_inputs(text):
     return dict(x, cap=list(text)), z.run, (z.H, z.W), z.H // 2, z.W // 2
 
 
+def wan_inputs(text):
+    import test_wan as v
+    x = v.inputs()
+    return dict(x, encoder_hidden_states=text), v.run, (v.H, v.W), v.H // 2, v.W // 2
+
+
 def left_of(out, arch, h, w):
     """The output's left half and the rest: Qwen-Image's packed patches row by row,
-    Z-Image's latents (batch, channels, frames, height, width)."""
+    Z-Image's and Wan's latents (…, height, width; Wan's every frame)."""
     if arch == "qwenimage":
         left = torch.zeros(h, w, dtype=torch.bool)
         left[:, :w // 2] = True
@@ -367,21 +373,21 @@ def left_of(out, arch, h, w):
     return out[..., :out.shape[-1] // 2], out[..., out.shape[-1] // 2:]
 
 
-@pytest.mark.parametrize("arch", ["qwenimage", "zimage"])
-def test_a_regional_language_model_network_conditions_the_tokens_inside_its_region(arch, tmp_path):
+@pytest.mark.parametrize("arch", ["qwenimage", "zimage", "wan22"])
+def test_a_regional_text_encoder_network_conditions_the_tokens_inside_its_region(arch, tmp_path):
     """The host encodes its prompt, and once more with each regional network
     (apply_te(segment, variant=j)), and gives both to set_text_variants; the image inside
     the region is then the pass with the network's text, outside it the pass without (to
     float tolerance: the streams run as rows of one batch)."""
-    from tinydits import QWEN_TEXT, ZIMAGE_CAP
-    width = QWEN_TEXT if arch == "qwenimage" else ZIMAGE_CAP
-    te = qwen25_vl(width) if arch == "qwenimage" else qwen3(width=width)
-    unet = qwen_transformer() if arch == "qwenimage" else zimage_transformer()
+    from tinydits import QWEN_TEXT, WAN_TEXT, ZIMAGE_CAP
+    te, unet, make = {
+        "qwenimage": (lambda: qwen25_vl(QWEN_TEXT), qwen_transformer, qwen_inputs),
+        "zimage": (lambda: qwen3(width=ZIMAGE_CAP), zimage_transformer, zimage_inputs),
+        "wan22": (lambda: t5(umt5=True, width=WAN_TEXT), wan_transformer, wan_inputs)}[arch]
+    te, unet = te(), unet()
     trees = {"unet": unet, "te1": te}
-    key = CASES[arch][6]["comfy"]
-    deltas = write_lora(tmp_path / "words.safetensors", te, lm_paths, key)
+    deltas = write_lora(tmp_path / "words.safetensors", te, CASES[arch][5], CASES[arch][6]["comfy"])
     plain, with_net = encode(te), encode(hand_merged(te, deltas, 0.8))
-    make = qwen_inputs if arch == "qwenimage" else zimage_inputs
     _, run, latent, h, w = make(plain)
     ref_base, ref_net = run(unet, make(plain)[0]), run(unet, make(with_net)[0])
     assert not torch.allclose(ref_base, ref_net, atol=1e-3)

@@ -30,6 +30,9 @@ if importlib.util.find_spec("modules") is not None and \
     if importlib.util.find_spec("modules.processing_diffusers") is not None:  # SD.Next
         from netweave.extension.webui.sdnext import NetWeaveScript  # noqa: E402,F401
     elif importlib.util.find_spec("backend") is not None and \
+            importlib.util.find_spec("backend.quant_ops") is not None:  # Forge Neo
+        from netweave.extension.webui.neo import NetWeaveScript  # noqa: E402,F401
+    elif importlib.util.find_spec("backend") is not None and \
             importlib.util.find_spec("backend.memory_management") is not None:  # Forge 2
         from netweave.extension.webui.forge import NetWeaveScript  # noqa: E402,F401
     else:  # A1111

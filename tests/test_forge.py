@@ -2,40 +2,27 @@
 dfdcbab), driving the real LDM UNet (`stable-diffusion-sdkit`) and a transformers CLIP whose
 layers are Forge's layer classes, through real sampling steps under torch.inference_mode()."""
 import os
-import sys
 
 import pytest
 import torch
 
+import forge_family as ff
+
 HOST = os.path.join(os.path.dirname(__file__), "forge_host")
 PATHS = [HOST, os.path.join(HOST, "sd_forge_lora")]  # Forge puts extension folders on sys.path
-SWAPPED = ("modules", "backend", "networks", "extra_networks_lora", "forge_model",
-           "netweave.extension.webui.a1111", "netweave.extension.webui.ldm",
-           "netweave.extension.webui.forge")
-
-
-def _ours(name):
-    return any(name == s or name.startswith(s + ".") for s in SWAPPED)
+SWAPPED = ("modules", "backend", "networks", "extra_networks_lora", "forge_model")
 
 
 @pytest.fixture(scope="module")
 def forge(tmp_path_factory):
     """Forge's `modules`, `backend` and `networks` in sys.modules for this file only (the A1111
-    stand-ins share those names)."""
-    saved = {k: v for k, v in sys.modules.items() if _ours(k)}
-    for k in saved:
-        del sys.modules[k]
-    sys.path[:0] = PATHS
-    try:
-        yield _start(tmp_path_factory.mktemp("forge"))
-    finally:
-        from netweave.extension.webui import forge as adapter
-        adapter.ADAPTER.off()
-        for p in PATHS:
-            sys.path.remove(p)
-        for k in [k for k in sys.modules if _ours(k)]:
-            del sys.modules[k]
-        sys.modules.update(saved)
+    and Neo stand-ins share those names)."""
+    with ff.host_modules(PATHS, SWAPPED):
+        try:
+            yield _start(tmp_path_factory.mktemp("forge"))
+        finally:
+            from netweave.extension.webui import forge as adapter
+            adapter.ADAPTER.off()
 
 
 def _start(root):
@@ -64,46 +51,21 @@ def _start(root):
     return adapter, builtin, shared.sd_model
 
 
-def generate(prompt, enabled=True, options="", record=None, unet_calls=None, **kw):
-    from modules import processing, script_callbacks, scripts
-
+def generate(prompt, **kw):
     from netweave.extension.webui import forge as adapter
-    runner = scripts.ScriptRunner([adapter.NetWeaveScript()])
-    p = processing.StableDiffusionProcessingTxt2Img(
-        prompt=prompt, script_args=[enabled, options], scripts=runner, **kw)
-    seen = []
-
-    def recorder(params):
-        e = adapter.ADAPTER.engine
-        seen.append((params.denoiser.step, params.denoiser.p.is_hr_pass,
-                     dict(e.strengths(record)) if record is not None and e.plan else None))
-    script_callbacks.on_cfg_denoiser(recorder)
-    unet = adapter.ADAPTER.trees(p.sd_model)["unet"]
-    hook = unet.register_forward_pre_hook(  # after NetWeave's: sees the rows it described
-        lambda m, a, kw: unet_calls.append((kw["transformer_options"]["cond_or_uncond"],
-                                            adapter.ADAPTER.engine.runtime.rows)),
-        with_kwargs=True) if unet_calls is not None else None
-    try:
-        return processing.process_images(p), seen
-    finally:
-        script_callbacks.callback_map["cfg_denoiser"].remove(recorder)
-        if hook is not None:
-            hook.remove()
+    return ff.generate(adapter, [], prompt, **kw)
 
 
 def target(adapter, name):
-    (t,) = [t for t in adapter.ADAPTER.engine.keymap.targets if t.path == name]
-    return t
+    return ff.target(adapter, name)
 
 
 def snapshot(model):
     from netweave.extension.webui import forge as adapter
-    return {f"{c}.{k}": v.detach().clone() for c, tree in adapter.ForgeAdapter.trees(model).items()
-            for k, v in tree.named_parameters()}
+    return ff.snapshot(adapter, model)
 
 
-def same(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+same = ff.same
 
 
 TO_Q = "input_blocks.1.1.transformer_blocks.0.attn2.to_q"  # a Forge Linear, IN01
@@ -173,26 +135,7 @@ def test_rows_come_from_cond_or_uncond(forge, free_memory):
 
 
 def _rows_run(forge, free_memory):
-    """A batch of two prompts with per-prompt networks and neg=0, the UNet batch whole
-    (uncond and cond chunks in one call) or split by memory (one chunk per call)."""
-    from backend import memory_management
-    adapter, _, model = forge
-    calls = []
-    memory_management.free_memory = free_memory  # 1.5e6: one chunk of 2 images per call
-    try:
-        out, _ = generate(["a <lora:style:1:neg=0>", "b <lora:texture:1>"], batch_size=2,
-                          steps=2, unet_calls=calls)
-    finally:
-        memory_management.free_memory = float("inf")
-    assert "NetWeave errors" not in out.infotexts[0]
-    expected = [[1, 0]] if free_memory == float("inf") else [[1], [0]]
-    assert [marks for marks, _ in calls] == expected * 2  # unconds first, as Forge batches
-    for marks, rows in calls:
-        assert rows.prompts == tuple(j for _ in marks for j in range(2))
-        assert rows.uncond == tuple(m == 1 for m in marks for _ in range(2))
-    entries = adapter.ADAPTER.engine.entries
-    assert [(e.net.name, e.owner) for e in entries] == [("style", 0), ("texture", 1)]
-    return out
+    return ff.rows_run(generate, forge[0], free_memory)
 
 
 def test_split_and_whole_batches_give_the_same_images(forge):
@@ -206,12 +149,7 @@ def test_split_and_whole_batches_give_the_same_images(forge):
 
 
 def test_a_bad_tag_never_stops_a_generation(forge, capsys):
-    out, _ = generate("a <lora:nope:1> <lora:style:0.5:regio=left> <lora:style:x>")
-    assert len(out.images) == 1
-    info = out.infotexts[0]
-    assert info.startswith("a <lora:nope:1>")
-    assert "NetWeave errors:" in info and "no lora named 'nope'" in info and "regio" in info
-    assert "NetWeave: " in capsys.readouterr().err
+    ff.bad_tag_run(generate, capsys)
 
 
 def test_lora_hashes_are_forges_own(forge):

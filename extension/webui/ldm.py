@@ -88,6 +88,11 @@ class Adapter:
         """Extra Engine arguments the host needs (Forge: its scaled weights)."""
         return {}
 
+    def host_context(self, p) -> dict:
+        """What only the host knows of this generation for the plans (Session.prepare's
+        `negative_rows`, `sigmas`): none here."""
+        return {}
+
     def engine_for(self, sd_model) -> Engine:
         if self.engine is None or self.model_id != id(sd_model):
             if self.engine is not None:
@@ -120,7 +125,7 @@ class Adapter:
         plans = session.prepare(prompts, steps=p.steps, hires_steps=hires,
                                 hires_prompts=hires_prompts(p) if hires else None,
                                 latent=(p.height // 8, p.width // 8), rows=2 * len(prompts),
-                                inline=inline, problems=problems)
+                                inline=inline, problems=problems, **self.host_context(p))
         segments = [engine.te_segments(phase, i) for i in range(len(plans))
                     for phase in (("base", "hires") if hires else ("base",))]
         # A1111 encodes every cond (the hires pass's too) once, with step 0's weights: NetWeave
@@ -275,7 +280,7 @@ def register(adapter: Adapter) -> None:
 
     def on_app_started(demo, app) -> None:
         app.include_router(netweave_router(adapter.masks, library(),
-                                           lambda: Adapter.arch(shared.sd_model)))
+                                           lambda: adapter.arch(shared.sd_model)))
     script_callbacks.on_cfg_denoiser(adapter.on_denoiser)
     script_callbacks.on_ui_settings(register_settings)
     script_callbacks.on_ui_tabs(lambda: ui_tab(adapter.masks, adapter.context))

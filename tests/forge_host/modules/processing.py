@@ -145,6 +145,20 @@ def compute_cond_indices(cond_or_uncond, sigmas):
     return cond_indices, uncond_indices
 
 
+def next_chunks(to_run, unet, rows):
+    """calc_cond_uncond_batch's pick: the last chunks first (unconds before conds), as many as
+    the free memory takes for `rows` images each (at least one); taken out of `to_run`."""
+    order = list(range(len(to_run)))
+    order.reverse()
+    batch = order[:1]
+    for i in range(1, len(order) + 1):
+        amount = order[:len(order) // i]
+        if unet.memory_required([len(amount) * rows]) < memory_management.get_free_memory():
+            batch = amount
+            break
+    return [to_run.pop(i) for i in batch]
+
+
 class SamplerConfig:
     def __init__(self, name):
         self.name = name
@@ -197,16 +211,7 @@ class CFGDenoiser:
         to_run = [(params.text_cond, COND), (params.text_uncond, UNCOND)]
         out = {COND: None, UNCOND: None}
         while to_run:
-            order = list(range(len(to_run)))
-            order.reverse()
-            batch = order[:1]
-            for i in range(1, len(order) + 1):
-                amount = order[:len(order) // i]
-                if unet.memory_required([len(amount) * x.shape[0]]) < \
-                        memory_management.get_free_memory():
-                    batch = amount
-                    break
-            picked = [to_run.pop(i) for i in batch]
+            picked = next_chunks(to_run, unet, x.shape[0])
             marks = [m for _, m in picked]
             x_in = torch.cat([x] * len(picked))
             t = (torch.cat([sigma] * len(picked)) * 100).long().clamp(0, 999)

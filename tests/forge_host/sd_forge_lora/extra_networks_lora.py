@@ -7,6 +7,14 @@ import networks
 from modules import extra_networks, shared
 
 
+def strength(text):
+    return float(text)  # A1111's reading of a tag's number
+
+
+def load(names, te, unet):
+    networks.load_networks(names, te, unet, [None] * len(names))  # no dynamic rank
+
+
 class ExtraNetworkLora(extra_networks.ExtraNetwork):
     def __init__(self):
         super().__init__("lora")
@@ -18,16 +26,15 @@ class ExtraNetworkLora(extra_networks.ExtraNetwork):
             p.all_prompts = [x + f"<lora:{additional}:1>" for x in p.all_prompts]
             params_list.append(extra_networks.ExtraNetworkParams(items=[additional, "1"]))
         self.seen.append([params.items for params in params_list])
-        names, te, unet, dyn = [], [], [], []
+        names, te, unet = [], [], []
         for params in params_list:
             names.append(params.positional[0])
-            t = float(params.positional[1]) if len(params.positional) > 1 else 1.0
-            t = float(params.named.get("te", t))
-            u = float(params.positional[2]) if len(params.positional) > 2 else t
+            t = strength(params.positional[1]) if len(params.positional) > 1 else 1.0
+            t = strength(params.named.get("te", t))
+            u = strength(params.positional[2]) if len(params.positional) > 2 else t
             te.append(t)
-            unet.append(float(params.named.get("unet", u)))
-            dyn.append(None)
-        networks.load_networks(names, te, unet, dyn)
+            unet.append(strength(params.named.get("unet", u)))
+        load(names, te, unet)
 
     def deactivate(self, p):
         pass

@@ -1,0 +1,57 @@
+"""backend/operations.py (Neo): Forge's layer classes subclass torch's (`ForgeOperations.Linear
+(torch.nn.Linear, ForgeWeights)`, Conv2d, GroupNorm, LayerNorm, …). Every forward takes its
+weight and bias through `get_weight_and_bias`, which runs the layer's `weight_function` /
+`bias_function` lists on them: Neo's on-the-fly LoRA (OnlineLoRAPatch) and low-VRAM patches
+live there, beside the stored weight."""
+import torch
+
+
+def get_weight_and_bias(layer):
+    weight = getattr(layer, "weight", None)
+    for f in getattr(layer, "weight_function", []):
+        weight = f(weight)
+    bias = getattr(layer, "bias", None)
+    for f in getattr(layer, "bias_function", []):
+        bias = f(bias)
+    return weight, bias
+
+
+class ForgeWeights:
+    parameters_manual_cast = False
+    weight_function = []
+    bias_function = []
+
+
+class ForgeOperations:
+    class Linear(torch.nn.Linear, ForgeWeights):
+        def forward(self, x):
+            weight, bias = get_weight_and_bias(self)
+            return torch.nn.functional.linear(x, weight, bias)
+
+    class Conv2d(torch.nn.Conv2d, ForgeWeights):
+        def forward(self, x):
+            weight, bias = get_weight_and_bias(self)
+            return self._conv_forward(x, weight, bias)
+
+    class GroupNorm(torch.nn.GroupNorm, ForgeWeights):
+        def forward(self, x):
+            weight, bias = get_weight_and_bias(self)
+            return torch.nn.functional.group_norm(x, self.num_groups, weight, bias, self.eps)
+
+    class LayerNorm(torch.nn.LayerNorm, ForgeWeights):
+        def forward(self, x):
+            weight, bias = get_weight_and_bias(self)
+            return torch.nn.functional.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
+SWAPS = {torch.nn.Linear: ForgeOperations.Linear, torch.nn.Conv2d: ForgeOperations.Conv2d,
+         torch.nn.GroupNorm: ForgeOperations.GroupNorm, torch.nn.LayerNorm: ForgeOperations.LayerNorm}
+
+
+def forge_layers(root):
+    """Every torch layer of `root` as Neo builds it under `using_forge_operations`: the same
+    parameters in Neo's subclass (Neo's loader builds the tree with those classes)."""
+    for module in root.modules():
+        if type(module) in SWAPS:
+            module.__class__ = SWAPS[type(module)]
+    return root

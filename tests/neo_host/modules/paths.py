@@ -1,0 +1,4 @@
+"""modules/paths.py (Neo): the parts NetWeave meets are Forge 2's."""
+from . import same_as
+
+same_as("forge_host", "paths", globals())

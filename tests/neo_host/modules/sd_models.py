@@ -1,0 +1,4 @@
+"""modules/sd_models.py (Neo): the parts NetWeave meets are Forge 2's."""
+from . import same_as
+
+same_as("forge_host", "sd_models", globals())

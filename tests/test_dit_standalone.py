@@ -318,3 +318,21 @@ def test_a_single_file_wan_expert_with_its_components(tmp_path):
         load_model(str(tmp_path / "expert.safetensors"), components=str(one))
     with pytest.raises(ValueError, match="--components"):
         load_model(str(tmp_path / "expert.safetensors"))
+
+
+def test_a_regional_text_encoder_network_on_sd3_runs_as_a_text_stream(host):
+    """SD3's one call holds [negative; prompt] rows: FlowRun gives the engine the prompt's
+    encoding with the network (and its pooled vector) in that layout, so the network runs as a
+    text stream of its own (network/blend.py): a second set of rows in the same call, and the
+    picture changes inside the region far more than outside."""
+    h, _ = host
+    if h.model.arch != "sd3":
+        pytest.skip("CLIP-L of SD3: the text encoder NetWeave maps on these families today")
+    size = dict(width=128, height=128)
+    plain, _ = image(h, "a red square", **size)
+    with calls([h.model.pipe.transformer.transformer_blocks[0]]) as seen:
+        left, result = image(h, "a red square <lora:clipl:1:region=left>", **size)
+    assert not [e for e in result.errors if "gave no encoding" in e], result.errors
+    assert {int(kw["hidden_states"].shape[0]) for _, _, kw in seen} == {4}  # 2 rows, 2 more
+    d = np.abs(left - plain).mean(axis=2)
+    assert d[:, :64].mean() > 2 * d[:, 64:].mean()

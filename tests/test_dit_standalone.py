@@ -236,6 +236,17 @@ def test_wan_runs_both_experts_each_with_its_strength(wan):
     assert_pristine(h, before)
 
 
+def test_wan_explain_compiles_for_the_first_expert(wan):
+    """The tab's explain on a two-expert model: the high-noise expert's plan, no warning that
+    the model runs one denoiser."""
+    from netweave.network.plan import compile_prompt
+    h, _ = wan
+    ctx = h.context(WAN_STEPS)
+    assert ctx.expert == "high"
+    plan = compile_prompt("<lora:w:1:high=0.5:low=1>", ctx)
+    assert not plan.errors and list(plan.networks[0].base.strength["unet"]) == [0.5] * WAN_STEPS
+
+
 def test_wan_counts_a_schedule_across_both_experts(wan):
     """A schedule by step number means the run's step on either expert: the low-noise expert's
     first step is not its step 1."""

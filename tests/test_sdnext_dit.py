@@ -102,6 +102,7 @@ def test_wan_experts_each_get_their_strength_and_both_come_back(host):
         for h in handles:
             h.remove()
     assert "NetWeave errors" not in out.extra_generation_params
+    assert adapter.ADAPTER.context(6).expert == "high"  # the tab's explain: the first's plan
     assert {i for i, _ in moved} == {0, 1}  # both experts ran
     assert all(changed == (i == 0) for i, changed in moved)  # the LoRA on the high one only
     draw(adapter, arch, PROMPT)

@@ -10,6 +10,7 @@ a second request waits for the first.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 import time
@@ -137,8 +138,10 @@ class DiffusersHost:
         if self.model.flow:
             size = self.model.size
             sigmas, _ = flow_schedule(self.model.pipe, steps, self.model.latent(size, size))
-            return compile_context(self.model.arch, self.settings, steps, masks=self.masks,
-                                   sigmas=sigmas, negative_rows=not self.model.distilled)
+            ctx = compile_context(self.model.arch, self.settings, steps, masks=self.masks,
+                                  sigmas=sigmas, negative_rows=not self.model.distilled)
+            experts = getattr(self.engine, "experts", None)  # Wan 2.2: the first expert's plan
+            return dataclasses.replace(ctx, expert=experts[0]) if experts else ctx
         sigmas = step_sigmas(scheduler_for(Sampler(sampler), self.scheduler_config), steps)
         return compile_context(self.model.arch, self.settings, steps, masks=self.masks,
                                sigmas=sigmas)

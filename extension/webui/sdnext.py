@@ -42,6 +42,7 @@ prompt's plan for every image.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -51,14 +52,14 @@ from typing import Dict, List, Optional
 from modules import extra_networks, processing_callbacks, script_callbacks, scripts, shared
 
 from ...network.engine import Engine
-from ...network.plan import CompileContext
+from ...network.plan import EXPERTS, CompileContext
 from ...parser import Severity
 from ..api import netweave_router
 from ..masks import MaskError, MaskStore
 from ..pipeline_run import PipelineRun
 from ..session import Session, compile_context
 from ..experts import flow_engine
-from ..flow_families import FAMILIES, Guidance, family_of
+from ..flow_families import FAMILIES, Guidance, family_of, has_experts
 from ..flow_run import FlowRun, flow_schedule
 from .common import (TITLE, ScriptParts, TagNames, inline_masks, library, mask_folder,
                      register_settings, settings, ui_tab, write_report)
@@ -176,8 +177,11 @@ class Adapter:
             self.run.close()
 
     def context(self, steps: int) -> CompileContext:
-        """What the tab's explain compiles against."""
-        return compile_context(self.arch(), settings(), steps, masks=self.masks)
+        """What the tab's explain compiles against (Wan 2.2 with both experts: the first
+        expert's plan)."""
+        ctx = compile_context(self.arch(), settings(), steps, masks=self.masks)
+        two = ctx.arch in FLOW.values() and has_experts(pipeline())
+        return dataclasses.replace(ctx, expert=EXPERTS[0]) if two else ctx
 
     def plan_batch(self, p, prompts, options) -> None:
         """The prompts still have their tags here; the engine starts with the pass."""

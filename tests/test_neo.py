@@ -367,6 +367,36 @@ def test_a_family_netweave_does_not_map_keeps_neos_lora(clean, capsys):
 LEFT_OUT = "which hold no image token of their own"  # a regional network's text layers
 
 
+def test_a_refiner_switch_leaves_the_generation_to_neo(clean, capsys):
+    """Neo swaps the weights for its refiner inside the denoiser (Wan 2.2's second expert
+    too): NetWeave steps aside, the tags are Neo's LoRA's, nothing of NetWeave's is merged."""
+    from modules import extra_networks, scripts
+    neo = clean
+
+    class Refiner(scripts.Script):  # what Neo's refiner script's setup and processing set
+        def title(self):
+            return "Refiner"
+
+        def ui(self, is_img2img):
+            return None
+
+        def before_process(self, p, *args):
+            p.refiner_checkpoint_info, p.refiner_switch_at = object(), 0.8
+
+    import control
+    neo.adapter.ADAPTER.off()
+    pristine = snapshot(neo.sd1)
+    neo.builtin.seen.clear()
+    out, _ = ff.generate(neo.adapter, [control.LoRAControl(), Refiner()], "a <lora:style:0.5>",
+                         steps=1)
+    assert extra_networks.extra_network_registry["lora"] is neo.builtin
+    engine = neo.adapter.ADAPTER.engine
+    assert neo.builtin.seen == [[["style", "0.5"]]] and (engine is None or engine.plan is None)
+    assert "switches to a refiner model" in capsys.readouterr().err
+    neo.sd1.forge_objects_original.unet.unpatch_model()  # Neo's own merge, put back
+    assert same(snapshot(neo.sd1), pristine)
+
+
 # ---- Flux (BFL layout, Neo's nn/flux.py names) -------------------------------------------------
 def test_flux_blocks_schedules_and_text_encoders(clean, loaded):
     neo = clean

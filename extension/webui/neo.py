@@ -10,7 +10,9 @@ What differs from Forge 2:
   Wan in their own names). Text encoders are `forge_objects.clip.cond_stage_model.<name>`:
   clip_l, clip_g, t5xxl (`TEXT`); Z-Image's, Qwen-Image's and Wan's are not mapped. A family
   NetWeave does not know (Flux.2, Lumina 2, Anima, …) keeps every tag for Neo's own LoRA: the
-  names are not taken and the console says so once.
+  names are not taken and the console says so once. So does a generation with Neo's refiner
+  (an SDXL refiner, Wan 2.2's second expert): Neo swaps the weights inside the denoiser and
+  re-applies its own LoRA to them (`NeoAdapter.aside`).
 - Neo's LoRA (`sd_forge_lora`) adds patches to clones of the patchers: merged (`patches`,
   merged at the model's load for sampling, the replaced Parameters kept in the patchers'
   shared `backup`) or online (`weight_wrapper_patches`, run on the weight at each forward;
@@ -74,18 +76,31 @@ class NeoAdapter(ForgeAdapter):
 
     def take_names(self, p) -> None:
         model = shared.sd_model
-        if self.arch(model) is None:
+        aside = self.aside(p, model)
+        if aside is not None:
             self.off()
-            self._say(f"Neo's {type(model).__name__} model is not one NetWeave maps; its "
-                      f"<lora:> tags are left to Neo's own LoRA")
+            self._say(f"{aside}; its <lora:> tags are left to Neo's own LoRA")
             return
         self.names.take(p, quiet=lambda handler, p: None)
         release_neo_lora(model)
         silence_schedule(p)
         self.hook_rows(self.trees(model)["unet"])
 
+    def aside(self, p, model) -> Optional[str]:
+        """Why NetWeave leaves this generation to Neo, or None. Neo's refiner (an SDXL
+        refiner, Wan 2.2's low-noise expert) swaps the diffusion model's weights inside the
+        denoiser, before any callback (sd_samplers_common.apply_refiner: loaded into the same
+        modules, or a whole other model) and re-applies Neo's LoRA for it: NetWeave's merges
+        and pristine copies would be the first model's."""
+        if self.arch(model) is None:
+            return f"Neo's {type(model).__name__} model is not one NetWeave maps"
+        if getattr(p, "refiner_checkpoint_info", None) is not None and \
+                getattr(p, "refiner_switch_at", None):
+            return "this generation switches to a refiner model while sampling"
+        return None
+
     def start_batch(self, p, prompts, inline, problems) -> None:
-        if self.arch(p.sd_model) is not None:
+        if self.aside(p, p.sd_model) is None:
             super().start_batch(p, prompts, inline, problems)
 
     def before_sampling(self, p) -> None:

@@ -459,3 +459,54 @@ def test_qwen_image_region_acts_on_its_half_only(clean, loaded):
     assert float((glob.images[0] - plain.images[0]).abs()[..., w:].mean()) > 100 * outside
     neo.adapter.ADAPTER.off()
     assert same(snapshot(model), pristine)
+
+
+# ---- every family's trees, at the module paths Neo's backend/nn holds --------------------------
+NEO_PATHS = {  # layers of Neo's nn/lumina.py (NextDiT, Z-Image) and nn/wan.py (WanModel)
+    "ZImage": ("layers.0.attention.qkv", "layers.0.attention.out", "layers.0.feed_forward.w1",
+               "layers.0.feed_forward.w3", "layers.0.adaLN_modulation.0",
+               "noise_refiner.0.attention.qkv", "context_refiner.0.feed_forward.w2",
+               "x_embedder", "cap_embedder.1", "t_embedder.mlp.0", "t_embedder.mlp.2",
+               "final_layer.linear", "final_layer.adaLN_modulation.1"),
+    "Wan": ("blocks.0.self_attn.q", "blocks.0.self_attn.o", "blocks.0.cross_attn.k",
+            "blocks.0.cross_attn.o", "blocks.0.ffn.0", "blocks.0.ffn.2", "text_embedding.0",
+            "text_embedding.2", "time_embedding.0", "time_embedding.2", "time_projection.1",
+            "head.head")}
+
+
+def _engine_named(name, unet, text):
+    """An object shaped as Neo's diffusion engine of class `name` (what the adapter reads)."""
+    from types import SimpleNamespace as NS
+    cls = type(name, (), {})
+    model = cls()
+    model.forge_objects = NS(unet=NS(model=NS(diffusion_model=unet)),
+                             clip=NS(cond_stage_model=text))
+    return model
+
+
+@pytest.mark.parametrize("family", sorted(NEO_PATHS))
+def test_neos_original_trees_map_at_neos_paths(neo, family):
+    import tinydits
+
+    from netweave.network.keymap import KeyMap
+    native = {"ZImage": lambda: tinydits.zimage_native(tinydits.zimage_transformer()),
+              "Wan": lambda: tinydits.wan_native(tinydits.wan_transformer())}[family]()
+    model = _engine_named(family, native, {"qwen3": torch.nn.Linear(2, 2)})
+    trees = neo.adapter.NeoAdapter.trees(model)
+    assert trees == {"unet": native}  # their text encoders are not mapped
+    assert neo.adapter.NeoAdapter.arch(model) == {"ZImage": "zimage", "Wan": "wan22"}[family]
+    mapped = {t.path for t in KeyMap(trees).targets}
+    assert set(NEO_PATHS[family]) <= mapped, set(NEO_PATHS[family]) - mapped
+
+
+def test_text_encoders_by_family(neo):
+    """SDXL: clip_l and clip_g; Flux: clip_l and t5xxl; Chroma: t5xxl, NetWeave's te2 as on
+    Flux; Qwen-Image: none; an unknown family: no architecture."""
+    text = {n: torch.nn.Linear(2, 2) for n in ("clip_l", "clip_g", "t5xxl", "qwen25_7b")}
+    expected = {"StableDiffusionXL": {"te1": "clip_l", "te2": "clip_g"},
+                "Flux": {"te1": "clip_l", "te2": "t5xxl"}, "Chroma": {"te2": "t5xxl"},
+                "QwenImage": {}}
+    for name, components in expected.items():
+        trees = neo.adapter.NeoAdapter.trees(_engine_named(name, "unet", text))
+        assert trees == {"unet": "unet", **{c: text[n] for c, n in components.items()}}, name
+    assert neo.adapter.NeoAdapter.arch(_engine_named("Lumina2", "unet", text)) is None

@@ -2,14 +2,18 @@
 the low-noise `transformer_2`, switched at the pipeline's boundary), driven as one engine.
 
 Each expert has an engine of its own with a plan compiled for it (CompileContext.expert: a
-tag's high=/low= scale its strength there); the text encoders belong to the first. Steps are
+tag's high=/low= scale its strength there); the text encoders are applied by the first (the
+others hold them at strength 0, so a file's text-encoder keys still name layers there). Steps are
 counted across the whole run: at step k both engines stand at k, so a schedule written for
 the pass means the same on either expert, and the idle expert's weights are already right
 when the pipeline switches. Deactivating restores both.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List, Mapping, Sequence, Tuple
+
+import numpy as np
 
 from ..network.engine import Engine
 from ..network.plan import EXPERTS
@@ -41,11 +45,14 @@ class ExpertEngines:
             e.configure(**options)
 
     def activate(self, plans: Mapping[str, Sequence], **kw) -> List[str]:
-        """`plans`: each expert's plans (Session.prepare compiles one set per expert)."""
+        """`plans`: each expert's plans (Session.prepare compiles one set per expert). The
+        later experts' engines hold the text encoders too, so a file's text-encoder keys name
+        layers there, but their plans leave them at 0: the first engine alone applies them."""
         self._log = {"errors": [], "warnings": []}
         self._read = {}
         for name, e in self.engines.items():
-            e.activate(plans[name], **kw)
+            e.activate(plans[name] if e is self.first else
+                       [_denoiser_only(p) for p in plans[name]], **kw)
         return self.errors
 
     def deactivate(self) -> None:
@@ -101,6 +108,15 @@ class ExpertEngines:
         return log
 
 
+def _denoiser_only(plan):
+    """The plan with every text-encoder strength 0 (the first expert's engine applies them)."""
+    def quiet(passplan):
+        return None if passplan is None else dataclasses.replace(passplan, strength={
+            c: (v if c == "unet" else np.zeros_like(v)) for c, v in passplan.strength.items()})
+    return dataclasses.replace(plan, networks=tuple(
+        dataclasses.replace(n, base=quiet(n.base), hires=quiet(n.hires)) for n in plan.networks))
+
+
 def flow_engine(pipe, arch: str, trees: dict, find):
     """The engine of a flow-matching pipeline: an Engine on `trees`, or for a model of two
     experts one per expert, the second on `transformer_2` alone."""
@@ -109,4 +125,4 @@ def flow_engine(pipe, arch: str, trees: dict, find):
     if not has_experts(pipe):
         return Engine(trees, arch, find)
     return ExpertEngines({EXPERTS[0]: Engine(trees, arch, find),
-                          EXPERTS[1]: Engine({"unet": pipe.transformer_2}, arch, find)})
+                          EXPERTS[1]: Engine(dict(trees, unet=pipe.transformer_2), arch, find)})

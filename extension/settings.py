@@ -1,6 +1,6 @@
 """NetWeave's settings, the same in every host: on/off, the network cache size, where pristine
 copies live, the default interpolation, strict mode, the blended start of regional networks,
-whether static networks merge into quantized layers, the mask folder. A1111 and SD.Next keep them in their Settings page (`netweave_*` options); the
+whether static networks merge into quantized layers, the memory of kept ΔW, the mask folder. A1111 and SD.Next keep them in their Settings page (`netweave_*` options); the
 standalone page has them in its tab."""
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ class Settings:
     strict: bool = False
     blend: int = 15  # regional networks' blended start, % of each pass (network/blend.py)
     quantized_merge: bool = False  # static networks merged into quantized layers (requantize.py)
+    delta_mb: int = 1024  # ΔW kept for layers re-merged at keyframes (network/deltas.py)
     mask_dir: str = ""  # empty: the host's own place (netweave-masks in its data folder)
 
     # Paths are set by the host's own settings page or command line, never over HTTP: the
@@ -38,11 +39,16 @@ class Settings:
               "quantized_merge": "Merge static networks into quantized layers (faster steps; "
                                  "the format's rounding, reported) instead of running them "
                                  "beside (exact)",
+              "delta_mb": "Memory for the ΔW of scheduled layers (MiB): each keyframe then "
+                          "re-merges a layer with one add instead of a matrix product",
               "mask_dir": "Mask folder (empty: netweave-masks in the WebUI's data folder)"}
 
     def check(self) -> "Settings":
         if not 0 <= int(self.cache_mb) <= 1 << 20:
             raise ValueError(f"cache size must be 0–{1 << 20} MiB, not {self.cache_mb}")
+        if isinstance(self.delta_mb, bool) or not 0 <= int(self.delta_mb) <= 1 << 20:
+            raise ValueError(f"the ΔW memory must be 0–{1 << 20} MiB, not {self.delta_mb}")
+        self.delta_mb = int(self.delta_mb)
         if self.pristine not in PRISTINE:
             raise ValueError(f"pristine copies live {' or '.join(PRISTINE)}, not {self.pristine!r}")
         if self.interp != DEFAULT_INTERP and self.interp not in INTERPOLATIONS:
@@ -63,10 +69,11 @@ class Settings:
 
     def engine_options(self) -> dict:
         """Engine.configure's arguments: cache size, where new pristine copies go, merges into
-        quantized layers."""
+        quantized layers, the memory of kept ΔW."""
         return {"cache_bytes": int(self.cache_mb) * 2 ** 20,
                 "pristine_on_cpu": self.pristine == PRISTINE[1],
-                "quantized_merge": bool(self.quantized_merge)}
+                "quantized_merge": bool(self.quantized_merge),
+                "delta_bytes": int(self.delta_mb) * 2 ** 20}
 
     @classmethod
     def from_options(cls, data: dict, report: Callable[[str], None] = lambda message: None

@@ -9,13 +9,15 @@ Same-shaped layers that each take one plain two-factor contribution (LoRA) merge
 instead of one Python round trip per layer. It costs one more pass over the weights than
 merging layer by layer straight into each weight, so it wins where the round trip dominates (a
 GPU, small layers) and loses where memory does (large layers on a CPU); the engine asks the
-measured cost model (calibrate.py) for each group. Values are the per-layer ones up to fp32
-rounding; restore never depends on them (it copies the pristine bits).
+measured cost model (calibrate.py) for each group. A layer whose ΔW is kept (deltas.py) merges
+as W = W0 + s·ΔW instead, fp32 weights of one strength in two multi-tensor operations. Values
+are the per-layer ones up to fp32 rounding; restore never depends on them (it copies the
+pristine bits).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -32,10 +34,13 @@ class Job:
     factors: Factors  # fp32, on dest's device
     strength: float
     source: object = None  # what the caller names in an Overflow (the engine: a contribution)
+    delta: Optional[Tensor] = None  # up · down kept (deltas.py): merged from it instead
 
     @property
     def key(self) -> Tuple:
         """Layers with the same key can share one batch."""
+        if self.delta is not None:
+            return ("delta", self.dest.dtype, self.dest.device, self.dest.is_inference())
         return (tuple(self.dest.shape), self.dest.dtype, self.dest.device,
                 self.factors.down.shape[0], self.dest.is_inference())
 
@@ -67,20 +72,40 @@ def groups(jobs: Iterable[Job]) -> Dict[Tuple, List[Job]]:
 
 
 def merge_one(job: Job) -> None:
-    """One layer on its own: the fused multiply-add straight into an fp32 weight."""
+    """One layer on its own: W0 + s·ΔW from a kept ΔW, else the fused multiply-add; straight
+    into an fp32 weight (finite values cannot overflow it)."""
     rows = job.dest.shape[0]
     dest = job.dest.view(rows, -1)
     mode = torch.inference_mode() if job.dest.is_inference() else torch.no_grad()
     with mode:
         w0 = job.w0.reshape(rows, -1).to(job.dest.device, torch.float32)
-        f = job.factors
-        if dest.dtype == torch.float32:  # finite factors and strengths cannot overflow fp32
-            torch.addmm(w0, f.up, f.down, alpha=job.strength, out=dest)
+        out = dest if dest.dtype == torch.float32 else None
+        if job.delta is not None:
+            w = torch.add(w0, job.delta.view(rows, -1), alpha=job.strength, out=out)
         else:
-            w = torch.addmm(w0, f.up, f.down, alpha=job.strength)
+            w = torch.addmm(w0, job.factors.up, job.factors.down, alpha=job.strength, out=out)
+        if out is None:
             if not bool(fits(w[None], dest.dtype)[0]):
                 raise Overflow(job)
             dest.copy_(w)
+
+
+def merge_deltas(jobs: List[Job]) -> None:
+    """Layers with a kept ΔW: fp32 weights of one strength in a multi-tensor copy of W0 and a
+    multi-tensor add; any other dtype one by one (the cast and its overflow check)."""
+    if jobs[0].dest.dtype != torch.float32:
+        for job in jobs:
+            merge_one(job)
+        return
+    by_strength: Dict[float, List[Job]] = {}
+    for job in jobs:
+        by_strength.setdefault(job.strength, []).append(job)
+    mode = torch.inference_mode() if jobs[0].dest.is_inference() else torch.no_grad()
+    with mode:
+        for strength, group in by_strength.items():
+            dests = [j.dest for j in group]
+            torch._foreach_copy_(dests, [j.w0.to(j.dest.device, non_blocking=True) for j in group])
+            torch._foreach_add_(dests, [j.delta for j in group], alpha=strength)
 
 
 def merge(jobs: List[Job], budget_bytes: int) -> None:

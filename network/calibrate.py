@@ -8,13 +8,15 @@ that fixed part is what decides small, deep layers. So at the first use on a dev
 both are timed through the code the engine runs (a real Linear with a real hook for the
 branch; the fused multiply-add and the cast back for a merge) at two sizes, about a tenth of
 a second in all, and fitted as `seconds = per_mac · macs + per_call`. Merging same-shaped
-layers in one batch (batched_merge.py) is priced the same way.
+layers in one batch (batched_merge.py), and merging from a kept ΔW (deltas.py, priced per
+weight value), are priced the same way.
 """
 from __future__ import annotations
 
 import functools
 import time
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 from torch import nn
@@ -22,6 +24,7 @@ from torch import nn
 from . import batched_merge
 from .batched_merge import Job
 from .bypass import Factors, added, low_rank_delta
+from .deltas import delta_dtype
 
 # (width, rank, tokens) of the two sizes each cost is timed at: a small deep layer and a
 # large shallow one, so the fit separates the fixed part from the part per multiply-add.
@@ -38,6 +41,10 @@ class Calibration:
     bypass_us_per_call: float
     batch_ns_per_mac: float = float("inf")  # a layer merged in a batch (batched_merge.py)
     batch_us_per_layer: float = 0.0
+    # a layer merged from its kept ΔW (deltas.py), per weight value; None: not measured, and
+    # every merge is priced from the factors
+    delta_ns_per_value: Optional[float] = None
+    delta_us_per_layer: float = 0.0
 
     def merge_seconds(self, macs: float) -> float:
         return (self.merge_ns_per_mac * macs) * 1e-9 + self.merge_us_per_layer * 1e-6
@@ -47,6 +54,9 @@ class Calibration:
 
     def batch_seconds(self, macs: float) -> float:
         return (self.batch_ns_per_mac * macs) * 1e-9 + self.batch_us_per_layer * 1e-6
+
+    def delta_seconds(self, values: float) -> float:
+        return (self.delta_ns_per_value * values) * 1e-9 + self.delta_us_per_layer * 1e-6
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -61,14 +71,16 @@ def _measured(device: str, dtype: torch.dtype) -> Calibration:
         # holds a core, and all three costs scale alike with threads; their ratios count
         torch.set_num_threads(1)
     try:
-        merge = [_time_merges(dev, dtype, n, r, batched=False) for n, r, _ in SIZES]
-        batch = [_time_merges(dev, dtype, n, r, batched=True) for n, r, _ in SIZES]
+        merge = [_time_merges(dev, dtype, n, r, "one") for n, r, _ in SIZES]
+        batch = [_time_merges(dev, dtype, n, r, "batch") for n, r, _ in SIZES]
+        delta = [_time_merges(dev, dtype, n, r, "delta") for n, r, _ in SIZES]
         bypass = [_time_bypass(dev, dtype, n, r, t) for n, r, t in SIZES]
     finally:
         torch.set_num_threads(threads)
     m_macs = [n * n * (r + 1) for n, r, _ in SIZES]
     b_macs = [t * r * 2 * n for n, r, t in SIZES]
-    fits = [_fit(m_macs, merge), _fit(b_macs, bypass), _fit(m_macs, batch)]
+    fits = [_fit(m_macs, merge), _fit(b_macs, bypass), _fit(m_macs, batch),
+            _fit([n * n for n, _, _ in SIZES], delta)]
     return Calibration(*(v * scale for fit in fits for v, scale in zip(fit, (1e9, 1e6))))
 
 
@@ -98,18 +110,24 @@ def _timed(fn, device) -> float:
     return min(runs)  # the cost without interference from other work on the machine
 
 
-def _time_merges(device, dtype, n, r, batched: bool) -> float:
-    """Seconds per layer to re-merge LAYERS same-shaped layers, each on its own or batched."""
+def _time_merges(device, dtype, n, r, how: str) -> float:
+    """Seconds per layer to re-merge LAYERS same-shaped layers: each on its own ("one"),
+    batched ("batch"), or from their kept ΔW ("delta")."""
     gen = torch.Generator().manual_seed(0)
-    jobs = [Job(torch.zeros(n, n, dtype=dtype, device=device),
-                torch.randn(n, n, generator=gen).to(device=device, dtype=dtype),
-                Factors(torch.randn(r, n, generator=gen).to(device),
-                        torch.randn(n, r, generator=gen).to(device)), 0.5)
-            for _ in range(LAYERS)]
+    jobs = []
+    for _ in range(LAYERS):
+        f = Factors(torch.randn(r, n, generator=gen).to(device),
+                    torch.randn(n, r, generator=gen).to(device))
+        delta = (f.up @ f.down).to(delta_dtype(dtype)) if how == "delta" else None
+        jobs.append(Job(torch.zeros(n, n, dtype=dtype, device=device),
+                        torch.randn(n, n, generator=gen).to(device=device, dtype=dtype),
+                        f, 0.5, delta=delta))
 
     def merge():
-        if batched:
+        if how == "batch":
             batched_merge.merge(jobs, 2 ** 30)
+        elif how == "delta":
+            batched_merge.merge_deltas(jobs)
         else:
             for job in jobs:
                 batched_merge.merge_one(job)

@@ -37,11 +37,12 @@ from ..parser import format_tag
 from .algorithms import Adapter
 from .blocks import ARCH_TITLES, BLOCKS
 from .blend import Blender, stream_steps
-from .bypass import AttentionUnit, Rows, Runtime, dequantized_view, layer_view
+from .bypass import AttentionUnit, Factors, Rows, Runtime, dequantized_view, layer_view
 from . import batched_merge
 from .batched_merge import Job
 from .cache import NetworkCache
 from .calibrate import Calibration, calibration
+from .deltas import Deltas, delta_dtype
 from .files import NetworkFileError
 from .tokens import Tokens
 from .keymap import Family, KeyMap, Target, linear_like
@@ -136,7 +137,8 @@ class Engine:
                  cache_bytes: int = 2 ** 30, latent: Tuple[int, int] = (64, 64), batch: int = 2,
                  strategy: str = "auto", masks: Optional[Mapping[str, object]] = None,
                  weight_scale: Optional[Callable[[nn.Module], Optional[Tensor]]] = None,
-                 costs: Optional[Calibration] = None, merge_batch_bytes: int = 64 * 2 ** 20):
+                 costs: Optional[Calibration] = None, merge_batch_bytes: int = 64 * 2 ** 20,
+                 delta_bytes: int = 2 ** 30):
         """`trees`: {"unet", "te1"[, "te2"]} module roots; `find(kind, name)` → file path
         (raises FileNotFoundError when there is none); `pristine_on_cpu`: keep the pristine
         copies in CPU memory instead of beside the weights; `latent` (h, w) and `batch`: the
@@ -145,7 +147,8 @@ class Engine:
         `strategy`: "auto" (the cost model), or "merge" / "bypass" for every global
         contribution that can; `costs`: the cost model's prices (default: measured on this
         machine at first use, calibrate.py); `merge_batch_bytes`: the fp32 scratch one batch
-        of layers re-merged together may take (batched_merge.py); `masks`: the host's mask
+        of layers re-merged together may take (batched_merge.py); `delta_bytes`: the memory
+        ΔW kept for layers re-merged at keyframes may take (deltas.py); `masks`: the host's mask
         store, name → image (regions.as_mask);
         `weight_scale(module)`: the factor a host multiplies a stored weight by in its forward
         (scaled low-precision storage), or None: merges then store (W + ΔW) / factor."""
@@ -156,6 +159,7 @@ class Engine:
                              f"not {strategy!r}") from None
         self.costs = costs
         self.merge_batch_bytes = merge_batch_bytes
+        self.deltas = Deltas(delta_bytes)
         self.trees = trees
         self.keymap = KeyMap(trees)
         self.arch = arch
@@ -189,13 +193,16 @@ class Engine:
     # ---- public ----------------------------------------------------------------------
     def configure(self, *, cache_bytes: Optional[int] = None,
                   pristine_on_cpu: Optional[bool] = None,
-                  quantized_merge: Optional[bool] = None) -> None:
+                  quantized_merge: Optional[bool] = None,
+                  delta_bytes: Optional[int] = None) -> None:
         """The user's settings, which may change between generations: the network cache's
-        size, where new pristine copies go, and whether static networks merge into quantized
+        size, where new pristine copies go, whether static networks merge into quantized
         layers (requantize.py: faster steps, the format's rounding) instead of running
-        beside them (exact)."""
+        beside them (exact), and the memory kept ΔW may take (deltas.py)."""
         if cache_bytes is not None:
             self.cache.max_bytes = int(cache_bytes)
+        if delta_bytes is not None:
+            self.deltas = Deltas(delta_bytes)
         if pristine_on_cpu is not None:
             self.pristine_on_cpu = bool(pristine_on_cpu)
         if quantized_merge is not None:
@@ -372,6 +379,7 @@ class Engine:
         self.plan, self.plans, self._phase_step, self.applied = None, [], None, ()
         self.runtime.reset()
         self.runtime.set_rows(None)
+        self.deltas.clear()
 
     def strengths(self, target: Target) -> Dict[int, float]:
         """What acts on a layer now: {network index: strength} (merged, or bypassed)."""
@@ -485,6 +493,7 @@ class Engine:
         costs measured on this machine (calibrate.py); everything else merges. Regional and
         per-row contributions on the UNet always bypass: no merge is exact."""
         levels = 3 if self.arch == "sdxl" else 4
+        priced = []  # (contribution, weight, its multiply-adds merged and beside)
         for slot in slots.values():
             t = slot.target
             if t.quant is not None:  # beside it, or merged and quantized again (requantize.py)
@@ -505,14 +514,32 @@ class Engine:
             tokens = self._tokens(t, levels)
             for c in slot.contributions:
                 costs = c.adapter.costs(tuple(weight.shape), tokens)
-                if not c.uniform or costs is None or self.strategy is Strategy.MERGE:
+                if not c.uniform or costs is None:
                     continue
-                series = c.series["base"]
-                merges = 1 + int(np.count_nonzero(np.diff(series)))
-                measured = self.costs or calibration(weight.device, weight.dtype)
-                merge = measured.merge_seconds(costs[0]) * merges
-                bypass = measured.bypass_seconds(costs[1]) * np.count_nonzero(series)
-                c.bypass = self.strategy is Strategy.BYPASS or (merges > 1 and bypass < merge)
+                priced.append((c, weight, costs))
+        # a kept ΔW (deltas.py) makes each merge after a layer's first one pass over its
+        # weight; it is kept where that pass is measured cheaper than a merge from the factors
+        wanted = []
+        for c, weight, costs in priced:
+            measured = self.costs or calibration(weight.device, weight.dtype)
+            if measured.delta_ns_per_value is not None and \
+                    measured.delta_seconds(weight.numel()) < measured.merge_seconds(costs[0]):
+                nbytes = weight.numel() * torch.finfo(delta_dtype(weight.dtype)).bits // 8
+                wanted.append((id(c), nbytes, _merges(c)))
+        kept = self.deltas.grant(wanted)
+        if self.strategy is Strategy.MERGE:
+            return
+        for c, weight, costs in priced:
+            measured = self.costs or calibration(weight.device, weight.dtype)
+            merges = _merges(c)
+            merge = measured.merge_seconds(costs[0]) * merges
+            if id(c) in kept:
+                merge = measured.merge_seconds(costs[0]) + \
+                    measured.delta_seconds(weight.numel()) * (merges - 1)
+            bypass = measured.bypass_seconds(costs[1]) * np.count_nonzero(c.series["base"])
+            c.bypass = self.strategy is Strategy.BYPASS or (merges > 1 and bypass < merge)
+        beside = {id(c) for c, _, _ in priced if c.bypass}
+        self.deltas.grant(w for w in wanted if w[0] not in beside)
 
     def _choose_routes(self, slots: Dict[Target, _Slot]) -> Dict[str, AttentionUnit]:
         """Where each regional contribution acts (bypass.py): at its layer; in a re-run of
@@ -599,7 +626,9 @@ class Engine:
             slot.merged_now = {c.network: s for c, s in live}
         try:
             for group in batched_merge.groups(jobs).values():
-                if len(group) > 1 and self._batch_pays(group[0]):
+                if group[0].delta is not None:
+                    batched_merge.merge_deltas(group)
+                elif len(group) > 1 and self._batch_pays(group[0]):
                     batched_merge.merge(group, self.merge_batch_bytes)
                 else:
                     for job in group:
@@ -623,7 +652,16 @@ class Engine:
         factors = self.runtime.low_rank(c, dest.device)
         if factors is None or not dest.is_contiguous():
             return None
-        return Job(dest, self._pristine_slice(target, target.param), factors, s, (slot, c))
+        return Job(dest, self._pristine_slice(target, target.param), factors, s, (slot, c),
+                   self._kept_delta(c, factors, dest))
+
+    def _kept_delta(self, c: Contribution, factors: Factors, like: Tensor) -> Optional[Tensor]:
+        """The contribution's ΔW = up · down shaped like the weight `like`, where it is kept
+        (deltas.py): made at its first merge."""
+        if not self.deltas.granted(id(c)):
+            return None
+        return self.deltas.get(id(c), lambda: (factors.up @ factors.down).to(
+            delta_dtype(like.dtype)).view(like.shape))
 
     def _batch_pays(self, job: Job) -> bool:
         """Whether a batch merges a layer like this one for less than a merge of its own."""
@@ -646,7 +684,7 @@ class Engine:
         dest = _chunk(self._param(target, target.param).data, target.chunk)
         direct = dest.dtype == torch.float32 and dest.is_contiguous() and scale is None
         with _writing(dest):
-            w = self._merged_weight(w0f, live, out=dest if direct else None)
+            w = self._merged_weight(w0f, live, out=dest if direct else None, like=dest)
             if scale is not None:
                 w = w / scale
         if not direct and not bool(batched_merge.fits(w.reshape(1, -1), dest.dtype)[0]):
@@ -681,15 +719,19 @@ class Engine:
         self.merges += 1
 
     def _merged_weight(self, w0f: Tensor, live: List[Tuple[Contribution, float]],
-                       out: Optional[Tensor] = None) -> Tensor:
+                       out: Optional[Tensor] = None, like: Optional[Tensor] = None) -> Tensor:
         """W0 + Σ ΔW_i in fp32, into `out` when given (an fp32 weight: no temporary). Plain
         two-factor contributions (LoRA) go into one fused multiply-add, from their factors made
         once per generation: W0 + s·U·D for one, W0 + [s_1·U_1 … s_n·U_n]·[D_1; …; D_n] for
-        several (one pass over W instead of one per network)."""
-        factors, others = [], []
+        several (one pass over W instead of one per network); those with a kept ΔW
+        (deltas.py, for the weight `like`) add s·ΔW instead."""
+        factors, kept, others = [], [], []
         for c, s in live:
             f = self.runtime.low_rank(c, w0f.device)
-            if f is None:
+            delta = None if f is None or like is None else self._kept_delta(c, f, like)
+            if delta is not None:
+                kept.append((delta, s))
+            elif f is None:
                 others.append((c, s))
             else:
                 factors.append((f, s))
@@ -703,6 +745,8 @@ class Engine:
                         torch.cat([f.down for f, _ in factors], 0), out=flat)
         else:
             w.copy_(w0f)
+        for delta, s in kept:
+            flat.add_(delta.view(flat.shape), alpha=s)
         for c, s in others:
             w += c.adapter.delta(w0f, s, c.dyn).reshape(w.shape)
         return w
@@ -861,6 +905,11 @@ def _emb_norm(unet: nn.Module, path: str) -> Optional[nn.Module]:
 
 
 FULL_RANK = ("model", "full")  # no low-rank form: beside a quantized layer, a full matmul
+
+
+def _merges(c: Contribution) -> int:
+    """Merges a contribution makes over the base pass: its first, then one per change."""
+    return 1 + int(np.count_nonzero(np.diff(c.series["base"])))
 
 
 def _static(c: Contribution) -> bool:

@@ -22,7 +22,8 @@ def assert_pristine(trees, before):
 # Prices as a 2-core CPU measures them (calibrate.py), fixed so that which layers merge and
 # which run beside does not depend on the machine a test runs on or what else it is doing.
 TEST_COSTS = Calibration(merge_ns_per_mac=0.03, merge_us_per_layer=10.0, bypass_ns_per_mac=0.03,
-                         bypass_us_per_call=20.0, batch_ns_per_mac=0.045, batch_us_per_layer=15.0)
+                         bypass_us_per_call=20.0, batch_ns_per_mac=0.045, batch_us_per_layer=15.0,
+                         delta_ns_per_value=0.4, delta_us_per_layer=3.0)
 
 
 def make_engine(trees, arch, netdir, **kw):

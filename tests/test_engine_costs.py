@@ -190,3 +190,90 @@ def test_a_merge_beyond_the_weights_dtype_writes_nothing(batched):
     assert caught.value.job.source == "the loud one"
     assert not loud[1].dest.any()  # never written
     assert all(torch.isfinite(j.dest).all() for j in loud)
+
+
+# ---- kept ΔW (network/deltas.py) ---------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_merge_from_a_kept_delta_equals_the_merge_from_the_factors(dtype):
+    from netweave.network.deltas import delta_dtype
+    plain, kept = jobs(4, (8, 6, 3, 3), dtype), jobs(4, (8, 6, 3, 3), dtype)
+    kept = [Job(j.dest, j.w0, j.factors, j.strength, delta=(j.factors.up @ j.factors.down)
+                .to(delta_dtype(dtype)).view(j.dest.shape)) for j in kept]
+    for job in plain:
+        batched_merge.merge_one(job)
+    (group,) = batched_merge.groups(kept).values()  # one group, whatever the shapes
+    batched_merge.merge_deltas(group)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    for a, b in zip(plain, kept):
+        assert not torch.equal(b.dest, torch.zeros_like(b.dest))
+        torch.testing.assert_close(b.dest.float(), a.dest.float(), rtol=tol, atol=tol)
+
+
+def test_a_merge_from_a_kept_delta_that_overflows_its_dtype_writes_nothing():
+    (job,) = jobs(1, (4, 4), torch.float16)
+    big = Job(job.dest, job.w0, job.factors, 2.0, delta=torch.full((4, 4), 6e4, dtype=torch.float16))
+    with pytest.raises(batched_merge.Overflow):
+        batched_merge.merge_deltas([big])
+    assert torch.equal(job.dest, torch.zeros_like(job.dest))
+
+
+# Kept ΔW always pays per layer here (a large fixed price of a merge from the factors).
+KEEPS = Calibration(0.03, 50.0, 0.03, 10 ** 6, 0.045, 60.0, delta_ns_per_value=0.03,
+                    delta_us_per_layer=1.0)
+
+
+@pytest.mark.parametrize("layout", ["ldm", "diffusers"])
+def test_scheduled_layers_re_merge_from_their_kept_delta_and_restore_exactly(layout, netdir):
+    """Every step's output equals that of merges from the factors; the kept ΔW stay within
+    their budget, go to the contributions merged most often first, and are dropped with the
+    generation."""
+    from netweave.devtools.synthetic import write_network
+    if not (netdir / "sd1_lora2.safetensors").exists():
+        write_network(netdir / "sd1_lora2.safetensors", ldm_trees("sd1"), "lora", "kohya", "sd1",
+                      seed=7)
+    trees_of = ldm_trees if layout == "ldm" else diffusers_trees
+    # 4 merges of sd1_lora (0.2, 1, 0.5, 0.8), 2 of sd1_lora2 (0.3, 0.9)
+    prompt = "<lora:sd1_lora:0.2@0,1@0.4,0.5@0.6,0.8@1> <lora:sd1_lora2:0.3@0,0.9@0.6>"
+    outs, kept, first = {}, {}, 0
+    for name in ("kept", "factors", "first"):
+        budget = {"kept": 2 ** 30, "factors": 0, "first": first}[name]
+        trees = trees_of("sd1")
+        before = snapshot(trees)
+        engine = make_engine(trees, "sd1", netdir, costs=KEEPS, delta_bytes=budget)
+        engine.activate(plan(prompt, steps=6))
+        outs[name] = []
+        for k in range(6):
+            engine.set_step(k)
+            outs[name].append(unet_out(trees, "sd1"))
+        kept[name] = {engine.entries[c.network].net.name for s in engine._unet_slots()
+                      for c in s.contributions if engine.deltas.granted(id(c))}
+        if name == "kept":  # the budget that holds exactly the first network's
+            first = sum(s.target.weight.numel() * 4 for s in engine._unet_slots()
+                        for c in s.contributions if engine.deltas.granted(id(c)) and
+                        engine.entries[c.network].net.name == "sd1_lora")
+        assert 0 < engine.deltas.nbytes <= budget if kept[name] else engine.deltas.nbytes == 0
+        assert not any(c.bypass for s in engine._slots.values() for c in s.contributions)
+        engine.deactivate()
+        assert engine.deltas.nbytes == 0
+        assert_pristine(trees, before)
+    assert kept == {"kept": {"sd1_lora", "sd1_lora2"}, "factors": set(), "first": {"sd1_lora"}}
+    for name in ("kept", "first"):
+        for a, b in zip(outs[name], outs["factors"]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(outs["kept"][0], outs["kept"][3])  # the schedule shows
+
+
+def test_kept_deltas_are_left_where_a_merge_from_the_factors_is_cheaper(netdir):
+    costly = Calibration(0.03, 10.0, 0.03, 10 ** 6, delta_ns_per_value=100.0,
+                         delta_us_per_layer=100.0)
+    engine = make_engine(ldm_trees("sd1"), "sd1", netdir, costs=costly)
+    engine.activate(plan("<lora:sd1_lora:0.2@0,1@2,0.5@4>", steps=6))
+    assert not any(engine.deltas.granted(id(c)) for s in engine._unet_slots()
+                   for c in s.contributions)
+    engine.deactivate()
+
+
+def test_the_calibration_prices_merges_from_a_kept_delta():
+    measured = calibration("cpu", torch.float32)
+    assert measured.delta_ns_per_value > 0
+    assert measured.delta_seconds(10 ** 6) > measured.delta_seconds(10 ** 3)

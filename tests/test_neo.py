@@ -477,10 +477,12 @@ NEO_PATHS = {  # layers of Neo's nn/lumina.py (NextDiT, Z-Image) and nn/wan.py (
 def _engine_named(name, unet, text):
     """An object shaped as Neo's diffusion engine of class `name` (what the adapter reads)."""
     from types import SimpleNamespace as NS
+
+    from backend.patcher.clip import JointTextEncoder
     cls = type(name, (), {})
     model = cls()
     model.forge_objects = NS(unet=NS(model=NS(diffusion_model=unet)),
-                             clip=NS(cond_stage_model=text))
+                             clip=NS(cond_stage_model=JointTextEncoder(text)))
     return model
 
 

@@ -67,8 +67,9 @@ class NeoAdapter(ForgeAdapter):
         text = objects.clip.cond_stage_model
         trees = {"unet": objects.unet.model.diffusion_model}
         for component, name in TEXT.get(NeoAdapter.arch(sd_model), {}).items():
-            if name in text:
-                trees[component] = text[name]
+            module = getattr(text, name, None)  # Neo's ModuleDict: children by attribute only
+            if module is not None:
+                trees[component] = module
         return trees
 
     def host_context(self, p) -> dict:

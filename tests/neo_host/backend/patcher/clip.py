@@ -6,7 +6,17 @@ import torch
 from .base import ModelPatcher
 
 
-class JointTextEncoder(torch.nn.ModuleDict):
+class ModuleDict(torch.nn.Module):
+    """backend/nn/base.py: a plain Module whose entries are children (attributes); not
+    torch's ModuleDict (no `in`, no indexing)."""
+
+    def __init__(self, module_dict):
+        super().__init__()
+        for name, module in module_dict.items():
+            self.add_module(name, module)
+
+
+class JointTextEncoder(ModuleDict):
     pass
 
 

@@ -69,7 +69,7 @@ class Session:
                 inline: Optional[Mapping] = None, problems: Sequence[str] = (),
                 sigmas: Optional[Sequence[float]] = None,
                 hires_sigmas: Optional[Sequence[float]] = None,
-                negative_rows: bool = True) -> List[Plan]:
+                negative_rows: bool = True, switch_step: Optional[int] = None) -> List[Plan]:
         """Compile one plan per prompt of the batch (`hires_prompts`: the hires pass's own
         prompts, whose tags drive that pass as the hosts' do), activate the engine for a
         `latent` (h, w) of `rows` UNet rows, and begin the report. `problems`: what the host
@@ -85,9 +85,11 @@ class Session:
                            negative_rows=negative_rows)
         # A model of two experts (extension/experts.py): one set of plans per expert, the
         # first expert's reported (the same tags give the same diagnostics)
+        # (`switch_step`: the step the second expert takes over, for Wan2GP's per-expert values)
         experts = getattr(self.engine, "experts", None)
         by_expert = {e: self._compile(prompts, hires_prompts, hires_steps,
-                                      dataclasses.replace(ctx, expert=e))
+                                      dataclasses.replace(ctx, expert=e, switch_step=switch_step
+                                                          if e else None))
                      for e in (experts or (None,))}
         plans = next(iter(by_expert.values()))
         for plan in plans:

@@ -216,6 +216,7 @@ def wan(tmp_path_factory):
 def strengths_per_call(h, deltas, prompt, **kw):
     """(expert 0/1, strength of the LoRA on that expert's layer) at each transformer call,
     read from the layer's weight while the call runs (a merged network)."""
+    h.engine.deactivate()  # the host keeps a generation's merge until the next one
     pipe, name = h.model.pipe, "blocks.0.ffn.net.2"
     experts = [pipe.transformer, pipe.transformer_2]
     layers = [dict(m.named_modules())[name] for m in experts]
@@ -276,6 +277,17 @@ def test_wan_counts_a_schedule_across_both_experts(wan):
     found, _ = strengths_per_call(h, deltas, "a red square <lora:w:0.5@1,1@4>")
     assert [s for _, s, _ in found] == [0.5] * 3 + [1.0] * (WAN_STEPS - 3)
     assert high < 3  # the low-noise expert runs steps on both sides of step 4
+
+
+def test_wan2gps_per_expert_values_step_through_each_experts_own_steps(wan):
+    """`<lora:w:1,0.5;0.8>` (Wan2GP): the high-noise expert's two values over its own steps,
+    the low-noise expert's one over its; the host says where the experts switch."""
+    h, deltas = wan
+    high = high_noise_steps(h.model.pipe, WAN_STEPS, h.model.latent(64, 64))
+    assert high == 2
+    found, result = strengths_per_call(h, deltas, "a red square <lora:w:1,0.5;0.8>")
+    assert not result.errors, result.errors
+    assert [s for _, s, _ in found] == [1.0, 0.5] + [0.8] * (WAN_STEPS - 2)
 
 
 def test_wan_frames_come_back_as_pictures(wan):

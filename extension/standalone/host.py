@@ -141,7 +141,9 @@ class DiffusersHost:
             ctx = compile_context(self.model.arch, self.settings, steps, masks=self.masks,
                                   sigmas=sigmas, negative_rows=not self.model.distilled)
             experts = getattr(self.engine, "experts", None)  # Wan 2.2: the first expert's plan
-            return dataclasses.replace(ctx, expert=experts[0]) if experts else ctx
+            high = high_noise_steps(self.model.pipe, steps, self.model.latent(size, size))
+            return dataclasses.replace(ctx, expert=experts[0], switch_step=high) if experts \
+                else ctx
         sigmas = step_sigmas(scheduler_for(Sampler(sampler), self.scheduler_config), steps)
         return compile_context(self.model.arch, self.settings, steps, masks=self.masks,
                                sigmas=sigmas)
@@ -244,11 +246,13 @@ class DiffusersHost:
         cfg = family.cfg(req.cfg_scale, model.distilled)
         latent = model.latent(req.height, req.width)
         sigmas, shift = flow_schedule(pipe, req.steps, latent)
+        high = high_noise_steps(pipe, req.steps, latent)  # Wan 2.2: the experts' switch
         session = Session(engine, self.library, self.masks, self.settings)
         run = None
         try:
             plan, = session.prepare([req.prompt], steps=req.steps, inline=req.masks, rows=b,
-                                    latent=latent, sigmas=sigmas, negative_rows=cfg)
+                                    latent=latent, sigmas=sigmas, negative_rows=cfg,
+                                    switch_step=high)
             run = FlowRun(engine, pipe, model.arch, self.device, plan.prompt,
                           req.negative_prompt, b, cfg, req.steps)
             extra = {"num_frames": req.frames} if self._video else {}
@@ -268,7 +272,6 @@ class DiffusersHost:
         images = list(out.images) if hasattr(out, "images") else \
             [frame for video in out.frames for frame in video]
         extra = {"Shift": round(shift, 4)}
-        high = high_noise_steps(pipe, req.steps, latent)
         if high is not None:  # Wan 2.2: where the low-noise expert takes over
             extra["Experts"] = f"high 1-{high}, low {high + 1}-{req.steps}"
         if self._video:

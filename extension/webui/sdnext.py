@@ -60,7 +60,7 @@ from ..pipeline_run import PipelineRun
 from ..session import Session, compile_context
 from ..experts import flow_engine
 from ..flow_families import FAMILIES, Guidance, family_of, has_experts
-from ..flow_run import FlowRun, flow_schedule
+from ..flow_run import FlowRun, flow_schedule, high_noise_steps
 from .common import (TITLE, ScriptParts, TagNames, inline_masks, library, mask_folder,
                      register_settings, settings, ui_tab, write_report)
 
@@ -254,7 +254,8 @@ class Adapter:
         cfg = family.cfg((getattr(p, "cfg_true", 0) or 0) if true_cfg else p.cfg_scale)
         plan, = session.prepare([prompt], steps=p.steps, latent=latent, rows=p.batch_size,
                                 inline=self.inline, problems=self.problems,
-                                sigmas=flow_sigmas(pipe, p.steps, latent), negative_rows=cfg)
+                                sigmas=flow_sigmas(pipe, p.steps, latent), negative_rows=cfg,
+                                switch_step=high_noise_steps(pipe, p.steps, latent))
         if not plan.networks:
             return None  # nothing to apply: SD.Next's own text and calls, untouched
         if getattr(p, "enable_hr", False):

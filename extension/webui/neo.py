@@ -43,11 +43,11 @@ from .forge import ForgeAdapter
 from .ldm import LdmScript, register
 
 # Neo's diffusion-engine class → NetWeave's architecture (backend/diffusion_engine/*.py)
-FAMILIES = {"StableDiffusion": "sd1", "StableDiffusion2": "sd2", "StableDiffusionXL": "sdxl",
-            "Flux": "flux", "Chroma": "chroma", "ZImage": "zimage", "QwenImage": "qwenimage",
-            "Wan": "wan22"}
+# (Neo has no SD2 engine; its SDXL refiner, Flux.2, Lumina 2, Anima, … are not mapped)
+FAMILIES = {"StableDiffusion": "sd1", "StableDiffusionXL": "sdxl", "Flux": "flux",
+            "Chroma": "chroma", "ZImage": "zimage", "QwenImage": "qwenimage", "Wan": "wan22"}
 # NetWeave's text-encoder component → Neo's JointTextEncoder entry, per architecture
-TEXT = {"sd1": {"te1": "clip_l"}, "sd2": {"te1": "clip_h"}, "sdxl": {"te1": "clip_l", "te2": "clip_g"},
+TEXT = {"sd1": {"te1": "clip_l"}, "sdxl": {"te1": "clip_l", "te2": "clip_g"},
         "flux": {"te1": "clip_l", "te2": "t5xxl"}, "chroma": {"te2": "t5xxl"}}
 SCHEDULE_TITLE = "LoRA Control Integrated"  # Neo's sd_forge_lora_schedule script
 

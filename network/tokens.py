@@ -19,6 +19,9 @@ class Tokens(Enum):
     #               no row of its own per image, so nothing to mask per image either
 
 
+PAD_TO = 32  # Z-Image pads its image and caption sequences to a multiple of this
+
+
 class Order(Enum):
     """Where a joint sequence holds its image tokens."""
 
@@ -55,4 +58,6 @@ class TokenLayout:
             return (0, n // cells) if self.frames and n % cells == 0 else None
         if kind is not Tokens.JOINT or n < cells:
             return None
-        return (n - cells if self.order is Order.TEXT_FIRST else 0), 1
+        # text first: the image ends the sequence, with its padding after it
+        image = cells + (-cells) % PAD_TO if self.padded else cells
+        return (max(n - image, 0) if self.order is Order.TEXT_FIRST else 0), 1

@@ -65,11 +65,11 @@ def tree_layout(root: nn.Module) -> Optional[str]:
     return NATIVE if "x_embedder" in children else None
 
 
-# diffusers joins [image, caption], each padded to a multiple of 32 tokens; ComfyUI's NextDiT
-# (the original tree) puts the caption first.
+# diffusers joins [image, caption], each padded at its end to a multiple of 32 tokens;
+# ComfyUI's and Forge Neo's NextDiT (the original tree) join [caption, image], padded alike.
 ZIMAGE = DitKeys("zimage", tree_layout, tokens_of, block_of,
                  tokens={DIFFUSERS: TokenLayout(Order.IMAGE_FIRST, padded=True, per_image=True),
-                         NATIVE: TokenLayout(Order.TEXT_FIRST)},
+                         NATIVE: TokenLayout(Order.TEXT_FIRST, padded=True)},
                  fused=FUSED, renamed=RENAMED, same_names=True,
                  diffusers_prefixes=("transformer.", "diffusion_model.", "model.diffusion_model.",
                                      "base_model.model.", ""))

@@ -28,7 +28,7 @@ def test_json_contract():
     assert (pixel["kind"], pixel["name"], pixel["region"], pixel["interp"]) == \
         ("lora", "pixel", "mask1", "step")
     assert model["kind"] == "model" and model["region"] is None
-    assert set(pixel["strength"]) == {"te", "te1", "te2", "unet"}
+    assert set(pixel["strength"]) == {"te", "te1", "te2", "te3", "unet"}  # te3: SD3.5's T5
     assert pixel["strength"]["te"] == [0.1] * 15 + [0.6] * 15
     assert pixel["strength"]["unet"] == [1.0] * 30
     assert list(pixel["blocks"]) == list(SD1_BLOCKS)

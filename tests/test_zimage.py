@@ -134,3 +134,16 @@ def test_a_blended_start_runs_on_lists_of_latents(case, tmp_path):
     torch.testing.assert_close(outs[1][..., W // 2:], base[..., W // 2:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outs[1][..., :W // 2], outs[0][..., :W // 2], atol=1e-5, rtol=1e-5)
     assert not torch.allclose(outs[1], outs[0], atol=1e-3)
+
+
+def test_the_original_tree_finds_the_image_after_the_padded_caption_and_before_its_own_padding():
+    """ComfyUI's and Forge Neo's NextDiT join [caption, image], each padded at its end to a
+    multiple of 32: a 6×5 grid's 30 tokens start 32 before the end of a 64-row joint sequence,
+    and the noise refiner's 32 rows hold them first (diffusers' tree puts the image first)."""
+    from netweave.network.tokens import Tokens
+    from netweave.network.zimage_keys import DIFFUSERS, NATIVE, ZIMAGE
+    native, diffusers = ZIMAGE.tokens[NATIVE], ZIMAGE.tokens[DIFFUSERS]
+    assert native.image_place(Tokens.JOINT, 64, 30) == (32, 1)
+    assert native.image_place(Tokens.IMAGE, 32, 30) == (0, 1)
+    assert diffusers.image_place(Tokens.JOINT, 64, 30) == (0, 1)
+    assert native.image_place(Tokens.JOINT, 64 + 32, 64) == (32, 1)  # no padding needed

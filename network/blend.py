@@ -122,10 +122,9 @@ class Blender:
         now = self._with_text(self.now())
         if not now.blended and not now.streams:
             return None
-        x = _first_tensor(args, kwargs)
-        if x is None or x.dim() == 0:
+        b = _batch(args, kwargs)
+        if b is None:
             return None
-        b = int(x.shape[0])
         layout = Layout(b, now.blended, now.streams)
         runtime.layout = layout
         shared = {k: v for k, v in kwargs.items() if k in TOKEN_IDS and v.dim() == 2}
@@ -255,10 +254,17 @@ def stream_steps(engine, phase: str, steps: int) -> List[Now]:
 TOKEN_IDS = ("img_ids", "txt_ids")
 
 
-def _first_tensor(args, kwargs) -> Optional[Tensor]:
-    for v in list(args) + [kwargs.get(k) for k in ("x", "sample", "hidden_states")]:
-        if isinstance(v, Tensor):
-            return v
+def _batch(args, kwargs) -> Optional[int]:
+    """The rows of a call: the first batched tensor's (the latent, else the time), or the
+    length of a list of one latent per image (diffusers' Z-Image, called by keyword)."""
+    values = list(args) + [kwargs.get(k) for k in ("x", "sample", "hidden_states", "t",
+                                                   "timestep")]
+    for v in values:
+        if isinstance(v, Tensor) and v.dim() > 0:
+            return int(v.shape[0])
+    for v in values:
+        if isinstance(v, list) and v and all(isinstance(t, Tensor) for t in v):
+            return len(v)
     return None
 
 

@@ -113,21 +113,27 @@ def test_inspect_maps_a_real_size_file_onto_the_real_tree(tmp_path):
         "lora_unet_noise_refiner_1_feed_forward_w1.lora_up.weight": (10240, 1)}, "zimage", 1 + 3 + 1)
 
 
-def test_a_blended_start_runs_on_lists_of_latents(case, tmp_path):
+def by_keyword(model, x):  # a host may name the arguments (the pipeline passes them in order)
+    with torch.no_grad():
+        return torch.stack(model(x=x["x"], t=x["t"], cap_feats=x["cap"]).sample)
+
+
+@pytest.mark.parametrize("call", [run, by_keyword], ids=["positional", "keywords"])
+def test_a_blended_start_runs_on_lists_of_latents(case, tmp_path, call):
     """diffusers' Z-Image takes and returns one tensor per image: the streams repeat those
     lists (network/blend.py); outside the region blend=1 is the model's own prediction, inside
     the one pass."""
     dc.write_format(tmp_path / "net.safetensors", dc.random_network(zimage_native(case.model)),
                     "diffusers", case.parts)
     trees = {"unet": copy.deepcopy(case.model)}
-    base = run(trees["unet"], inputs())
+    base = call(trees["unet"], inputs())
     outs = {}
     for blend in (0, 1):
         engine = make_engine(trees, "zimage", tmp_path, latent=(H, W))
         assert engine.activate(plan(f"<lora:net:1:region=left:blend={blend}>", "zimage", steps=2)) == []
         engine.set_step(0)
         try:
-            outs[blend] = run(trees["unet"], inputs())
+            outs[blend] = call(trees["unet"], inputs())
         finally:
             engine.deactivate()
     assert outs[1].shape == base.shape

@@ -9,7 +9,7 @@ command-line arguments.
 inspect FILE [--json] says what NetWeave makes of a network or checkpoint file; exit 1 with
 `error` set when it cannot be loaded.
 
-bench [--arch sd|flux] [--quick | --size 512|1024] [--repeats N] [--steps N] [--device cpu|cuda]
+bench [--arch sd|flux|zimage] [--quick | --size 512|1024] [--repeats N] [--steps N] [--device cpu|cuda]
 [--json] times the engine's strategies side by side.
 
 generate --prompt P --out FILE [...] makes an image with the standalone host (no checkpoint:
@@ -113,16 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("file", help="a .safetensors network or checkpoint, or a diffusers folder")
     ins.add_argument("--json", action="store_true", help="print the report as one JSON object")
     bench = sub.add_parser("bench", help="engine benchmark: strategies timed side by side")
-    bench.add_argument("--arch", choices=("sd", "flux"), default="sd",  # bench.Family's values
+    bench.add_argument("--arch", choices=("sd", "flux", "zimage"), default="sd",  # bench.Family's
                        help="sd: SD1.5/SDXL UNets; flux: a Flux.1-width transformer (3072 wide, "
                             "24 heads) with 2 double + 4 single blocks, so that it, its bare twin "
-                            "and the pristine copies (17 GiB at most in fp32) fit a 24 GiB box")
+                            "and the pristine copies (17 GiB at most in fp32) fit a 24 GiB box; "
+                            "zimage: a Z-Image Turbo-width transformer (3840 wide, 30 heads), 4 "
+                            "of 30 layers + 2 + 2 refiners (18.5 GiB peak in fp32)")
     bench.add_argument("--quick", action="store_true",
                        help="a narrow model on a small latent (SD1.5 32², Flux 8² tokens), "
                             "8 steps (same as --size quick)")
     bench.add_argument("--size", choices=("quick", "512", "1024"), default="512",
-                       help="512: SD1.5 at a 64² latent, Flux 1024 image + 512 text tokens; "
-                            "1024: SDXL at a 128² latent, Flux 4096 + 512 tokens (20 steps)")
+                       help="512: SD1.5 at a 64² latent, Flux and Z-Image 1024 image + 512 "
+                            "text tokens; 1024: SDXL at a 128² latent, Flux and Z-Image 4096 + "
+                            "512 tokens (20 steps; Z-Image 8)")
     bench.add_argument("--steps", type=int, default=None, choices=range(1, 1001), metavar="N",
                        help="steps of each pass instead of the size's (a short smoke run)")
     bench.add_argument("--repeats", type=int, default=5, choices=range(1, 101), metavar="N",

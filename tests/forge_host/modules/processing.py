@@ -42,6 +42,8 @@ class StableDiffusionProcessingTxt2Img:
         self.cfg_scale, self.width, self.height, self.seed = cfg_scale, width, height, seed
         self.sampler_name, self.enable_hr = sampler_name, enable_hr
         self.hr_second_pass_steps, self.hr_prompt = hr_second_pass_steps, hr_prompt
+        # the hires pass samples the latent upscaled 2× (as sample() does): A1111's hr_scale 2
+        self.hr_upscale_to_x, self.hr_upscale_to_y = width * 2, height * 2
         self.script_args, self.scripts = tuple(script_args), scripts
         self.disable_extra_networks = disable_extra_networks
         self.fail_at_step = fail_at_step  # tests: an exception inside sampling
@@ -56,12 +58,14 @@ class StableDiffusionProcessingTxt2Img:
         self.all_negative_prompts = [self.negative_prompt] * len(self.all_prompts)
         self.all_seeds = [self.seed + i for i in range(len(self.all_prompts))]
         self.all_hr_prompts = [self.hr_prompt] * n if self.hr_prompt else list(self.all_prompts)
+        self.all_hr_negative_prompts = list(self.all_negative_prompts)
 
     def parse_extra_network_prompts(self):
         """A1111's txt2img: the batch's hires prompts are sliced by `iteration` here, after
         before_process_batch (which reads them from all_hr_prompts)."""
         self.prompts, self.extra_network_data = extra_networks.parse_prompts(self.prompts)
         bs, n = self.batch_size, self.iteration
+        self.hr_negative_prompts = self.all_hr_negative_prompts[n * bs:(n + 1) * bs]
         self.hr_prompts, self.hr_extra_network_data = \
             extra_networks.parse_prompts(self.all_hr_prompts[n * bs:(n + 1) * bs])
 
@@ -163,6 +167,9 @@ class SamplerConfig:
     def __init__(self, name):
         self.name = name
         self.options = {"second_order": False}
+
+    def total_steps(self, steps):  # sd_samplers_common: a first-order sampler's steps
+        return steps
 
 
 class Sampler:

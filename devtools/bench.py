@@ -480,7 +480,7 @@ def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 
     ctx = CompileContext(arch=setup.arch, steps=setup.steps)
     seconds: Dict[str, List[float]] = collections.defaultdict(list)
     runs: Dict[str, List[float]] = collections.defaultdict(list)  # workload / its paired base
-    extra: dict = {"choices": {}, "floors": {}, "problems": {}}
+    extra: dict = {"choices": {}, "floors": {}, "problems": {}, "kept_delta": {}}
 
     def measured(name, mine, base):
         seconds[name].append(mine)
@@ -519,6 +519,9 @@ def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 
                 + e.warnings
             extra["floors"][name] = benches[name].flops(e) / base_flops
             extra["choices"][name] = _choices(e)
+            # contributions re-merged from a kept ΔW (network/deltas.py)
+            extra["kept_delta"][name] = sum(e.deltas.granted(id(c)) for slot in e._unet_slots()
+                                            for c in slot.contributions)
             e.deactivate()
         bench.steps(steps=2)  # warm-up
         for _ in range(repeats):
@@ -664,11 +667,17 @@ def table(result: dict) -> str:
     lines.append("  layers (merged / bypassed / both): " + "; ".join(
         f"{name} {v['merged']}/{v['bypassed']}/{v['both']}"
         for name, v in result["choices"].items()))
+    kept = {name: n for name, n in result["kept_delta"].items() if n}
+    if kept:
+        lines.append("  re-merged from a kept ΔW: " + "; ".join(
+            f"{name} {n}" for name, n in kept.items()))
     cal = result["calibration"]
     lines.append(f"  cost model, measured here: merge {cal['merge_ns_per_mac']:.3f} ns/MAC + "
                  f"{cal['merge_us_per_layer']:.0f} µs/layer, bypass "
                  f"{cal['bypass_ns_per_mac']:.3f} "
-                 f"ns/MAC + {cal['bypass_us_per_call']:.0f} µs/call")
+                 f"ns/MAC + {cal['bypass_us_per_call']:.0f} µs/call, from a kept ΔW "
+                 f"{cal['delta_ns_per_value'] or 0:.3f} ns/value + "
+                 f"{cal['delta_us_per_layer']:.0f} µs/layer")
     lines += [f"  change one strength between runs: {c['layers_remerged']} layers re-merged "
               f"(that network has {c['layers_of_that_network']}, {c['layers_patched']} patched; "
               f"same plan again: {c['same_plan_again_remerged']})",

@@ -420,7 +420,8 @@ def test_a_regional_text_encoder_network_conditions_the_tokens_inside_its_region
 
 @pytest.mark.parametrize("key,arch", [
     ("lora_te3_encoder_block_0_layer_0_SelfAttention_q", "flux"),  # Flux's, Chroma's or SD3's
-    ("text_encoder.encoder.block.0.layer.0.SelfAttention.q", "wan22"),  # Chroma names it no such
+    # Chroma's pipeline name for its T5 (and Wan's for its umT5); on Flux it reaches the T5 too
+    ("text_encoder.encoder.block.0.layer.0.SelfAttention.q", "flux"),
 ])
 def test_inspect_names_the_first_architecture_an_undecided_t5_file_fits(key, arch, tmp_path):
     from netweave.network.inspect import inspect

@@ -15,6 +15,7 @@ from lark import Token, Transformer
 
 from .ast import (BUILTIN_REGIONS, INTERPOLATIONS, BlockWeights, Intersect, Keyframe, Mask,
                   Not, Position, Scaled, Schedule, Tag, Union_, VectorEntry, Window)
+from .format import format_entry
 from .names import network_name_problem
 
 Problem = Tuple[int, str, str]  # (offset in the tag text, message, severity)
@@ -330,7 +331,6 @@ def _phases(children) -> Item:
 
 
 def _phase_text(phases) -> str:
-    from .format import format_entry
     return ";".join(",".join(format_entry(e) for e in p) for p in phases)
 
 

@@ -95,6 +95,7 @@ class FlowRun:
         self.prompt, self.negative = prompt, negative
         self.length = text_length(pipe, self.family)
         self.embeds = self._encodings()
+        self._joined: Dict[Tuple[int, Tuple[bool, ...]], tuple] = {}  # _texts, made once
         self.segment = engine.segment_at(0)
         self.given = self.embeds[self.segment]  # what the pipeline holds for every step
         engine.set_rows([0] * batch, [False] * batch)
@@ -137,21 +138,9 @@ class FlowRun:
         kinds = self._kinds(text)  # per block of `batch` rows: the negative prompt's?
         self.engine.set_rows([0] * _rows(text), [u for u in kinds for _ in range(self.batch)])
         e = self.embeds[self.segment]
-        now = [e["neg" if u else "pos"] for u in kinds]
-        base = _joined([t.embeds for t in now])
-        pooled = None if now[0].pooled is None else torch.cat([t.pooled for t in now])
-        variants, pooled_variants = {}, {}
-        if not all(kinds):  # the negative prompt's rows have none
-            for j, v in e["variants"].items():
-                rows = [e["neg"] if u else v for u in kinds]
-                variants[j] = _stacked(_joined([t.embeds for t in rows]))
-                if pooled is not None:
-                    pooled_variants[j] = torch.cat([t.pooled for t in rows])
-        stacked = _stacked(base)
+        base, stacked, pooled, variants, pooled_variants = self._texts(e, kinds)
         if stacked is not None:
-            self.engine.set_text_variants(
-                stacked, {j: v for j, v in variants.items() if v is not None}, pooled,
-                pooled_variants)
+            self.engine.set_text_variants(stacked, variants, pooled, pooled_variants)
         if e is self.given:
             return None  # step 0's segment: the pipeline's own tensors
         if positional:
@@ -161,6 +150,28 @@ class FlowRun:
         if pooled is not None and "pooled_projections" in kwargs:
             kwargs["pooled_projections"] = pooled
         return args, kwargs
+
+    def _texts(self, e: dict, kinds: List[bool]):
+        """(text, it stacked for the engine, pooled, {j: text with network j}, {j: its
+        pooled}) of a call whose blocks
+        of rows are `kinds`, for segment encodings `e`: joined once per segment and layout,
+        not at every call."""
+        key = (id(e), tuple(kinds))
+        if key not in self._joined:
+            now = [e["neg" if u else "pos"] for u in kinds]
+            base = _joined([t.embeds for t in now])
+            pooled = None if now[0].pooled is None else torch.cat([t.pooled for t in now])
+            variants, pooled_variants = {}, {}
+            if not all(kinds):  # the negative prompt's rows have none
+                for j, v in e["variants"].items():
+                    rows = [e["neg"] if u else v for u in kinds]
+                    stacked = _stacked(_joined([t.embeds for t in rows]))
+                    if stacked is not None:
+                        variants[j] = stacked
+                    if pooled is not None:
+                        pooled_variants[j] = torch.cat([t.pooled for t in rows])
+            self._joined[key] = (base, _stacked(base), pooled, variants, pooled_variants)
+        return self._joined[key]
 
     def _kinds(self, text: Embeds) -> List[bool]:
         """Which blocks of `batch` rows are the negative prompt's: by the very tensors handed

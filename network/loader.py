@@ -178,23 +178,26 @@ def _without_duplicates(target: Target, items: List[Tuple[Piece, Adapter, str]]
     one's and change them exactly as it does: some trainers store a layer under two names
     (Anime-Z's Z-Image files: the fused `qkv` beside `to.q/k/v`, `out` beside `to_out.0`)."""
     kept: List[Tuple[Piece, Adapter, str]] = []
+    deltas: Dict[int, torch.Tensor] = {}  # an outer item's ΔW, built once for all it holds
     for item in items:
         piece = item[0]
         outer = next((k for k in kept if k[0].dst <= piece.dst and
                       piece.dst + piece.length <= k[0].dst + k[0].length), None)
-        if outer is None or not _same_rows(target, outer, item):
+        if outer is None or not _same_rows(target, outer, item, deltas):
             kept.append(item)
     return kept
 
 
-def _same_rows(target: Target, outer, inner) -> bool:
+def _same_rows(target: Target, outer, inner, deltas: Dict[int, torch.Tensor]) -> bool:
     """Whether `inner` builds the same ΔW as `outer` on its rows (float rounding aside)."""
     (po, ao, _), (pi, ai, _) = outer, inner
     if ao.uses_weight or ai.uses_weight:  # built from W: a second copy is no duplicate
         return False
     rest = tuple(target.shape[1:])
+    if id(outer) not in deltas:
+        deltas[id(outer)] = ao.delta(torch.zeros(po.length, *rest))
     start = pi.dst - po.dst
-    a = ao.delta(torch.zeros(po.length, *rest))[start:start + pi.length]
+    a = deltas[id(outer)][start:start + pi.length]
     b = ai.delta(torch.zeros(pi.length, *rest))
     return a.shape == b.shape and torch.allclose(a, b, rtol=1e-4,
                                                  atol=1e-6 * float(a.abs().max().clamp(min=1)))

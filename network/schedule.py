@@ -76,7 +76,7 @@ def on_phase(schedule: Schedule, steps: int, first: int, end: int) -> np.ndarray
     """Wan2GP's values for one expert: each holds an equal share of the steps [first, end)
     that expert runs (as Wan2GP spreads them), the first and last held outside."""
     if end <= first:
-        out = np.full(steps, schedule.keys[0].value if schedule.keys else schedule.constant)
+        out = np.full(steps, schedule.keys[0].value)  # an expert that runs no step
     else:
         inside = evaluate(schedule, end - first, "step")
         out = np.concatenate([np.full(first, inside[0]), inside,

@@ -51,8 +51,8 @@ ARCH_TITLES = {"sd1": "SD1", "sd2": "SD2", "sdxl": "SDXL", "flux": "Flux", "chro
                "zimage": "Z-Image", "qwenimage": "Qwen-Image", "sd3": "SD3",
                "wan22": "Wan 2.2"}
 # Chroma has Flux's T5 and no CLIP: T5 is te2 on both, so one file's keys mean one encoder.
-# SD3.5's T5 is te3 (no tag key of its own: `te` sets it, its block T5 scales it); a model
-# of one encoder has it as te1.
+# SD3.5's T5 is te3 (`te3=` sets it alone, `te=` with the others; its block T5 scales it); a
+# model of one encoder has it as te1. The text-encoder block names are parser.TEXT_ENCODER_BLOCKS.
 TEXT_ENCODERS = {"sd1": ("te1",), "sd2": ("te1",), "sdxl": ("te1", "te2"), "flux": ("te1", "te2"),
                  "chroma": ("te2",), "zimage": ("te1",), "qwenimage": ("te1",),
                  "sd3": ("te1", "te2", "te3"), "wan22": ("te1",)}

@@ -14,12 +14,13 @@ from typing import FrozenSet, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ..parser import (BUILTIN_REGIONS, Diagnostic, Mask, Not, Position, Prompt, Region, Scaled,
-                      Schedule, Tag, Window, format_region, format_tag, parse, snippet)
+from ..parser import (BUILTIN_REGIONS, TEXT_ENCODER_BLOCKS, TEXT_ENCODER_KEYS, Diagnostic, Mask,
+                      Not, Position, Prompt, Region, Scaled, Schedule, Tag, Window, format_region,
+                      format_tag, parse, snippet)
 from ..parser.parse import strictly
 from ..parser.transform import EXPERTS
-from .blocks import (ARCH_TITLES, BLOCKS, GROUPS, TEXT_ENCODER_TITLES, TEXT_ENCODERS, group_of,
-                     resolve_weights)
+from .blocks import (ARCH_TITLES, BLOCKS, GROUPS, TEXT_BLOCKS, TEXT_ENCODER_TITLES, TEXT_ENCODERS,
+                     group_of, resolve_weights)
 from .schedule import EPS, evaluate, index_of, is_phased, on_phase, window_mask
 from .sigma import item_label, on_steps, sigma_index, sigma_items, sigma_problem
 
@@ -30,6 +31,13 @@ BLOCK_INDEX = {arch: {b: i for i, b in enumerate(names)} for arch, names in BLOC
 GROUP_ROWS = {arch: {g: np.array([i for i, b in enumerate(names) if group_of(b) == g], dtype=int)
                      for g in GROUPS} for arch, names in BLOCKS.items()}
 ONES = {arch: np.ones(len(names)) for arch, names in BLOCKS.items()}
+# The denoiser's blocks (no text encoder's) of each architecture, and the blocks a tag's block
+# key acts on there: those and the blocks of the text encoders it has (Chroma's list names
+# Flux's CLIP, which Chroma lacks).
+DENOISER_BLOCKS = {arch: tuple(b for b in names if b not in TEXT_ENCODER_BLOCKS)
+                   for arch, names in BLOCKS.items()}
+KEYED_BLOCKS = {arch: frozenset(DENOISER_BLOCKS[arch]) | frozenset(TEXT_BLOCKS[arch].values())
+                for arch in BLOCKS}
 
 
 MAX_STEPS = 1000  # a plan holds a value per step, network and block: bounded memory
@@ -91,7 +99,7 @@ class CompileContext:
 @dataclass(frozen=True)
 class PassPlan:
     steps: int
-    strength: Mapping[str, np.ndarray]  # te, te1, te2, unet: S_c(k)·W(k)
+    strength: Mapping[str, np.ndarray]  # te, te1, te2, te3, unet: S_c(k)·W(k)
     blocks: Mapping[str, np.ndarray]  # every block of the architecture: B_b(k)
     blend: int = 0  # a regional network: its first `blend` steps run blended (network/blend.py)
     # where the tag's positions by noise level landed: (item, sigma, step number counted
@@ -255,11 +263,16 @@ def _check(tag: Tag, ctx: CompileContext, problem) -> None:
     if known is not None and tag.name not in known:
         problem("name", f"no {tag.kind} network named '{tag.name}' was found"
                 + _did_you_mean(tag.name, known))
-    blocks = BLOCKS[ctx.arch]
     for name, _ in tag.blocks:
-        if name not in blocks:
+        if name in KEYED_BLOCKS[ctx.arch]:
+            continue
+        if name in TEXT_ENCODER_BLOCKS:
+            problem(name, f"{arch} has no text-encoder block {name} "
+                          f"({_text_block_names(ctx.arch)}); {name}= is ignored", "warning")
+        else:
             problem(name, f"block {name} does not exist in {arch} "
-                          f"({blocks[1]}–{blocks[-1]}); it is ignored", "warning")
+                          f"({_block_spans(DENOISER_BLOCKS[ctx.arch])}); it is ignored",
+                    "warning")
     for group, _ in tag.groups:
         if not len(GROUP_ROWS[ctx.arch][group]):
             problem(group, f"{arch} has no {group} blocks; {group}= is ignored", "warning")
@@ -271,7 +284,7 @@ def _check(tag: Tag, ctx: CompileContext, problem) -> None:
             problem(expert, "the host does not say at which step the experts switch, so each "
                             "expert's values step through the whole pass", "warning")
     encoders = TEXT_ENCODERS[ctx.arch]
-    for te in ("te1", "te2"):
+    for te in TEXT_ENCODER_KEYS:
         if getattr(tag, te) is not None and te not in encoders:
             problem(te, f"{arch} has no {te} ({_encoder_names(ctx.arch)}); {te} is ignored",
                     "warning")
@@ -294,7 +307,7 @@ def _pass_uses(tag: Tag, key: str, hires: bool) -> bool:
     te_hr, unet_hr = tag.hrte or tag.hr, tag.hrunet or tag.hr
     if key == "hr":
         return tag.hrte is None or tag.hrunet is None
-    if key in ("te", "te1", "te2"):
+    if key == "te" or key in TEXT_ENCODER_KEYS:
         return te_hr is None or (key == "te" and unet_hr is None and tag.unet is None)
     if key == "unet":
         return unet_hr is None
@@ -321,6 +334,25 @@ def _encoder_names(arch: str) -> str:
     names = TEXT_ENCODERS[arch]
     return "its text encoder is " + " and ".join(f"{te} ({TEXT_ENCODER_TITLES[arch][te]})"
                                                  for te in names)
+
+
+def _text_block_names(arch: str) -> str:
+    """"it has CLIP for te1 and T5 for te2": the text-encoder blocks of `arch`."""
+    blocks = TEXT_BLOCKS[arch]
+    named = {b: "/".join(te for te in blocks if blocks[te] == b) for b in blocks.values()}
+    return "it has " + " and ".join(f"{b} for {tes}" for b, tes in named.items())
+
+
+def _block_spans(names: Tuple[str, ...]) -> str:
+    """"IN, D00–D18, S00–S37, OUT": a block list, each run of one prefix as its ends."""
+    runs: list = []
+    for name in names:
+        prefix = name.rstrip("0123456789")
+        if runs and runs[-1][0] == prefix:
+            runs[-1][2] = name
+        else:
+            runs.append([prefix, name, name])
+    return ", ".join(first if first == last else f"{first}–{last}" for _, first, last in runs)
 
 
 def _did_you_mean(name: str, known: FrozenSet[str]) -> str:
@@ -356,13 +388,12 @@ def _pass(tag: Tag, ctx: CompileContext, steps: int, interp: str,
         for key, named in sigma_items(tag) if _pass_uses(tag, key, hires) for s in named)
     tag = on_steps(tag, sigmas)  # positions by noise level: step numbers of this pass
     te = tag.te or ONE
-    # te3 (SD3.5's T5) has no key of its own: te sets it
-    schedules = {"te": te, "te1": tag.te1 or te, "te2": tag.te2 or te, "te3": te,
+    schedules = {"te": te, **{c: getattr(tag, c) or te for c in TEXT_ENCODER_KEYS},
                  "unet": tag.unet or te}
     if hires:  # loractl: hr sets both, hrte / hrunet one each, else the base pass's curves
         te_hr, unet_hr = tag.hrte or tag.hr, tag.hrunet or tag.hr
         if te_hr is not None:
-            schedules.update(te=te_hr, te1=te_hr, te2=te_hr, te3=te_hr)
+            schedules.update(dict.fromkeys(("te",) + TEXT_ENCODER_KEYS, te_hr))
         if unet_hr is not None:
             schedules["unet"] = unet_hr
     strength = {c: evaluate(s, steps, interp) for c, s in schedules.items()}
@@ -378,7 +409,7 @@ def _pass(tag: Tag, ctx: CompileContext, steps: int, interp: str,
     names = BLOCKS[ctx.arch]
     table = np.repeat((ONES[ctx.arch] if lbw_row is None else lbw_row)[:, None], steps, axis=1)
     for b, s in tag.blocks:
-        if b in BLOCK_INDEX[ctx.arch]:
+        if b in KEYED_BLOCKS[ctx.arch]:
             table[BLOCK_INDEX[ctx.arch][b]] = evaluate(s, steps, interp)
     for g, s in tag.groups:
         table[GROUP_ROWS[ctx.arch][g]] *= evaluate(s, steps, interp)

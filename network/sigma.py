@@ -19,9 +19,7 @@ from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..parser import Keyframe, Position, Schedule, Tag
-
-STRENGTH_KEYS = ("te", "te1", "te2", "unet", "hr", "hrte", "hrunet")
+from ..parser import STRENGTH_KEYS, Keyframe, Position, Schedule, Tag
 
 
 def pass_sigmas(values: Optional[Sequence[float]], steps: int) -> Optional[Tuple[float, ...]]:

@@ -12,6 +12,14 @@ from typing import Optional, Tuple, Union
 KINDS = ("lora", "lyco", "loractl", "model")
 INTERPOLATIONS = ("step", "linear", "ease_in", "ease_out", "ease_in_out", "cosine")
 BUILTIN_REGIONS = ("full", "left", "right", "top", "bottom", "rest")
+# One text encoder's strength each (te sets them all): te3 is SD3.5's T5-XXL.
+TEXT_ENCODER_KEYS = ("te1", "te2", "te3")
+# The keys whose values are a component's strength schedule, as the Tag's fields name them.
+STRENGTH_KEYS = ("te",) + TEXT_ENCODER_KEYS + ("unet", "hr", "hrte", "hrunet")
+# The block keys that name a text encoder (network/blocks.py places each in its architectures'
+# lists): BASE SD's (and SD3.5's CLIPs), CLIP and T5 the Flux family's (T5 also SD3.5's),
+# QWEN3 Z-Image's, QWENVL Qwen-Image's, UMT5 Wan's. In this order before any other block.
+TEXT_ENCODER_BLOCKS = ("BASE", "CLIP", "T5", "QWEN3", "QWENVL", "UMT5")
 
 
 @dataclass(frozen=True)
@@ -111,12 +119,14 @@ class Tag:
     te: Optional[Schedule] = None  # named te= or the first positional item
     te1: Optional[Schedule] = None
     te2: Optional[Schedule] = None
+    te3: Optional[Schedule] = None  # SD3.5's T5-XXL
     unet: Optional[Schedule] = None  # named unet= or the second positional item
     hr: Optional[Schedule] = None
     hrte: Optional[Schedule] = None
     hrunet: Optional[Schedule] = None
     groups: Tuple[Tuple[str, Schedule], ...] = ()  # ("in"|"mid"|"out", schedule), sorted
-    blocks: Tuple[Tuple[str, Schedule], ...] = ()  # ("IN04", schedule), in block order
+    # ("IN04", schedule) in block order, the text encoders' (TEXT_ENCODER_BLOCKS) first
+    blocks: Tuple[Tuple[str, Schedule], ...] = ()
     # ("high"|"low", schedule): a two-expert model's (Wan 2.2) multiplier on each expert
     experts: Tuple[Tuple[str, Schedule], ...] = ()
     lbw: Optional[BlockWeights] = None

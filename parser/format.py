@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from .ast import (BlockWeights, Intersect, Mask, Not, Position, Region, Scaled, Schedule, Tag,
-                  VectorEntry)
+from .ast import (TEXT_ENCODER_KEYS, BlockWeights, Intersect, Mask, Not, Position, Region, Scaled,
+                  Schedule, Tag, VectorEntry)
 
 
 def format_number(x: float) -> str:
@@ -77,7 +77,7 @@ def format_tag(tag: Tag) -> str:
     items = [tag.kind, tag.name]
     if tag.te is not None:
         items.append(format_schedule(tag.te))
-    for key in ("te1", "te2", "unet"):
+    for key in TEXT_ENCODER_KEYS + ("unet",):
         if getattr(tag, key) is not None:
             items.append(f"{key}={format_schedule(getattr(tag, key))}")
     items += [f"{k}={format_schedule(v)}" for k, v in tag.groups + tag.blocks + tag.experts]

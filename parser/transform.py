@@ -13,16 +13,18 @@ from typing import Any, List, Optional, Tuple
 
 from lark import Token, Transformer
 
-from .ast import (BUILTIN_REGIONS, INTERPOLATIONS, BlockWeights, Intersect, Keyframe, Mask,
-                  Not, Position, Scaled, Schedule, Tag, Union_, VectorEntry, Window)
+from .ast import (BUILTIN_REGIONS, INTERPOLATIONS, STRENGTH_KEYS, TEXT_ENCODER_BLOCKS,
+                  BlockWeights, Intersect, Keyframe, Mask, Not, Position, Scaled, Schedule, Tag,
+                  Union_, VectorEntry, Window)
 from .format import format_entry
 from .names import network_name_problem
 
 Problem = Tuple[int, str, str]  # (offset in the tag text, message, severity)
 
-KNOWN_KEYS = ("te", "te1", "te2", "unet", "in", "mid", "out", "down", "up", "double", "single",
-              "lbw", "w", "x", "dyn", "start", "stop", "step", "hr", "hrte", "hrunet", "region", "interp", "neg",
-              "blend", "high", "low", "module", "BASE", "IN00", "M00", "OUT00", "D00", "S00")
+KNOWN_KEYS = STRENGTH_KEYS + (
+    "in", "mid", "out", "down", "up", "double", "single", "lbw", "w", "x", "dyn", "start", "stop",
+    "step", "region", "interp", "neg", "blend", "high", "low", "module") + \
+    TEXT_ENCODER_BLOCKS + ("IN00", "M00", "OUT00", "D00", "S00")
 MAX_REGION_DEPTH = 32  # deeper expressions are refused: evaluating them would recurse too far
 GROUP_ALIASES = {"in": "in", "down": "in", "mid": "mid", "out": "out", "up": "out",
                  "double": "double", "single": "single"}
@@ -378,21 +380,21 @@ def _build(kind: str, name: str, fields: dict) -> Tag:
     experts = tuple((k, fields[k]) for k in EXPERTS if k in fields)
     blocks = tuple(sorted(((k, v) for k, v in fields.items() if k.isupper()), key=_block_sort))
     window = Window(start=fields.get("start"), stop=fields.get("stop"), last=fields.get("last"))
-    simple = {k: fields.get(k) for k in ("te", "te1", "te2", "unet", "hr", "hrte", "hrunet", "lbw",
-                                         "x", "dyn", "region", "interp", "neg", "blend")}
+    simple = {k: fields.get(k) for k in STRENGTH_KEYS + ("lbw", "x", "dyn", "region", "interp",
+                                                         "neg", "blend")}
     return Tag(kind=kind, name=name, groups=groups, blocks=blocks, experts=experts, window=window,
                **simple)
 
 
 def _block_sort(item) -> Tuple[int, int]:
     name = item[0]
-    if name == "BASE":
-        return (0, 0)
+    if name in TEXT_ENCODER_BLOCKS:
+        return (0, TEXT_ENCODER_BLOCKS.index(name))
     if name.startswith("IN"):
         return (1, int(name[2:]))
     if name.startswith("M"):
         return (2, 0)
-    if name.startswith("B") and name != "BASE":  # Wan's blocks
+    if name.startswith("B"):  # Wan's blocks
         return (4, int(name[1:]))
     if name.startswith(("NR", "CR")):  # Z-Image's noise and context refiners
         return (1, (100 if name[0] == "N" else 200) + int(name[2:]))

@@ -35,6 +35,7 @@ SEEDS = [
     "<lora:n:1:lbw=1,0,R,U,X+0.2,X-1,0,0,0,0,0,0,0,0,0,0,0:x=0.5:step=5-10>",
     "(a:1.2) <lyco:sub/dir name:0.5:0.3:8> [a:b:0.5] AND c BREAK <lora:q:region=!(a+b)&left*0.5>",
     "<lora:n:start=0.25:stop=75%:interp=ease_in_out:neg=0:IN04=0.5:BASE=0:OUT11=0@1,1@30>",
+    "<lora:n:0.8:te3=0@0,1@s0.5:t5=0.5:Clip=1:qwen3=0:QWENVL=2:umt5=1:hrte=0.2>",
 ]
 ALPHABET = "<>:=@~,;%!&+*()-_. /\\\t\n\x00\x7féß0123456789abcdefXRUloramyctdeinpsuwx" \
            "LORAMODELYCOTBASEINOUT"

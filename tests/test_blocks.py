@@ -103,3 +103,61 @@ def test_te2_on_sd1_warns_and_strict_mode_skips():
     assert len(plan.networks) == 1 and plan.errors[0].severity == "warning"
     plan = compile_prompt("<lora:n:te2=0.5>", CompileContext(arch="sd1", steps=2, strict=True))
     assert plan.networks == () and plan.errors[0].severity == "error"
+
+
+def test_every_block_of_every_architecture_has_a_key_but_in_and_out_which_are_groups():
+    from netweave.network.blocks import BLOCKS, TEXT_BLOCKS
+    from netweave.parser import TEXT_ENCODER_BLOCKS, Schedule, parse
+    assert {b for arch in TEXT_BLOCKS.values() for b in arch.values()} <= set(TEXT_ENCODER_BLOCKS)
+    for name in sorted({b for names in BLOCKS.values() for b in names} - {"IN", "OUT"}):
+        for written in (name, name.lower()):
+            parsed = parse(f"<lora:n:{written}=0.5>")
+            assert parsed.errors == (), written
+            assert parsed.tags[0].blocks == ((name, Schedule.const(0.5)),), written
+    assert parse("<lora:n:in=0.5:out=0>").tags[0].groups == (("in", Schedule.const(0.5)),
+                                                             ("out", Schedule.const(0)))
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl", "flux", "chroma", "sd3", "zimage", "qwenimage",
+                                  "wan22"])
+def test_a_text_encoder_block_key_acts_where_the_model_has_that_encoder_else_warns(arch):
+    from netweave.network.blocks import ARCH_TITLES, BLOCKS, TEXT_BLOCKS
+    from netweave.parser import TEXT_ENCODER_BLOCKS
+    own = TEXT_BLOCKS[arch]
+    for name in TEXT_ENCODER_BLOCKS:
+        plan = compile_prompt(f"<lora:n:1:{name.lower()}=0.5>", CompileContext(arch=arch, steps=2))
+        assert len(plan.networks) == 1, (arch, name)  # never an error that drops the tag
+        n = plan.networks[0]
+        if name in own.values():
+            assert plan.errors == ()
+            assert all(series(n.base.effective(te, name)) == [0.5, 0.5]
+                       for te, block in own.items() if block == name)
+        else:
+            (warning,) = plan.errors
+            assert warning.severity == "warning" and warning.column == 11, warning
+            assert f"{ARCH_TITLES[arch]} has no text-encoder block {name} " in warning.message
+            assert all(b in warning.message for b in own.values())  # what it has instead
+            assert all(series(v) == [1, 1] for v in n.base.blocks.values())  # nothing scaled
+        assert set(n.base.blocks) == set(BLOCKS[arch])
+
+
+def test_te3_off_sd35_warns_naming_the_encoders_there_and_strict_mode_skips():
+    plan = compile_prompt("<lora:n:0.5:te3=0>", CompileContext(arch="flux", steps=2))
+    (warning,) = plan.errors
+    assert warning.severity == "warning" and warning.column == 13
+    assert warning.message == ("Flux has no te3 (its text encoder is te1 (CLIP-L) and te2 "
+                               "(T5-XXL)); te3 is ignored")
+    assert series(plan.networks[0].base.strength["te2"]) == [0.5, 0.5]  # te= still counts
+    plan = compile_prompt("<lora:n:te3=0>", CompileContext(arch="sdxl", steps=2, strict=True))
+    assert plan.networks == () and plan.errors[0].severity == "error"
+    assert compile_prompt("<lora:n:te3=0>", CompileContext(arch="sd3", steps=2)).errors == ()
+
+
+def test_a_missing_denoiser_block_names_the_blocks_the_model_has():
+    plan = compile_prompt("<lora:n:D40=0:IN12=0>", CompileContext(arch="sd3", steps=2))
+    assert sorted(e.message for e in plan.errors) == [
+        "block D40 does not exist in SD3 (IN, D00–D37, OUT); it is ignored",
+        "block IN12 does not exist in SD3 (IN, D00–D37, OUT); it is ignored"]
+    plan = compile_prompt("<lora:n:B00=0>", CompileContext(arch="sd1", steps=2))
+    assert plan.errors[0].message == ("block B00 does not exist in SD1 (IN00–IN11, M00, "
+                                      "OUT00–OUT11); it is ignored")

@@ -76,6 +76,13 @@ README_EXAMPLES = [
     ("<lora:n:region=!top>", {"region": Not(Mask("top"))}),
     ("<lora:n:interp=ease_in_out:neg=0>", {"interp": "ease_in_out", "neg": 0.0}),
     ("<lora:n:te=1@50%>", {"te": Schedule(keys=(Keyframe(1, Position(50, "percent")),))}),
+    # the DiTs' text encoders: SD3.5's te3, and each encoder's block by its key, any case
+    ("<lora:s:te3=0.5>", {"te3": C(0.5), "te": None, "te2": None}),
+    ("<lora:f:1:t5=0>", {"te": C(1), "blocks": (("T5", C(0)),)}),
+    ("<lora:s:1:t5=0:base=0.5>", {"blocks": (("BASE", C(0.5)), ("T5", C(0)))}),
+    ("<lora:z:1:qwen3=0.5>", {"blocks": (("QWEN3", C(0.5)),)}),
+    ("<lora:n:1:umt5=0:QwenVL=1:Clip=2:in=0>", {"groups": (("in", C(0)),), "blocks": (
+        ("CLIP", C(2)), ("QWENVL", C(1)), ("UMT5", C(0)))}),
 ]
 # positions by noise level: s followed by a sigma (any case), in every place a position goes
 SIGMA = [

@@ -234,7 +234,7 @@ def test_te_and_the_encoders_block_set_its_strength_and_unet_leaves_it(case, tmp
         engine.deactivate()
 
 
-def test_sd3s_t5_is_te3_which_te_sets_and_its_block_scales_while_te1_leaves_clip_l(tmp_path):
+def test_sd3s_t5_is_te3_which_te_and_te3_set_and_its_block_scales_while_te1_leaves_clip_l(tmp_path):
     from tinymodels import TE1_WIDTH, TE2_WIDTH, hf_text  # CLIP-L and CLIP-G in small
     arch, component, trees = trees_of("sd3")
     trees.update(te1=hf_text(TE1_WIDTH, projection=True), te2=hf_text(TE2_WIDTH, projection=True))
@@ -247,19 +247,22 @@ def test_sd3s_t5_is_te3_which_te_sets_and_its_block_scales_while_te1_leaves_clip
                f"{clip}.lora_up.weight": torch.ones(TE1_WIDTH, RANK)})
     save_file(sd, str(tmp_path / "net.safetensors"))
     lbw = ",".join("0.5" if b == "T5" else "1" for b in BLOCKS["sd3"])
-    p = plan(f"<lora:net:0.8:te1=0:lbw={lbw}>", "sd3", steps=2)
-    rows = {line.split()[0]: line.split()[1:] for line in explain_table(p).splitlines()
-            if line.startswith("  ") and line.split()}
-    assert (rows["te1"], rows["te3"]) == (["1–2:", "0"], ["1–2:", "0.4"]), rows
     expected, clip_l = encode(hand_merged(te, deltas, 0.4)), encode(trees["te1"])
-    before = snapshot(trees)
-    engine = make_engine(trees, "sd3", tmp_path)
-    assert engine.activate(p) == []
-    engine.apply_te(engine.segment_at(0))
-    torch.testing.assert_close(encode(te), expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(encode(trees["te1"]), clip_l, atol=0, rtol=0)  # te1=0
-    engine.deactivate()
-    assert_pristine(trees, before)
+    # the T5 at 0.4 each way: te= times its block's lbw value, te= times t5=, te3= alone
+    for tag in (f"<lora:net:0.8:te1=0:lbw={lbw}>", "<lora:net:0.8:te1=0:t5=0.5>",
+                "<lora:net:0:te1=0:te3=0.4>"):
+        p = plan(tag, "sd3", steps=2)
+        rows = {line.split()[0]: line.split()[1:] for line in explain_table(p).splitlines()
+                if line.startswith("  ") and line.split()}
+        assert (rows["te1"], rows["te3"]) == (["1–2:", "0"], ["1–2:", "0.4"]), (tag, rows)
+        before = snapshot(trees)
+        engine = make_engine(trees, "sd3", tmp_path)
+        assert engine.activate(p) == []
+        engine.apply_te(engine.segment_at(0))
+        torch.testing.assert_close(encode(te), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(encode(trees["te1"]), clip_l, atol=0, rtol=0)  # te1=0
+        engine.deactivate()
+        assert_pristine(trees, before)
 
 
 @pytest.mark.parametrize("arch,block", [("zimage", "QWEN3"), ("qwenimage", "QWENVL"),

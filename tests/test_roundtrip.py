@@ -5,9 +5,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from netweave.network.blocks import SD1_BLOCKS
-from netweave.parser import (BUILTIN_REGIONS, INTERPOLATIONS, KINDS, BlockWeights, Intersect,
-                             Keyframe, Mask, Not, Position, Scaled, Schedule, Tag, Union_,
-                             VectorEntry, Window, format, format_region, parse, parse_region)
+from netweave.parser import (BUILTIN_REGIONS, INTERPOLATIONS, KINDS, TEXT_ENCODER_BLOCKS,
+                             BlockWeights, Intersect, Keyframe, Mask, Not, Position, Scaled,
+                             Schedule, Tag, Union_, VectorEntry, Window, format, format_region,
+                             parse, parse_region)
 from netweave.parser.transform import EXPERTS, phase_schedule
 
 numbers = st.floats(-10, 10, allow_nan=False, allow_subnormal=False)
@@ -65,18 +66,23 @@ regions = st.recursive(masks, lambda inner: st.one_of(
     st.lists(inner, min_size=2, max_size=3).map(lambda os: Intersect(tuple(os)))), max_leaves=8)
 
 
+# a tag's blocks in their canonical order: the text encoders' (CLIP, T5, QWEN3, ...), then SD's
+BLOCK_NAMES = TEXT_ENCODER_BLOCKS + tuple(b for b in SD1_BLOCKS if b not in TEXT_ENCODER_BLOCKS)
+
+
 def _block_key(name):
-    return SD1_BLOCKS.index(name)
+    return BLOCK_NAMES.index(name)
 
 
 @st.composite
 def tags(draw):
     opt = lambda s: draw(st.none() | s)  # noqa: E731
     groups = draw(st.dictionaries(st.sampled_from(["in", "mid", "out"]), schedules, max_size=3))
-    blocks = draw(st.dictionaries(st.sampled_from(SD1_BLOCKS), schedules, max_size=4))
+    blocks = draw(st.dictionaries(st.sampled_from(BLOCK_NAMES), schedules, max_size=4))
     experts = draw(st.dictionaries(st.sampled_from(EXPERTS), expert_schedules, max_size=2))
     tag = Tag(kind=draw(st.sampled_from(KINDS)), name=draw(names),
-              te=opt(schedules), te1=opt(schedules), te2=opt(schedules), unet=opt(schedules),
+              te=opt(schedules), te1=opt(schedules), te2=opt(schedules), te3=opt(schedules),
+              unet=opt(schedules),
               hr=opt(schedules), hrte=opt(schedules), hrunet=opt(schedules),
               groups=tuple(sorted(groups.items())),
               blocks=tuple(sorted(blocks.items(), key=lambda kv: _block_key(kv[0]))),

@@ -1,7 +1,7 @@
 """The decoder layers of a language-model text encoder: Z-Image's Qwen3 (transformers
 `Qwen3Model` / `Qwen3ForCausalLM`) and the language model of Qwen-Image's Qwen2.5-VL
-(`Qwen2_5_VLForConditionalGeneration`), or any host class built the same way (ComfyUI's
-`Llama2_`).
+(`Qwen2_5_VLForConditionalGeneration`), or any host class built the same way (ComfyUI's and
+Forge Neo's `Llama2_`, under their `Qwen3_4B`/`Qwen25_7BVLI` as `model`).
 
 Canonical names are the paths inside the decoder stack's owner — the module holding
 `embed_tokens` and `layers` — `layers.N.self_attn.q_proj`, `layers.N.mlp.gate_proj`, … The

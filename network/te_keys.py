@@ -6,7 +6,9 @@ language model of Qwen2.5-VL-7B (Qwen-Image's te1). CLIP's names are keymap.py's
 A file writes `<prefix><wrapper><canonical name>`: the prefix says the trainer — kohya
 sd-scripts and OneTrainer `lora_teN_` (dots as underscores; N counts the pipeline's encoders,
 so the same T5 is `lora_te3_` beside CLIP-L and CLIP-G), SimpleTuner `lycoris_teN_`, ComfyUI
-`text_encoders.<its name>.transformer.`, diffusers/PEFT the pipeline attribute
+`text_encoders.<its name>.transformer.`, Forge Neo `text_encoders.<its name>.` then the path
+in its own tree (`qwen3` and `qwen25_7b` hold the language model as `model.`, no `transformer.`;
+its `t5xxl`/`umt5xxl` are ComfyUI's), diffusers/PEFT the pipeline attribute
 (`text_encoder.`, `text_encoder_3.`), DiffSynth and a lone encoder's file nothing; the wrapper
 is the language model's class around its decoder (lm_keys.WRAPPERS; T5 has none).
 """
@@ -47,6 +49,14 @@ class EncoderNames:
 # A pipeline's only encoder: diffusers' `text_encoder`, kohya's `lora_te_`/`lora_te1_`.
 _ONLY = dict(dotted=("text_encoder.", "base_model.model.", ""),
              underscored=("lora_te_", "lora_te1_", "lycoris_te_", "lycoris_te1_"))
+
+
+def _only(neo: str) -> dict:
+    """A pipeline's only encoder, which Forge Neo also names `neo` (its JointTextEncoder entry,
+    `text_encoders.` before it; the wrapper `model.` follows)."""
+    return dict(_ONLY, dotted=_ONLY["dotted"] + (neo,))
+
+
 # Flux's T5: kohya `lora_te3_` (sd-scripts counts CLIP-L, CLIP-G, T5 as SD3 does), OneTrainer
 # `lora_te2_` (its second encoder there), diffusers `text_encoder_2` (Chroma's pipeline:
 # `text_encoder`, which on Flux is CLIP-L, whose layers have other names).
@@ -58,8 +68,8 @@ ENCODERS = {
     ("sd3", "te3"): EncoderNames(Kind.T5, "t5xxl", ("text_encoder_3.", ""),
                                  ("lora_te3_", "lycoris_te3_")),
     ("wan22", "te1"): EncoderNames(Kind.T5, "umt5xxl", **_ONLY),
-    ("zimage", "te1"): EncoderNames(Kind.LM, "qwen3_4b", **_ONLY),
-    ("qwenimage", "te1"): EncoderNames(Kind.LM, "qwen25_7b", **_ONLY),
+    ("zimage", "te1"): EncoderNames(Kind.LM, "qwen3_4b", **_only("text_encoders.qwen3.")),
+    ("qwenimage", "te1"): EncoderNames(Kind.LM, "qwen25_7b", **_only("text_encoders.qwen25_7b.")),
 }
 # An encoder of an architecture that names none (a tree given without its denoiser).
 FALLBACK = {Kind.T5: FLUX_T5, Kind.LM: EncoderNames(Kind.LM, "llm", **_ONLY)}

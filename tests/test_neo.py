@@ -1,8 +1,10 @@
 """The Forge Neo adapter in stand-ins of Neo's host modules (tests/neo_host, after
 Haoming02/sd-webui-forge-classic branch `neo`), driving real torch models in the module paths
 Neo holds — the LDM UNet (SD1.5), Flux in BFL's layout, diffusers' Qwen-Image transformer —
-with transformers text encoders, their layers Neo's layer classes, through Neo's sampling
-path (patcher loads, cfg1 optimisation, cond_or_uncond chunks) under torch.inference_mode()."""
+with transformers' CLIP and T5 and, for Z-Image, Qwen-Image and Wan, text encoders in Neo's own
+module trees (tests/neo_host/backend/nn), their layers Neo's layer classes, through Neo's
+sampling path (patcher loads, cfg1 optimisation, cond_or_uncond chunks) under
+torch.inference_mode()."""
 import os
 import re
 
@@ -50,6 +52,8 @@ class Host:
 
 def _write(root, family, trees):
     from netweave.devtools.synthetic import write_network
+    if family == "QwenImage":  # its encoder's files: written by the tests that use them
+        trees = {"unet": trees["unet"]}
     arch = {"Flux": "flux", "QwenImage": "qwenimage"}.get(family, "sd1")
     prefix = {"Flux": "flux_", "QwenImage": "qwen_"}.get(family, "")
     spatial = lambda t: "time_embedding" not in t.name  # noqa: E731
@@ -446,7 +450,7 @@ def test_qwen_image_region_acts_on_its_half_only(clean, loaded):
     neo = clean
     model = use(neo, "QwenImage")
     assert neo.adapter.NeoAdapter.arch(model) == "qwenimage"
-    assert set(neo.adapter.NeoAdapter.trees(model)) == {"unet"}  # its text encoder: unmapped
+    assert set(neo.adapter.NeoAdapter.trees(model)) == {"unet", "te1"}
     pristine = snapshot(model)
     plain, _ = generate("a fox", cfg_scale=1.0, steps=1)
     out, _ = generate("a fox <lora:qwen_style:2:region=left>", cfg_scale=1.0, steps=1)
@@ -493,9 +497,9 @@ def test_neos_original_trees_map_at_neos_paths(neo, family):
     from netweave.network.keymap import KeyMap
     native = {"ZImage": lambda: tinydits.zimage_native(tinydits.zimage_transformer()),
               "Wan": lambda: tinydits.wan_native(tinydits.wan_transformer())}[family]()
-    model = _engine_named(family, native, {"qwen3": torch.nn.Linear(2, 2)})
+    model = _engine_named(family, native, {"clip_l": torch.nn.Linear(2, 2)})
     trees = neo.adapter.NeoAdapter.trees(model)
-    assert trees == {"unet": native}  # their text encoders are not mapped
+    assert trees == {"unet": native}  # no text encoder of theirs in this JointTextEncoder
     assert neo.adapter.NeoAdapter.arch(model) == {"ZImage": "zimage", "Wan": "wan22"}[family]
     mapped = {t.path for t in KeyMap(trees).targets}
     assert set(NEO_PATHS[family]) <= mapped, set(NEO_PATHS[family]) - mapped
@@ -503,12 +507,179 @@ def test_neos_original_trees_map_at_neos_paths(neo, family):
 
 def test_text_encoders_by_family(neo):
     """SDXL: clip_l and clip_g; Flux: clip_l and t5xxl; Chroma: t5xxl, NetWeave's te2 as on
-    Flux; Qwen-Image: none; an unknown family: no architecture."""
-    text = {n: torch.nn.Linear(2, 2) for n in ("clip_l", "clip_g", "t5xxl", "qwen25_7b")}
+    Flux; Z-Image: qwen3, Qwen-Image: qwen25_7b, Wan: umt5xxl, each te1; an unknown family: no
+    architecture."""
+    names = ("clip_l", "clip_g", "t5xxl", "qwen3", "qwen25_7b", "umt5xxl")
+    text = {n: torch.nn.Linear(2, 2) for n in names}
     expected = {"StableDiffusionXL": {"te1": "clip_l", "te2": "clip_g"},
                 "Flux": {"te1": "clip_l", "te2": "t5xxl"}, "Chroma": {"te2": "t5xxl"},
-                "QwenImage": {}}
+                "ZImage": {"te1": "qwen3"}, "QwenImage": {"te1": "qwen25_7b"},
+                "Wan": {"te1": "umt5xxl"}}
     for name, components in expected.items():
         trees = neo.adapter.NeoAdapter.trees(_engine_named(name, "unet", text))
         assert trees == {"unet": "unet", **{c: text[n] for c, n in components.items()}}, name
     assert neo.adapter.NeoAdapter.arch(_engine_named("Lumina2", "unet", text)) is None
+
+
+# ---- the text encoders of Z-Image, Qwen-Image and Wan 2.2 (Neo's own classes) ---------------
+def neo_text_layers(te):
+    """{a layer's name inside the decoder or the T5 (`layers.0.self_attn.q_proj`,
+    `encoder.block.0.layer.0.SelfAttention.q`): its path in Neo's tree}, from Neo's classes by
+    hand: Qwen3_4B's and Qwen25_7BVLI's language model under `model.` (not Qwen2.5-VL's vision
+    tower, `visual.`), IntegratedT5's encoder under `transformer.`."""
+    out = {}
+    for path, m in te.named_modules():
+        root = path.split(".", 1)[0]
+        if isinstance(m, torch.nn.Linear) and root in ("model", "transformer"):
+            out[path[len(root) + 1:]] = path
+    return out
+
+
+def neo_encode(te, ids=torch.tensor([[3, 7, 9, 11, 1], [5, 2, 8, 4, 1]])):
+    """The encoder's last hidden state, called as Neo's text engines call it."""
+    with torch.no_grad():
+        return te.transformer(ids) if hasattr(te, "transformer") else te(ids)[0]
+
+
+def _us(name):
+    return name.replace(".", "_")
+
+
+# family: (architecture, Neo's JointTextEncoder entry, the transformer in Neo's layout, the
+# encoder (neo_model), its lbw block, {format: the key of a layer a file of it writes}).
+# `neo` is Neo's own LoRA naming (`text_encoders.` + the layer's state-dict path in
+# cond_stage_model: models_forge/packages/comfy/lora.py model_lora_keys_clip), the only one
+# Neo's LoRA reads for these encoders.
+NEO_TEXT = {
+    "ZImage": ("zimage", "qwen3", lambda t: t.zimage_native(t.zimage_transformer()),
+               "qwen3_text", "QWEN3", {
+                   "neo": lambda n: f"text_encoders.qwen3.model.{n}",
+                   "comfy": lambda n: f"text_encoders.qwen3_4b.transformer.model.{n}",
+                   "kohya": lambda n: f"lora_te_model_{_us(n)}"}),
+    "QwenImage": ("qwenimage", "qwen25_7b", lambda t: t.qwen_transformer(), "qwen25_text",
+                  "QWENVL", {
+                      "neo": lambda n: f"text_encoders.qwen25_7b.model.{n}",
+                      "comfy": lambda n: f"text_encoders.qwen25_7b.transformer.model.{n}",
+                      "kohya": lambda n: f"lora_te1_model_language_model_{_us(n)}"}),
+    "Wan": ("wan22", "umt5xxl", lambda t: t.wan_native(t.wan_transformer()), "umt5_text", "UMT5", {
+        "neo": lambda n: f"text_encoders.umt5xxl.transformer.{n}",  # ComfyUI's too
+        "kohya": lambda n: f"lora_te1_{_us(n)}"}),
+}
+
+
+def _neo_text_trees(neo, family):
+    import neo_model
+    import tinydits
+    arch, entry, unet, make, _, _ = NEO_TEXT[family]
+    te = getattr(neo_model, make)()
+    model = _engine_named(family, unet(tinydits), {entry: te})
+    trees = neo.adapter.NeoAdapter.trees(model)
+    assert trees["te1"] is te and neo.adapter.NeoAdapter.arch(model) == arch
+    return arch, te, trees
+
+
+def _apply_text(trees, arch, root, tag):
+    from engine_helpers import make_engine, plan
+    engine = make_engine(trees, arch, root)
+    assert engine.activate(plan(tag, arch, steps=2)) == []
+    engine.apply_te(engine.segment_at(0))
+    return engine
+
+
+@pytest.mark.parametrize("family,fmt", [(f, fmt) for f, spec in NEO_TEXT.items()
+                                        for fmt in spec[5]])
+def test_text_encoder_files_merge_the_hand_merged_delta_at_neos_paths(neo, family, fmt, tmp_path):
+    """Every layer of the language model (the T5) in Neo's tree, named as each format names
+    it, takes exactly the ΔW a hand merge adds; the vision tower is left alone; restore is
+    bit-exact."""
+    from engine_helpers import assert_pristine, snapshot as tree_snapshot
+    from test_dit_text_encoders import hand_merged, write_lora
+    arch, te, trees = _neo_text_trees(neo, family)
+    layers = neo_text_layers(te)
+    assert len(layers) == 14  # 2 layers × 7 projections (attention 4, MLP 3)
+    deltas = write_lora(tmp_path / "words.safetensors", te, neo_text_layers,
+                        NEO_TEXT[family][5][fmt])
+    expected = hand_merged(te, deltas, 0.8)
+    plain, before = neo_encode(te), tree_snapshot(trees)
+    engine = _apply_text(trees, arch, tmp_path, "<lora:words:0.8>")
+    assert {t.path for t in engine.keymap.targets if t.component == "te1"} == set(layers.values())
+    now, want = dict(te.named_parameters()), dict(expected.named_parameters())
+    wrong = [k for k in want if not torch.allclose(now[k], want[k], atol=1e-6)]
+    assert wrong == []  # every parameter: the layers by their ΔW, the rest (visual) as it was
+    out = neo_encode(te)
+    torch.testing.assert_close(out, neo_encode(expected), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, plain, atol=1e-3)
+    engine.deactivate()
+    assert_pristine(trees, before)
+    torch.testing.assert_close(neo_encode(te), plain, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", sorted(NEO_TEXT))
+def test_te_and_lbw_set_the_strength_of_neos_text_encoders_and_te0_leaves_them(neo, family,
+                                                                               tmp_path):
+    from engine_helpers import assert_pristine, snapshot as tree_snapshot
+    from test_dit_text_encoders import hand_merged, write_lora
+
+    from netweave.network.blocks import BLOCKS
+    arch, te, trees = _neo_text_trees(neo, family)
+    block = NEO_TEXT[family][4]
+    deltas = write_lora(tmp_path / "words.safetensors", te, neo_text_layers,
+                        NEO_TEXT[family][5]["neo"])
+    plain, before = neo_encode(te), tree_snapshot(trees)
+    lbw = ",".join("0.25" if b == block else "1" for b in BLOCKS[arch])  # its block first
+    for tag, strength in (("<lora:words:te=0.5:unet=1>", 0.5),
+                          (f"<lora:words:1:lbw={lbw}>", 0.25)):
+        expected = neo_encode(hand_merged(te, deltas, strength))
+        engine = _apply_text(trees, arch, tmp_path, tag)
+        torch.testing.assert_close(neo_encode(te), expected, atol=1e-5, rtol=1e-5)
+        engine.deactivate()
+    engine = _apply_text(trees, arch, tmp_path, "<lora:words:te=0:unet=1>")
+    assert_pristine(trees, before)  # nothing merged
+    torch.testing.assert_close(neo_encode(te), plain, atol=0, rtol=0)
+    engine.deactivate()
+    assert_pristine(trees, before)
+
+
+def test_qwen_image_text_encoder_lora_in_a_neo_generation(clean, loaded):
+    """Neo's Qwen-Image generating: a LoRA of `qwen25_7b` in Neo's own names changes every
+    encoding Neo makes (prompt and negative) exactly as a hand merge and the image with it;
+    `te=0` leaves every encoding bit for bit; a regional one conditions its half as the global
+    one does and leaves the other half as without it; the weights come back bit for bit."""
+    from test_dit_text_encoders import hand_merged, write_lora
+    neo = clean
+    model = use(neo, "QwenImage")
+    te = model.forge_objects.clip.cond_stage_model.qwen25_7b
+    deltas = write_lora(neo.root / "Lora" / "qwen_words.safetensors", te, neo_text_layers,
+                        NEO_TEXT["QwenImage"][5]["neo"])
+    merged = hand_merged(te, deltas, 0.8)
+    pristine = snapshot(model)
+    seen = []
+    hook = te.register_forward_hook(lambda m, args, out: seen.append((args[0], out[0].clone())))
+    try:
+        def run(prompt):
+            seen.clear()
+            out, _ = generate(prompt, cfg_scale=1.0, steps=1)
+            assert seen and not errors_in(out, LEFT_OUT), out.infotexts[0]
+            return out.images[0], list(seen)
+        plain, plain_seen = run("a fox")
+        image, encoded = run("a fox <lora:qwen_words:0.8>")
+        for ids, got in encoded:
+            torch.testing.assert_close(got, neo_encode(merged, ids.clone()), atol=1e-5, rtol=1e-5)
+            assert not torch.allclose(got, plain_seen[0][1], atol=1e-3)
+        assert float((image - plain).abs().max()) > 1e-3
+        neo.adapter.ADAPTER.off()
+        assert same(snapshot(model), pristine)
+        off, zero = run("a fox <lora:qwen_words:te=0:unet=1>")
+        assert len(zero) == len(plain_seen)
+        for (ids, got), (_, want) in zip(zero, plain_seen):
+            assert torch.equal(got, want)
+        torch.testing.assert_close(off, plain, atol=0, rtol=0)
+        left, _ = run("a fox <lora:qwen_words:0.8:region=left>")
+    finally:
+        hook.remove()
+    w = plain.shape[-1] // 2
+    assert float((left - plain)[..., :w].abs().max()) > 1e-3
+    torch.testing.assert_close(left[..., :w], image[..., :w], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(left[..., w:], plain[..., w:], atol=1e-4, rtol=1e-4)
+    neo.adapter.ADAPTER.off()
+    assert same(snapshot(model), pristine)

@@ -7,8 +7,13 @@ What differs from Forge 2:
   StableDiffusion, StableDiffusionXL, Flux, Chroma, ZImage, QwenImage, Wan; `FAMILIES`). Its
   diffusion model (`forge_objects.unet.model.diffusion_model`, under Neo's KModel) is held in
   the original layouts NetWeave maps (LDM UNet; BFL Flux; NextDiT for Z-Image; Qwen-Image and
-  Wan in their own names). Text encoders are `forge_objects.clip.cond_stage_model.<name>`:
-  clip_l, clip_g, t5xxl (`TEXT`); Z-Image's, Qwen-Image's and Wan's are not mapped. A family
+  Wan in their own names). Text encoders are `forge_objects.clip.cond_stage_model.<name>`
+  (`TEXT`): clip_l, clip_g, t5xxl, and Neo's own classes for the others (backend/nn): Z-Image's
+  `qwen3` and Qwen-Image's `qwen25_7b` hold the language model as `model` (`model.layers.N.
+  self_attn.q_proj`, …; Qwen2.5-VL's vision tower beside it as `visual`, not mapped), Wan's
+  `umt5xxl` the T5 as `transformer`; each is its model's te1 (`te=`, its lbw block, regional
+  text-encoder networks). A file may name their layers as Neo's LoRA does
+  (`text_encoders.qwen3.model.layers.…`), as ComfyUI, kohya, diffusers or DiffSynth do. A family
   NetWeave does not know (Flux.2, Lumina 2, Anima, …) keeps every tag for Neo's own LoRA: the
   names are not taken and the console says so once. So does a generation with Neo's refiner
   (an SDXL refiner, Wan 2.2's second expert): Neo swaps the weights inside the denoiser and
@@ -48,7 +53,8 @@ FAMILIES = {"StableDiffusion": "sd1", "StableDiffusionXL": "sdxl", "Flux": "flux
             "Chroma": "chroma", "ZImage": "zimage", "QwenImage": "qwenimage", "Wan": "wan22"}
 # NetWeave's text-encoder component → Neo's JointTextEncoder entry, per architecture
 TEXT = {"sd1": {"te1": "clip_l"}, "sdxl": {"te1": "clip_l", "te2": "clip_g"},
-        "flux": {"te1": "clip_l", "te2": "t5xxl"}, "chroma": {"te2": "t5xxl"}}
+        "flux": {"te1": "clip_l", "te2": "t5xxl"}, "chroma": {"te2": "t5xxl"},
+        "zimage": {"te1": "qwen3"}, "qwenimage": {"te1": "qwen25_7b"}, "wan22": {"te1": "umt5xxl"}}
 SCHEDULE_TITLE = "LoRA Control Integrated"  # Neo's sd_forge_lora_schedule script
 
 

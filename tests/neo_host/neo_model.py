@@ -7,7 +7,9 @@ conds) and the denoised prediction back) and backend/patcher/clip.py (a JointTex
 clip_l, t5xxl, qwen25_7b …). The diffusion models are real torch trees in the module paths
 Neo's backend/nn holds: the LDM UNet of `stable-diffusion-sdkit` (nn/unet.py keeps LDM's
 names), Flux in BFL's layout (tests/flux_bfl.py; nn/flux.py has the same names) taking Neo's
-arguments, and diffusers' Qwen-Image transformer (nn/qwen.py keeps diffusers' names); their
+arguments, and diffusers' Qwen-Image transformer (nn/qwen.py keeps diffusers' names); the text
+encoders transformers' CLIP and T5 (Neo's IntegratedCLIP holds them as `.transformer`) and
+Neo's own classes for qwen3, qwen25_7b and umt5xxl (backend/nn/llm/llama.py, nn/t5.py); their
 layers turned into Neo's layer classes (backend/operations.py)."""
 import dataclasses
 
@@ -196,17 +198,41 @@ class NeoQwen(torch.nn.Module):
         return out.reshape(b, c, h, w)
 
 
+def qwen3_text(seed=6):
+    """Z-Image's `qwen3`: Neo's Qwen3_4B (backend/nn/llm/llama.py), small."""
+    from backend.nn.llm.llama import Qwen3_4B
+    torch.manual_seed(seed)
+    return forge_layers(Qwen3_4B().eval())
+
+
+def qwen25_text(seed=6):
+    """Qwen-Image's `qwen25_7b`: Neo's Qwen25_7BVLI (the language model as `model`, its
+    vision tower as `visual`), small, as wide as the tiny transformer's text input."""
+    from backend.nn.llm.llama import Config, Qwen25_7BVLI
+    from tinydits import QWEN_TEXT
+    torch.manual_seed(seed)
+    config = Config(hidden_size=QWEN_TEXT, qkv_bias=True, qk_norm=False)
+    return forge_layers(Qwen25_7BVLI(config).eval())
+
+
+def umt5_text(seed=6):
+    """Wan's `umt5xxl`: Neo's IntegratedT5 of a umT5 config (backend/nn/t5.py), small."""
+    from backend.nn.t5 import IntegratedT5
+    from tinydits import WAN_TEXT
+    torch.manual_seed(seed)
+    return forge_layers(IntegratedT5(dict(model_type="umt5", d_model=WAN_TEXT, d_ff=24,
+                                          num_layers=2, num_heads=2, vocab_size=128)).eval())
+
+
 class QwenImage(Engine):
-    """diffusion_engine/qwen.py: one text encoder (`qwen25_7b`; NetWeave maps none of its
-    layers, so a tiny T5 of the transformer's text width stands for it)."""
+    """diffusion_engine/qwen.py: one text encoder, `qwen25_7b` (Neo's Qwen25_7BVLI); the
+    conditioning its language model's last hidden state."""
 
     flow = True
 
     def __init__(self, storage_dtype=torch.float32):
-        from tinymodels import t5_text
-        super().__init__(NeoQwen(), {"qwen25_7b": IntegratedCLIP(forge_layers(t5_text()))},
-                         storage_dtype)
+        super().__init__(NeoQwen(), {"qwen25_7b": qwen25_text()}, storage_dtype)
         self.is_wan = True  # Neo sets it for Qwen-Image (its VAE is Wan's)
 
     def encode(self, text, prompts):
-        return text.qwen25_7b.transformer(self.ids(prompts)[:, :16] % 100).last_hidden_state
+        return text.qwen25_7b(self.ids(prompts)[:, :16] % 128)[0]

@@ -1,8 +1,8 @@
 """backend/operations.py (Neo): Forge's layer classes subclass torch's (`ForgeOperations.Linear
-(torch.nn.Linear, ForgeWeights)`, Conv2d, GroupNorm, LayerNorm, …). Every forward takes its
-weight and bias through `get_weight_and_bias`, which runs the layer's `weight_function` /
-`bias_function` lists on them: Neo's on-the-fly LoRA (OnlineLoRAPatch) and low-VRAM patches
-live there, beside the stored weight."""
+(torch.nn.Linear, ForgeWeights)`, Conv2d, GroupNorm, LayerNorm, RMSNorm, Embedding, …). Every
+forward takes its weight and bias through `get_weight_and_bias`, which runs the layer's
+`weight_function` / `bias_function` lists on them: Neo's on-the-fly LoRA (OnlineLoRAPatch) and
+low-VRAM patches live there, beside the stored weight."""
 import torch
 
 
@@ -43,9 +43,23 @@ class ForgeOperations:
             weight, bias = get_weight_and_bias(self)
             return torch.nn.functional.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
+    class RMSNorm(torch.nn.RMSNorm, ForgeWeights):
+        bias = None
 
-SWAPS = {torch.nn.Linear: ForgeOperations.Linear, torch.nn.Conv2d: ForgeOperations.Conv2d,
-         torch.nn.GroupNorm: ForgeOperations.GroupNorm, torch.nn.LayerNorm: ForgeOperations.LayerNorm}
+        def forward(self, x):
+            weight, _ = get_weight_and_bias(self)
+            return torch.nn.functional.rms_norm(x, self.normalized_shape, weight, self.eps)
+
+    class Embedding(torch.nn.Embedding, ForgeWeights):
+        bias = None
+
+        def forward(self, ids):
+            weight, _ = get_weight_and_bias(self)
+            return torch.nn.functional.embedding(ids, weight)
+
+
+SWAPS = {getattr(torch.nn, name): getattr(ForgeOperations, name)
+         for name in ("Linear", "Conv2d", "GroupNorm", "LayerNorm", "RMSNorm", "Embedding")}
 
 
 def forge_layers(root):

@@ -1,0 +1,1 @@
+"""backend/nn/llm (Neo): the language-model text encoders."""

@@ -295,6 +295,7 @@ def _rows(seen, hr=False):
     return [(c, u) for _, h, _, c, u in seen if h == hr]
 
 
+@pytest.mark.slow
 def test_swapped_conditioning_keeps_prompt_editing_and_the_hires_prompt(host):
     # [cat:dog:2]: "cat" up to the denoiser's call 2, "dog" after; the TE network is on from
     # step 2. NetWeave's rows must be the host's own rows for the same text and weights.
@@ -384,6 +385,7 @@ def _addnet_hash(path) -> str:
     return hashlib.sha256(data[8 + n:]).hexdigest()[:12]
 
 
+@pytest.mark.slow
 def test_the_hires_prompt_brings_its_own_networks(host):
     """Issue 16 item 1: tags in the hires prompt drive the hires pass, as the host's own Lora
     does; a main-prompt tag's hr keys still say its hires strength."""
@@ -434,6 +436,7 @@ def test_a_problem_found_while_sampling_reaches_the_infotext(host, capsys):
     assert any("no image grid" in line for line in capsys.readouterr().err.splitlines())
 
 
+@pytest.mark.slow
 def test_the_hires_pass_finds_its_regions_on_the_upscaled_latent(host):
     """Issue 16 item 4 as the real A1111 showed it: the hires pass samples a latent twice the
     size; a regional network must find its grid there on every layer, not be left out."""
@@ -516,6 +519,7 @@ def test_sdxl_text_encoder_schedules_swap_its_dict_conds(sdxl):
     assert torch.equal(rows[3][1]["vector"][:, TE2_WIDTH:], on[0][1]["vector"][:, TE2_WIDTH:])
 
 
+@pytest.mark.slow
 def test_sdxl_regional_text_encoder_network_and_neg(sdxl):
     import numpy as np
     from PIL import Image

@@ -113,7 +113,8 @@ def outputs_for(layout, prompts, x, ctx, rows=None, k=0, phase="base", hires=Non
     return out
 
 
-@pytest.mark.parametrize("layout, net", [("diffusers", "lora"), ("ldm", "loha"),
+@pytest.mark.parametrize("layout, net", [("diffusers", "lora"),
+                                         pytest.param("ldm", "loha", marks=pytest.mark.slow),
                                          ("diffusers", "te")])
 def test_a_blended_step_is_without_outside_and_with_inside(layout, net):
     """One doubled forward = the no-network prediction outside the region and the one-pass

@@ -151,6 +151,7 @@ def test_a_lora_off_for_the_first_half_changes_less(host, base):
     assert 0 < second_half < 0.8 * whole, (second_half, whole)
 
 
+@pytest.mark.slow
 def test_block_weights_select_where_a_lora_acts(host, base):
     """demo_stripes paints its stripes from the UNet's in and out blocks, not the middle one:
     without either they are gone, without the mid block they stay."""
@@ -218,6 +219,7 @@ def test_a_stage_without_what_it_needs_says_which_to_run(tmp_path):
         main(["--stages", "vae,nonsense", "--out", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_the_trainer_runs_end_to_end_and_its_files_load(tmp_path):
     """`--quick`: every stage for a few steps; the model loads and every key of every network
     lands on a layer of it. A stage redone alone rewrites its own file and leaves the others."""

@@ -149,6 +149,7 @@ TINY = Setup("tiny SD1", "sd1", 8, 3, dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")))
 
 
+@pytest.mark.slow
 def test_the_benchmark_reports_medians_spreads_floors_and_choices():
     result = run(setup=TINY, repeats=2, rank=4, quantize="q8_0")
     floor, ratios = result["floor"], result["ratios"]

@@ -42,6 +42,7 @@ def test_the_demo_is_a_small_flux_with_true_cfg(host):
     assert (t.in_channels, t.num_layers, t.num_single_layers) == (16, 2, 4)
 
 
+@pytest.mark.slow
 def test_the_base_model_draws_what_the_caption_says(host):
     right_shape, right_background, pictures = caption_counts(lambda p: draw(host, "", prompt=p))
     assert right_background >= 0.9 * pictures, (right_background, pictures)

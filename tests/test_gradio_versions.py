@@ -18,6 +18,7 @@ def test_the_tab_builds_under_the_webuis_gradio(version, repo_root, tmp_path):
     assert result.stdout.strip().startswith(f"OK {version}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("version", ["3.41.2", "4.40.0"])
 def test_the_tab_works_in_a_browser_under_the_webuis_gradio(version, repo_root, tmp_path):
     """Clicked through in chromium: a preset mask saved and listed, and Explain takes the

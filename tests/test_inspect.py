@@ -35,6 +35,7 @@ def test_real_shapes_are_recognised(arch, fmt, style, tmp_path):
     assert report["metadata"]["trigger_words"][:2] == ["pixel art", "sprite"]
 
 
+@pytest.mark.slow
 def test_cli_json_contract(tmp_path):
     path = tmp_path / "sd1.safetensors"
     write_network(path, reference_trees("sd1"), "lora", "kohya", "sd1", rank=1, metadata=KOHYA_META)

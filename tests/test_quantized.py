@@ -274,6 +274,7 @@ def test_unknown_formats_and_missing_packages_say_what_to_do(monkeypatch):
         quantize_model(torch.nn.Sequential(torch.nn.Linear(64, 64)), QuantFormat.NF4)
 
 
+@pytest.mark.slow
 def test_generate_quantized_draws_the_demo_as_the_float_model_does(tmp_path):
     """`generate --quantize q8_0`: the demo's linear layers quantized on load, every tag still
     applied (a region, a schedule); the image is the float model's within the format's error."""

@@ -1,9 +1,12 @@
 """A short soak (tests/soak.py runs the long one): random tags and injected failures; every
 generation ends with pristine weights, no hook left, bounded memory; a file truncated while it
 is read never kills the process."""
+import pytest
+
 from soak import soak
 
 
+@pytest.mark.slow
 def test_short_soak():
     n = 60
     counts = soak(n, seed=7)

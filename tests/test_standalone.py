@@ -370,6 +370,7 @@ def test_generate_command_on_the_default_model(tmp_path, capsys):
                  "--checkpoint", str(tmp_path / "nothing.ckpt")]) == 1
 
 
+@pytest.mark.slow
 def test_generate_shows_the_samplers_progress_on_a_terminal(tmp_path):
     """Issue 16 item 15: on a terminal, `generate` draws the sampling progress bar; the
     sampler asked for is the one used, and the PNG says so."""

@@ -11,7 +11,8 @@ Three routes, by what a layer's output is:
   cross-attention module runs a second time on the tokens inside the region with the network
   (and the network's own text conditioning, for regional text-encoder networks), and its
   output is blended by the mask: exact per token, since a query token's output depends only
-  on itself and the text.
+  on itself and the text. For the same reason the main call leaves out the tokens a re-run
+  replaces whole (inside one region at weight 1), so each token's attention runs once.
 - "emb": a resblock's time-embedding projection adds one vector to every position; the delta
   is held back and added, masked, to the feature map where the resblock adds the embedding.
 """
@@ -52,12 +53,15 @@ class AttentionUnit:
     # The main call's key and value projections of the text, id(layer) -> (input, output): a
     # re-run on the same text reuses them and adds only the re-run network's own delta.
     kv: Dict[int, Tuple[Tensor, Tensor]] = field(default_factory=dict)
+    # the main call's whole input when it runs on fewer tokens (Runtime.narrow_hook)
+    full: Optional[Tensor] = None
 
     def remove_hooks(self) -> None:
         for h in self.hooks:
             h.remove()
         self.hooks = []
         self.kv.clear()
+        self.full = None
 
 
 KV_LAYERS = ("to_k", "to_v")  # the text projections, in diffusers' and LDM's attention alike
@@ -71,6 +75,21 @@ class Factors:
 
     down: Tensor  # [r, in·kernel]
     up: Tensor  # [out, r]
+
+
+@dataclass(frozen=True)
+class TokenRegion:
+    """A region on a layer's tokens, made once per generation: its value per token, the
+    indices where it acts, and its values there shaped to scale (B, n, C) rows."""
+
+    values: Tensor
+    inside: Tensor
+    weights: Tensor
+    held: Optional[Tensor] = None  # a re-run's token subset, kept so its id stays its own
+
+    @staticmethod
+    def of(values: Tensor, inside: Tensor, held: Optional[Tensor] = None) -> "TokenRegion":
+        return TokenRegion(values, inside, values[inside].view(1, -1, 1), held)
 
 
 @dataclass(frozen=True)
@@ -97,7 +116,8 @@ class Runtime:
         self._reused: Dict[int, Tensor] = {}  # a layer whose output a re-run reuses: its input
         self._row_factors: Dict[Tuple, RowFactors] = {}
         self._factors: Dict[Tuple[int, str], Optional[Factors]] = {}
-        self._subsets: Dict[Tuple, Tuple[Tensor, Tensor, Tensor]] = {}
+        self._subsets: Dict[Tuple, TokenRegion] = {}
+        self._main: Dict[Tuple, Optional[Tensor]] = {}  # a cross-attention's main tokens
         self._contexts: Dict[Tuple, Tensor] = {}
         # a resblock's held time-embedding deltas: (region, delta, first row or None)
         self._emb: Dict[int, List[Tuple[object, Tensor, Optional[int]]]] = {}
@@ -110,6 +130,7 @@ class Runtime:
         self._row_factors.clear()
         self._factors.clear()
         self._subsets.clear()
+        self._main.clear()
         self._contexts.clear()
         self._emb.clear()
         self.reported.clear()
@@ -244,7 +265,7 @@ class Runtime:
         if rows.none:
             return out
         if region is None:
-            return added(out, self._delta(slot, c, x, out, s, rows))
+            return self._add_all(slot, c, x, out, s, rows, None)
         if out.dim() == 4:  # conv or norm on (B, C, H, W)
             grid = self.maps.on_grid(region, out.shape[-2:], out.device)
             if grid.empty:
@@ -256,22 +277,32 @@ class Runtime:
         if out.dim() == 3:  # tokens (B, N, C)
             found = self._token_region(slot.target, region, out.shape[1], out.device)
             if found is not None:
-                values, inside = found
+                inside = found.inside
                 if inside.numel() == 0:
                     return out
-                if inside.numel() == values.numel():
-                    return added(out, self._delta(slot, c, x, out, s, rows, values.view(1, -1, 1)))
-                mask = values[inside].view(1, -1, 1)
+                if inside.numel() * GATHER_BELOW >= found.values.numel():
+                    return self._add_all(slot, c, x, out, s, rows, found.values.view(1, -1, 1))
                 d = self._delta(slot, c, x.index_select(1, inside),
-                                lambda: out.index_select(1, inside), s, rows, mask)
+                                lambda: out.index_select(1, inside), s, rows, found.weights)
                 return added(out, d, inside)
         self.report(("flat", slot.target), f"{slot.target.name}: its output has no image grid "
                     f"({list(out.shape)}), so a regional network cannot act on it; left out there")
         return out
 
-    def _token_region(self, target, region, n: int, device) -> Optional[Tuple[Tensor, Tensor]]:
-        """A region's values on a layer's N tokens and the indices where it acts, or None
-        when the tokens are no image grid. A UNet layer's grid follows from its token count;
+    def _add_all(self, slot, c, x: Tensor, out: Tensor, s: float, rows: RowFactors,
+                 mask: Optional[Tensor]) -> Tensor:
+        """A contribution on every token (`mask`: its weight per token, or None): a plain
+        two-factor one on a Linear adds its up factor's product into the output in place."""
+        module = slot.target.module
+        if not torch.is_grad_enabled() and not is_conv(module) and not c.adapter.uses_weight \
+                and out.dtype == torch.float32 and out.is_contiguous() and out.dim() >= 2:
+            f = self.low_rank(c, x.device)
+            if f is not None:
+                return low_rank_add(x, f, s, rows.values, mask, out)
+        return added(out, self._delta(slot, c, x, out, s, rows, mask))
+
+    def _token_region(self, target, region, n: int, device) -> Optional[TokenRegion]:
+        """A region on a layer's N tokens, or None when the tokens are no image grid. A UNet layer's grid follows from its token count;
         a transformer layer says what its rows are (tokens.Tokens) and the model where the
         packed patches sit among them (tokens.TokenLayout: after or before the text tokens
         of a joint sequence, padding after them)."""
@@ -291,21 +322,22 @@ class Runtime:
             values = torch.cat([grid.values.new_zeros(first), grid.values.repeat(frames),
                                 grid.values.new_zeros(n - first - frames * cells)])
             inside = torch.cat([grid.inside + first + f * cells for f in range(frames)])
-            self._subsets[key] = (values, inside)
-        return self._subsets[key][:2]
+            self._subsets[key] = TokenRegion.of(values, inside)
+        return self._subsets[key]
 
-    def _tokens_inside(self, region, shape, device) -> Tuple[Tensor, Tensor]:
-        """A region's values on a token grid and the indices where it acts; inside a
-        cross-attention re-run, on the re-run's tokens only (made once per generation)."""
-        grid = self.maps.on_grid(region, shape, device)
-        if self.subset is None:
-            return grid.values, grid.inside
-        key = (region, tuple(shape), str(device), id(self.subset))
+    def _tokens_inside(self, region, shape, device) -> TokenRegion:
+        """A region on a token grid; inside a cross-attention's re-run or its narrowed main
+        call, on that call's tokens only."""
+        key = (region, tuple(shape), str(device), None if self.subset is None else id(self.subset))
         if key not in self._subsets:
-            values = grid.values[self.subset]
-            # the subset is held too, so that its id stays its own for the generation
-            self._subsets[key] = (values, torch.nonzero(values).flatten(), self.subset)
-        return self._subsets[key][:2]
+            grid = self.maps.on_grid(region, shape, device)
+            if self.subset is None:
+                self._subsets[key] = TokenRegion.of(grid.values, grid.inside)
+            else:
+                values = grid.values[self.subset]
+                self._subsets[key] = TokenRegion.of(values, torch.nonzero(values).flatten(),
+                                                    self.subset)
+        return self._subsets[key]
 
     def _add_conv_box(self, slot, c, x, out, s, rows, grid) -> Tensor:
         """A conv's delta on the region's bounding box only: the input window it needs
@@ -402,10 +434,13 @@ class Runtime:
 
     # ---- the cross-attention route -----------------------------------------------------
     def attach(self, unit: AttentionUnit) -> None:
-        """Hook a unit: its re-runs after the main call, and the reuse of its key and value
-        projections in them (the layer hooks of those projections come in between)."""
-        unit.hooks.append(unit.module.register_forward_hook(self.attention_hook(unit),
-                                                            with_kwargs=True))
+        """Hook a unit: the tokens of its main call, its re-runs after it, and the reuse of its
+        key and value projections in them (the layer hooks of those projections come in
+        between)."""
+        unit.hooks += [unit.module.register_forward_pre_hook(self.narrow_hook(unit),
+                                                             with_kwargs=True),
+                       unit.module.register_forward_hook(self.attention_hook(unit),
+                                                         with_kwargs=True)]
         for name in KV_LAYERS:
             layer = getattr(unit.module, name, None)
             # only plain Linear layers are asked to run on no tokens (a quantized or exotic
@@ -444,11 +479,54 @@ class Runtime:
             return None
         return hook
 
+    def narrow_hook(self, unit: AttentionUnit):
+        """Before the main call: the tokens that re-runs replace whole are left out of it."""
+        def hook(module, args, kwargs):
+            unit.full = None
+            if self.variant is not None or self.engine._phase_step is None or not args:
+                return None
+            keep = self._main_tokens(unit, args[0])
+            if keep is None:
+                return None
+            unit.full = args[0]
+            # the layers inside see a subset of the grid's tokens, as in a re-run
+            self.subset, self._full_tokens = keep, args[0].shape[1]
+            return (args[0].index_select(1, keep),) + tuple(args[1:]), kwargs
+        return hook
+
+    def _main_tokens(self, unit: AttentionUnit, x) -> Optional[Tensor]:
+        """The token indices the main call needs: all but those inside exactly one re-run
+        network's region at weight 1 (on every row: none is blended); None for all of them.
+        One token stays if none would, for hosts whose attention wants some."""
+        if not isinstance(x, Tensor) or x.dim() != 3:
+            return None
+        shape = grid_for(x.shape[1], self.engine.latent)
+        runs = tuple(j for j in sorted(unit.networks) if self._wanted(unit, j))
+        if shape is None or not runs or \
+                any(self.half(j, x.shape[0]) is not None for j in runs):
+            return None
+        regions = tuple(self.engine.entries[j].region for j in runs)
+        key = (regions, tuple(shape), str(x.device))
+        if key not in self._main:
+            values = torch.stack([self.maps.on_grid(r, shape, x.device).values for r in regions])
+            whole = (values == 1).any(0) & (values.sum(0) == 1)
+            keep = torch.nonzero(~whole).flatten()
+            if keep.numel() == 0:
+                keep = keep.new_zeros(1)
+            self._main[key] = None if keep.numel() == x.shape[1] else keep
+        return self._main[key]
+
     def attention_hook(self, unit: AttentionUnit):
         def hook(module, args, kwargs, out):
             if self.variant is not None:
                 return out
+            full, unit.full = unit.full, None
             try:
+                if full is not None:  # the main call ran on some tokens: zeros on the others,
+                    keep, self.subset = self.subset, None  # which the re-runs fill
+                    out = out.new_zeros(out.shape[0], full.shape[1], *out.shape[2:]) \
+                        .index_copy_(1, keep, out)
+                    args = (full,) + tuple(args[1:])
                 return self._rerun(unit, module, args, kwargs, out)
             finally:
                 unit.kv.clear()  # the text of this call only
@@ -545,6 +623,9 @@ def _croppable(module: nn.Module) -> bool:
 
 
 WHOLE = RowFactors(None)
+# A region on at least 1/GATHER_BELOW of a layer's tokens is computed on all of them, masked:
+# gathering and scattering its tokens would move about as many bytes as the thin products save.
+GATHER_BELOW = 3
 
 
 def low_rank_delta(module: nn.Module, x: Tensor, f: Factors, s: float, rows: Optional[Tensor],
@@ -559,6 +640,18 @@ def low_rank_delta(module: nn.Module, x: Tensor, f: Factors, s: float, rows: Opt
     if rows is not None:
         h.mul_(rows.view(-1, *([1] * (h.dim() - 1))))
     return pointwise(module, h, f.up)
+
+
+def low_rank_add(x: Tensor, f: Factors, s: float, rows: Optional[Tensor],
+                 mask: Optional[Tensor], out: Tensor) -> Tensor:
+    """out += up · (s · rows ⊙ mask ⊙ down · x) for a Linear's fp32 output, the last product
+    accumulated into `out` itself: no output-sized temporary, one operation fewer."""
+    h = F.linear(x.to(torch.float32), f.down)
+    h.mul_(s if mask is None else mask.to(torch.float32) * s)
+    if rows is not None:
+        h.mul_(rows.view(-1, *([1] * (h.dim() - 1))))
+    out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), f.up.t())
+    return out
 
 
 def added(out: Tensor, d: Tensor, index: Optional[Tensor] = None) -> Tensor:

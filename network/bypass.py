@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -111,7 +111,7 @@ class Runtime:
         self.variant: Optional[int] = None  # the network a cross-attention re-run is for
         self.subset: Optional[Tensor] = None  # token indices of that re-run
         self._full_tokens = 0  # and how many tokens the layer has outside it
-        self.text: Optional[Tuple[Tensor, Dict[int, Tensor]]] = None
+        self.text: Optional[Tuple[Text, Dict[int, Text]]] = None
         self.pooled: Optional[Tuple[Tensor, Dict[int, Tensor]]] = None  # the same, pooled
         self._reused: Dict[int, Tensor] = {}  # a layer whose output a re-run reuses: its input
         self._row_factors: Dict[Tuple, RowFactors] = {}
@@ -141,9 +141,24 @@ class Runtime:
         self.rows = rows
         self._row_factors.clear()
 
-    def set_text(self, base: Tensor, variants: Dict[int, Tensor],
+    def set_text(self, base: Text, variants: Dict[int, Text],
                  pooled: Optional[Tuple[Tensor, Dict[int, Tensor]]] = None) -> None:
-        self.text, self.pooled = (base, variants), pooled
+        """The text without and with each regional text-encoder network: (rows, tokens,
+        width), or one (tokens, width) per row, each of its caption's own length (Z-Image). A
+        variant whose rows are not as many as the base's or not shaped as its rows is left
+        out, with a warning."""
+        shapes = _row_shapes(base)
+        kept = {}
+        for j, v in variants.items():
+            if len(v) == len(base) and _row_shapes(v) == shapes:
+                kept[j] = v
+                continue
+            e = self.engine.entries[j]
+            self.report(("text shape", j), f"{e.net.kind}:{e.net.name}: regional on the text "
+                        f"encoders, but its encoding's {len(v)} rows of {_shapes_text(v)} "
+                        f"are not the prompt's {len(base)} of {_shapes_text(base)}; its "
+                        "text-encoder part is left out")
+        self.text, self.pooled = (base, kept), pooled
         self._contexts.clear()
 
     def new_step(self) -> None:
@@ -206,10 +221,11 @@ class Runtime:
 
     def variant_text(self, value: Tensor, network: int) -> Tensor:
         """A call's text (or pooled vector) with network j's encoding on each row that
-        equals a row of the base encoding; `value` itself where there is none."""
+        equals a row of the base encoding (of the same shape: captions of their own lengths
+        are matched each with its own); `value` itself where there is none."""
         for pair in (self.text, self.pooled):
             if pair is None or network not in pair[1] or \
-                    tuple(value.shape[1:]) != tuple(pair[0].shape[1:]):
+                    tuple(value.shape[1:]) not in _row_shapes(pair[0]):
                 continue
             key = (value.data_ptr(), tuple(value.shape), network)
             if key not in self._contexts:
@@ -270,6 +286,10 @@ class Runtime:
             grid = self.maps.on_grid(region, out.shape[-2:], out.device)
             if grid.empty:
                 return out
+            if _pointwise_conv(slot.target.module) and \
+                    grid.inside.numel() * GATHER_BELOW >= grid.values.numel():
+                return self._add_all(slot, c, x, out, s, rows,
+                                     grid.values.view(1, 1, *grid.shape))
             if not grid.full and _croppable(slot.target.module):
                 return self._add_conv_box(slot, c, x, out, s, rows, grid)
             mask = grid.values.view(1, 1, *grid.shape)
@@ -291,11 +311,13 @@ class Runtime:
 
     def _add_all(self, slot, c, x: Tensor, out: Tensor, s: float, rows: RowFactors,
                  mask: Optional[Tensor]) -> Tensor:
-        """A contribution on every token (`mask`: its weight per token, or None): a plain
-        two-factor one on a Linear adds its up factor's product into the output in place."""
+        """A contribution on every token or position (`mask`: its weight on each, or None): a
+        plain two-factor one on a Linear or a 1×1 conv adds its up factor's product into the
+        output in place."""
         module = slot.target.module
-        if not torch.is_grad_enabled() and not is_conv(module) and not c.adapter.uses_weight \
-                and out.dtype == torch.float32 and out.is_contiguous() and out.dim() >= 2:
+        if not torch.is_grad_enabled() and not c.adapter.uses_weight and \
+                (_pointwise_conv(module) and out.dim() == 4 or not is_conv(module)) and \
+                out.dtype == torch.float32 and out.is_contiguous() and out.dim() >= 2:
             f = self.low_rank(c, x.device)
             if f is not None:
                 return low_rank_add(x, f, s, rows.values, mask, out)
@@ -604,17 +626,40 @@ def _context_of(args, kwargs):
     return None, None
 
 
-def _rows_replaced(value: Tensor, base: Tensor, variant: Tensor) -> Tensor:
+Text = Union[Tensor, Sequence[Tensor]]  # (rows, tokens, width), or one (tokens, width) per row
+
+
+def _row_shapes(text: Text) -> Tuple[Tuple[int, ...], ...]:
+    """The shape of each row of a text (of one row when all share it)."""
+    if isinstance(text, Tensor):
+        return (tuple(text.shape[1:]),)
+    shapes = tuple(tuple(t.shape) for t in text)
+    return shapes[:1] if len(set(shapes)) == 1 else shapes
+
+
+def _shapes_text(text: Text) -> str:
+    return ", ".join("×".join(map(str, s)) for s in _row_shapes(text))
+
+
+def _rows_replaced(value: Tensor, base: Text, variant: Text) -> Tensor:
     """`value` with each row that equals a row of `base` replaced by that row of `variant`
-    (rows are matched by value, so the host's batching does not matter)."""
-    base, variant = base.to(value.device, value.dtype), variant.to(value.device, value.dtype)
+    (rows are matched by value, so the host's batching does not matter; rows of `base` of
+    another shape than `value`'s never match)."""
     new = value.clone()
     for b in range(value.shape[0]):
-        for r in range(base.shape[0]):
-            if torch.equal(value[b], base[r]):
-                new[b] = variant[r]
+        for r in range(len(base)):
+            if base[r].shape == value[b].shape and \
+                    torch.equal(value[b], base[r].to(value.device, value.dtype)):
+                new[b] = variant[r].to(value.device, value.dtype)
                 break
     return new
+
+
+def _pointwise_conv(module: nn.Module) -> bool:
+    """A 1×1 conv that is a matrix product on the channels (no stride, padding or groups)."""
+    return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and \
+        module.stride == (1, 1) and module.padding in ((0, 0), "valid") and \
+        module.groups == 1
 
 
 def _croppable(module: nn.Module) -> bool:
@@ -644,13 +689,22 @@ def low_rank_delta(module: nn.Module, x: Tensor, f: Factors, s: float, rows: Opt
 
 def low_rank_add(x: Tensor, f: Factors, s: float, rows: Optional[Tensor],
                  mask: Optional[Tensor], out: Tensor) -> Tensor:
-    """out += up · (s · rows ⊙ mask ⊙ down · x) for a Linear's fp32 output, the last product
-    accumulated into `out` itself: no output-sized temporary, one operation fewer."""
-    h = F.linear(x.to(torch.float32), f.down)
-    h.mul_(s if mask is None else mask.to(torch.float32) * s)
+    """out += up · (s · rows ⊙ mask ⊙ down · x) for the fp32 output of a Linear (channels
+    last) or of a 1×1 conv on (B, C, H, W) (channels first, as matrix products: no conv
+    kernel's layout changes), the last product accumulated into `out` itself: no
+    output-sized temporary, one operation fewer."""
+    x = x.to(torch.float32)
+    spatial = x.dim() == 4
+    h = torch.matmul(f.down, x.flatten(2)) if spatial else F.linear(x, f.down)
+    if mask is not None:
+        mask = mask.to(torch.float32).flatten(2) if spatial else mask.to(torch.float32)
+    h.mul_(s if mask is None else mask * s)
     if rows is not None:
         h.mul_(rows.view(-1, *([1] * (h.dim() - 1))))
-    out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), f.up.t())
+    if spatial:
+        out.flatten(2).baddbmm_(f.up.expand(h.shape[0], -1, -1), h)
+    else:
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), f.up.t())
     return out
 
 

@@ -77,14 +77,6 @@ def _joined(parts: List[Embeds]) -> Embeds:
     return torch.cat(parts)
 
 
-def _stacked(x: Embeds) -> Optional[torch.Tensor]:
-    """(rows, tokens, width) for the engine's text variants (one caption per image stacked
-    where they have one length)."""
-    if not isinstance(x, list):
-        return x
-    return torch.stack(x) if len({tuple(t.shape) for t in x}) == 1 else None
-
-
 class FlowRun:
     def __init__(self, engine, pipe, arch: str, device, prompt: str, negative: str,
                  batch: int, cfg: bool, steps: int):
@@ -138,9 +130,10 @@ class FlowRun:
         kinds = self._kinds(text)  # per block of `batch` rows: the negative prompt's?
         self.engine.set_rows([0] * _rows(text), [u for u in kinds for _ in range(self.batch)])
         e = self.embeds[self.segment]
-        base, stacked, pooled, variants, pooled_variants = self._texts(e, kinds)
-        if stacked is not None:
-            self.engine.set_text_variants(stacked, variants, pooled, pooled_variants)
+        base, pooled, variants, pooled_variants = self._texts(e, kinds)
+        # Z-Image's captions as its list holds them, each of its own length: the engine
+        # matches each row with its own (network/bypass.py, Runtime.variant_text)
+        self.engine.set_text_variants(base, variants, pooled, pooled_variants)
         if e is self.given:
             return None  # step 0's segment: the pipeline's own tensors
         if positional:
@@ -152,10 +145,9 @@ class FlowRun:
         return args, kwargs
 
     def _texts(self, e: dict, kinds: List[bool]):
-        """(text, it stacked for the engine, pooled, {j: text with network j}, {j: its
-        pooled}) of a call whose blocks
-        of rows are `kinds`, for segment encodings `e`: joined once per segment and layout,
-        not at every call."""
+        """(text, pooled, {j: text with network j}, {j: its pooled}) of a call whose blocks of
+        rows are `kinds`, for segment encodings `e`: joined once per segment and layout, not
+        at every call."""
         key = (id(e), tuple(kinds))
         if key not in self._joined:
             now = [e["neg" if u else "pos"] for u in kinds]
@@ -165,12 +157,10 @@ class FlowRun:
             if not all(kinds):  # the negative prompt's rows have none
                 for j, v in e["variants"].items():
                     rows = [e["neg"] if u else v for u in kinds]
-                    stacked = _stacked(_joined([t.embeds for t in rows]))
-                    if stacked is not None:
-                        variants[j] = stacked
+                    variants[j] = _joined([t.embeds for t in rows])
                     if pooled is not None:
                         pooled_variants[j] = torch.cat([t.pooled for t in rows])
-            self._joined[key] = (base, _stacked(base), pooled, variants, pooled_variants)
+            self._joined[key] = (base, pooled, variants, pooled_variants)
         return self._joined[key]
 
     def _kinds(self, text: Embeds) -> List[bool]:

@@ -300,12 +300,13 @@ class Engine:
             raise ValueError("prompts and uncond must have one entry per row")
         self.runtime.set_rows(Rows(tuple(int(p) for p in prompts), tuple(map(bool, uncond))))
 
-    def set_text_variants(self, base: Tensor, variants: Mapping[int, Tensor],
+    def set_text_variants(self, base, variants: Mapping[int, object],
                           pooled: Optional[Tensor] = None,
                           pooled_variants: Optional[Mapping[int, Tensor]] = None) -> None:
         """The conditionings of regional text-encoder networks for the coming steps: `base`
-        (rows, tokens, width) as encoded without them, `variants[network]` the same rows encoded
-        with that network (apply_te(segment, variant=network)); likewise a pooled vector
+        (rows, tokens, width) as encoded without them — or a list of one (tokens, width) per
+        row, each caption at its own length, where the model takes them so (Z-Image) —
+        `variants[network]` the same rows encoded with that network (apply_te(segment, variant=network)); likewise a pooled vector
         (rows, width) where the model takes one (Flux's CLIP-L). Cross-attention uses a
         network's rows inside its region; a model without cross-attention runs them as the
         network's own stream (blend.py)."""

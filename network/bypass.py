@@ -286,7 +286,7 @@ class Runtime:
             grid = self.maps.on_grid(region, out.shape[-2:], out.device)
             if grid.empty:
                 return out
-            if _pointwise_conv(slot.target.module) and \
+            if _pointwise_conv(slot.target.module) and self._thin(slot, c, x.device) and \
                     grid.inside.numel() * GATHER_BELOW >= grid.values.numel():
                 return self._add_all(slot, c, x, out, s, rows,
                                      grid.values.view(1, 1, *grid.shape))
@@ -300,7 +300,8 @@ class Runtime:
                 inside = found.inside
                 if inside.numel() == 0:
                     return out
-                if inside.numel() * GATHER_BELOW >= found.values.numel():
+                if inside.numel() == found.values.numel() or self._thin(slot, c, x.device) \
+                        and inside.numel() * GATHER_BELOW >= found.values.numel():
                     return self._add_all(slot, c, x, out, s, rows, found.values.view(1, -1, 1))
                 d = self._delta(slot, c, x.index_select(1, inside),
                                 lambda: out.index_select(1, inside), s, rows, found.weights)
@@ -315,19 +316,26 @@ class Runtime:
         plain two-factor one on a Linear or a 1×1 conv adds its up factor's product into the
         output in place."""
         module = slot.target.module
-        if not torch.is_grad_enabled() and not c.adapter.uses_weight and \
-                (_pointwise_conv(module) and out.dim() == 4 or not is_conv(module)) and \
-                out.dtype == torch.float32 and out.is_contiguous() and out.dim() >= 2:
-            f = self.low_rank(c, x.device)
-            if f is not None:
-                return low_rank_add(x, f, s, rows.values, mask, out)
+        f = self._thin(slot, c, x.device)
+        if f is not None and not torch.is_grad_enabled() and out.dtype == torch.float32 and \
+                out.is_contiguous() and out.dim() >= 2 and \
+                (not is_conv(module) or (_pointwise_conv(module) and out.dim() == 4)):
+            return low_rank_add(x, f, s, rows.values, mask, out)
         return added(out, self._delta(slot, c, x, out, s, rows, mask))
 
+    def _thin(self, slot, c, device) -> Optional[Factors]:
+        """A contribution's two factors where its delta runs through them (its rank-r
+        intermediate is then cheap on every token); None where it has other arithmetic."""
+        if c.adapter.uses_weight or not factor_bypass_ok(slot.target.module):
+            return None
+        return self.low_rank(c, device)
+
     def _token_region(self, target, region, n: int, device) -> Optional[TokenRegion]:
-        """A region on a layer's N tokens, or None when the tokens are no image grid. A UNet layer's grid follows from its token count;
-        a transformer layer says what its rows are (tokens.Tokens) and the model where the
-        packed patches sit among them (tokens.TokenLayout: after or before the text tokens
-        of a joint sequence, padding after them)."""
+        """A region on a layer's N tokens, or None when the tokens are no image grid. A UNet
+        layer's grid follows from its token count; a transformer layer says what its rows are
+        (tokens.Tokens) and the model where the packed patches sit among them
+        (tokens.TokenLayout: after or before the text tokens of a joint sequence, padding
+        after them)."""
         if target.tokens is None:
             n = n if self.subset is None else self._full_tokens
             shape = grid_for(n, self.engine.latent)
@@ -394,8 +402,7 @@ class Runtime:
         output, not the weight other networks are merged into."""
         cropped = module is not None
         module = module or slot.target.module
-        f = None if c.adapter.uses_weight or not factor_bypass_ok(module) else \
-            self.low_rank(c, x.device)
+        f = self._thin(slot, c, x.device)
         if f is not None:
             return low_rank_delta(module, x, f, s, rows.values, mask)
         if slot.target.quant is not None:

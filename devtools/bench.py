@@ -8,10 +8,12 @@ the device); their networks are synthetic files in the key names their trainers 
 
 Workloads: the bare model; three static rank-32 LoRAs (one on the attention, one on the
 feed-forward, one on the conv layers — on a transformer, on the modulations, embedders and
-final layer) merged by the engine; the same with 4 keyframes each
+final layer) merged by the engine; the same with 4 keyframes each, at staggered positions
 (the engine's cost model picks merge or bypass per layer); and two baselines — "restore and
-re-merge every patched layer on every change" (A1111, loractl) and "bypass every network every
-step" (PEFT unfused), the engine held to one strategy. Regions: two LoRAs on the left and right
+re-merge every patched layer on every change" (A1111, loractl: with the keyframes staggered,
+every layer at each step where any network changes, where the engine re-merges only that
+network's layers) and "bypass every network every step" (PEFT unfused), the engine held to one
+strategy. Regions: two LoRAs on the left and right
 halves plus one global, in one forward (one pass; a blended start over 15 % of the steps; every
 step blended: network/blend.py), against the peers' way — one model pass per region, each
 with its own networks merged, blended by the masks (Regional Prompter's latent mode, ComfyUI's
@@ -58,8 +60,10 @@ from ..network.reference import UNET
 from .synthetic import write_network
 
 STATIC = "<lora:net0:0.8> <lora:net1:0.6> <lora:net2:0.4>"
-SCHEDULED = ("<lora:net0:0.2@0,0.5@0.25,0.8@0.5,1@0.75> <lora:net1:1@0,0.6@0.25,0.3@0.5,0@0.75> "
-             "<lora:net2:0.4@0,0.1@0.25,0.4@0.5,0.7@0.75>")
+# staggered: over 8 steps net0 changes at steps 2, 4, 6, net1 at 3, 5, 7, net2 at 1, 3, 5
+SCHEDULED = ("<lora:net0:0.2@0,0.5@0.25,0.8@0.5,1@0.75> "
+             "<lora:net1:1@0,0.6@0.375,0.3@0.625,0@0.875> "
+             "<lora:net2:0.4@0,0.1@0.125,0.4@0.375,0.7@0.625>")
 CHANGED = "<lora:net0:0.8> <lora:net1:0.5> <lora:net2:0.4>"
 REGIONAL = "<lora:net0:0.8:region=left> <lora:net1:0.6:region=right> <lora:net2:0.4>"
 # the same with a blended start (network/blend.py): 15 % of the pass, and the whole pass
@@ -349,9 +353,11 @@ class RemergeEverything(Engine):
     layer is restored and re-merged."""
 
     def set_step(self, k: int, phase: str = "base") -> None:
-        if self.plan is not None and self._changes[phase].get(k):
-            for slot in self._slots.values():
+        if self.plan is not None and self._phase_step == (phase, k - 1) and \
+                self._changes[phase].get(k):
+            for slot in self._unet_slots():
                 slot.applied = ("stale",)
+            self._phase_step = None  # as after a jump: every layer is compared, all stale
         super().set_step(k, phase)
 
 

@@ -84,8 +84,12 @@ def file_shapes(path: str) -> Dict[str, tuple]:
     from ...network.files import open_safetensors
 
     with open_safetensors(path) as f:
-        return {next((k[len(p):] for p in PREFIXES if k.startswith(p)), k): tuple(f.shape(k))
-                for k in f.keys()}
+        return {unprefixed(k): tuple(f.shape(k)) for k in f.keys()}
+
+
+def unprefixed(key: str) -> str:
+    """A tensor's name with a `model.diffusion_model.` or `diffusion_model.` prefix taken off."""
+    return next((key[len(p):] for p in PREFIXES if key.startswith(p)), key)
 
 
 def transformer_config(shapes: Dict[str, tuple], arch: str, where: str) -> Dict[str, object]:
@@ -154,7 +158,9 @@ def flow_single_file(path: str, arch: str, components: Optional[str],
     diffusers folder `components` (whose own transformer is not loaded). Flux/Chroma: the
     config written from the published one and the file's shapes; the other families: the
     components folder's own transformer config (the file must be that model's size), read by
-    diffusers' single-file converter for the class."""
+    diffusers' single-file converter for the class (Qwen-Image's, which takes the names as
+    they are, gets them without ComfyUI's prefix); a file that leaves some of the transformer's
+    tensors unloaded is a ValueError."""
     import diffusers
 
     from ...network.blocks import ARCH_TITLES
@@ -179,14 +185,31 @@ def flow_single_file(path: str, arch: str, components: Optional[str],
         config = config_folder(arch, transformer_config(file_shapes(path), arch, path))
     else:
         config = components
-    transformer = cls.from_single_file(path, config=config, subfolder="transformer",
-                                       local_files_only=True, dtype=dtype)
+    try:
+        transformer = cls.from_single_file(file_weights(path) if arch == "qwenimage" else path,
+                                           config=config, subfolder="transformer",
+                                           local_files_only=True, dtype=dtype)
+    except NotImplementedError as exc:  # a tensor the converted file lacks is left on "meta"
+        if "meta tensor" not in str(exc):
+            raise
+        raise ValueError(f"{path}: it lacks weights of the {family} transformer of --components "
+                         f"{components}: not a {family} transformer in its published layout, "
+                         "or not that model's size; run a diffusers folder of it "
+                         "instead") from None
     with open(os.path.join(components, "model_index.json"), encoding="utf-8") as f:
         pipeline = getattr(diffusers, json.load(f)["_class_name"])
     pipe = pipeline.from_pretrained(components, transformer=transformer, local_files_only=True,
                                     dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return Model(pipe, arch, os.path.splitext(os.path.basename(path))[0])
+
+
+def file_weights(path: str) -> Dict[str, torch.Tensor]:
+    """A single file's tensors with a `model.diffusion_model.` prefix taken off: diffusers'
+    Qwen-Image converter takes the names as they are, and ComfyUI saves them under it."""
+    from safetensors.torch import load_file
+
+    return {unprefixed(k): v for k, v in load_file(path).items()}
 
 
 # ---- the embedded Flux demo ------------------------------------------------------------

@@ -5,9 +5,12 @@ low-rank branch at every step. Which is cheaper depends on the machine: per mult
 merge and a branch cost about the same, but each also pays per call — a branch its forward
 hook and kernel launches at every step, a merge its Python round trip at every keyframe — and
 that fixed part is what decides small, deep layers. So at the first use on a device and dtype,
-both are timed through the code the engine runs (a real Linear with a real hook for the
-branch; the fused multiply-add and the cast back for a merge) at two sizes, about a tenth of
-a second in all, and fitted as `seconds = per_mac · macs + per_call`. Merging same-shaped
+both are timed through the code the engine runs (the branch on a real Linear's output, plus
+what calling a forward hook costs; the fused multiply-add and the cast back for a merge) at
+two sizes, about a tenth of a second in all, and fitted as `seconds = per_mac · macs +
+per_call`. The branch is timed on its own, not as a hooked forward less a plain one: on a
+large layer the branch is a tenth of the forward, and the difference of two timings that
+large is mostly their noise (it once priced the branch at 0.001 ns per multiply-add). Merging same-shaped
 layers in one batch (batched_merge.py), and merging from a kept ΔW (deltas.py, priced per
 weight value), are priced the same way.
 """
@@ -23,7 +26,7 @@ from torch import nn
 
 from . import batched_merge
 from .batched_merge import Job
-from .bypass import Factors, added, low_rank_delta
+from .bypass import Factors, added, low_rank_add, low_rank_delta
 from .deltas import delta_dtype
 
 # (width, rank, tokens) of the two sizes each cost is timed at: a small deep layer and a
@@ -74,7 +77,8 @@ def _measured(device: str, dtype: torch.dtype) -> Calibration:
         merge = [_time_merges(dev, dtype, n, r, "one") for n, r, _ in SIZES]
         batch = [_time_merges(dev, dtype, n, r, "batch") for n, r, _ in SIZES]
         delta = [_time_merges(dev, dtype, n, r, "delta") for n, r, _ in SIZES]
-        bypass = [_time_bypass(dev, dtype, n, r, t) for n, r, t in SIZES]
+        hook = _time_hook_call(dev, dtype)
+        bypass = [_time_branch(dev, dtype, n, r, t) + hook for n, r, t in SIZES]
     finally:
         torch.set_num_threads(threads)
     m_macs = [n * n * (r + 1) for n, r, _ in SIZES]
@@ -134,20 +138,29 @@ def _time_merges(device, dtype, n, r, how: str) -> float:
     return _timed(merge, device) / LAYERS
 
 
-def _time_bypass(device, dtype, n, r, tokens) -> float:
-    """One layer's low-rank branch through a forward hook, over the layer's own forward."""
+def _time_branch(device, dtype, n, r, tokens) -> float:
+    """One layer's low-rank branch on its output, as the bypass adds it (bypass.py: into an
+    fp32 output in place, else a delta cast and added)."""
     gen = torch.Generator().manual_seed(0)
     layer = nn.Linear(n, n, bias=False).to(device=device, dtype=dtype)
     x = torch.randn(2, tokens // 2, n, generator=gen).to(device=device, dtype=dtype)
     f = Factors(torch.randn(r, n, generator=gen).to(device),
                 torch.randn(n, r, generator=gen).to(device))
+    with torch.no_grad():
+        out = layer(x)  # the branch adds to it at every timing: its values do not matter
+        if dtype == torch.float32:
+            return _timed(lambda: low_rank_add(x, f, 0.5, None, None, out), device)
+        return _timed(lambda: added(out, low_rank_delta(layer, x, f, 0.5, None, None)), device)
 
-    def branch(module, args, out):
-        return added(out, low_rank_delta(module, args[0], f, 0.5, None, None))
 
+def _time_hook_call(device, dtype) -> float:
+    """What calling a forward hook adds to a layer's call: on a layer too small for its own
+    work to hide it."""
+    layer = nn.Linear(8, 8, bias=False).to(device=device, dtype=dtype)
+    x = torch.zeros(1, 8, device=device, dtype=dtype)
     with torch.no_grad():
         plain = _timed(lambda: layer(x), device)
-        hook = layer.register_forward_hook(branch)
+        hook = layer.register_forward_hook(lambda module, args, out: out)
         try:
             hooked = _timed(lambda: layer(x), device)
         finally:

@@ -30,6 +30,7 @@ def netdir(tmp_path_factory):
 # NETWEAVE_SLOW=<word> draws the sample of that word (the header says today's). A test named
 # on the command line (path::name) always runs.
 SLOW_SAMPLE = 4
+LEFT_OUT = pytest.StashKey[tuple]()  # (the sample's word, how many slow checks it left out)
 
 
 def _slow_mode() -> str:
@@ -65,7 +66,7 @@ def pytest_collection_modifyitems(config, items):
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
-    config._netweave_slow = (mode, len(drop))
+    config.stash[LEFT_OUT] = (mode, len(drop))
 
 
 def pytest_report_header(config):
@@ -73,7 +74,7 @@ def pytest_report_header(config):
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    mode, dropped = getattr(config, "_netweave_slow", (None, 0))
+    mode, dropped = config.stash.get(LEFT_OUT, (None, 0))
     if dropped:
         terminalreporter.write_line(f"{dropped} slow checks outside today's sample "
                                     f"(NETWEAVE_SLOW={mode}) were not run; NETWEAVE_SLOW=all "

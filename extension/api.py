@@ -15,7 +15,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 
 from ..network.blocks import BLOCKS, PRESETS
-from ..network.plan import CompileContext, compile_prompt
+from ..network.plan import KEYED_BLOCKS, CompileContext, compile_prompt
 from ..parser import BUILTIN_REGIONS, INTERPOLATIONS, KINDS, KNOWN_KEYS
 from ..parser.names import valid_unicode
 from .library import Library
@@ -169,8 +169,7 @@ def netweave_router(masks: MaskStore, library: Library, arch: Callable[[], str])
         """What the prompt box completes: tag kinds, keys (block names included), lbw presets,
         interpolations, built-in regions."""
         a = arch()
-        keys = dict.fromkeys((*KNOWN_KEYS, *BLOCKS[a]))  # BASE, IN00, M00, OUT00 are in both
-        return {"kinds": list(KINDS), "keys": list(keys),
+        return {"kinds": list(KINDS), "keys": completion_keys(a),
                 "presets": sorted(PRESETS[a]), "interpolations": list(INTERPOLATIONS),
                 "regions": list(BUILTIN_REGIONS)}
 
@@ -181,3 +180,12 @@ def netweave_router(masks: MaskStore, library: Library, arch: Callable[[], str])
         return {"networks": found}
 
     return r
+
+
+def completion_keys(arch: str) -> list:
+    """The keys a tag takes on `arch`: every non-block key, and the block keys of the blocks
+    it has (a text encoder's only where it has that encoder; a transformer's IN and OUT blocks
+    are the in= and out= groups' keys already)."""
+    words = [k for k in KNOWN_KEYS if not k.isupper()]
+    blocks = [b for b in BLOCKS[arch] if b in KEYED_BLOCKS[arch] and b.lower() not in words]
+    return words + blocks

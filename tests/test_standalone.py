@@ -335,6 +335,20 @@ def test_vocabulary_route_names_each_key_once(client):
     vocabulary = client.get("/netweave/v1/vocabulary").json()
     keys = vocabulary["keys"]
     assert len(keys) == len(set(keys)) and {"te", "BASE", "IN00", "M00", "OUT11"} <= set(keys)
+    assert not {"T5", "CLIP", "QWEN3", "D00", "S00"} & set(keys)  # other models' blocks
+
+
+@pytest.mark.parametrize("arch, has, lacks", [
+    ("flux", {"CLIP", "T5", "D00", "S37", "te2", "double"}, {"BASE", "IN00", "QWEN3", "IN"}),
+    ("chroma", {"T5", "D18"}, {"CLIP", "BASE"}),  # Chroma has Flux's T5 and no CLIP-L
+    ("sd3", {"BASE", "T5", "te3"}, {"CLIP", "UMT5"}),
+    ("zimage", {"QWEN3", "NR00", "CR01", "S29"}, {"T5", "BASE"}),
+])
+def test_the_prompt_box_completes_the_blocks_of_the_model_it_runs(arch, has, lacks):
+    from netweave.extension.api import completion_keys
+    keys = completion_keys(arch)
+    assert len(keys) == len(set(k.lower() for k in keys)) and has <= set(keys), keys
+    assert not lacks & set(keys), lacks & set(keys)
 
 
 def test_networks_route(client):

@@ -53,15 +53,17 @@ class AttentionUnit:
     # The main call's key and value projections of the text, id(layer) -> (input, output): a
     # re-run on the same text reuses them and adds only the re-run network's own delta.
     kv: Dict[int, Tuple[Tensor, Tensor]] = field(default_factory=dict)
-    # the main call's whole input when it runs on fewer tokens (Runtime.narrow_hook)
+    # the main call's whole input when it runs on fewer tokens, and the networks re-run after
+    # it (Runtime.narrow_hook: found once per call)
     full: Optional[Tensor] = None
+    runs: Tuple[int, ...] = ()
 
     def remove_hooks(self) -> None:
         for h in self.hooks:
             h.remove()
         self.hooks = []
         self.kv.clear()
-        self.full = None
+        self.full, self.runs = None, ()
 
 
 KV_LAYERS = ("to_k", "to_v")  # the text projections, in diffusers' and LDM's attention alike
@@ -509,11 +511,15 @@ class Runtime:
         return hook
 
     def narrow_hook(self, unit: AttentionUnit):
-        """Before the main call: the tokens that re-runs replace whole are left out of it."""
+        """Before the main call: which networks re-run after it, and the tokens they replace
+        whole left out of it."""
         def hook(module, args, kwargs):
-            unit.full = None
-            if self.variant is not None or self.engine._phase_step is None or not args:
+            if self.variant is not None:
                 return None
+            unit.full, unit.runs = None, ()
+            if self.engine._phase_step is None or not args:
+                return None
+            unit.runs = tuple(j for j in sorted(unit.networks) if self._wanted(unit, j))
             keep = self._main_tokens(unit, args[0])
             if keep is None:
                 return None
@@ -529,8 +535,7 @@ class Runtime:
         One token stays if none would, for hosts whose attention wants some."""
         if not isinstance(x, Tensor) or x.dim() != 3:
             return None
-        shape = grid_for(x.shape[1], self.engine.latent)
-        runs = tuple(j for j in sorted(unit.networks) if self._wanted(unit, j))
+        shape, runs = grid_for(x.shape[1], self.engine.latent), unit.runs
         if shape is None or not runs or \
                 any(self.half(j, x.shape[0]) is not None for j in runs):
             return None
@@ -549,20 +554,20 @@ class Runtime:
         def hook(module, args, kwargs, out):
             if self.variant is not None:
                 return out
-            full, unit.full = unit.full, None
+            full, runs, unit.full, unit.runs = unit.full, unit.runs, None, ()
             try:
                 if full is not None:  # the main call ran on some tokens: zeros on the others,
                     keep, self.subset = self.subset, None  # which the re-runs fill
                     out = out.new_zeros(out.shape[0], full.shape[1], *out.shape[2:]) \
                         .index_copy_(1, keep, out)
                     args = (full,) + tuple(args[1:])
-                return self._rerun(unit, module, args, kwargs, out)
+                return self._rerun(unit, runs, module, args, kwargs, out)
             finally:
                 unit.kv.clear()  # the text of this call only
         return hook
 
-    def _rerun(self, unit: AttentionUnit, module, args, kwargs, out):
-        """The unit's output with each regional network's re-run blended in by its region."""
+    def _rerun(self, unit: AttentionUnit, runs: Tuple[int, ...], module, args, kwargs, out):
+        """The unit's output with each re-run network's (`runs`) blended in by its region."""
         if self.engine._phase_step is None:
             return out
         x = args[0]
@@ -573,10 +578,9 @@ class Runtime:
             self.report(("attention", unit.path), f"{unit.path}: cross-attention on "
                         f"{x.shape[1]} tokens fits no grid of the latent; regions skipped")
             return out
-        for j in sorted(unit.networks):
-            if not self._wanted(unit, j):
-                continue
-            grid = self.maps.on_grid(self.engine.entries[j].region, shape, x.device)
+        for j in runs:
+            region = self.engine.entries[j].region
+            grid = self.maps.on_grid(region, shape, x.device)
             if grid.empty:
                 continue
             inside = grid.inside
@@ -595,7 +599,8 @@ class Runtime:
                 self.variant, self.subset = None, None
             target = out if h is None else out.narrow(0, h, out.shape[0] - h)
             base = target if grid.full else target.index_select(1, inside)
-            d = (out_j - base) * grid.values[inside].view(1, -1, 1).to(out.dtype)
+            d = (out_j - base) * self._tokens_inside(region, shape, x.device).weights \
+                .to(out.dtype)
             part = added(target, d, None if grid.full else inside)
             out = part if h is None else _rows_back(out, part, h)
         return out

@@ -118,6 +118,7 @@ class Runtime:
         self._reused: Dict[int, Tensor] = {}  # a layer whose output a re-run reuses: its input
         self._row_factors: Dict[Tuple, RowFactors] = {}
         self._factors: Dict[Tuple[int, str], Optional[Factors]] = {}
+        self._stacked: Dict[Tuple, Factors] = {}  # a layer's contributions' factors, joined
         self._subsets: Dict[Tuple, TokenRegion] = {}
         self._main: Dict[Tuple, Optional[Tensor]] = {}  # a cross-attention's main tokens
         self._contexts: Dict[Tuple, Tensor] = {}
@@ -131,6 +132,7 @@ class Runtime:
         self.variant, self.subset, self.text, self.pooled, self.layout = (None,) * 5
         self._row_factors.clear()
         self._factors.clear()
+        self._stacked.clear()
         self._subsets.clear()
         self._main.clear()
         self._contexts.clear()
@@ -251,31 +253,35 @@ class Runtime:
             reused = self._reused.get(id(module))
             if reused is not None:  # the output is the main call's, with everything but the
                 x = reused  # re-run network already in it; the layer ran on no tokens
+            joint: List[Joint] = []
             for c in slot.contributions:
                 if not c.bypass:
                     continue
                 if c.route == "attention":
                     if self.variant != c.network:
                         continue
-                    out = self._add(slot, c, x, out, region=None)
+                    out = self._add(slot, c, x, out, None, joint)
                 elif reused is not None:
                     continue
                 elif c.route == "emb":
                     self._hold_emb(slot, c, x, out)
                 else:
-                    out = self._add(slot, c, x, out, region=None if text else c.region)
-            return out
+                    out = self._add(slot, c, x, out, None if text else c.region, joint)
+            if len(joint) == 1:
+                return low_rank_add(x, *joint[0][1:], out)
+            return self._add_joint(x, joint, out) if joint else out
         return hook
 
-    def _add(self, slot, c, x: Tensor, out: Tensor, region) -> Tensor:
+    def _add(self, slot, c, x: Tensor, out: Tensor, region, joint: List["Joint"]) -> Tensor:
         h = self.half(c.network, out.shape[0])
         if h is None:
-            return self._add_rows(slot, c, x, out, region)
-        n = out.shape[0] - h
-        part = self._add_rows(slot, c, x.narrow(0, h, n), out.narrow(0, h, n), region)
+            return self._add_rows(slot, c, x, out, region, joint)
+        n = out.shape[0] - h  # on fewer rows: not with the others
+        part = self._add_rows(slot, c, x.narrow(0, h, n), out.narrow(0, h, n), region, None)
         return _rows_back(out, part, h)
 
-    def _add_rows(self, slot, c, x: Tensor, out: Tensor, region) -> Tensor:
+    def _add_rows(self, slot, c, x: Tensor, out: Tensor, region,
+                  joint: Optional[List["Joint"]]) -> Tensor:
         s = self.strength(c)
         if not s:
             return out
@@ -283,7 +289,7 @@ class Runtime:
         if rows.none:
             return out
         if region is None:
-            return self._add_all(slot, c, x, out, s, rows, None)
+            return self._add_all(slot, c, x, out, s, rows, None, joint)
         if out.dim() == 4:  # conv or norm on (B, C, H, W)
             grid = self.maps.on_grid(region, out.shape[-2:], out.device)
             if grid.empty:
@@ -291,7 +297,7 @@ class Runtime:
             if _pointwise_conv(slot.target.module) and self._thin(slot, c, x.device) and \
                     grid.inside.numel() * GATHER_BELOW >= grid.values.numel():
                 return self._add_all(slot, c, x, out, s, rows,
-                                     grid.values.view(1, 1, *grid.shape))
+                                     grid.values.view(1, 1, *grid.shape), joint)
             if not grid.full and _croppable(slot.target.module):
                 return self._add_conv_box(slot, c, x, out, s, rows, grid)
             mask = grid.values.view(1, 1, *grid.shape)
@@ -304,7 +310,8 @@ class Runtime:
                     return out
                 if inside.numel() == found.values.numel() or self._thin(slot, c, x.device) \
                         and inside.numel() * GATHER_BELOW >= found.values.numel():
-                    return self._add_all(slot, c, x, out, s, rows, found.values.view(1, -1, 1))
+                    return self._add_all(slot, c, x, out, s, rows, found.values.view(1, -1, 1),
+                                         joint)
                 d = self._delta(slot, c, x.index_select(1, inside),
                                 lambda: out.index_select(1, inside), s, rows, found.weights)
                 return added(out, d, inside)
@@ -313,17 +320,42 @@ class Runtime:
         return out
 
     def _add_all(self, slot, c, x: Tensor, out: Tensor, s: float, rows: RowFactors,
-                 mask: Optional[Tensor]) -> Tensor:
+                 mask: Optional[Tensor], joint: Optional[List["Joint"]]) -> Tensor:
         """A contribution on every token or position (`mask`: its weight on each, or None): a
         plain two-factor one on a Linear or a 1×1 conv adds its up factor's product into the
-        output in place."""
+        output in place, with the layer's others of its kind when `joint` collects them."""
         module = slot.target.module
         f = self._thin(slot, c, x.device)
         if f is not None and not torch.is_grad_enabled() and out.dtype == torch.float32 and \
                 out.is_contiguous() and out.dim() >= 2 and \
                 (not is_conv(module) or (_pointwise_conv(module) and out.dim() == 4)):
-            return low_rank_add(x, f, s, rows.values, mask, out)
+            if joint is None:
+                return low_rank_add(x, f, s, rows.values, mask, out)
+            joint.append((id(c), f, s, rows.values, mask))
+            return out
         return added(out, self._delta(slot, c, x, out, s, rows, mask))
+
+    def _add_joint(self, x: Tensor, joint: List["Joint"], out: Tensor) -> Tensor:
+        """Several two-factor contributions on one layer's input as one: their down factors
+        stacked make one intermediate, each takes its own strength, mask and rows on its
+        part of it, and their up factors side by side add it into the output in one product
+        (two products per layer instead of two per network)."""
+        key = tuple(j[0] for j in joint) + (str(x.device),)
+        if key not in self._stacked:
+            self._stacked[key] = Factors(torch.cat([j[1].down for j in joint]),
+                                         torch.cat([j[1].up for j in joint], dim=1))
+        f = self._stacked[key]
+        x = x.to(torch.float32)
+        spatial = x.dim() == 4
+        h = torch.matmul(f.down, x.flatten(2)) if spatial else F.linear(x, f.down)
+        start = 0
+        for _, part, s, rows, mask in joint:
+            r = part.down.shape[0]
+            h_j = h.narrow(1 if spatial else -1, start, r)
+            start += r
+            _scale(h_j, s, rows, None if mask is None else
+                   mask.to(torch.float32).flatten(2) if spatial else mask.to(torch.float32))
+        return _add_up(out, f.up, h, spatial)
 
     def _thin(self, slot, c, device) -> Optional[Factors]:
         """A contribution's two factors where its delta runs through them (its rank-r
@@ -680,6 +712,9 @@ def _croppable(module: nn.Module) -> bool:
 
 
 WHOLE = RowFactors(None)
+# a two-factor contribution a layer's hook adds with the others of its kind (Runtime._add_joint):
+# (its id, its factors, strength, row factors or None, mask or None)
+Joint = Tuple[int, Factors, float, Optional[Tensor], Optional[Tensor]]
 # A region on at least 1/GATHER_BELOW of a layer's tokens is computed on all of them, masked:
 # gathering and scattering its tokens would move about as many bytes as the thin products save.
 GATHER_BELOW = 3
@@ -710,13 +745,23 @@ def low_rank_add(x: Tensor, f: Factors, s: float, rows: Optional[Tensor],
     h = torch.matmul(f.down, x.flatten(2)) if spatial else F.linear(x, f.down)
     if mask is not None:
         mask = mask.to(torch.float32).flatten(2) if spatial else mask.to(torch.float32)
+    _scale(h, s, rows, mask)
+    return _add_up(out, f.up, h, spatial)
+
+
+def _scale(h: Tensor, s: float, rows: Optional[Tensor], mask: Optional[Tensor]) -> None:
+    """The rank-r intermediate (or a network's part of it) times s · rows ⊙ mask, in place."""
     h.mul_(s if mask is None else mask * s)
     if rows is not None:
         h.mul_(rows.view(-1, *([1] * (h.dim() - 1))))
+
+
+def _add_up(out: Tensor, up: Tensor, h: Tensor, spatial: bool) -> Tensor:
+    """out += up · h, accumulated in the output's own storage."""
     if spatial:
-        out.flatten(2).baddbmm_(f.up.expand(h.shape[0], -1, -1), h)
+        out.flatten(2).baddbmm_(up.expand(h.shape[0], -1, -1), h)
     else:
-        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), f.up.t())
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
     return out
 
 

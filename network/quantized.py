@@ -12,6 +12,7 @@ Recognised by the attributes each format's own classes carry, so a host's copies
 |---|---|---|
 | GGUF | `quant_type` + `quant_shape` (diffusers), `tensor_type` + `tensor_shape` (ComfyUI-GGUF) | the `gguf` package |
 | Forge/Neo GGUF | `gguf_cls` (its quant class; `shape` says the real shape) | that class's `dequantize_pytorch` |
+| Forge/Neo GGUF F16/F32 | `gguf_cls` None (a GGUF file's float tensor, read by the host's GGUF layers, which may swap it for a cast copy at a forward) | none: its data is the floats |
 | bitsandbytes 4-bit | `quant_state` (Params4bit, Forge's ForgeParams4bit) | `bitsandbytes.functional.dequantize_4bit` |
 | bitsandbytes 8-bit | `SCB` (Int8Params) | `bitsandbytes.functional.int8_vectorwise_dequant` |
 | SDNQ | the layer's `sdnq_dequantizer` | that dequantizer |
@@ -48,7 +49,7 @@ def kind_of(module: nn.Module) -> Optional[Quant]:
     w = getattr(module, "weight", None)
     if not isinstance(w, Tensor):
         return None
-    if getattr(w, "gguf_cls", None) is not None:  # Forge's and Neo's ParameterGGUF
+    if hasattr(w, "gguf_cls"):  # Forge's and Neo's ParameterGGUF, its F16/F32 ones too
         return Quant.GGUF
     if any(getattr(w, t, None) is not None and getattr(w, s, None) is not None
            for t, s in _GGUF_ATTRS) and _gguf_type(w) not in ("F32", "F16", "BF16"):
@@ -80,7 +81,7 @@ def logical_shape(module: nn.Module) -> Tuple[int, ...]:
     if kind is None:
         return tuple(int(v) for v in w.shape)
     if kind is Quant.GGUF:
-        if getattr(w, "gguf_cls", None) is not None:  # Forge's `shape` is the real one
+        if hasattr(w, "gguf_cls"):  # Forge's `shape` is the real one
             return tuple(int(v) for v in w.shape)
         for _, s in _GGUF_ATTRS:
             shape = getattr(w, s, None)
@@ -103,6 +104,8 @@ def dequantize(module: nn.Module) -> Tensor:
     w = module.weight
     if kind is Quant.GGUF and callable(getattr(getattr(w, "gguf_cls", None), "dequantize_pytorch", None)):
         d = w.gguf_cls.dequantize_pytorch(w)
+    elif kind is Quant.GGUF and hasattr(w, "gguf_cls"):  # F16/F32: no quant class, the floats
+        d = torch.Tensor(w.detach())
     elif kind is Quant.GGUF:
         d = _gguf_dequantize(w, logical_shape(module))
     elif kind is Quant.BNB_4BIT:

@@ -245,17 +245,23 @@ def test_scaled_weights_merge_on_the_weight_the_layer_computes_with(forge):
         adapter.ADAPTER.engine = None
 
 
-def test_a_quantized_layer_takes_its_network_beside_it(forge):
+@pytest.mark.parametrize("maker", ["gguf_linear", "gguf_f16_linear"])
+def test_a_quantized_layer_takes_its_network_beside_it(forge, maker):
     """Forge's GGUF Linear (its weight a ParameterGGUF with `gguf_cls`) is never written: the
-    network runs beside it (network/quantized.py), and the image still changes there."""
-    from backend.operations import gguf_linear
+    network runs beside it (network/quantized.py), and the image still changes there. So does
+    an F16/F32 tensor of a GGUF file, a ParameterGGUF without a quant class (`gguf_cls` None;
+    Neo's real GGUF SD1 left the network out on its 96 F16 conv and small layers: "its weight
+    is stored quantized (ParameterGGUF, torch.float16)")."""
+    from backend import operations
     from forge_model import StableDiffusion
     from modules import shared
+
+    from netweave.network.quantized import dequantize
     adapter, _, model = forge
 
     def quantize(unet):
         block = unet.get_submodule(TO_Q.rsplit(".", 1)[0])
-        block.to_q = gguf_linear(block.to_q)
+        block.to_q = getattr(operations, maker)(block.to_q)
     adapter.ADAPTER.off()
     quantized = StableDiffusion(unet_layers=quantize)
     shared.sd_model = quantized
@@ -267,7 +273,10 @@ def test_a_quantized_layer_takes_its_network_beside_it(forge):
         engine = adapter.ADAPTER.engine
         (q,) = [t for t in engine.keymap.targets if t.path == TO_Q]
         assert q.quant is not None and engine.strengths(q) == {0: 1.0}
+        assert q.shape == tuple(q.module.weight.shape)  # the real shape
         assert engine.pristine_bytes and not any(k[0] == id(q.module) for k in engine._pristine)
+        if maker == "gguf_f16_linear":
+            assert torch.equal(dequantize(q.module), q.module.weight.detach().float())
         adapter.ADAPTER.off()
         assert same(snapshot(quantized), pristine)
     finally:

@@ -91,11 +91,12 @@ class Q8:
 
 
 class ParameterGGUF(torch.nn.Parameter):
-    """backend/operations_gguf.py: the raw bytes, `gguf_cls`, and `shape` the real one."""
+    """backend/operations_gguf.py: the raw bytes, `gguf_cls`, and `shape` the real one. An F16
+    or F32 tensor of a GGUF file has no quant class (`gguf_cls` None): its data is the floats."""
 
-    def __new__(cls, raw, real_shape):
+    def __new__(cls, raw, real_shape, gguf_cls=Q8):
         self = super().__new__(cls, raw, requires_grad=False)
-        self.gguf_cls, self.real_shape = Q8, torch.Size(real_shape)
+        self.gguf_cls, self.real_shape = gguf_cls, torch.Size(real_shape)
         return self
 
     @property
@@ -108,6 +109,17 @@ def gguf_linear(linear):
     layer = ForgeOperationsGGUF.Linear()
     w = linear.weight.detach()
     layer.weight = ParameterGGUF(Q8.quantize(w).reshape(-1), w.shape)
+    if linear.bias is not None:
+        layer.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return layer
+
+
+def gguf_f16_linear(linear):
+    """A Forge GGUF Linear holding `linear`'s weight as an F16 tensor of a GGUF file (city96's
+    conversions keep small and conv weights so): a ParameterGGUF without a quant class."""
+    layer = ForgeOperationsGGUF.Linear()
+    w = linear.weight.detach()
+    layer.weight = ParameterGGUF(w.to(torch.float16), w.shape, gguf_cls=None)
     if linear.bias is not None:
         layer.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
     return layer

@@ -16,17 +16,23 @@ from tinypipes import FAMILIES, write_pipeline
 TYPES = {"zimage": "zimage", "qwenimage": "qwen", "sd3": "sd3", "wan22": "wanai"}
 
 
-def load(arch):
+def from_folder(folder, arch):
     """The pipeline as SD.Next's loader leaves it (pipelines/model_*.py: encode_prompt
-    hijacked); a LoRA on the transformer, and for SD3 one on CLIP-L."""
+    hijacked)."""
+    from diffusers import DiffusionPipeline
+    from modules import sd_hijack_te
+    pipe = DiffusionPipeline.from_pretrained(str(folder))
+    for name in ("tokenizer", "tokenizer_3"):  # no shorter than the pipelines' defaults
+        if getattr(pipe, name, None) is not None and arch != "zimage":
+            getattr(pipe, name).model_max_length = 1024
+    sd_hijack_te.init_hijack(pipe)
+    return pipe
+
+
+def load(arch):
+    """The pipeline as SD.Next loads it; a LoRA on the transformer, and for SD3 one on CLIP-L."""
     def make(root):
-        from diffusers import DiffusionPipeline
-        from modules import sd_hijack_te
-        pipe = DiffusionPipeline.from_pretrained(str(write_pipeline(root / f"tiny{arch}", arch)))
-        for name in ("tokenizer", "tokenizer_3"):  # no shorter than the pipelines' defaults
-            if getattr(pipe, name, None) is not None and arch != "zimage":
-                getattr(pipe, name).model_max_length = 1024
-        sd_hijack_te.init_hijack(pipe)
+        pipe = from_folder(write_pipeline(root / f"tiny{arch}", arch), arch)
         transformer_lora(root / "Lora" / "dit.safetensors", pipe.transformer)
         if arch == "sd3":
             clip_lora(root / "Lora" / "clipl.safetensors", pipe.text_encoder)
@@ -108,3 +114,41 @@ def test_wan_experts_each_get_their_strength_and_both_come_back(host):
     draw(adapter, arch, PROMPT)
     for b, a in zip(before, weights()):
         assert all(torch.equal(b[k], a[k]) for k in b)
+
+
+def test_the_builtins_diffusers_adapters_leave_netweave_the_models_layers(host):
+    """SD.Next's built-in loads a LoRA through diffusers (PEFT) where it has no native loader
+    (Wan, Qwen-Image: lora_overrides.allow_native; every model with lora_force_diffusers),
+    into `transformer` and, for `:low`, `transformer_2` (lora_diffusers.load_per_module), and
+    when a request drops it, it only disables the adapters: the layers stay PEFT wrappers. A
+    model loaded, the built-in's LoRA used (NetWeave off) and dropped, then NetWeave: its LoRA
+    draws what it draws on the model without them (it found none of its layers: "20 of its
+    layers name no layer of this model", and the tag did nothing), and the wrappers are gone.
+    Needs peft (SD.Next installs it; NetWeave's environment does not): skipped without."""
+    arch, adapter, _ = host
+    if arch not in ("wan22", "qwenimage"):
+        pytest.skip("SD.Next's built-in loads Wan and Qwen-Image LoRAs through diffusers")
+    from diffusers.utils import USE_PEFT_BACKEND
+    if not USE_PEFT_BACKEND:
+        pytest.skip("diffusers loads LoRAs only with peft installed")
+    from modules import shared
+    model = shared.sd_model
+    reference, _, _ = draw(adapter, arch, f"{PROMPT} <lora:dit:1>")
+    pipe = from_folder(model.name_or_path, arch)  # the same model, loaded again
+    shared.sd_model = pipe
+    try:
+        draw(adapter, arch, PROMPT, enabled=False)  # the built-in's turn: NetWeave off
+        folder = shared.cmd_opts.lora_dir  # a folder and a weight_name: offline, as a file is not
+        pipe.load_lora_weights(folder, weight_name="dit.safetensors", adapter_name="dit")
+        if arch == "wan22":  # `<lora:dit:1:low>`: the same adapter on the low-noise expert
+            pipe.load_lora_weights(folder, weight_name="dit.safetensors", adapter_name="dit",
+                                   load_into_transformer_2=True)
+        assert any(pipe.get_list_adapters().values())
+        pipe.disable_lora()  # the built-in, at a request without its LoRA
+        lora, out, _ = draw(adapter, arch, f"{PROMPT} <lora:dit:1>")
+        assert "NetWeave errors" not in out.extra_generation_params, out.extra_generation_params
+        assert same(lora, reference)
+        assert not any(pipe.get_list_adapters().values())
+    finally:
+        shared.sd_model = model
+    assert same(draw(adapter, arch, f"{PROMPT} <lora:dit:1>")[0], reference)

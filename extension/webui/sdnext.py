@@ -3,7 +3,8 @@ script callback (`on_cfg_denoiser` is never fired), activates extra networks onc
 right before it encodes the prompt, and merges `p.task_args` over the pipeline's arguments. So:
 
 - `process`: take the `lora`, `lyco`, `loractl` and `model` names; the built-in Lora is first
-  made to unload what it fused (`release_builtin`). Disabled: names back, weights restored.
+  made to unload what it fused (`release_builtin`) and the PEFT adapters it loaded through
+  diffusers and left disabled are unloaded. Disabled: names back, weights restored.
 - `before_process_batch` (the prompts still have their tags): the plan, for this `p` only.
 - our handler's `activate` (SD.Next calls it in `process_base`, just before encoding): the
   engine activated and the text encoders left as step 0 has them, so SD.Next's own encoding
@@ -339,18 +340,37 @@ def release_builtin(handler, p) -> None:
     the key it has recorded and under both of the keys SD.Next's callers use."""
     if not {"include", "exclude"} <= set(inspect.signature(handler.activate).parameters):
         handler.activate(p, [])
+    else:
+        filters = [([], TEXT_ENCODERS), ([], [])]
+        for key in list(getattr(pipeline(), "loaded_loras", None) or {}):
+            try:
+                inc, exc = (part.split("=", 1)[1] for part in str(key).split(":", 1))
+            except (ValueError, IndexError):
+                continue  # a key of another shape: the two above still run
+            found = ([] if inc == "all" else inc.split(","),
+                     [] if exc == "none" else exc.split(","))
+            if found not in filters:
+                filters.insert(0, found)
+        for include, exclude in filters:
+            handler.activate(p, [], include=include, exclude=exclude)
+    unload_adapters(pipeline())
+
+
+def unload_adapters(pipe) -> None:
+    """Where SD.Next has no native loader for the model (Wan, Qwen-Image; any model with
+    `lora_force_diffusers`) the built-in loads a network through diffusers (PEFT), and a
+    request without it only disables the adapters (lora/extra_networks_lora.py): the layers
+    stay PEFT wrappers around the model's own, in which NetWeave's key map finds no layer it
+    knows (a tag then does nothing: "N of its layers name no layer of this model"). Once the
+    built-in holds nothing, the pipeline's own unload_lora_weights puts every layer back (the
+    built-in loads its file again when next asked; SD.Next re-applies its offload before each
+    pipeline call)."""
+    try:
+        held = pipe.get_list_adapters()
+    except (AttributeError, ValueError, TypeError):  # no LoRA loader, or no peft: none held
         return
-    filters = [([], TEXT_ENCODERS), ([], [])]
-    for key in list(getattr(pipeline(), "loaded_loras", None) or {}):
-        try:
-            inc, exc = (part.split("=", 1)[1] for part in str(key).split(":", 1))
-        except (ValueError, IndexError):
-            continue  # a key of another shape: the two above still run
-        found = ([] if inc == "all" else inc.split(","), [] if exc == "none" else exc.split(","))
-        if found not in filters:
-            filters.insert(0, found)
-    for include, exclude in filters:
-        handler.activate(p, [], include=include, exclude=exclude)
+    if any(held.values()):
+        pipe.unload_lora_weights()
 
 
 def allow_in_control() -> None:

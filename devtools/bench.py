@@ -401,7 +401,8 @@ class Bench:
     def steps(self, on_step: Optional[Callable[[int], None]] = None,
               steps: Optional[int] = None) -> Tuple[float, float]:
         """(seconds of the workload, seconds of the bare twin) over the pass: each step the
-        twin runs, then the workload (`on_step(k)`, then its model call)."""
+        twin and the workload (`on_step(k)`, then its model call) run in turn, the twin first
+        at even steps and second at odd ones, so neither gains from its place."""
         def step(k):
             if on_step is not None:
                 on_step(k)
@@ -409,9 +410,17 @@ class Bench:
         mine = base = 0.0
         with torch.no_grad():
             for k in range(self.setup.steps if steps is None else steps):
-                base += self._timed(lambda: self.forward(k, self.twin))
-                mine += self._timed(lambda: step(k))
+                pair = self._pair(lambda: self.forward(k, self.twin), lambda: step(k), k)
+                base, mine = base + pair[0], mine + pair[1]
         return mine, base
+
+    def _pair(self, twin, workload, k: int) -> Tuple[float, float]:
+        """(the twin's seconds, the workload's) at step k, in the order the step's parity says."""
+        if k % 2:
+            mine = self._timed(workload)
+            return self._timed(twin), mine
+        base = self._timed(twin)
+        return base, self._timed(workload)
 
     def _timed(self, fn) -> float:
         _sync(self.device)
@@ -427,8 +436,6 @@ class Bench:
         mine = base = 0.0
         with torch.no_grad():
             for k in range(self.setup.steps):
-                base += self._timed(lambda: self.forward(k, self.twin))
-
                 def passes():
                     outs = []
                     for p in plans:
@@ -436,7 +443,8 @@ class Bench:
                         engine.set_step(k)
                         outs.append(self.forward(k))
                     return outs[0] * left + outs[1] * (1 - left)
-                mine += self._timed(passes)
+                pair = self._pair(lambda: self.forward(k, self.twin), passes, k)
+                base, mine = base + pair[0], mine + pair[1]
         return mine, base
 
     def flops(self, engine: Optional[Engine]) -> float:

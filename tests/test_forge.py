@@ -283,6 +283,47 @@ def test_a_quantized_layer_takes_its_network_beside_it(forge, maker):
         shared.sd_model = model
 
 
+CONV = "input_blocks.1.0.in_layers.2"  # a 3x3 conv, IN01
+
+
+BESIDE_CONV = pytest.mark.xfail(raises=RuntimeError, strict=True, reason=(
+    "network/bypass.py Runtime._quantized_delta builds an nn.Linear stub from the conv's 4-D "
+    "shape for algorithms without two plain factors (LoHa: 't() expects a tensor with <= 2 "
+    "dimensions'); it wants a stub built like the layer (layer_view with a zero weight)"))
+
+
+@pytest.mark.parametrize("tag", ["<lora:style:1:region=left>",
+                                 pytest.param("<lora:texture:1>", marks=BESIDE_CONV),
+                                 pytest.param("<lora:texture:1:region=left>", marks=BESIDE_CONV)])
+def test_a_quantized_conv_takes_its_network_beside_it(forge, tag):
+    """A 3x3 conv stored in a GGUF file (F16, as city96's SD1 files keep convs; Neo's GGUF
+    Conv2d) runs every network beside it: a region's box (the real Neo raised "mat1 and mat2
+    shapes cannot be multiplied" on region=left: a quantized layer's view was a Linear) and
+    LoHa (its stub is a Linear too: bypass.py, not fixed here)."""
+    from backend import operations
+    from forge_model import StableDiffusion
+    from modules import shared
+    adapter, _, model = forge
+
+    def quantize(unet):
+        parent, name = CONV.rsplit(".", 1)
+        block = unet.get_submodule(parent)
+        block[int(name)] = operations.gguf_f16_conv(block[int(name)])
+    adapter.ADAPTER.off()
+    quantized = StableDiffusion(unet_layers=quantize)
+    shared.sd_model = quantized
+    try:
+        pristine = snapshot(quantized)
+        out, _ = generate("a " + tag, steps=2)
+        assert "NetWeave errors:" not in out.infotexts[0] and len(out.images) == 1
+        (q,) = [t for t in adapter.ADAPTER.engine.keymap.targets if t.path == CONV]
+        assert q.quant is not None
+        adapter.ADAPTER.off()
+        assert same(snapshot(quantized), pristine)
+    finally:
+        shared.sd_model = model
+
+
 def test_the_entry_script_picks_the_forge_adapter(forge, repo_root):
     import importlib.util
 

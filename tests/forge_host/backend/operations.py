@@ -75,6 +75,17 @@ class ForgeOperationsGGUF(ForgeOperations):
             return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
 
 
+    class Conv2d(torch.nn.Conv2d):
+        """Neo's: torch's Conv2d, its weight a ParameterGGUF, cast to the input's dtype."""
+
+        def reset_parameters(self):
+            return None
+
+        def forward(self, x):
+            weight, bias = get_weight_and_bias(self)
+            return super()._conv_forward(x, weight.to(x.dtype), bias)
+
+
 class Q8:
     """A GGUF quantization class stand-in (backend/operations_gguf.py quants_mapping): int8
     blocks with one scale, stored as raw bytes."""
@@ -122,6 +133,16 @@ def gguf_f16_linear(linear):
     layer.weight = ParameterGGUF(w.to(torch.float16), w.shape, gguf_cls=None)
     if linear.bias is not None:
         layer.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return layer
+
+
+def gguf_f16_conv(conv):
+    """A GGUF Conv2d holding `conv`'s weight as an F16 tensor of a GGUF file."""
+    w = conv.weight.detach()
+    layer = ForgeOperationsGGUF.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size,
+                                       conv.stride, conv.padding, device="meta")
+    layer.weight = ParameterGGUF(w.to(torch.float16), w.shape, gguf_cls=None)
+    layer.bias = torch.nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
     return layer
 
 

@@ -15,7 +15,7 @@ console, infotext and UI whenever `collect()` says something new came in.
 from __future__ import annotations
 
 import dataclasses
-from typing import List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 from ..network.engine import Engine
 from ..network.files import FileHash
@@ -57,6 +57,7 @@ class Session:
         self.plans: List[Plan] = []
         self.masks: Mapping = store
         self._seen = (0, 0)  # engine errors and warnings already in the report
+        self._turns: List[Tuple[str, List[Plan]]] = []  # the experts still to come (next_expert)
 
     def context(self, steps: int, hires_steps: Optional[int] = None, **host) -> CompileContext:
         """`host`: what compile_context takes from the adapter (sigmas, hires_sigmas,
@@ -69,15 +70,21 @@ class Session:
                 inline: Optional[Mapping] = None, problems: Sequence[str] = (),
                 sigmas: Optional[Sequence[float]] = None,
                 hires_sigmas: Optional[Sequence[float]] = None,
-                negative_rows: bool = True, switch_step: Optional[int] = None) -> List[Plan]:
+                negative_rows: bool = True, switch_step: Optional[int] = None,
+                experts: Sequence[str] = (),
+                rename: Optional[Callable[[str, str], str]] = None) -> List[Plan]:
         """Compile one plan per prompt of the batch (`hires_prompts`: the hires pass's own
         prompts, whose tags drive that pass as the hosts' do), activate the engine for a
         `latent` (h, w) of `rows` UNet rows, and begin the report. `problems`: what the host
         found before (an unreadable inline mask). `sigmas`, `hires_sigmas`: the noise level the
         model is called with at each step of each pass, where the adapter knows it before
         sampling (None: `s…` positions warn); `negative_rows`: False for a guidance-distilled
-        model (`neg=` warns). NetWeave switched off in the settings: the tags are text it
-        ignores, and every weight is pristine."""
+        model (`neg=` warns). `experts`: the experts of a model that take turns on this one
+        engine, in order (the host loads the next one's weights while sampling: Forge Neo's
+        refiner); a set of plans is compiled for each, the first's activated, and
+        `next_expert` moves on; `rename`: as next_expert's, for the first of them (the host
+        already holds a later expert's weights). NetWeave switched off in the settings: the
+        tags are text it ignores, and every weight is pristine."""
         self.masks = Overlay(inline or {}, self.store)
         for p in problems:
             self.report.add(p)
@@ -86,22 +93,72 @@ class Session:
         # A model of two experts (extension/experts.py): one set of plans per expert, the
         # first expert's reported (the same tags give the same diagnostics)
         # (`switch_step`: the step the second expert takes over, for Wan2GP's per-expert values)
-        experts = getattr(self.engine, "experts", None)
+        engines = getattr(self.engine, "experts", None)
+        if engines and experts:
+            raise ValueError("experts take turns on one engine, not on one engine each")
         by_expert = {e: self._compile(prompts, hires_prompts, hires_steps,
                                       dataclasses.replace(ctx, expert=e, switch_step=switch_step
                                                           if e else None))
-                     for e in (experts or (None,))}
+                     for e in (engines or experts or (None,))}
         plans = next(iter(by_expert.values()))
         for plan in plans:
             self.report.add_diagnostics(plan.errors)
+        if experts and rename is not None:
+            plans = [self._renamed(plan, experts[0], rename) for plan in plans]
+        self._turns = [(e, by_expert[e]) for e in experts[1:]]
         self.engine.configure(**self.settings.engine_options())
-        self.engine.activate(by_expert if experts else plans, latent=latent, batch=rows,
+        self.engine.activate(by_expert if engines else plans, latent=latent, batch=rows,
                              masks=self.masks)
+        self._activated(plans)
+        return plans
+
+    def next_expert(self, engine: Optional[Engine] = None, *, rewritten: Sequence[str] = (),
+                    at: Optional[Tuple[str, int]] = None,
+                    rename: Optional[Callable[[str, str], str]] = None) -> Optional[str]:
+        """The next of prepare's `experts` takes over at (phase, step) `at` (default: where
+        the engine stands), when the host has loaded its weights: into this engine's trees,
+        whose `rewritten` components now hold them (Engine.rewritten), or as a model of its
+        own, on which `engine` is new (this one is the host's to release). `rename(kind,
+        name)`: the file the host loads for that expert in a network's place (Forge Neo's
+        LoRA replacements); one not found is reported and left out from then on. Returns the
+        expert, or None when there is no next one."""
+        if not self._turns:
+            return None
+        expert, plans = self._turns.pop(0)
+        old = self.engine
+        at = at or old.position or ("base", 0)
+        if rename is not None:
+            plans = [self._renamed(plan, expert, rename) for plan in plans]
+        if engine is None:
+            old.rewritten(rewritten, plans=plans, at=at)
+        else:
+            self.engine = engine
+            engine.configure(**self.settings.engine_options())
+            engine.activate(plans, latent=old.latent, batch=old.batch, masks=self.masks, at=at)
+        self._activated(plans)
+        return expert
+
+    def _renamed(self, plan: Plan, expert: str, rename: Callable[[str, str], str]) -> Plan:
+        kept = []
+        for n in plan.networks:
+            name = rename(n.kind, n.name)
+            if name != n.name:
+                try:
+                    self.library.find(n.kind, name)
+                except (FileNotFoundError, ValueError):
+                    self.report.add(f"{n.kind}:{n.name}: the {expert}-noise expert takes "
+                                    f"'{name}' in its place, and there is no {n.kind} by that "
+                                    "name; it is left out there")
+                    continue
+                n = dataclasses.replace(n, tag=dataclasses.replace(n.tag, name=name))
+            kept.append(n)
+        return dataclasses.replace(plan, networks=tuple(kept))
+
+    def _activated(self, plans: List[Plan]) -> None:
         self.plans = plans
         self._seen = (0, 0)
         self.collect()
         self._describe_resources()
-        return plans
 
     def _compile(self, prompts, hires_prompts, hires_steps, ctx: CompileContext) -> List[Plan]:
         plans = [compile_prompt(text, ctx) for text in prompts]

@@ -214,9 +214,11 @@ class Engine:
 
     def activate(self, plan, *, latent: Optional[Tuple[int, int]] = None,
                  batch: Optional[int] = None,
-                 masks: Optional[Mapping[str, object]] = None) -> List[str]:
+                 masks: Optional[Mapping[str, object]] = None,
+                 at: Tuple[str, int] = ("base", 0)) -> List[str]:
         """Load the networks of a plan — or of one plan per prompt of the batch — and merge
-        them at (base, step 0). `latent` (h, w), `batch` (UNet rows) and `masks` (name →
+        them at (base, step 0), or at the (phase, step) `at` (a plan that takes over while
+        sampling). `latent` (h, w), `batch` (UNet rows) and `masks` (name →
         image) describe this generation; each left out keeps the last one given. Returns the
         problems (a missing or bad file, or a missing mask, skips its network; the generation
         goes on); `errors` holds them, and those found while sampling."""
@@ -278,19 +280,57 @@ class Engine:
         self.blender.attach(self.trees.get("unet"), {
             phase: stream_steps(self, phase, n) for phase, n in
             (("base", self.plan.steps), ("hires", self.plan.hires_steps)) if n})
+        phase, k = at
+        self._check_step(k, phase)
         try:
-            self._guarded(self._merge_where_changed, "base", 0, list(self._slots.values()))
+            self._guarded(self._merge_where_changed, phase, k, list(self._slots.values()))
         except MergeOverflow as exc:  # everything is restored: again without that network
             e = entries[exc.contribution.network]
             errors = errors + [f"{e.net.kind}:{e.net.name}: left out: {exc}"] + \
-                self.activate(_without(plans, e))
+                self.activate(_without(plans, e), at=at)
             self.errors = list(errors)
             return errors
-        self._phase_step = ("base", 0)
+        self._phase_step = (phase, k)
         self.warnings += [f"{entries[i].net.kind}:{entries[i].net.name}: merged into quantized "
                           f"layers and quantized again; the format's rounding is up to "
                           f"{100 * e:.2g} % of its change" for i, e in sorted(self._rounding.items())]
         return errors
+
+    def rewritten(self, components: Sequence[str] = ("unet",), plans=None,
+                  at: Optional[Tuple[str, int]] = None) -> List[str]:
+        """The host loaded other weights into the layers of these trees (a checkpoint's state
+        dict copied into the same modules, e.g. a model's second expert): they are the
+        pristine weights from now on. Their pristine copies are dropped (taken again, from
+        the new weights, at their next merge) and the networks merged again at (phase, step)
+        `at`, default where the engine stands: the plan's, or `plans` instead (activated
+        there, so each layer is merged once). Returns activate's problems (none without
+        `plans`)."""
+        if self.plan is None:
+            return [] if plans is None else self.activate(plans, at=at or ("base", 0))
+        at = at or self._phase_step or ("base", 0)
+        touched = [s for s in self._slots.values() if s.target.component in set(components)]
+        modules = {id(s.target.module) for s in touched}
+        for key in [key for key, (m, _) in self._pristine.items() if id(m) in modules]:
+            del self._pristine[key]
+        for key, (module, _) in list(self._quantized.items()):
+            if key in modules:  # the parameter the host loaded into is the original now
+                self._quantized[key] = (module, module._parameters["weight"])
+        held = {}
+        for slot in touched:  # each holds its new pristine weight, nothing merged
+            held[slot.target] = dict(slot.merged_now)
+            slot.applied, slot.views = (), {}
+        if plans is not None:
+            return self.activate(plans, at=at)
+        self._guarded(self._merge_where_changed, *at,
+                      [s for s in touched if s.target.component == "unet"])
+        for slot in touched:
+            if slot.target.component != "unet":  # what was merged for the encoding under way
+                now = held[slot.target]
+                self._guarded(self._merge_where_changed, *at, [slot], lambda c: (
+                    c.now if c.bypass and c.now is not None else now.get(c.network, 0.0)))
+        if at != self._phase_step:  # the other layers to that step as well
+            self.set_step(at[1], at[0])
+        return []
 
     def set_rows(self, prompts: Sequence[int], uncond: Sequence[bool]) -> None:
         """What each row of the next UNet calls is: its prompt (index into the plans given to

@@ -42,13 +42,14 @@ def host_modules(paths, names):
 
 
 def generate(adapter, scripts_before, prompt, enabled=True, options="", record=None,
-             unet_calls=None, **kw):
+             unet_calls=None, scripts_after=(), **kw):
     """One txt2img through the host's processing stand-in, NetWeave's script after
-    `scripts_before`; `record`: a target whose strengths are noted at every denoiser call
-    (step, is_hr_pass, strengths); `unet_calls`: each UNet call's (cond_or_uncond, the rows
-    NetWeave described), from a pre-hook after NetWeave's."""
+    `scripts_before` (and before `scripts_after`, which take no arguments); `record`: a
+    target whose strengths are noted at every denoiser call (step, is_hr_pass, strengths);
+    `unet_calls`: each UNet call's (cond_or_uncond, the rows NetWeave described), from a
+    pre-hook after NetWeave's."""
     from modules import processing, script_callbacks, scripts
-    runner = scripts.ScriptRunner([*scripts_before, adapter.NetWeaveScript()])
+    runner = scripts.ScriptRunner([*scripts_before, adapter.NetWeaveScript(), *scripts_after])
     args = [enabled, options]
     p = processing.StableDiffusionProcessingTxt2Img(prompt=prompt, scripts=runner,
                                                     script_args=args, **kw)

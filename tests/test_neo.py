@@ -16,7 +16,8 @@ import forge_family as ff
 
 HOST = os.path.join(os.path.dirname(__file__), "neo_host")
 PATHS = [HOST, os.path.join(HOST, "sd_forge_lora"), os.path.join(HOST, "sd_forge_lora_schedule")]
-SWAPPED = ("modules", "backend", "networks", "extra_networks_lora", "control", "neo_model")
+SWAPPED = ("modules", "modules_forge", "backend", "networks", "extra_networks_lora", "control",
+           "neo_model")
 STEPS = 4
 
 
@@ -372,8 +373,9 @@ LEFT_OUT = "which hold no image token of their own"  # a regional network's text
 
 
 def test_a_refiner_switch_leaves_the_generation_to_neo(clean, capsys):
-    """Neo swaps the weights for its refiner inside the denoiser (Wan 2.2's second expert
-    too): NetWeave steps aside, the tags are Neo's LoRA's, nothing of NetWeave's is merged."""
+    """Neo swaps the weights for its refiner inside the denoiser: on any family but Wan (whose
+    refiner is its second expert, tests/test_neo_refiner.py) NetWeave steps aside, the tags
+    are Neo's LoRA's, nothing of NetWeave's is merged."""
     from modules import extra_networks, scripts
     neo = clean
 

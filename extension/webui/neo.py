@@ -16,8 +16,19 @@ What differs from Forge 2:
   (`text_encoders.qwen3.model.layers.…`), as ComfyUI, kohya, diffusers or DiffSynth do. A family
   NetWeave does not know (Flux.2, Lumina 2, Anima, …) keeps every tag for Neo's own LoRA: the
   names are not taken and the console says so once. So does a generation with Neo's refiner
-  (an SDXL refiner, Wan 2.2's second expert): Neo swaps the weights inside the denoiser and
-  re-applies its own LoRA to them (`NeoAdapter.aside`).
+  on any other family than Wan (an SDXL refiner: another architecture; `NeoAdapter.aside`).
+- Wan 2.2 A14B runs on Neo as a checkpoint (the high-noise expert) and its refiner (the
+  low-noise one), which Neo's `apply_refiner` switches to inside the denoiser, before any
+  callback: NetWeave compiles each expert's plans (`high`/`low`, `high=`/`low=`) and follows
+  the switch (`follow_refiner`, by what Neo changed: its ORIGINAL_CHECKPOINT set, or a new
+  model object). "Reload state_dict only" loads the refiner into the same modules: the
+  engine takes that as the pristine weights (`Engine.rewritten`) and merges the low-noise
+  plans from that step on; at the end it restores them, before Neo's refiner script loads the
+  original back, so that ends bit-exact. Otherwise Neo loads the refiner as a model of its
+  own: a new engine takes it over (text encoders merged before Neo encodes the conds again)
+  and the old one puts the first model back and lets go of it. Neo's "Lora Replacements"
+  (`high_noise=low_noise`) rename the `<lora:>` files of the low-noise plans, as Neo renames
+  its own; a renamed file that is missing is reported and left out after the switch.
 - Neo's LoRA (`sd_forge_lora`) adds patches to clones of the patchers: merged (`patches`,
   merged at the model's load for sampling, the replaced Parameters kept in the patchers'
   shared `backup`) or online (`weight_wrapper_patches`, run on the weight at each forward;
@@ -39,13 +50,15 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
 
 from modules import scripts, shared  # the host's own
 
-from .common import write_report
+from ...network.plan import EXPERTS
+from .common import TagNames, write_report
 from .forge import ForgeAdapter
-from .ldm import LdmScript, register
+from .ldm import LdmScript, NetWeaveNetworks, current_step, register
 
 # Neo's diffusion-engine class → NetWeave's architecture (backend/diffusion_engine/*.py)
 # (Neo has no SD2 engine; its SDXL refiner, Flux.2, Lumina 2, Anima, … are not mapped)
@@ -56,12 +69,42 @@ TEXT = {"sd1": {"te1": "clip_l"}, "sdxl": {"te1": "clip_l", "te2": "clip_g"},
         "flux": {"te1": "clip_l", "te2": "t5xxl"}, "chroma": {"te2": "t5xxl"},
         "zimage": {"te1": "qwen3"}, "qwenimage": {"te1": "qwen25_7b"}, "wan22": {"te1": "umt5xxl"}}
 SCHEDULE_TITLE = "LoRA Control Integrated"  # Neo's sd_forge_lora_schedule script
+# the architectures whose refiner is the model's next expert, which NetWeave follows
+EXPERT_REFINERS = ("wan22",)
+REPLACEMENTS = "high_noise=low_noise"  # the default of Neo's refiner_lora_replacement
+
+
+class NeoNetworks(NetWeaveNetworks):
+    """NetWeave's registry entries on Neo. Neo activates the extra networks again at its
+    refiner switch, and deactivates them after the last batch, before the scripts'
+    postprocess (where its refiner script loads the original checkpoint back): both
+    reach the adapter."""
+
+    def __init__(self, name, adapter):
+        super().__init__(name)
+        self.adapter = adapter
+
+    def activate(self, p, params_list):
+        self.adapter.follow_refiner(p)
+
+    def deactivate(self, p):
+        self.adapter.end_refiner()
+
+
+@dataclass
+class Turns:
+    """A batch whose refiner is its model's next expert (Wan 2.2: high noise, then low)."""
+
+    loaded: bool  # Neo's refiner state dict was in the modules already at the batch's start
+    in_place: Optional[bool] = None  # how Neo switched: its state dict, or a model of its own
 
 
 class NeoAdapter(ForgeAdapter):
     def __init__(self):
         super().__init__()
+        self.names = TagNames(lambda name: NeoNetworks(name, self))
         self._said = set()
+        self._turns: Optional[Turns] = None
 
     @staticmethod
     def arch(sd_model) -> Optional[str]:
@@ -79,7 +122,13 @@ class NeoAdapter(ForgeAdapter):
         return trees
 
     def host_context(self, p) -> dict:
-        return {"negative_rows": not math.isclose(float(p.cfg_scale), 1.0)}
+        context = {"negative_rows": not math.isclose(float(p.cfg_scale), 1.0)}
+        if self._turns is not None:  # the first expert's plans now, the next one's kept
+            context["experts"] = EXPERTS[1:] if self._turns.loaded else EXPERTS
+            context["switch_step"] = switch_step(p)
+            if self._turns.loaded:  # the low-noise expert from the start, with its files
+                context["rename"] = self._renames()  # (Neo's LoRA renames only at a switch)
+        return context
 
     def take_names(self, p) -> None:
         model = shared.sd_model
@@ -94,21 +143,115 @@ class NeoAdapter(ForgeAdapter):
         self.hook_rows(self.trees(model)["unet"])
 
     def aside(self, p, model) -> Optional[str]:
-        """Why NetWeave leaves this generation to Neo, or None. Neo's refiner (an SDXL
-        refiner, Wan 2.2's low-noise expert) swaps the diffusion model's weights inside the
-        denoiser, before any callback (sd_samplers_common.apply_refiner: loaded into the same
-        modules, or a whole other model) and re-applies Neo's LoRA for it: NetWeave's merges
-        and pristine copies would be the first model's."""
+        """Why NetWeave leaves this generation to Neo, or None. Neo's refiner swaps the
+        diffusion model's weights inside the denoiser, before any callback
+        (sd_samplers_common.apply_refiner: loaded into the same modules, or a whole other
+        model) and re-applies its LoRA for it. On Wan that is the model's low-noise expert,
+        which NetWeave follows (`follow_refiner`); any other refiner (SDXL's: another
+        architecture) is left to Neo."""
         if self.arch(model) is None:
             return f"Neo's {type(model).__name__} model is not one NetWeave maps"
-        if getattr(p, "refiner_checkpoint_info", None) is not None and \
-                getattr(p, "refiner_switch_at", None):
-            return "this generation switches to a refiner model while sampling"
+        if refiner_of(p) is not None and self.arch(model) not in EXPERT_REFINERS:
+            return ("this generation switches to a refiner model while sampling (NetWeave "
+                    "follows that switch only from Wan 2.2's high-noise expert to its "
+                    "low-noise one)")
         return None
 
     def start_batch(self, p, prompts, inline, problems) -> None:
-        if self.aside(p, p.sd_model) is None:
-            super().start_batch(p, prompts, inline, problems)
+        if self.aside(p, p.sd_model) is not None:
+            return
+        self._turns = None
+        info = refiner_of(p)
+        # Neo switches only once per generation (ORIGINAL_CHECKPOINT stays set until its
+        # refiner script's postprocess): a later batch samples the refiner from its start
+        if info is not None and not getattr(p, "enable_hr", False) and \
+                getattr(p.sd_model, "sd_checkpoint_info", None) != info:
+            self._turns = Turns(loaded=original_checkpoint() is not None)
+        super().start_batch(p, prompts, inline, problems)
+
+    # ---- Neo's refiner: Wan 2.2's second expert ------------------------------------------
+    def on_denoiser(self, params) -> None:
+        if self._turns is not None:
+            self.follow_refiner(params.denoiser.p, params.denoiser)
+        super().on_denoiser(params)
+
+    def follow_refiner(self, p, denoiser=None) -> None:
+        """Whether Neo has switched to the refiner, and if so the low-noise expert's plans
+        from this step on. Neo gives no event: its apply_refiner runs first in the denoiser
+        and then activates the extra networks again (unless they are disabled) and calls the
+        cfg_denoiser callbacks, and both come here (`denoiser`: from the latter). What it
+        changed says it switched, not the call: ORIGINAL_CHECKPOINT is set while the
+        refiner's state dict is in the model's modules, and the other path makes a new model
+        object (Neo sets no flag there). The state-dict path is followed at the denoiser
+        callback, once Neo has loaded the model for sampling again (at the activation its
+        weights are on the offload device); a new model at the activation, so its text
+        encoders are merged before Neo encodes the conds with them."""
+        turns = self._turns
+        if turns is None or turns.in_place is not None or self.run is None or \
+                self.engine is None or self.engine.plan is None:
+            return
+        model = shared.sd_model
+        at = None if denoiser is None else ("base", current_step(denoiser, self.engine.plan.steps))
+        if self.trees(model)["unet"] is not self.engine.trees["unet"]:
+            self._to_model(p, model, at)
+        elif original_checkpoint() is not None and not turns.loaded and at is not None:
+            self.run.session.next_expert(rewritten=("unet",), at=at, rename=self._renames())
+            turns.in_place = True
+            self._switched(p)
+
+    def _to_model(self, p, model, at: Optional[Tuple[str, int]]) -> None:
+        """Neo loaded the refiner as a model of its own: a new engine on it takes over."""
+        session = self.run.session
+        at = at or self.engine.position
+        if self.arch(model) != self.engine.arch:
+            self._turns = None
+            self._release()
+            session.report.add(f"Neo's refiner is a {type(model).__name__} model, not the "
+                               "next expert of this one; NetWeave's networks end at the switch")
+            write_report(p.extra_generation_params, session.report)
+            self.run = None
+            return
+        engine = self.engine_for(model)  # the first model's weights put back, let go of
+        session.next_expert(engine, at=at, rename=self._renames())
+        self._turns.in_place = False
+        self.hook_rows(self.trees(model)["unet"])
+        if engine.te_segments():  # Neo encodes the conds again next, with these weights
+            engine.apply_te(engine.segment_at(at[1]))
+        self._switched(p)
+
+    def _switched(self, p) -> None:
+        self.run.conds.clear()  # encodings made on the first expert's text-encoder weights
+        write_report(p.extra_generation_params, self.run.session.report)
+
+    def _renames(self) -> Callable[[str, str], str]:
+        pairs = lora_replacements(getattr(shared.opts, "refiner_lora_replacement", REPLACEMENTS))
+        return lambda kind, name: renamed(kind, name, pairs)
+
+    def end_refiner(self) -> None:
+        """The end of a generation that followed Neo's refiner (the networks' deactivation,
+        or else the script's postprocess). Where the refiner's state dict is in the modules,
+        every weight goes back to it now, before Neo's refiner script loads the original
+        checkpoint over it; where Neo did that already, that is the pristine weight. A
+        refiner loaded as a model of its own is put back and let go of, so Neo can free it
+        when it loads the first model again."""
+        turns, self._turns = self._turns, None
+        if turns is None or self.engine is None:
+            return
+        if turns.in_place or turns.loaded:
+            if original_checkpoint() is None:
+                self.engine.rewritten(("unet",))
+            self.engine.deactivate()
+        elif turns.in_place is False:
+            self._release()
+
+    def _release(self) -> None:
+        self.engine.deactivate()
+        self.engine, self.model_id = None, None
+        self.unhook_rows()
+
+    def off(self) -> None:
+        self._turns = None
+        super().off()
 
     def before_sampling(self, p) -> None:
         """process_before_every_sampling: the UNet patcher Neo samples with now."""
@@ -128,6 +271,47 @@ class NeoAdapter(ForgeAdapter):
         if line not in self._said:
             self._said.add(line)
             print(f"NetWeave: {line}", file=sys.stderr)
+
+
+def refiner_of(p):
+    """The refiner checkpoint Neo switches to while sampling this generation, or None."""
+    info = getattr(p, "refiner_checkpoint_info", None)
+    return info if info is not None and getattr(p, "refiner_switch_at", None) else None
+
+
+def original_checkpoint() -> Optional[str]:
+    """Neo's ORIGINAL_CHECKPOINT (modules/sd_samplers_common.py): set while the refiner's state
+    dict is in the model's modules, until the refiner script's postprocess loads it back."""
+    return getattr(sys.modules.get("modules.sd_samplers_common"), "ORIGINAL_CHECKPOINT", None)
+
+
+def switch_step(p) -> Optional[int]:
+    """The first step of the refiner when Neo switches by steps (opts.refiner_use_steps: at
+    the first step k with k / steps ≥ the switch point, compared as Neo compares them); by
+    sigma (the default) the adapter cannot say before sampling: None."""
+    if not getattr(shared.opts, "refiner_use_steps", False):
+        return None
+    at = float(p.refiner_switch_at)
+    return next((k for k in range(p.steps) if not at > k / p.steps), p.steps)
+
+
+def lora_replacements(text: str) -> List[Tuple[str, str]]:
+    """Neo's "Lora Replacements" (refiner_lora_replacement): one `before=after` a line, applied
+    in turn, as plain text replacements, to each `<lora:>` name for the refiner pass. A line
+    without `=` or with nothing before it is skipped here."""
+    pairs = []
+    for line in (text or "").splitlines():
+        before, equals, after = line.partition("=")
+        if equals and before.strip():
+            pairs.append((before.strip(), after.strip()))
+    return pairs
+
+
+def renamed(kind: str, name: str, pairs: List[Tuple[str, str]]) -> str:
+    if kind == "lora":  # Neo renames its "lora" extra networks only
+        for before, after in pairs:
+            name = name.replace(before, after)
+    return name
 
 
 def release_neo_lora(sd_model) -> None:
@@ -159,6 +343,9 @@ class NetWeaveScript(LdmScript, scripts.Script):
     def process_before_every_sampling(self, p, enabled=True, options="", **kwargs):
         if enabled:
             self.adapter.before_sampling(p)
+
+    def postprocess(self, p, processed, *args):
+        self.adapter.end_refiner()  # extra networks disabled: Neo deactivated none
 
 
 register(ADAPTER)

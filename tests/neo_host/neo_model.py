@@ -236,3 +236,45 @@ class QwenImage(Engine):
 
     def encode(self, text, prompts):
         return text.qwen25_7b(self.ids(prompts)[:, :16] % 128)[0]
+
+
+class NeoWan(torch.nn.Module):
+    """nn/wan.py's WanModel as Neo calls it (x, timestep, context, …, transformer_options):
+    its layers at the original (ComfyUI) paths (tests/tinydits.py: wan_to_native) are the very
+    layers of a tiny diffusers Wan transformer, which runs the image as one frame. Neo's
+    state dict of it is these paths' (a checkpoint's `model.diffusion_model.` keys)."""
+
+    def __init__(self):
+        super().__init__()
+        from tinydits import Tree, wan_to_native, wan_transformer
+        model = wan_transformer()
+        layers = {}
+        for path, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                hit = wan_to_native(path)
+                layers[hit[0] if hit else path] = m
+        for name, child in Tree(layers).named_children():
+            self.add_module(name, child)
+        self.patch_embedding = model.patch_embedding  # a 3-D convolution, the same name
+        self.__dict__["_model"] = model
+
+    def forward(self, x, timestep, context, control=None, transformer_options={}, **kwargs):
+        out = self._model(hidden_states=x.unsqueeze(2), timestep=timestep,
+                          encoder_hidden_states=context).sample
+        return out.squeeze(2)
+
+
+class Wan(Engine):
+    """diffusion_engine/wan.py: one text encoder, `umt5xxl` (Neo's IntegratedT5); the
+    conditioning its last hidden state. A Wan 2.2 A14B expert (each a Wan 2.1 14B
+    transformer), `sd_checkpoint_info` the checkpoint it was loaded from."""
+
+    flow = True
+
+    def __init__(self, storage_dtype=torch.float32, checkpoint_info=None):
+        super().__init__(NeoWan(), {"umt5xxl": umt5_text()}, storage_dtype)
+        self.is_wan = True
+        self.sd_checkpoint_info = checkpoint_info
+
+    def encode(self, text, prompts):
+        return text.umt5xxl.transformer(self.ids(prompts)[:, :16] % 128)

@@ -119,7 +119,7 @@ def process_images(p):
             images += list(samples)
             p.prompts = p.all_prompts[n * bs:(n + 1) * bs]  # tags again, for the infotext
             infotexts += [create_infotext(p, i) for i in range(len(samples))]
-    if p.extra_network_data:
+    if not p.disable_extra_networks and p.extra_network_data:
         extra_networks.deactivate(p, p.extra_network_data)
     processed = Processed(p, images, infotexts)
     p.scripts.postprocess(p, processed)
@@ -173,7 +173,8 @@ class SamplerConfig:
 
 
 class Sampler:
-    """Euler: one denoiser call per step."""
+    """Euler: one denoiser call per step (sigmas 8 → 0.5, linear), the conds read from
+    `sampler_extra_args` at each call, as k-diffusion passes its extra_args."""
 
     def __init__(self, name, p):
         self.config = SamplerConfig(name)
@@ -182,6 +183,8 @@ class Sampler:
 
     def sample(self, x, c, uc, steps):
         self.model_wrap_cfg.step, self.model_wrap_cfg.steps = 0, steps
+        self.model_wrap_cfg.total_steps = self.config.total_steps(steps)
+        self.sampler_extra_args = {"cond": c, "uncond": uc}  # k-diffusion's extra_args
         shared.state.sampling_steps, shared.state.sampling_step = steps, 0
         sigmas = torch.cat([torch.linspace(8.0, 0.5, steps), torch.zeros(1)])
         x = x * sigmas[0]
@@ -189,7 +192,8 @@ class Sampler:
             if self.p.fail_at_step == i:
                 raise RuntimeError("interrupted inside sampling")
             s, s_next = sigmas[i], sigmas[i + 1]
-            d = (x - self.model_wrap_cfg(x, s, uc, c)) / s
+            args = self.sampler_extra_args
+            d = (x - self.model_wrap_cfg(x, s, args["uncond"], args["cond"])) / s
             shared.state.sampling_step = i
             x = x + d * (s_next - s)
         return x

@@ -4,10 +4,10 @@ process_images: `scripts.before_process(p)` with the raw prompt, then process_im
 Forge 2's (tests/forge_host/modules/processing.py: forge_objects reset from
 forge_objects_original before before_process_batch, from forge_objects_after_applying_lora
 after the extra networks and again in `sample`, then process_before_every_sampling; twice
-around the hires pass). Neo's CFGDenoiser.forward calls cfg_denoiser_callback before
-forge_sample; backend/sampling/sampling_function.py @ 000feeed: sampling_prepare loads the
-UNet patcher (load_models_gpu: its merges and weight wrappers); the uncond is skipped when the
-CFG scale is 1 (unless `disable_cfg1_optimization`); calc_cond_uncond_batch runs the chunks
+around the hires pass). Neo's CFGDenoiser.forward calls apply_refiner first
+(modules/sd_samplers_common.py), then cfg_denoiser_callback before forge_sample;
+backend/sampling/sampling_function.py @ 000feeed: sampling_prepare loads the UNet patcher
+(load_models_gpu: its merges and weight wrappers); the uncond is skipped when the CFG scale is 1 (unless `disable_cfg1_optimization`); calc_cond_uncond_batch runs the chunks
 unconds first, as many per call as free memory allows, and calls
 `model_options["model_function_wrapper"](apply_model, {"input", "timestep", "c",
 "cond_or_uncond"})` when a script set one, else apply_model(input, timestep, **c), with
@@ -28,11 +28,39 @@ _forge_process_images = process_images  # noqa: F821 (Forge 2's, from same_as)
 
 
 def process_images(p):
+    """before_process, then process_images_inner, which first finds the refiner's checkpoint
+    (p.refiner_checkpoint_info, before the scripts' process)."""
+    from . import sd_models
     p.scripts.before_process(p)
+    if p.refiner_checkpoint not in (None, "", "None", "none"):
+        p.refiner_checkpoint_info = sd_models.get_closet_checkpoint_match(p.refiner_checkpoint)
+        if p.refiner_checkpoint_info is None:
+            raise Exception(f"Could not find checkpoint with name {p.refiner_checkpoint}")
     return _forge_process_images(p)
 
 
 class CFGDenoiser(CFGDenoiser):  # noqa: F821
+    """modules/sd_samplers_cfg_denoiser.py: forward first calls apply_refiner (a switch to
+    the refiner makes the denoiser take the sampler's conds again), then builds the conds and
+    fires cfg_denoiser_callback (Forge 2's); update_inner_model hands p.get_conds() to the
+    sampler's extra args."""
+
+    model_wrap = None
+    total_steps = None
+
+    def __call__(self, x, sigma, uncond, cond):
+        from . import sd_samplers_common
+        if sd_samplers_common.apply_refiner(self, x, sigma):
+            cond = self.sampler.sampler_extra_args["cond"]
+            uncond = self.sampler.sampler_extra_args["uncond"]
+        return super().__call__(x, sigma, uncond, cond)
+
+    def update_inner_model(self):
+        self.model_wrap = None
+        c, uc = self.p.get_conds()
+        self.sampler.sampler_extra_args["cond"] = c
+        self.sampler.sampler_extra_args["uncond"] = uc
+
     def calc_cond_uncond_batch(self, params):
         unet = self.p.sd_model.forge_objects.unet
         memory_management.load_models_gpu([unet])  # sampling_prepare
@@ -79,7 +107,27 @@ def model_conds(conds):
 
 class StableDiffusionProcessingTxt2Img(StableDiffusionProcessingTxt2Img):  # noqa: F821
     """The hires pass's negative prompts and size, which A1111's txt2img (and Neo's) keep
-    beside the hires prompts (NetWeave encodes the hires conds with them)."""
+    beside the hires prompts (NetWeave encodes the hires conds with them). Neo's `sd_model`
+    is a property, always shared.sd_model (its setter does nothing); the refiner's fields
+    `refiner_checkpoint`, `refiner_switch_at` (the Refiner script's, or the API's) and
+    `refiner_checkpoint_info`; get_conds gives (c, uc)."""
+
+    def __init__(self, *args, refiner_checkpoint=None, refiner_switch_at=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.refiner_checkpoint, self.refiner_switch_at = refiner_checkpoint, refiner_switch_at
+        self.refiner_checkpoint_info = None
+
+    @property
+    def sd_model(self):
+        from . import shared
+        return shared.sd_model
+
+    @sd_model.setter
+    def sd_model(self, _):
+        pass
+
+    def get_conds(self):
+        return self.c, self.uc
 
     def setup_conds(self):
         """Dict conds (SDXL, Flux) reach the denoiser as prompt_parser's DictWithShape, as

@@ -9,7 +9,8 @@ and operations_int8 need): what NetWeave meets of it.
   `backup` shared by every clone.
 - `load()`: for every layer, its `weight_function`/`bias_function` wiped and refilled from the
   weight wrappers; every patched key merged: the current Parameter backed up, a new one set
-  (`set_attr`). `unpatch_model()`: the backups set back, the uuid forgotten.
+  (`set_attr`). `unpatch_model()`: the backups set back, the uuid forgotten; `detach()`
+  (a loaded model's unload) unpatches it.
 - `set_model_unet_function_wrapper(fn)`: `model_options["model_function_wrapper"]`.
 - `dynamic_loras`: read by the built-in LoRA schedule (its current control.py iterates it;
   no stored base.py has it yet, so here it is an empty dict)."""
@@ -108,6 +109,13 @@ class ModelPatcher:
             self.patch_weight_to_device(key)
         self.model.model_loaded_weight_memory = 1
         self.model.current_weight_patches_uuid = self.patches_uuid
+
+    def detach(self, unpatch_all=True):
+        """LoadedModel.model_unload: the backups put back, the model to the offload device
+        (here it stays where it is); the next load loads it again."""
+        if unpatch_all:
+            self.unpatch_model(self.offload_device, unpatch_weights=unpatch_all)
+        return self.model
 
     def unpatch_model(self, device_to=None, unpatch_weights=True):
         if not unpatch_weights:

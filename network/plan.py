@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import random
+import re
 from dataclasses import dataclass, field, replace
 from typing import FrozenSet, Mapping, Optional, Tuple
 
@@ -369,6 +370,27 @@ def region_masks(region: Region) -> FrozenSet[str]:
     return frozenset().union(*(region_masks(r) for r in region.operands))
 
 
+def named_expert(name: str) -> Optional[str]:
+    """The expert a network is for by its file's name, as the published pairs of Wan 2.2
+    LoRAs are named (`…_high_noise`/`…_low_noise`, `…-HIGH_fp16`, `…_low`): the word `high`
+    or `low` (or `highnoise`/`lownoise`) in the name; None where it has neither, or both."""
+    stem = name.replace("\\", "/").rsplit("/", 1)[-1].lower()
+    words = set(re.split(r"[^a-z0-9]+", stem))
+    found = [e for e in EXPERTS if e in words or e + "noise" in words]
+    return found[0] if len(found) == 1 else None
+
+
+def _experts(tag: Tag, ctx: CompileContext) -> Tuple[Tuple[str, Schedule], ...]:
+    """A tag's multiplier per expert: its own items, else the expert its network's name says
+    (the other's multiplier 0, as SD.Next's flag), else none (both experts)."""
+    if tag.experts or ctx.expert is None:
+        return tag.experts
+    named = named_expert(tag.name)
+    if named is None:
+        return ()
+    return ((EXPERTS[1 - EXPERTS.index(named)], Schedule.const(0.0)),)
+
+
 def _expert_strength(expert: str, s: Schedule, ctx: CompileContext, steps: int, interp: str,
                      hires: bool) -> np.ndarray:
     """A tag's multiplier on one expert; Wan2GP's stepped values cover that expert's steps."""
@@ -397,7 +419,7 @@ def _pass(tag: Tag, ctx: CompileContext, steps: int, interp: str,
         if unet_hr is not None:
             schedules["unet"] = unet_hr
     strength = {c: evaluate(s, steps, interp) for c, s in schedules.items()}
-    for expert, s in tag.experts:  # this expert's share of the denoiser's strength
+    for expert, s in _experts(tag, ctx):  # this expert's share of the denoiser's strength
         if expert == ctx.expert:
             strength["unet"] = strength["unet"] * _expert_strength(expert, s, ctx, steps,
                                                                    interp, hires)

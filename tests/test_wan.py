@@ -116,6 +116,31 @@ def test_an_expert_that_names_no_expert_and_experts_on_a_one_denoiser_model_warn
     assert list(p.networks[0].base.strength["unet"]) == [1.0, 1.0]
 
 
+@pytest.mark.parametrize("name, high, low", [
+    ("wan2.2_t2v_lightx2v_4steps_lora_v1_high_noise", 1.0, 0.0),  # published pairs' names
+    ("Wan2.2-Lightning_T2V-A14B-4steps-lora_LOW_fp16", 0.0, 1.0),
+    ("pairs/style_HighNoise", 1.0, 0.0),
+    ("style", 1.0, 1.0), ("highres_detail", 1.0, 1.0), ("slow_motion", 1.0, 1.0),
+    ("style_high_low", 1.0, 1.0),  # names both: says neither
+])
+def test_a_network_named_for_one_expert_runs_on_that_expert_only(name, high, low):
+    """Wan 2.2 LoRAs are published in pairs named for their expert (…_high_noise and
+    …_low_noise), and users put both tags in the prompt, as SD.Next reads them: a tag without
+    expert items goes on the expert its name says, and on both where it names none."""
+    from netweave.network.plan import CompileContext, compile_prompt
+    for expert, want in (("high", high), ("low", low)):
+        p = compile_prompt(f"<lora:{name}:0.8>", CompileContext(arch="wan22", steps=2,
+                                                                 expert=expert))
+        assert not p.errors
+        assert list(p.networks[0].base.strength["unet"]) == pytest.approx([0.8 * want] * 2)
+        assert list(p.networks[0].base.strength["te"]) == pytest.approx([0.8] * 2)
+    said = compile_prompt(f"<lora:{name}:0.8:low=1>", CompileContext(arch="wan22", steps=2,
+                                                                   expert="low"))
+    assert list(said.networks[0].base.strength["unet"]) == pytest.approx([0.8] * 2)  # its own
+    one = compile_prompt(f"<lora:{name}:0.8>", CompileContext(arch="wan22", steps=2))
+    assert list(one.networks[0].base.strength["unet"]) == pytest.approx([0.8] * 2)
+
+
 @pytest.mark.parametrize("tag, high, low", [("<lora:net:0.8:high=1:low=0.5>", 0.8, 0.4),
                                             ("<lora:net:1:high>", 1.0, 0.0),
                                             ("<lora:net:1:module=transformer_2>", 0.0, 1.0)])

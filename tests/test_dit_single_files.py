@@ -1,13 +1,14 @@
-"""Single-file transformers of Z-Image, Qwen-Image, SD3/3.5 and Wan with `--components`
-(issue 19): each tiny transformer (tinydits.py) is written in the names its published single
-files use — Z-Image's original release (fused attention.qkv, attention.out, q_norm/k_norm,
-x_embedder, final_layer under `model.diffusion_model.`), SD3/3.5's MMDiT (joint_blocks with
-x_block and context_block, fused qkv, adaLN halves swapped where diffusers' converter swaps them
-back), Wan's original release (test_dit_standalone.wan_original_file) and Qwen-Image's
-(ComfyUI's file keeps diffusers' names; a file saved by ComfyUI puts them under
-`model.diffusion_model.`) — and `generate` runs it with the diffusers folder of the same model
-for the rest, with no network: diffusers' converter gives back the written weights, the picture
-is the folder's bit for bit, and a LoRA tag changes it."""
+"""Single-file transformers of Z-Image, Qwen-Image, SD3/3.5 (each of its published layouts: SD3
+Medium, SD3.5 Medium and Large) and Wan with `--components` (issue 19): each tiny transformer
+(tinydits.py) is written in the names its published single files use — Z-Image's original
+release (fused attention.qkv, attention.out, q_norm/k_norm, x_embedder, final_layer under
+`model.diffusion_model.`), SD3/3.5's MMDiT (joint_blocks with x_block and context_block, fused
+qkv, adaLN halves swapped where diffusers' converter swaps them back), Wan's original release
+(test_dit_standalone.wan_original_file) and Qwen-Image's (ComfyUI's file keeps diffusers'
+names; a file saved by ComfyUI puts them under `model.diffusion_model.`) — and `generate` runs
+it with the diffusers folder of the same model for the rest, with no network: diffusers'
+converter gives back the written weights, the picture is the folder's bit for bit, and a LoRA
+tag changes it."""
 import contextlib
 import socket
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from test_dit_standalone import image, transformer_lora, wan_original_file
-from tinydits import sd3_native, zimage_native
+from tinydits import SD3_LAYOUTS, sd3_native, sd3_transformer, zimage_native
 from tinypipes import wan_pipeline, write_pipeline
 
 from netweave.extension.library import Library
@@ -82,8 +83,17 @@ def no_network():
     assert not attempts, f"network access: {attempts}"
 
 
+# Each case: (architecture, its pipeline builder's arguments)
+CASES = {"zimage": ("zimage", {}), "qwenimage": ("qwenimage", {}),
+         **{layout: ("sd3", {"layout": layout}) for layout in SD3_LAYOUTS}, "wan22": ("wan22", {})}
+# SD3's other layouts run `generate` in the slow sample: its command line reads any layout's
+# file as the loader above does (the model is loaded the same way, offline, in the fixture)
+OTHER_LAYOUTS = tuple(layout for layout in SD3_LAYOUTS if layout != "sd3.5-medium")
+
+
 @dataclass
 class Single:
+    case: str
     arch: str
     folder: object  # the diffusers folder: the components, and the reference model
     path: object  # the single file
@@ -92,15 +102,15 @@ class Single:
     reference: DiffusersHost  # the folder's
 
 
-@pytest.fixture(scope="module", params=("zimage", "qwenimage", "sd3", "wan22"))
+@pytest.fixture(scope="module", params=tuple(CASES))
 def single(request, tmp_path_factory):
-    arch = request.param
-    root = tmp_path_factory.mktemp(f"single-{arch}")
+    arch, kw = CASES[request.param]
+    root = tmp_path_factory.mktemp(f"single-{request.param}")
     folder = root / f"tiny{arch}"
     if arch == "wan22":  # one expert (Wan 2.1, or 2.2 TI2V 5B): A14B's are two files
         wan_pipeline(experts=1).save_pretrained(str(folder))
     else:
-        write_pipeline(folder, arch)
+        write_pipeline(folder, arch, **kw)
     reference = load_model(str(folder))
     path = root / f"{arch}-original.safetensors"
     if arch == "wan22":
@@ -114,7 +124,7 @@ def single(request, tmp_path_factory):
         model = load_model(str(path), components=str(folder))
     library = Library([str(root / "loras")], [], base=str(root))
     hosts = [DiffusersHost(m, library, MaskStore(str(root / "masks"))) for m in (model, reference)]
-    return Single(arch, folder, path, root / "loras", *hosts)
+    return Single(request.param, arch, folder, path, root / "loras", *hosts)
 
 
 def test_the_file_converts_to_the_written_weights(single):
@@ -126,6 +136,10 @@ def test_the_file_converts_to_the_written_weights(single):
         keys = set(f.keys())
     assert IDENTIFIED_BY[single.arch] in keys
     assert not keys & set(weights) or single.arch == "qwenimage"  # none of diffusers' names
+    if single.arch == "sd3":  # the layout's own layers, and only those
+        layout = SD3_LAYOUTS[single.case]
+        assert any(".ln_q." in k for k in keys) == (layout["qk_norm"] is not None)
+        assert any(".attn2." in k for k in keys) == bool(layout["dual_attention_layers"])
     model = single.file.model
     assert model.arch == single.arch and model.name == f"{single.arch}-original"
     assert model.pipe.transformer is not single.reference.model.pipe.transformer
@@ -142,6 +156,8 @@ def test_the_file_draws_the_folders_picture_and_a_lora_changes_it(single):
     assert np.abs(lora - plain).mean() > 0.5
 
 
+@pytest.mark.parametrize("single", [pytest.param(c, marks=pytest.mark.slow) if c in OTHER_LAYOUTS
+                                    else c for c in CASES], indirect=True)
 def test_generate_runs_the_file_offline_with_a_tag(single, tmp_path, capsys):
     """`generate --checkpoint FILE --components FOLDER`: the folder's picture with the LoRA."""
     out, prompt = tmp_path / "file.png", "a red square <lora:dit:1>"
@@ -155,6 +171,31 @@ def test_generate_runs_the_file_offline_with_a_tag(single, tmp_path, capsys):
     assert f"Model: {single.arch}-original" in text.out and "netweave:" not in text.err, text.err
     drawn = np.asarray(Image.open(out), dtype=np.float64)
     assert np.array_equal(drawn, image(single.reference, prompt, steps=2)[0])
+
+
+def test_an_sd3_file_of_another_layout_than_the_components_is_refused_naming_both(single, tmp_path):
+    """The three SD3 layouts share their encoders and VAE, so any SD3 folder passes for the
+    components of any SD3 file; the transformer, built from the folder's config, would fail
+    on a shape (diffusers' error advising to ignore it) or, for SD3.5 Large's file with SD3
+    Medium's folder, leave the file's qk norms out unsaid. Each other layout's file is
+    refused, both layouts named."""
+    if single.arch != "sd3":
+        pytest.skip("one layout per family here")
+    describe = {"sd3-medium": "2 blocks 16 wide, no qk norms, no second image attention",
+                "sd3.5-large": "2 blocks 16 wide, qk norms, no second image attention",
+                "sd3.5-medium": "2 blocks 16 wide, qk norms, a second image attention in "
+                                "blocks \\[0\\]"}
+    for other in SD3_LAYOUTS:
+        if other == single.case:
+            continue
+        path = tmp_path / f"{other}.safetensors"
+        save_file({k: v.contiguous() for k, v in
+                   original_state_dict(sd3_transformer(other), "sd3").items()}, str(path))
+        with pytest.raises(ValueError, match=f"{other}.safetensors: its SD3 transformer has "
+                                             f"{describe[other]}; that of --components .* has "
+                                             f"{describe[single.case]}: give the diffusers "
+                                             "folder of the file's own model"):
+            load_model(str(path), components=str(single.folder))
 
 
 def test_a_qwen_image_file_saved_by_comfyui_under_its_prefix(single, tmp_path):

@@ -2,14 +2,19 @@
 ComfyUI's fused qkv with the two-chunk modulations' halves swapped), Medium's second image
 attention, every published LoRA key format, LoKr/LoHa across fused and split layers, CLIP-L
 and CLIP-G keys, blocks, regions on the image stream and a blended start, `<model:>`,
-detection and inspect (tests/dit_contract.py says how each is checked)."""
+detection and inspect (tests/dit_contract.py says how each is checked); the other published
+layouts (SD3 Medium: no qk norms, no second attention; SD3.5 Large: no second attention)
+get every format detected with each key reaching a layer, formats split and fused on both
+trees, and `<model:>` from either tree's checkpoint."""
+import functools
 
 import pytest
 import torch
 
 import dit_contract as dc
 from engine_helpers import make_engine, plan
-from tinydits import SD3_POOLED, SD3_TEXT, sd3_native, sd3_to_native, sd3_transformer
+from tinydits import (SD3_LAYOUTS, SD3_POOLED, SD3_TEXT, sd3_native, sd3_to_native,
+                      sd3_transformer)
 from tinymodels import TE1_WIDTH, TE2_WIDTH, hf_text
 
 from netweave.network.detect import detect_architecture
@@ -38,6 +43,13 @@ def case():
     return dc.Case("sd3", sd3_transformer, sd3_native, sd3_to_native, inputs, run)
 
 
+@pytest.fixture(scope="module", params=[name for name in SD3_LAYOUTS if name != "sd3.5-medium"])
+def layout_case(request):
+    """The case for SD3 Medium's or SD3.5 Large's layout (`case` is SD3.5 Medium's)."""
+    return dc.Case("sd3", functools.partial(sd3_transformer, request.param), sd3_native,
+                   sd3_to_native, inputs, run)
+
+
 @pytest.fixture(scope="module")
 def base(case):
     return case.model, case.parts
@@ -56,6 +68,24 @@ def test_every_format_on_the_original_tree_adds_the_full_delta(fmt, case, tmp_pa
 @pytest.mark.parametrize("layout", ["diffusers", "native"])
 def test_lokr_on_fused_qkv_and_loha_on_split_parts_reach_either_tree(layout, case, tmp_path):
     dc.check_kron_and_hada(case, layout, tmp_path)
+
+
+def test_the_other_layouts_take_every_format_on_both_trees_and_a_model_blend(layout_case, tmp_path):
+    """Without the second image attention (and, on SD3 Medium, without qk norms) every format
+    is detected with every key reaching a layer; fused names on diffusers' tree and split
+    names on the original add their full ΔW; a checkpoint in the other tree's names blends
+    in on both."""
+    model = layout_case.model
+    assert not any(".attn2." in n for n, _ in model.named_modules())
+    assert any(".norm_q" in n for n, _ in model.named_modules()) == \
+        (model.config.qk_norm is not None)
+    dc.check_formats_detected(layout_case, FORMATS, tmp_path)
+    for fmt in ("kohya", "comfy"):
+        dc.check_format_on_diffusers(layout_case, fmt, tmp_path)
+    for fmt in ("diffusers", "onetrainer"):
+        dc.check_format_on_native(layout_case, fmt, tmp_path)
+    for host in ("diffusers", "native"):
+        dc.check_model_blend(layout_case, host, tmp_path)
 
 
 def test_clip_l_and_clip_g_keys_reach_their_encoders():
@@ -104,9 +134,11 @@ def test_model_blend_from_a_checkpoint_in_the_other_layout(host, case, tmp_path)
 
 def test_detection_of_every_format_and_of_checkpoints(case, tmp_path):
     dc.check_formats_detected(case, FORMATS, tmp_path)
-    # attention only, in diffusers' names: SD3.5's width tells it from Flux and Qwen-Image
-    assert detect_architecture(["transformer.transformer_blocks.3.attn.to_q.lora_A.weight"],
-                               lambda k: (4, 1536))[0] == "sd3"
+    # attention only, in diffusers' names: the width tells it from Flux and Qwen-Image (1536:
+    # SD3 Medium and SD3.5 Medium, 2432: SD3.5 Large)
+    for width in (1536, 2432):
+        assert detect_architecture(["transformer.transformer_blocks.3.attn.to_q.lora_A.weight"],
+                                   lambda k: (4, width))[0] == "sd3"
     assert detect_architecture(["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"],
                                lambda k: (4, 16))[0] == "sd3"
 

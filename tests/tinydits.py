@@ -1,6 +1,7 @@
-"""Tiny configurations of the real diffusers transformers of Z-Image, Qwen-Image and SD3.5
-(the classes' code, small widths), and their trees in the original (ComfyUI) names built from
-the same weights, written here from the published layouts (docs/design.md §5)."""
+"""Tiny configurations of the real diffusers transformers of Z-Image, Qwen-Image, SD3/3.5 (its
+three published layouts) and Wan (the classes' code, small widths), and their trees in the
+original (ComfyUI) names built from the same weights, written here from the published layouts
+(docs/design.md §5)."""
 import re
 
 import torch
@@ -29,16 +30,24 @@ def qwen_transformer():
         joint_attention_dim=QWEN_TEXT, axes_dims_rope=(4, 6, 6)))
 
 
-def sd3_transformer():
-    """SD3.5 Medium's shape in small: qk RMS norms, a second image self-attention (attn2) in
-    the first block, and a last block whose text stream ends after its qkv."""
+# The published SD3 layouts (the config entries that differ): SD3 Medium has no qk norms and
+# no second image attention, SD3.5 Large qk RMS norms only, SD3.5 Medium both (attn2 in its
+# first 13 blocks: here the first).
+SD3_LAYOUTS = {"sd3.5-medium": dict(qk_norm="rms_norm", dual_attention_layers=(0,)),
+               "sd3-medium": dict(qk_norm=None, dual_attention_layers=()),
+               "sd3.5-large": dict(qk_norm="rms_norm", dual_attention_layers=())}
+
+
+def sd3_transformer(layout="sd3.5-medium"):
+    """One of SD3_LAYOUTS in small (SD3.5 Medium's by default), with a last block whose text
+    stream ends after its qkv."""
     from diffusers import SD3Transformer2DModel
     torch.manual_seed(3)
     return no_zero_outputs(SD3Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=SD3_TEXT,
         caption_projection_dim=SD3_DIM, pooled_projection_dim=SD3_POOLED, pos_embed_max_size=16,
-        dual_attention_layers=(0,), qk_norm="rms_norm"))
+        **SD3_LAYOUTS[layout]))
 
 
 class Tree(nn.Module):
@@ -116,8 +125,6 @@ def zimage_native(model):
 
 
 SD3_LAST = 1  # the tiny model's last block, whose text stream ends after its qkv
-_SD3_STREAMS = {"attn.to_": ("x_block.attn.qkv", "qkv"), "attn.add_": ("context_block.attn.qkv", None),
-                "attn2.to_": ("x_block.attn2.qkv", "qkv")}
 _SD3_RENAMED = {"attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
                 "attn2.to_out.0": "x_block.attn2.proj", "ff.net.0.proj": "x_block.mlp.fc1",
                 "ff.net.2": "x_block.mlp.fc2", "ff_context.net.0.proj": "context_block.mlp.fc1",

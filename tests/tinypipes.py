@@ -70,9 +70,9 @@ def qwen_pipeline():
                              transformer=qwen_transformer())
 
 
-def sd3_pipeline():
+def sd3_pipeline(layout="sd3.5-medium"):
     """CLIP-L (8 wide) and CLIP-G (16) side by side make T5's 24; their projections (6 + 6)
-    the transformer's pooled vector."""
+    the transformer's pooled vector; the transformer in one of tinydits.SD3_LAYOUTS."""
     from diffusers import StableDiffusion3Pipeline
     from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, T5Config,
                               T5EncoderModel)
@@ -92,7 +92,7 @@ def sd3_pipeline():
     return StableDiffusion3Pipeline(
         scheduler=flow_scheduler(shift=3.0), vae=sd_vae(), text_encoder=clip(8),
         tokenizer=clip_tokenizer(), text_encoder_2=clip(16), tokenizer_2=clip_tokenizer("!"),
-        text_encoder_3=t5, tokenizer_3=t5_tok, transformer=sd3_transformer())
+        text_encoder_3=t5, tokenizer_3=t5_tok, transformer=sd3_transformer(layout))
 
 
 def wan_pipeline(experts=2):
@@ -124,7 +124,9 @@ BUILD = {"zimage": zimage_pipeline, "qwenimage": qwen_pipeline, "sd3": sd3_pipel
          "wan22": wan_pipeline}
 
 
-def write_pipeline(folder, arch):
-    pipe = BUILD[arch]()
+def write_pipeline(folder, arch, **kw):
+    """The family's tiny pipeline saved as a diffusers folder (`kw`: its builder's, e.g. an
+    SD3 layout)."""
+    pipe = BUILD[arch](**kw)
     pipe.save_pretrained(str(folder))
     return folder

@@ -24,7 +24,7 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -160,7 +160,7 @@ def flow_single_file(path: str, arch: str, components: Optional[str],
     components folder's own transformer config (the file must be that model's size), read by
     diffusers' single-file converter for the class (Qwen-Image's, which takes the names as
     they are, gets them without ComfyUI's prefix); a file that leaves some of the transformer's
-    tensors unloaded is a ValueError."""
+    tensors unloaded, or an SD3 file of another layout than the folder's, is a ValueError."""
     import diffusers
 
     from ...network.blocks import ARCH_TITLES
@@ -184,6 +184,8 @@ def flow_single_file(path: str, arch: str, components: Optional[str],
     if arch in ("flux", "chroma"):
         config = config_folder(arch, transformer_config(file_shapes(path), arch, path))
     else:
+        if arch == "sd3":
+            check_sd3_layout(path, components)
         config = components
     try:
         transformer = cls.from_single_file(file_weights(path) if arch == "qwenimage" else path,
@@ -202,6 +204,41 @@ def flow_single_file(path: str, arch: str, components: Optional[str],
                                     dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return Model(pipe, arch, os.path.splitext(os.path.basename(path))[0])
+
+
+def sd3_layout(shapes: Dict[str, tuple]) -> Tuple[int, int, bool, Tuple[int, ...]]:
+    """(blocks, width, qk norms, blocks with a second image attention) of an SD3-family
+    transformer in the original names (SD3 Medium: no qk norms, no second attention; SD3.5
+    Large: qk norms; SD3.5 Medium: both)."""
+    blocks = {int(k.split(".")[1]) for k in shapes if k.startswith("joint_blocks.")}
+    width = shapes.get("joint_blocks.0.x_block.attn.qkv.weight", (0, 0))[1]
+    dual = sorted({int(k.split(".")[1]) for k in shapes
+                   if k.startswith("joint_blocks.") and ".x_block.attn2." in k})
+    return len(blocks), width, any(".ln_q." in k for k in shapes), tuple(dual)
+
+
+def _describe_sd3(layout: Tuple[int, int, bool, Tuple[int, ...]]) -> str:
+    blocks, width, qk, dual = layout
+    second = f"a second image attention in blocks {list(dual)}" if dual else \
+        "no second image attention"
+    return f"{blocks} blocks {width} wide, {'' if qk else 'no '}qk norms, {second}"
+
+
+def check_sd3_layout(path: str, components: str) -> None:
+    """SD3 Medium, SD3.5 Medium and SD3.5 Large share their text encoders and VAE, so any
+    SD3 folder looks like components for any SD3 file; but the transformer is built from
+    the folder's config: a file of another layout (size, qk norms, second attention) is a
+    ValueError naming both (diffusers would fail on a shape, or drop the norms unsaid)."""
+    with open(os.path.join(components, "transformer", "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    theirs = (config["num_layers"], config["num_attention_heads"] * config["attention_head_dim"],
+              config.get("qk_norm") is not None, tuple(config.get("dual_attention_layers") or ()))
+    mine = sd3_layout(file_shapes(path))
+    if mine != theirs:
+        raise ValueError(f"{path}: its SD3 transformer has {_describe_sd3(mine)}; that of "
+                         f"--components {components} has {_describe_sd3(theirs)}: give the "
+                         "diffusers folder of the file's own model (SD3 Medium, SD3.5 Medium "
+                         "or Large) for its components")
 
 
 def file_weights(path: str) -> Dict[str, torch.Tensor]:

@@ -19,13 +19,15 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 from ..network.engine import Engine
 from ..network.files import FileHash
-from ..network.plan import CompileContext, Plan, compile_prompt, region_masks, with_hires_prompt
+from ..network.plan import CompileContext, Plan, compile_parsed, region_masks, with_hires_prompt
 from ..network.sigma import pass_sigmas
-from ..parser import Severity
+from ..parser import Prompt, Severity, parse
 from .library import Library
 from .masks import Overlay, mask_hash, readable
 from .report import Report
 from .settings import Settings
+
+Rename = Callable[[str, str], str]  # (kind, name) -> the file a host loads in its place
 
 
 def compile_context(arch: str, settings: Settings, steps: int, hires_steps: Optional[int] = None,
@@ -57,7 +59,9 @@ class Session:
         self.plans: List[Plan] = []
         self.masks: Mapping = store
         self._seen = (0, 0)  # engine errors and warnings already in the report
-        self._turns: List[Tuple[str, List[Plan]]] = []  # the experts still to come (next_expert)
+        # the experts still to come (next_expert), each with its plans' compiler (Rename: the
+        # file the host loads for that expert in a network's place, or None)
+        self._turns: List[Tuple[str, Callable[[Optional[Rename]], List[Plan]]]] = []
 
     def context(self, steps: int, hires_steps: Optional[int] = None, **host) -> CompileContext:
         """`host`: what compile_context takes from the adapter (sigmas, hires_sigmas,
@@ -72,7 +76,7 @@ class Session:
                 hires_sigmas: Optional[Sequence[float]] = None,
                 negative_rows: bool = True, switch_step: Optional[int] = None,
                 experts: Sequence[str] = (),
-                rename: Optional[Callable[[str, str], str]] = None) -> List[Plan]:
+                rename: Optional[Rename] = None) -> List[Plan]:
         """Compile one plan per prompt of the batch (`hires_prompts`: the hires pass's own
         prompts, whose tags drive that pass as the hosts' do), activate the engine for a
         `latent` (h, w) of `rows` UNet rows, and begin the report. `problems`: what the host
@@ -96,16 +100,17 @@ class Session:
         engines = getattr(self.engine, "experts", None)
         if engines and experts:
             raise ValueError("experts take turns on one engine, not on one engine each")
-        by_expert = {e: self._compile(prompts, hires_prompts, hires_steps,
-                                      dataclasses.replace(ctx, expert=e, switch_step=switch_step
-                                                          if e else None))
-                     for e in (engines or experts or (None,))}
+        def compiler(e):
+            at = dataclasses.replace(ctx, expert=e, switch_step=switch_step if e else None)
+            return lambda turn: self._compile(prompts, hires_prompts, hires_steps, at, turn)
+
+        first = experts[0] if experts else None
+        by_expert = {e: compiler(e)(None if e != first or rename is None else (e, rename))
+                     for e in (engines or experts[:1] or (None,))}
         plans = next(iter(by_expert.values()))
         for plan in plans:
             self.report.add_diagnostics(plan.errors)
-        if experts and rename is not None:
-            plans = [self._renamed(plan, experts[0], rename) for plan in plans]
-        self._turns = [(e, by_expert[e]) for e in experts[1:]]
+        self._turns = [(e, compiler(e)) for e in experts[1:]]
         self.engine.configure(**self.settings.engine_options())
         self.engine.activate(by_expert if engines else plans, latent=latent, batch=rows,
                              masks=self.masks)
@@ -114,7 +119,7 @@ class Session:
 
     def next_expert(self, engine: Optional[Engine] = None, *, rewritten: Sequence[str] = (),
                     at: Optional[Tuple[str, int]] = None,
-                    rename: Optional[Callable[[str, str], str]] = None) -> Optional[str]:
+                    rename: Optional[Rename] = None) -> Optional[str]:
         """The next of prepare's `experts` takes over at (phase, step) `at` (default: where
         the engine stands), when the host has loaded its weights: into this engine's trees,
         whose `rewritten` components now hold them (Engine.rewritten), or as a model of its
@@ -124,11 +129,10 @@ class Session:
         expert, or None when there is no next one."""
         if not self._turns:
             return None
-        expert, plans = self._turns.pop(0)
+        expert, compile_for = self._turns.pop(0)
+        plans = compile_for(None if rename is None else (expert, rename))
         old = self.engine
         at = at or old.position or ("base", 0)
-        if rename is not None:
-            plans = [self._renamed(plan, expert, rename) for plan in plans]
         if engine is None:
             old.rewritten(rewritten, plans=plans, at=at)
         else:
@@ -138,21 +142,25 @@ class Session:
         self._activated(plans)
         return expert
 
-    def _renamed(self, plan: Plan, expert: str, rename: Callable[[str, str], str]) -> Plan:
+    def _renamed(self, parsed: Prompt, turn: Tuple[str, Rename]) -> Prompt:
+        """The prompt's tags under the names of the files the host loads for this expert in
+        their place, before they are compiled (a name may say which expert it is for:
+        network/plan.py named_expert); one whose file is not found is reported and left out."""
+        expert, rename = turn
         kept = []
-        for n in plan.networks:
-            name = rename(n.kind, n.name)
-            if name != n.name:
+        for tag in parsed.tags:
+            name = rename(tag.kind, tag.name)
+            if name != tag.name:
                 try:
-                    self.library.find(n.kind, name)
+                    self.library.find(tag.kind, name)
                 except (FileNotFoundError, ValueError):
-                    self.report.add(f"{n.kind}:{n.name}: the {expert}-noise expert takes "
-                                    f"'{name}' in its place, and there is no {n.kind} by that "
-                                    "name; it is left out there")
+                    self.report.add(f"{tag.kind}:{tag.name}: the {expert}-noise expert takes "
+                                    f"'{name}' in its place, and there is no {tag.kind} by "
+                                    "that name; it is left out there")
                     continue
-                n = dataclasses.replace(n, tag=dataclasses.replace(n.tag, name=name))
-            kept.append(n)
-        return dataclasses.replace(plan, networks=tuple(kept))
+                tag = dataclasses.replace(tag, name=name)
+            kept.append(tag)
+        return dataclasses.replace(parsed, tags=tuple(kept))
 
     def _activated(self, plans: List[Plan]) -> None:
         self.plans = plans
@@ -160,10 +168,15 @@ class Session:
         self.collect()
         self._describe_resources()
 
-    def _compile(self, prompts, hires_prompts, hires_steps, ctx: CompileContext) -> List[Plan]:
-        plans = [compile_prompt(text, ctx) for text in prompts]
+    def _compile(self, prompts, hires_prompts, hires_steps, ctx: CompileContext,
+                 turn: Optional[Tuple[str, Rename]] = None) -> List[Plan]:
+        def compiled(text):
+            parsed = parse(text, strict=ctx.strict)
+            return compile_parsed(parsed if turn is None else self._renamed(parsed, turn),
+                                  text, ctx)
+        plans = [compiled(text) for text in prompts]
         if hires_steps is not None and hires_prompts is not None:
-            plans = [with_hires_prompt(plan, compile_prompt(text, ctx))
+            plans = [with_hires_prompt(plan, compiled(text))
                      for plan, text in zip(plans, hires_prompts)]
         if not self.settings.enabled:
             plans = [dataclasses.replace(plan, networks=()) for plan in plans]

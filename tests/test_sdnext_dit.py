@@ -124,7 +124,7 @@ def test_the_builtins_diffusers_adapters_leave_netweave_the_models_layers(host):
     model loaded, the built-in's LoRA used (NetWeave off) and dropped, then NetWeave: its LoRA
     draws what it draws on the model without them (it found none of its layers: "20 of its
     layers name no layer of this model", and the tag did nothing), and the wrappers are gone.
-    Needs peft (SD.Next installs it; NetWeave's environment does not): skipped without."""
+    Needs peft (SD.Next installs it, and so does setup.sh): skipped without."""
     arch, adapter, _ = host
     if arch not in ("wan22", "qwenimage"):
         pytest.skip("SD.Next's built-in loads Wan and Qwen-Image LoRAs through diffusers")

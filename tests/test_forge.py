@@ -324,6 +324,28 @@ def test_a_quantized_conv_takes_its_network_beside_it(forge, tag):
         shared.sd_model = model
 
 
+def test_loras_and_checkpoints_in_the_extra_folders_are_found(forge, tmp_path):
+    """Forge classic and Neo take more folders (--lora-dirs, --ckpt-dirs: modules/cmd_args.py,
+    appended; Neo's built-in LoRA walks lora_dir and every lora_dirs): NetWeave's library
+    reads them too (the real Neo: "no lora named 'zt_both' in the Lora folder" for a file in
+    --lora-dirs that Neo's own LoRA loaded)."""
+    import shutil
+
+    from modules import shared
+    extra = tmp_path / "more"
+    extra.mkdir()
+    shutil.copy(os.path.join(shared.cmd_opts.lora_dir, "style.safetensors"),
+                extra / "elsewhere.safetensors")
+    shared.cmd_opts.lora_dirs, shared.cmd_opts.ckpt_dirs = [str(extra)], [str(tmp_path)]
+    try:
+        out, _ = generate("a <lora:elsewhere:1>", steps=1)
+        assert "NetWeave errors" not in out.infotexts[0]
+        from netweave.extension.webui.common import library
+        assert str(tmp_path) in library().model_dirs
+    finally:
+        del shared.cmd_opts.lora_dirs, shared.cmd_opts.ckpt_dirs
+
+
 def test_the_entry_script_picks_the_forge_adapter(forge, repo_root):
     import importlib.util
 

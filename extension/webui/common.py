@@ -7,7 +7,7 @@ import functools
 import json
 import os
 import sys
-from typing import Dict
+from typing import Dict, Tuple
 
 from ..library import Library
 from ..masks import check_mask_name, decode_image
@@ -30,17 +30,21 @@ def mask_folder() -> str:
 
 
 def library() -> Library:
-    """The host's Lora and checkpoint folders; messages name them relative to the WebUI."""
+    """The host's Lora and checkpoint folders (Forge classic and Neo take more: --lora-dirs,
+    --ckpt-dirs); messages name them relative to the WebUI."""
     from modules import paths, shared
     models = getattr(paths, "models_path", None) or "models"
-    lora = getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(models, "Lora")
-    ckpt = getattr(shared.cmd_opts, "ckpt_dir", None) or os.path.join(models, "Stable-diffusion")
+    opts = shared.cmd_opts
+    lora = (getattr(opts, "lora_dir", None) or os.path.join(models, "Lora"),
+            *(getattr(opts, "lora_dirs", None) or ()))
+    ckpt = (getattr(opts, "ckpt_dir", None) or os.path.join(models, "Stable-diffusion"),
+            *(getattr(opts, "ckpt_dirs", None) or ()))
     return _library(lora, ckpt, getattr(paths, "script_path", None) or os.getcwd())
 
 
 @functools.lru_cache(maxsize=8)
-def _library(lora: str, ckpt: str, base: str) -> Library:
-    return Library([lora], [ckpt], base=base)  # one per folder set: its hashes are kept
+def _library(lora: Tuple[str, ...], ckpt: Tuple[str, ...], base: str) -> Library:
+    return Library(list(lora), list(ckpt), base=base)  # one per folder set: its hashes are kept
 
 
 def inline_masks(options) -> Dict:

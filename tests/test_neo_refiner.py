@@ -132,9 +132,9 @@ def run(prompt, refine=True, before=(), **kw):
         kw.setdefault("refiner_switch_at", SWITCH_SIGMA)
     scripts = [ScriptRefiner()]
     try:
+        kw.setdefault("cfg_scale", 1.0)
         out, _ = ff.generate(adapter, [control.LoRAControl(), *before], prompt,
-                             scripts_after=() if before else scripts, steps=STEPS,
-                             cfg_scale=1.0, **kw)
+                             scripts_after=() if before else scripts, steps=STEPS, **kw)
     finally:
         script_callbacks.callback_map["cfg_denoiser"].remove(note)
         for h in hooks.values():
@@ -181,7 +181,7 @@ def test_each_expert_gets_its_own_plans_through_the_switch(refiner, fast, by_ste
     wan = refiner
     settings(refiner_fast_sd=fast, refiner_use_steps=by_steps)
     switch = {"refiner_switch_at": SWITCH / STEPS} if by_steps else {}
-    out, steps, calls = run(PROMPT, **switch)
+    out, steps, calls = run(PROMPT, cfg_scale=7.0, **switch)  # uncond and cond rows
     info = out.infotexts[0]
     assert "NetWeave errors" not in info, info
     assert "Refiner: wan_low" in info and "x_low_noise" in info.split("Lora hashes")[1]
@@ -274,6 +274,20 @@ def test_a_second_batch_samples_the_refiner_from_its_start(refiner):
         first = i < STEPS and k < SWITCH
         assert_weights(weights, wan.expected(wan.high, {"x_high_noise": 0.8}) if first else low)
     assert same_weights(wan.unet, wan.high)
+
+
+def test_switching_by_steps_tells_wan2gps_phases_where_each_expert_starts(refiner):
+    """opts.refiner_use_steps: Neo switches at the first step k with k / steps ≥ 0.5, step 2,
+    which the plans know before sampling, so Wan2GP's `1,0.5;0.25` puts 1 and 0.5 on the
+    high-noise expert's two steps and 0.25 on the low-noise one's (no warning)."""
+    wan = refiner
+    settings(refiner_fast_sd=True, refiner_use_steps=True)
+    out, steps, _ = run("a fox <lora:y:1,0.5;0.25>", refiner_switch_at=0.5)
+    assert "NetWeave errors" not in out.infotexts[0], out.infotexts[0]
+    want = [wan.expected(wan.high, {"y": 1.0}), wan.expected(wan.high, {"y": 0.5}),
+            wan.expected(wan.low, {"y": 0.25}), wan.expected(wan.low, {"y": 0.25})]
+    for k, _, weights in steps:
+        assert_weights(weights, want[k])
 
 
 def test_without_a_refiner_nothing_changes(refiner):

@@ -346,6 +346,22 @@ def test_loras_and_checkpoints_in_the_extra_folders_are_found(forge, tmp_path):
         del shared.cmd_opts.lora_dirs, shared.cmd_opts.ckpt_dirs
 
 
+def test_text_rows_of_captions_of_their_own_lengths(forge):
+    """A language model's captions keep their own lengths (Neo's Z-Image Qwen3: the prompt's
+    11 tokens, the empty negative's 8): the rows handed to set_text_variants are then one
+    (tokens, width) each, as the engine takes Z-Image's; they were concatenated, and the real
+    Neo reported "Sizes of tensors must match" at every step of a scheduled te= and sampled
+    without the text-encoder change. Equal lengths (CLIP's 77) stay one tensor."""
+    from netweave.extension.webui.ldm import _crossattn
+    cond, uncond = torch.randn(2, 11, 8), torch.randn(1, 8, 8)
+    rows = _crossattn(cond, uncond)
+    assert isinstance(rows, list) and [tuple(r.shape) for r in rows] == [(11, 8), (11, 8), (8, 8)]
+    assert torch.equal(rows[1], cond[1]) and torch.equal(rows[2], uncond[0])
+    assert torch.equal(_crossattn(cond, cond[:1]), torch.cat([cond, cond[:1]]))
+    both = _crossattn({"crossattn": cond, "vector": None}, {"crossattn": uncond, "vector": None})
+    assert isinstance(both, list) and len(both) == 3
+
+
 def test_the_entry_script_picks_the_forge_adapter(forge, repo_root):
     import importlib.util
 

@@ -248,9 +248,12 @@ def current_step(denoiser, steps: Optional[int]) -> int:
 
 def _crossattn(cond, uncond) -> torch.Tensor:
     """The UNet's cross-attention context rows (conds, then unconds): SDXL's are the dicts'
-    "crossattn" (its "vector" is global to a row, so regions cannot tell it apart)."""
+    "crossattn" (its "vector" is global to a row, so regions cannot tell it apart); a list of
+    rows where the conds and unconds have other lengths."""
     if isinstance(cond, dict):
         cond, uncond = cond["crossattn"], uncond["crossattn"]
+    if cond.shape[1:] != uncond.shape[1:]:  # a language model's captions keep their lengths
+        return [*cond, *uncond]  # (Neo's Z-Image): one (tokens, width) per row
     return torch.cat([cond, uncond])
 
 

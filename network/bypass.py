@@ -440,7 +440,7 @@ class Runtime:
         if f is not None:
             return low_rank_delta(module, x, f, s, rows.values, mask)
         if slot.target.quant is not None:
-            d = self._quantized_delta(slot, c, x, s)
+            d = self._quantized_delta(slot, c, x, s, cropped)
         else:
             if c.adapter.uses_weight and slot.applied:
                 module = self.engine.view(slot, cropped=cropped, pristine=True)
@@ -450,20 +450,24 @@ class Runtime:
             d = d * mask.to(d.dtype)
         return _by_rows(d, rows.values)
 
-    def _quantized_delta(self, slot, c, x: Tensor, s: float) -> Tensor:
+    def _quantized_delta(self, slot, c, x: Tensor, s: float, cropped: bool) -> Tensor:
         """Δy beside a quantized layer for an algorithm without two plain factors: from ΔW,
-        which needs only the layer's shape; algorithms built on W (DoRA, OFT, `<model:>`, …)
-        see the dequantized layer."""
+        which needs only the layer's shape (a stub like the layer: a Linear, or the conv with
+        its stride, padding or crop, holding zeros); algorithms built on W (DoRA, OFT,
+        `<model:>`, …) see the dequantized layer."""
         module = slot.target.module
         if c.adapter.uses_weight:
-            view = self.engine.view(slot)
+            view = self.engine.view(slot, cropped=cropped)
             return c.adapter.bypass(x, view, view.forward(x.float()), s, c.dyn)
-        shape = slot.target.shape
-        stub = nn.Linear(shape[1], shape[0], bias=False, device="meta")
-        stub.weight = nn.Parameter(x.new_zeros(()).expand(shape), requires_grad=False)
+        zero = nn.Parameter(x.new_zeros(()).expand(slot.target.shape), requires_grad=False)
         bias = getattr(module, "bias", None)
-        if isinstance(bias, Tensor):
-            stub.bias = nn.Parameter(torch.as_tensor(bias).detach().float(), requires_grad=False)
+        bias = nn.Parameter(torch.as_tensor(bias).detach().float(), requires_grad=False) \
+            if isinstance(bias, Tensor) else None
+        if is_conv(module):
+            stub = layer_view(module, {"weight": zero, "bias": bias}, cropped)
+        else:
+            stub = nn.Linear(zero.shape[1], zero.shape[0], bias=False, device="meta")
+            stub.weight, stub.bias = zero, bias
         return c.adapter.bypass(x, stub, x.new_zeros(()), s, c.dyn)
 
     # ---- the time-embedding route ------------------------------------------------------

@@ -3,6 +3,7 @@ dfdcbab), driving the real LDM UNet (`stable-diffusion-sdkit`) and a transformer
 layers are Forge's layer classes, through real sampling steps under torch.inference_mode()."""
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -286,20 +287,13 @@ def test_a_quantized_layer_takes_its_network_beside_it(forge, maker):
 CONV = "input_blocks.1.0.in_layers.2"  # a 3x3 conv, IN01
 
 
-BESIDE_CONV = pytest.mark.xfail(raises=RuntimeError, strict=True, reason=(
-    "network/bypass.py Runtime._quantized_delta builds an nn.Linear stub from the conv's 4-D "
-    "shape for algorithms without two plain factors (LoHa: 't() expects a tensor with <= 2 "
-    "dimensions'); it wants a stub built like the layer (layer_view with a zero weight)"))
-
-
-@pytest.mark.parametrize("tag", ["<lora:style:1:region=left>",
-                                 pytest.param("<lora:texture:1>", marks=BESIDE_CONV),
-                                 pytest.param("<lora:texture:1:region=left>", marks=BESIDE_CONV)])
+@pytest.mark.parametrize("tag", ["<lora:style:1:region=left>", "<lora:texture:1>",
+                                 "<lora:texture:1:region=left>"])
 def test_a_quantized_conv_takes_its_network_beside_it(forge, tag):
     """A 3x3 conv stored in a GGUF file (F16, as city96's SD1 files keep convs; Neo's GGUF
     Conv2d) runs every network beside it: a region's box (the real Neo raised "mat1 and mat2
     shapes cannot be multiplied" on region=left: a quantized layer's view was a Linear) and
-    LoHa (its stub is a Linear too: bypass.py, not fixed here)."""
+    LoHa (its ΔW's stub was a Linear too: 't() expects a tensor with <= 2 dimensions')."""
     from backend import operations
     from forge_model import StableDiffusion
     from modules import shared
@@ -309,17 +303,27 @@ def test_a_quantized_conv_takes_its_network_beside_it(forge, tag):
         parent, name = CONV.rsplit(".", 1)
         block = unet.get_submodule(parent)
         block[int(name)] = operations.gguf_f16_conv(block[int(name)])
+    def rounded(unet):  # the same conv in float, its weight the F16 one: merged, not beside
+        conv = unet.get_submodule(CONV)
+        conv.weight.data = conv.weight.data.half().float()
+
+    def picture(prompt):
+        out, _ = generate(prompt, steps=2)
+        assert "NetWeave errors:" not in out.infotexts[0] and len(out.images) == 1
+        return np.asarray(out.images[0], dtype=np.float32)
     adapter.ADAPTER.off()
     quantized = StableDiffusion(unet_layers=quantize)
     shared.sd_model = quantized
     try:
         pristine = snapshot(quantized)
-        out, _ = generate("a " + tag, steps=2)
-        assert "NetWeave errors:" not in out.infotexts[0] and len(out.images) == 1
+        beside = picture("a " + tag)
         (q,) = [t for t in adapter.ADAPTER.engine.keymap.targets if t.path == CONV]
         assert q.quant is not None
         adapter.ADAPTER.off()
         assert same(snapshot(quantized), pristine)
+        shared.sd_model = StableDiffusion(unet_layers=rounded)
+        merged, untagged = picture("a " + tag), picture("a")
+        assert np.abs(beside - merged).max() < 1e-3  # the conv's delta beside it, to rounding (0.07 without it)
     finally:
         shared.sd_model = model
 

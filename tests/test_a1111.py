@@ -566,3 +566,30 @@ def test_an_invalid_setting_keeps_its_default_alone_and_says_so(host, capsys):
         shared.opts.data.clear()
         shared.opts.data.update(saved)
 
+
+
+def test_the_cond_cache_never_hands_one_sides_encoding_to_the_other(host):
+    """A1111 (Forge, Neo alike) keeps the prompt's encoding across generations, keyed by the
+    prompts, the steps and the extra networks' parameters, not by who applied the text
+    encoders' networks: switching NetWeave on or off with the same prompt got the other
+    side's encoding (the real Neo: its own text-only LoRA after NetWeave's run of the same
+    tags drew NetWeave's picture). The cache is forgotten when the switch changes."""
+    cache = processing.StableDiffusionProcessingTxt2Img
+    prompt = "a <lora:style:0.5>"  # the built-in's stand-in changes no weight
+
+    def cond(enabled, fresh=False):
+        if fresh:
+            cache.cached_c[0] = cache.cached_uc[0] = None
+        _, seen = generate(prompt, enabled=enabled, steps=1)
+        return seen[0][3]
+    def same(a, b):  # SDXL's conditioning is a dict of tensors
+        return all(torch.equal(a[k], b[k]) for k in a) if isinstance(a, dict) else \
+            torch.equal(a, b)
+    before, shared.sd_model = shared.sd_model, SDModel()  # the files' SD1
+    try:
+        ours, theirs = cond(True, fresh=True), cond(False, fresh=True)
+        assert not same(ours, theirs)  # the two sides do encode it differently here
+        for enabled in (True, True, False, False, True):
+            assert same(cond(enabled), ours if enabled else theirs)
+    finally:
+        shared.sd_model = before

@@ -7,7 +7,7 @@ import functools
 import json
 import os
 import sys
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 from ..library import Library
 from ..masks import check_mask_name, decode_image
@@ -123,6 +123,7 @@ class ScriptParts:
     take_names(p) and off()) and defines `batch(p, prompts, options)` (prompts with tags)."""
 
     adapter = None
+    _was_on: Optional[bool] = None  # whether NetWeave applied the tags of the last generation
 
     def title(self):
         return TITLE
@@ -139,7 +140,11 @@ class ScriptParts:
         return [enabled, options]
 
     def process(self, p, enabled=True, options=""):
-        if enabled and settings().enabled:
+        on = bool(enabled and settings().enabled)
+        if on != ScriptParts._was_on:
+            forget_conds(p)
+        ScriptParts._was_on = on
+        if on:
             self.adapter.take_names(p)
         else:  # the built-in gets its names back
             self.adapter.off()
@@ -147,6 +152,19 @@ class ScriptParts:
     def before_process_batch(self, p, enabled=True, options="", **kwargs):
         if enabled and settings().enabled:
             self.batch(p, list(kwargs.get("prompts", p.prompts)), options)
+
+
+COND_CACHES = ("cached_c", "cached_uc", "cached_hr_c", "cached_hr_uc")
+
+
+def forget_conds(p) -> None:
+    """The host's prompt encodings kept across generations (A1111, Forge, Neo: class-level
+    [key, cond] lists, keyed by the prompts, steps and extra networks' parameters) are
+    forgotten: they were made with the other side applying the text encoders' networks."""
+    for name in COND_CACHES:
+        cache = getattr(p, name, None)
+        if isinstance(cache, list) and cache:
+            cache[0] = None
 
 
 def settings() -> Settings:

@@ -270,6 +270,7 @@ class TagTransformer(Transformer):
         if name_problem:
             problems.append((name_tok.start_pos, name_problem, "error"))
         fields: dict = {}
+        slotted = set()  # the keys a positional value set
         columns = [("name", name_tok.start_pos)]
         positional = 0
         for colon, item in zip(children[3::2], children[4::2]):
@@ -301,9 +302,15 @@ class TagTransformer(Transformer):
             else:
                 settings = [(item.key, item.value)]
             for key, value in settings:
-                if key in fields:
+                if key in slotted:  # A1111 reads the slot, then lets the named item replace it
+                    problems.append((offset, f"'{key}' is given in its slot and as {key}=; the "
+                                     "named one counts, as in A1111", "warning"))
+                elif key in fields:
                     problems.append((offset, f"'{key}' is given twice; the last one counts",
                                      "warning"))
+                slotted.discard(key)
+                if item.key == "#positional":
+                    slotted.add(key)
                 fields[key] = value
                 columns.append((key, offset))
         return (_build(kind_tok.lower(), name, fields), tuple(columns), tuple(problems))

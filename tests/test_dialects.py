@@ -139,6 +139,11 @@ def test_a1111_unet_defaults_to_te():
 def test_named_te_wins_over_positional_as_in_a1111():
     parsed = parse("<lora:name:0.3:te=0.8>")
     assert parsed.tags[0].te == C(0.8)
+    (said,) = parsed.errors  # a warning that says which counts, not a bare "given twice"
+    assert said.severity == "warning" and "in its slot and as te=" in said.message
+    assert "named one counts" in said.message
+    assert not parse("<lora:name:te=0.8:0.3>").errors  # the slot after the name: A1111 drops it
+    assert "given twice" in parse("<lora:name:te=0.3:te=0.8>").errors[0].message
 
 
 def test_loractl_pixel_unet_off_until_step_5():

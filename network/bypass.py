@@ -459,15 +459,7 @@ class Runtime:
         if c.adapter.uses_weight:
             view = self.engine.view(slot, cropped=cropped)
             return c.adapter.bypass(x, view, view.forward(x.float()), s, c.dyn)
-        zero = nn.Parameter(x.new_zeros(()).expand(slot.target.shape), requires_grad=False)
-        bias = getattr(module, "bias", None)
-        bias = nn.Parameter(torch.as_tensor(bias).detach().float(), requires_grad=False) \
-            if isinstance(bias, Tensor) else None
-        if is_conv(module):
-            stub = layer_view(module, {"weight": zero, "bias": bias}, cropped)
-        else:
-            stub = nn.Linear(zero.shape[1], zero.shape[0], bias=False, device="meta")
-            stub.weight, stub.bias = zero, bias
+        stub = float_layer(module, x.new_zeros(()).expand(slot.target.shape), cropped)
         return c.adapter.bypass(x, stub, x.new_zeros(()), s, c.dyn)
 
     # ---- the time-embedding route ------------------------------------------------------
@@ -803,15 +795,23 @@ def _by_rows(d: Tensor, rows: Optional[Tensor]) -> Tensor:
     return d * rows.view(-1, *([1] * (d.dim() - 1))).to(d.dtype)
 
 
-def dequantized_view(module: nn.Module) -> nn.Module:
-    """A plain Linear computing what a quantized layer computes, from its dequantized
-    weight (quantized.py), for the algorithms that read W and b."""
-    weight = dequantize(module)
-    view = nn.Linear(weight.shape[1], weight.shape[0], bias=getattr(module, "bias", None) is not None,
-                     device="meta")
-    view.weight = nn.Parameter(weight, requires_grad=False)
-    if view.bias is not None:
-        view.bias = nn.Parameter(torch.as_tensor(module.bias).detach().float(), requires_grad=False)
+def dequantized_view(module: nn.Module, cropped: bool = False) -> nn.Module:
+    """A float layer computing what a quantized layer computes, from its dequantized weight
+    (quantized.py), for the algorithms that read W and b."""
+    return float_layer(module, dequantize(module), cropped)
+
+
+def float_layer(module: nn.Module, weight: Tensor, cropped: bool = False) -> nn.Module:
+    """A layer like a quantized `module` holding `weight` and its bias in float: the conv
+    itself (its stride and padding; none where `cropped`), else a plain Linear."""
+    weight = nn.Parameter(weight, requires_grad=False)
+    bias = getattr(module, "bias", None)
+    bias = None if bias is None else \
+        nn.Parameter(torch.as_tensor(bias).detach().float(), requires_grad=False)
+    if is_conv(module):
+        return layer_view(module, {"weight": weight, "bias": bias}, cropped)
+    view = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    view.weight, view.bias = weight, bias
     return view
 
 

@@ -46,7 +46,7 @@ from .deltas import Deltas, delta_dtype
 from .files import NetworkFileError
 from .tokens import Tokens
 from .keymap import Family, KeyMap, Target, linear_like
-from .quantized import dequantize, dequantize_as
+from .quantized import dequantize_as
 from .requantize import requantize, requantizer
 from .loader import LoadedNetwork, load_checkpoint, load_network, split_key
 from .plan import NetworkPlan, PassPlan, Plan
@@ -516,14 +516,7 @@ class Engine:
         """The slot's layer computing with its pristine weights and/or without padding."""
         key = (cropped, pristine)
         if slot.target.quant is not None:  # not kept: a dequantized weight is full size
-            module = slot.target.module
-            if isinstance(module, nn.Conv2d):  # a conv stays one (a region's box: unpadded)
-                params = {"weight": nn.Parameter(dequantize(module), requires_grad=False)}
-                if isinstance(getattr(module, "bias", None), Tensor):
-                    params["bias"] = nn.Parameter(torch.as_tensor(module.bias).detach().float(),
-                                                  requires_grad=False)
-                return layer_view(module, params, cropped)
-            return dequantized_view(module)
+            return dequantized_view(slot.target.module, cropped)
         if key not in slot.views:
             t = slot.target
             params = None

@@ -262,6 +262,23 @@ def test_without_extra_networks_the_switch_is_still_followed(refiner):
     assert refiner.neo.adapter.ADAPTER.engine.plan is None
 
 
+def test_after_neos_own_lora_on_the_state_dict_path_netweave_samples_pristine_experts(refiner):
+    """Neo's "Reload state_dict only" leaves `current_lora_hash` at str([]) after the switch,
+    the text of no networks, so the next load_networks([]) finds nothing to do and the
+    patchers keep the refiner pass's LoRA patches (seen in the real Neo: every later image
+    without a tag changed). NetWeave's generation after Neo's own <lora:x_high_noise:1>
+    samples each expert's pristine weights, and they end bit for bit."""
+    wan = refiner
+    settings(refiner_fast_sd=True)
+    _, steps, _ = run("a fox <lora:x_high_noise:1>", enabled=False)  # Neo's own LoRA
+    assert not all(torch.equal(steps[-1][2][k], wan.low[k]) for k in wan.low)  # it patched
+    out, steps, _ = run("a fox")
+    assert "NetWeave errors" not in out.infotexts[0], out.infotexts[0]
+    for k, _, weights in steps:
+        assert_weights(weights, wan.high if k < SWITCH else wan.low)
+    assert same_weights(wan.unet, wan.high)
+
+
 def test_a_second_batch_samples_the_refiner_from_its_start(refiner):
     """Neo switches once per generation (ORIGINAL_CHECKPOINT stays set until its postprocess):
     the second batch runs on the low-noise expert throughout, with its plans."""

@@ -319,7 +319,11 @@ def release_neo_lora(sd_model) -> None:
     builtin = sys.modules.get("networks")  # extensions-builtin/sd_forge_lora/networks.py
     load = getattr(builtin, "load_networks", None)
     if load is not None:
-        load([], [], [])  # forge_objects' unet and clip back to the originals, no patches
+        # forge_objects' unet and clip back to the originals, no patches. Not skipped: Neo's
+        # "Reload state_dict only" refiner leaves current_lora_hash at str([]) (its text of no
+        # networks) with the refiner pass's patched patchers in place
+        sd_model.current_lora_hash = None
+        load([], [], [])
     original = sd_model.forge_objects_original
     for patcher in (original.unet, original.clip.patcher):
         if patcher.backup:  # shared by every clone: what any of them merged

@@ -18,7 +18,8 @@ loaded_networks = []
 calls = []  # every call's names (tests read it)
 PATCHED = {"unet": {"sd1": "diffusion_model.input_blocks.1.1.proj_in.weight",
                     "flux": "diffusion_model.double_blocks.0.img_attn.qkv.weight",
-                    "qwen": "diffusion_model.transformer_blocks.0.attn.to_q.weight"},
+                    "qwen": "diffusion_model.transformer_blocks.0.attn.to_q.weight",
+                    "wan": "diffusion_model.blocks.0.self_attn.q.weight"},
            "clip": "clip_l.transformer.text_model.encoder.layers.0.mlp.fc1.weight"}
 
 
@@ -43,7 +44,7 @@ def list_available_networks():
 
 
 def family(sd_model):
-    return {"Flux": "flux", "QwenImage": "qwen"}.get(type(sd_model).__name__, "sd1")
+    return {"Flux": "flux", "QwenImage": "qwen", "Wan": "wan"}.get(type(sd_model).__name__, "sd1")
 
 
 def _diff(model, key):

@@ -344,18 +344,8 @@ class Runtime:
         if key not in self._stacked:
             self._stacked[key] = Factors(torch.cat([j[1].down for j in joint]),
                                          torch.cat([j[1].up for j in joint], dim=1))
-        f = self._stacked[key]
-        x = x.to(torch.float32)
-        spatial = x.dim() == 4
-        h = torch.matmul(f.down, x.flatten(2)) if spatial else F.linear(x, f.down)
-        start = 0
-        for _, part, s, rows, mask in joint:
-            r = part.down.shape[0]
-            h_j = h.narrow(1 if spatial else -1, start, r)
-            start += r
-            _scale(h_j, s, rows, None if mask is None else
-                   mask.to(torch.float32).flatten(2) if spatial else mask.to(torch.float32))
-        return _add_up(out, f.up, h, spatial)
+        return _parts_add(x, self._stacked[key], [(f.down.shape[0], s, rows, mask)
+                                                  for _, f, s, rows, mask in joint], out)
 
     def _thin(self, slot, c, device) -> Optional[Factors]:
         """A contribution's two factors where its delta runs through them (its rank-r
@@ -736,28 +726,28 @@ def low_rank_add(x: Tensor, f: Factors, s: float, rows: Optional[Tensor],
     last) or of a 1×1 conv on (B, C, H, W) (channels first, as matrix products: no conv
     kernel's layout changes), the last product accumulated into `out` itself: no
     output-sized temporary, one operation fewer."""
+    return _parts_add(x, f, [(f.down.shape[0], s, rows, mask)], out)
+
+
+def _parts_add(x: Tensor, f: Factors, parts, out: Tensor) -> Tensor:
+    """out += up · h, h = down · x, each part of h's rank (r, s, rows, mask), in order,
+    scaled by its own s · rows ⊙ mask: one network's factors, or several stacked."""
     x = x.to(torch.float32)
     spatial = x.dim() == 4
     h = torch.matmul(f.down, x.flatten(2)) if spatial else F.linear(x, f.down)
-    if mask is not None:
-        mask = mask.to(torch.float32).flatten(2) if spatial else mask.to(torch.float32)
-    _scale(h, s, rows, mask)
-    return _add_up(out, f.up, h, spatial)
-
-
-def _scale(h: Tensor, s: float, rows: Optional[Tensor], mask: Optional[Tensor]) -> None:
-    """The rank-r intermediate (or a network's part of it) times s · rows ⊙ mask, in place."""
-    h.mul_(s if mask is None else mask * s)
-    if rows is not None:
-        h.mul_(rows.view(-1, *([1] * (h.dim() - 1))))
-
-
-def _add_up(out: Tensor, up: Tensor, h: Tensor, spatial: bool) -> Tensor:
-    """out += up · h, accumulated in the output's own storage."""
+    start = 0
+    for r, s, rows, mask in parts:
+        part = h.narrow(1 if spatial else -1, start, r)
+        start += r
+        if mask is not None:
+            mask = mask.to(torch.float32).flatten(2) if spatial else mask.to(torch.float32)
+        part.mul_(s if mask is None else mask * s)
+        if rows is not None:
+            part.mul_(rows.view(-1, *([1] * (part.dim() - 1))))
     if spatial:
-        out.flatten(2).baddbmm_(up.expand(h.shape[0], -1, -1), h)
+        out.flatten(2).baddbmm_(f.up.expand(h.shape[0], -1, -1), h)
     else:
-        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), up.t())
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), f.up.t())
     return out
 
 

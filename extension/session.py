@@ -100,7 +100,8 @@ class Session:
         engines = getattr(self.engine, "experts", None)
         if engines and experts:
             raise ValueError("experts take turns on one engine, not on one engine each")
-        def compiler(e):
+
+        def compiler(e):  # an expert's plans, compiled under a turn's names (or None)
             at = dataclasses.replace(ctx, expert=e, switch_step=switch_step if e else None)
             return lambda turn: self._compile(prompts, hires_prompts, hires_steps, at, turn)
 

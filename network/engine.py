@@ -160,6 +160,7 @@ class Engine:
         self.costs = costs
         self.merge_batch_bytes = merge_batch_bytes
         self.deltas = Deltas(delta_bytes)
+        self._jobs: Dict[int, Optional[Job]] = {}  # a contribution's merge job, per generation
         self.trees = trees
         self.keymap = KeyMap(trees)
         self.arch = arch
@@ -269,6 +270,7 @@ class Engine:
         self._choose_strategies(slots)
         units = self._choose_routes(slots)
         self.runtime.reset()
+        self._jobs.clear()
         self.runtime.maps = maps
         self.entries = entries
         self._guarded(self._switch, slots, units)
@@ -312,6 +314,7 @@ class Engine:
         modules = {id(s.target.module) for s in touched}
         for key in [key for key, (m, _) in self._pristine.items() if id(m) in modules]:
             del self._pristine[key]
+        self._jobs.clear()
         for key, (module, _) in list(self._quantized.items()):
             if key in modules:  # the parameter the host loaded into is the original now
                 self._quantized[key] = (module, module._parameters["weight"])
@@ -686,14 +689,23 @@ class Engine:
         if len(live) != 1 or target.chunk is not None or self.weight_scale is not None:
             return None
         (c, s), = live
-        bias = target.bias_param
-        if c.adapter.changes_bias or (bias and (id(target.module), bias) in self._pristine):
+        if c.adapter.changes_bias:
             return None
+        if id(c) not in self._jobs:  # what stays the same at each of its merges: found once
+            self._jobs[id(c)] = self._job_of(slot, c)
+        job = self._jobs[id(c)]
+        bias = target.bias_param if job is not None else None
+        if job is None or (bias and (id(target.module), bias) in self._pristine):
+            return None  # the bias is merged too, or was: _merge writes it
+        return Job(job.dest, job.w0, job.factors, s, job.source, job.delta)
+
+    def _job_of(self, slot: _Slot, c: Contribution) -> Optional[Job]:
+        target = slot.target
         dest = self._param(target, target.param).data
         factors = self.runtime.low_rank(c, dest.device)
         if factors is None or not dest.is_contiguous():
             return None
-        return Job(dest, self._pristine_slice(target, target.param), factors, s, (slot, c),
+        return Job(dest, self._pristine_slice(target, target.param), factors, 0.0, (slot, c),
                    self._kept_delta(c, factors, dest))
 
     def _kept_delta(self, c: Contribution, factors: Factors, like: Tensor) -> Optional[Tensor]:
@@ -784,6 +796,9 @@ class Engine:
         elif factors:
             torch.addmm(flat0, torch.cat([f.up * s for f, s in factors], 1),
                         torch.cat([f.down for f, _ in factors], 0), out=flat)
+        elif kept:  # the first kept ΔW in the same pass as the copy
+            delta, s = kept.pop(0)
+            torch.add(flat0, delta.view(flat.shape), alpha=s, out=flat)
         else:
             w.copy_(w0f)
         for delta, s in kept:
@@ -845,6 +860,7 @@ class Engine:
         for module, original in self._quantized.values():
             module._parameters["weight"] = original
         self._quantized.clear()
+        self._jobs.clear()
         for (_, name), (module, copy) in self._pristine.items():
             dest = module.get_parameter(name).data
             with _writing(dest):

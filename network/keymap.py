@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from enum import Enum
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
@@ -92,7 +93,7 @@ class Target:
             w = w.chunk(self.chunk[1])[self.chunk[0]]
         return w
 
-    @property
+    @cached_property  # asked at every merge; a layer gains or loses no bias
     def bias_param(self) -> Optional[str]:
         name = {"weight": "bias", "in_proj_weight": "in_proj_bias",
                 "out_proj.weight": "out_proj.bias"}.get(self.param)  # an RMSNorm's scale: none

@@ -10,7 +10,9 @@ instead of one Python round trip per layer. It costs one more pass over the weig
 merging layer by layer straight into each weight, so it wins where the round trip dominates (a
 GPU, small layers) and loses where memory does (large layers on a CPU); the engine asks the
 measured cost model (calibrate.py) for each group. A layer whose ΔW is kept (deltas.py) merges
-as W = W0 + s·ΔW instead, fp32 weights of one strength in two multi-tensor operations. Values
+as W = W0 + s·ΔW instead: on a GPU, fp32 weights of one strength in two multi-tensor
+operations (few launches); on a CPU, one pass per weight (no launches to save, and a copy
+then an add would pass over it twice). Values
 are the per-layer ones up to fp32 rounding; restore never depends on them (it copies the
 pristine bits).
 """
@@ -91,8 +93,9 @@ def merge_one(job: Job) -> None:
 
 
 def merge_deltas(jobs: List[Job]) -> None:
-    """Layers with a kept ΔW: fp32 weights of one strength in a multi-tensor copy of W0 and a
-    multi-tensor add; any other dtype one by one (the cast and its overflow check)."""
+    """Layers with a kept ΔW: fp32 weights in one pass each on a CPU, or of one strength in a
+    multi-tensor copy of W0 and a multi-tensor add elsewhere; any other dtype one by one (the
+    cast and its overflow check)."""
     if jobs[0].dest.dtype != torch.float32:
         for job in jobs:
             merge_one(job)

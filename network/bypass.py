@@ -103,6 +103,20 @@ class RowFactors:
     none: bool = False
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A kind of layer call made ready at its first: its two-factor contributions' factors
+    (stacked when several; None: nothing to add) and each one's s·rows⊙mask on its part of
+    the intermediate; `subset`: the re-run's tokens it was made for (its id is in the kind)."""
+
+    factors: Optional[Factors]
+    scales: Tuple[Tuple[int, Union[float, Tensor]], ...]
+    subset: Optional[Tensor] = None
+
+    def add(self, x: Tensor, out: Tensor) -> Tensor:
+        return out if self.factors is None else scaled_add(x, self.factors, self.scales, out)
+
+
 class Runtime:
     """State the forward hooks read: the step, the regions, the rows, the text variants."""
 
@@ -119,6 +133,10 @@ class Runtime:
         self._row_factors: Dict[Tuple, RowFactors] = {}
         self._factors: Dict[Tuple[int, str], Optional[Factors]] = {}
         self._stacked: Dict[Tuple, Factors] = {}  # a layer's contributions' factors, joined
+        # a layer's calls, each kind as first found: id(slot) -> {call: (strengths, Prepared)}
+        self._prepared: Dict[int, Dict[Tuple, Tuple[Tuple[float, ...], Prepared]]] = {}
+        self._scales: Dict[Tuple, Tuple[Tensor, Tuple]] = {}  # s·rows⊙mask, shared by layers
+        self._direct = 0  # contributions added other than as prepared parts (or held)
         self._subsets: Dict[Tuple, TokenRegion] = {}
         self._main: Dict[Tuple, Optional[Tensor]] = {}  # a cross-attention's main tokens
         self._contexts: Dict[Tuple, Tensor] = {}
@@ -133,6 +151,8 @@ class Runtime:
         self._row_factors.clear()
         self._factors.clear()
         self._stacked.clear()
+        self._prepared.clear()
+        self._scales.clear()
         self._subsets.clear()
         self._main.clear()
         self._contexts.clear()
@@ -144,6 +164,8 @@ class Runtime:
             return  # hosts say it at every denoiser call: keep the factors made for it
         self.rows = rows
         self._row_factors.clear()
+        self._scales.clear()
+        self._prepared.clear()  # made for the rows before
 
     def set_text(self, base: Text, variants: Dict[int, Text],
                  pooled: Optional[Tuple[Tensor, Dict[int, Tensor]]] = None) -> None:
@@ -238,6 +260,7 @@ class Runtime:
         return value
 
     def report(self, key: Tuple, message: str) -> None:
+        self._direct += 1
         if key not in self.reported:
             self.reported.add(key)
             self.engine.errors.append(message)
@@ -247,13 +270,25 @@ class Runtime:
         text = slot.target.component != "unet"  # a region acts through the conditioning there
 
         def hook(module, args, out):
-            if self.engine._phase_step is None:
+            bypassed = [c for c in slot.contributions if c.bypass]
+            if self.engine._phase_step is None or not bypassed:
                 return out
             x = args[0]
             reused = self._reused.get(id(module))
             if reused is not None:  # the output is the main call's, with everything but the
                 x = reused  # re-run network already in it; the layer ran on no tokens
+            # what decides this call's arithmetic besides the strengths; a call like one before
+            # (the same step's CFG rows, the next step, the next image) only runs its products
+            kind = (self.variant, id(self.subset), reused is not None, tuple(out.shape),
+                    out.dtype, out.device, out.is_contiguous(), torch.is_grad_enabled(),
+                    self.layout, self.engine.latent)
+            strengths = tuple(self.strength(c) for c in bypassed)
+            prepared = self._prepared.setdefault(id(slot), {})
+            known = prepared.get(kind)
+            if known is not None and known[0] == strengths and known[1].subset is self.subset:
+                return known[1].add(x, out)
             joint: List[Joint] = []
+            direct = self._direct
             for c in slot.contributions:
                 if not c.bypass:
                     continue
@@ -267,10 +302,32 @@ class Runtime:
                     self._hold_emb(slot, c, x, out)
                 else:
                     out = self._add(slot, c, x, out, None if text else c.region, joint)
-            if len(joint) == 1:
-                return low_rank_add(x, *joint[0][1:], out)
-            return self._add_joint(x, joint, out) if joint else out
+            if self._direct != direct:  # some other arithmetic ran: found again at each call
+                return self._add_joint(x, joint, out) if joint else out
+            ready = self._prepare(joint, x.dim(), self.subset)
+            prepared[kind] = (strengths, ready)
+            return ready.add(x, out)
         return hook
+
+    def _prepare(self, joint: List["Joint"], dims: int, subset: Optional[Tensor]) -> "Prepared":
+        """A layer call's two-factor contributions as one product pair: their factors (stacked
+        when more than one) and each one's s·rows⊙mask on its part of the intermediate."""
+        if not joint:
+            return Prepared(None, (), subset)
+        f = joint[0][1] if len(joint) == 1 else self._joined(joint)
+        return Prepared(f, tuple((g.down.shape[0], self._scale(s, rows, mask, dims))
+                                 for _, g, s, rows, mask in joint), subset)
+
+    def _scale(self, s: float, rows: Optional[Tensor], mask: Optional[Tensor], dims: int):
+        """s·rows⊙mask shaped for the intermediate of an input of `dims` dimensions: (B, r, HW)
+        for a 1×1 conv's (B, C, H, W), channels last otherwise; s itself when it is all."""
+        if rows is None and mask is None:
+            return s
+        key = (s, dims, None if rows is None else rows.data_ptr(),
+               None if mask is None else (mask.data_ptr(), tuple(mask.shape)))
+        if key not in self._scales:  # rows and mask stay: their addresses are the key
+            self._scales[key] = (_scale_of(s, rows, mask, dims), (rows, mask))
+        return self._scales[key][0]
 
     def _add(self, slot, c, x: Tensor, out: Tensor, region, joint: List["Joint"]) -> Tensor:
         h = self.half(c.network, out.shape[0])
@@ -330,6 +387,7 @@ class Runtime:
                 out.is_contiguous() and out.dim() >= 2 and \
                 (not is_conv(module) or (_pointwise_conv(module) and out.dim() == 4)):
             if joint is None:
+                self._direct += 1
                 return low_rank_add(x, f, s, rows.values, mask, out)
             joint.append((id(c), f, s, rows.values, mask))
             return out
@@ -340,12 +398,14 @@ class Runtime:
         stacked make one intermediate, each takes its own strength, mask and rows on its
         part of it, and their up factors side by side add it into the output in one product
         (two products per layer instead of two per network)."""
-        key = tuple(j[0] for j in joint) + (str(x.device),)
+        return self._prepare(joint, x.dim(), None).add(x, out)
+
+    def _joined(self, joint: List["Joint"]) -> Factors:
+        key = tuple(j[0] for j in joint) + (str(joint[0][1].down.device),)
         if key not in self._stacked:
             self._stacked[key] = Factors(torch.cat([j[1].down for j in joint]),
                                          torch.cat([j[1].up for j in joint], dim=1))
-        return _parts_add(x, self._stacked[key], [(f.down.shape[0], s, rows, mask)
-                                                  for _, f, s, rows, mask in joint], out)
+        return self._stacked[key]
 
     def _thin(self, slot, c, device) -> Optional[Factors]:
         """A contribution's two factors where its delta runs through them (its rank-r
@@ -424,6 +484,7 @@ class Runtime:
         (only algorithms that read it ask). Two-factor contributions take the fast path
         (Factors); algorithms built on W (DoRA, OFT, model, …) see the pristine weight and its
         output, not the weight other networks are merged into."""
+        self._direct += 1
         cropped = module is not None
         module = module or slot.target.module
         f = self._thin(slot, c, x.device)
@@ -454,6 +515,7 @@ class Runtime:
 
     # ---- the time-embedding route ------------------------------------------------------
     def _hold_emb(self, slot, c, x, out) -> None:
+        self._direct += 1  # held for the resblock at each call: never a prepared part
         s = self.strength(c)
         if not s:
             return
@@ -726,24 +788,34 @@ def low_rank_add(x: Tensor, f: Factors, s: float, rows: Optional[Tensor],
     last) or of a 1×1 conv on (B, C, H, W) (channels first, as matrix products: no conv
     kernel's layout changes), the last product accumulated into `out` itself: no
     output-sized temporary, one operation fewer."""
-    return _parts_add(x, f, [(f.down.shape[0], s, rows, mask)], out)
+    return scaled_add(x, f, ((f.down.shape[0], _scale_of(s, rows, mask, x.dim())),), out)
 
 
-def _parts_add(x: Tensor, f: Factors, parts, out: Tensor) -> Tensor:
-    """out += up · h, h = down · x, each part of h's rank (r, s, rows, mask), in order,
-    scaled by its own s · rows ⊙ mask: one network's factors, or several stacked."""
+def _scale_of(s: float, rows: Optional[Tensor], mask: Optional[Tensor], dims: int):
+    """s·rows⊙mask shaped for the rank-r intermediate of an input of `dims` dimensions:
+    (B, r, HW) for a 1×1 conv's (B, C, H, W), channels last otherwise; s where it is all."""
+    spatial = dims == 4
+    scale = s if mask is None else \
+        (mask.to(torch.float32).flatten(2) if spatial else mask.to(torch.float32)) * s
+    if rows is not None:
+        scale = rows.view(-1, *([1] * ((3 if spatial else dims) - 1))) * scale
+    return scale
+
+
+def scaled_add(x: Tensor, f: Factors, scales: Sequence[Tuple[int, Union[float, Tensor]]],
+               out: Tensor) -> Tensor:
+    """out += up · h, h = down · x, each part of h's rank (r, scale), in order, times its
+    scale: one network's factors, or several stacked."""
     x = x.to(torch.float32)
     spatial = x.dim() == 4
     h = torch.matmul(f.down, x.flatten(2)) if spatial else F.linear(x, f.down)
-    start = 0
-    for r, s, rows, mask in parts:
-        part = h.narrow(1 if spatial else -1, start, r)
-        start += r
-        if mask is not None:
-            mask = mask.to(torch.float32).flatten(2) if spatial else mask.to(torch.float32)
-        part.mul_(s if mask is None else mask * s)
-        if rows is not None:
-            part.mul_(rows.view(-1, *([1] * (part.dim() - 1))))
+    if len(scales) == 1:
+        h.mul_(scales[0][1])
+    else:
+        start = 0
+        for r, scale in scales:
+            h.narrow(1 if spatial else -1, start, r).mul_(scale)
+            start += r
     if spatial:
         out.flatten(2).baddbmm_(f.up.expand(h.shape[0], -1, -1), h)
     else:

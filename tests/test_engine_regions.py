@@ -507,3 +507,37 @@ def test_one_file_twice_in_a_prompt_is_two_networks():
     slot = engine._slots[t]
     assert slot.contributions[0].adapter is slot.contributions[1].adapter  # cached once
     engine.deactivate()
+
+
+@pytest.mark.parametrize("layout", sorted(TREES))
+def test_a_layer_call_like_an_earlier_one_adds_what_a_fresh_engine_adds(layout):
+    """Hooked layers keep each kind of call made ready at its first (bypass.Prepared). Across
+    a step called twice, strengths that change with the step, rows that change and a network
+    of other arithmetic beside them, every output equals that of an engine activated afresh
+    for that one call."""
+    prompts = ["<lora:lora:0.2@0,1@0.5:region=left> <lora:lora:0.5:region=right:neg=0.5>",
+               "<lora:lora:0.7:region=top> <lora:loha:0.4@0,0.8@0.5:region=left>"]
+    same = ([0, 1], [False, False])
+    calls = [(0, *same), (0, *same), (1, *same), (2, *same), (2, [1, 0], [False, False]),
+             (2, [0, 0], [False, True]), (3, *same), (0, [1, 1], [True, False])]
+    torch.manual_seed(5)
+    x, ctx = torch.randn(2, 4, *LATENT), torch.randn(2, 5, 32)
+    trees, fresh = build(layout), build(layout)
+    engine = make_engine(trees, "sd1", NETS[0], latent=LATENT, strategy="bypass")
+    other = make_engine(fresh, "sd1", NETS[0], latent=LATENT, strategy="bypass")
+    assert engine.activate([plan(p, steps=4) for p in prompts]) == []
+    changed = []
+    for k, prompt_rows, uncond in calls:
+        engine.set_step(k)
+        engine.set_rows(prompt_rows, uncond)
+        out = run_unet(trees, ctx, x)
+        other.activate([plan(p, steps=4) for p in prompts])
+        other.set_step(k)
+        other.set_rows(prompt_rows, uncond)
+        assert torch.equal(out, run_unet(fresh, ctx, x)), (k, prompt_rows, uncond)
+        other.deactivate()
+        changed.append(out)
+    assert torch.equal(changed[0], changed[1])
+    assert not torch.equal(changed[2], changed[3])  # the schedule and the rows each tell
+    assert not torch.equal(changed[3], changed[4])
+    engine.deactivate()

@@ -61,6 +61,10 @@ class Strategy(str, Enum):
     AUTO = "auto"
     MERGE = "merge"
     BYPASS = "bypass"
+# A scheduled layer runs beside its networks only where that is priced at most half of its
+# re-merges: nearer parity the measured costs' own noise decides (the same layer flipped
+# between two calibrations), and a merged layer computes what the hosts' own LoRA does.
+BYPASS_BELOW = 0.5
 CROSS_KV = re.compile(r"attn2\.to_[kv]$")  # cross-attention keys and values: they see the text
 ATTENTION_CHILD = re.compile(r"^(.*\.attn2)\.(to_q|to_k|to_v|to_out\.0)$")
 
@@ -534,7 +538,8 @@ class Engine:
         """docs/design.md §4's cost model, per layer and contribution: a scheduled contribution runs
         as a bypass where its low-rank forward over the pass costs less than re-merging the
         layer at each of its keyframes (deep, low-resolution layers), both priced with the
-        costs measured on this machine (calibrate.py); everything else merges. Regional and
+        costs measured on this machine (calibrate.py) and by a clear margin (BYPASS_BELOW);
+        everything else merges. Regional and
         per-row contributions on the UNet always bypass: no merge is exact."""
         levels = 3 if self.arch == "sdxl" else 4
         priced = []  # (contribution, weight, its multiply-adds merged and beside)
@@ -581,7 +586,8 @@ class Engine:
                 merge = measured.merge_seconds(costs[0]) + \
                     measured.delta_seconds(weight.numel()) * (merges - 1)
             bypass = measured.bypass_seconds(costs[1]) * np.count_nonzero(c.series["base"])
-            c.bypass = self.strategy is Strategy.BYPASS or (merges > 1 and bypass < merge)
+            c.bypass = self.strategy is Strategy.BYPASS or \
+                (merges > 1 and bypass < merge * BYPASS_BELOW)
         beside = {id(c) for c, _, _ in priced if c.bypass}
         self.deltas.grant(w for w in wanted if w[0] not in beside)
 

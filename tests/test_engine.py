@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from netweave.network.calibrate import Calibration
-from netweave.network.engine import Engine
+from netweave.network.engine import BYPASS_BELOW, Engine
 from netweave.network.keymap import KeyMap
 from tinymodels import TREES, diffusers_trees, ldm_trees
 
@@ -328,6 +328,7 @@ def test_cost_model_bypasses_deep_layers_of_scheduled_networks(netdir):
                          costs=Calibration(1.0, 0.0, 1.0, 0.0))  # multiply-adds alone
     engine.activate(plan(prompt, steps=20))
     km = engine.keymap
+    near_parity = 0
 
     def bypassed(key):
         (t,) = km.lookup(key)
@@ -347,7 +348,10 @@ def test_cost_model_bypasses_deep_layers_of_scheduled_networks(netdir):
                 continue
             series = c.series["base"]
             merges = 1 + int((series[1:] != series[:-1]).sum())
-            assert c.bypass == (costs[1] * int((series != 0).sum()) < costs[0] * merges)
+            branch, remerges = costs[1] * int((series != 0).sum()), costs[0] * merges
+            assert c.bypass == (branch < remerges * BYPASS_BELOW)
+            near_parity += remerges * BYPASS_BELOW <= branch < remerges
+    assert near_parity  # some layers were cheaper beside, not by enough: merged
     static = make_engine(ldm_trees("sd1"), "sd1", netdir, latent=(8, 8), batch=1)
     static.activate(plan("<lora:sd1_lora:0.7>", steps=20))  # a constant strength always merges
     assert not any(c.bypass for s in static._slots.values() for c in s.contributions)

@@ -399,20 +399,23 @@ class Bench:
         return self.family.call(model or self.model, self.inputs, t)
 
     def steps(self, on_step: Optional[Callable[[int], None]] = None,
-              steps: Optional[int] = None) -> Tuple[float, float]:
-        """(seconds of the workload, seconds of the bare twin) over the pass: each step the
-        twin and the workload (`on_step(k)`, then its model call) run in turn, the twin first
-        at even steps and second at odd ones, so neither gains from its place."""
+              steps: Optional[int] = None) -> Tuple[float, float, float]:
+        """(seconds of the workload, seconds of the bare twin, seconds of the workload's
+        `on_step` alone: its merges) over the pass: each step the twin and the workload
+        (`on_step(k)`, then its model call) run in turn, the twin first at even steps and
+        second at odd ones, so neither gains from its place."""
+        switching = [0.0]
+
         def step(k):
             if on_step is not None:
-                on_step(k)
+                switching[0] += self._timed(lambda: on_step(k))
             self.forward(k)
         mine = base = 0.0
         with torch.no_grad():
             for k in range(self.setup.steps if steps is None else steps):
                 pair = self._pair(lambda: self.forward(k, self.twin), lambda: step(k), k)
                 base, mine = base + pair[0], mine + pair[1]
-        return mine, base
+        return mine, base, switching[0]
 
     def _pair(self, twin, workload, k: int) -> Tuple[float, float]:
         """(the twin's seconds, the workload's) at step k, in the order the step's parity says."""
@@ -544,7 +547,9 @@ def run(size: str = "quick", device: str = "cpu", repeats: int = 5, rank: int = 
                 e.activate(compile_prompt(WORKLOAD_PROMPTS[name], ctx))
                 seconds[f"{name}_activate"].append(time.perf_counter() - start)
                 merges = e.merges
-                measured(name, *benches[name].steps(e.set_step))
+                mine, base, switching = benches[name].steps(e.set_step)
+                measured(name, mine, base)
+                seconds[f"{name}_set_step"].append(switching)
                 extra[f"{name}_merges_during_steps"] = e.merges - merges
                 if name == "static":
                     extra.update(_change_one_strength(e, ctx, seconds))
@@ -586,6 +591,7 @@ ROWS = {"static_vs_base": ("static", "base"), "scheduled_vs_static": ("scheduled
         "scheduled_vs_base": ("scheduled", "base"),
         "scheduled_vs_merge_only": ("scheduled", "scheduled_merge_only"),
         "remerge_every_change_vs_static": ("remerge_every_change", "static"),
+        "scheduled_vs_remerge_every_change": ("scheduled", "remerge_every_change"),
         "bypass_all_vs_base": ("bypass_all", "base"), "regional_vs_base": ("regional", "base"),
         "regional_blend15_vs_base": ("regional_blend15", "base"),
         "regional_full_blend_vs_base": ("regional_full_blend", "base"),
@@ -635,6 +641,7 @@ def _change_one_strength(e: Engine, ctx: CompileContext, seconds) -> dict:
 TARGETS = {"static_vs_base": "≤ 1.01", "scheduled_vs_static": "≤ 1.05",
            "scheduled_vs_merge_only": "≤ 1",
            "remerge_every_change_vs_static": "(A1111)", "bypass_all_vs_base": "(PEFT)",
+           "scheduled_vs_remerge_every_change": "≤ 1",
            "regional_vs_base": "≤ 1.25", "regional_blend15_vs_base": "≤ 1.45",
            "per_region_passes_vs_base": "(RP)"}
 LABELS = {"static_vs_base": "3 static LoRAs vs base",
@@ -642,6 +649,7 @@ LABELS = {"static_vs_base": "3 static LoRAs vs base",
           "scheduled_vs_base": "3 LoRAs × 4 keyframes vs base",
           "scheduled_vs_merge_only": "  the cost model vs merging only",
           "remerge_every_change_vs_static": "baseline: re-merge all on change",
+          "scheduled_vs_remerge_every_change": "  4 keyframes vs re-merge all",
           "bypass_all_vs_base": "baseline: bypass all vs base",
           "regional_vs_base": "2 regional + 1 global LoRA vs base",
           "regional_blend15_vs_base": "  the same, blended start 15 %",
@@ -692,10 +700,16 @@ def table(result: dict) -> str:
                  f"ns/MAC + {cal['bypass_us_per_call']:.0f} µs/call, from a kept ΔW "
                  f"{cal['delta_ns_per_value'] or 0:.3f} ns/value + "
                  f"{cal['delta_us_per_layer']:.0f} µs/layer")
+    switching = {name[:-len("_set_step")]: v for name, v in t.items()
+                 if name.endswith("_set_step") and v >= 0.0005}
+    if switching:
+        lines.append("  set_step alone (the merges), per pass: " + ", ".join(
+            f"{name} {1000 * v:.1f} ms" for name, v in switching.items()))
     lines += [f"  change one strength between runs: {c['layers_remerged']} layers re-merged "
               f"(that network has {c['layers_of_that_network']}, {c['layers_patched']} patched; "
               f"same plan again: {c['same_plan_again_remerged']})",
               f"  pristine copies: {result['pristine_mib']:.1f} MiB for {result['touched_layers']} "
               f"touched layers; activation {t['static_activate']:.2f} s",
-              "  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items())]
+              "  seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in t.items()
+                                        if not k.endswith("_set_step"))]
     return "\n".join(lines)

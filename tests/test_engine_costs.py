@@ -168,6 +168,11 @@ def test_the_benchmark_reports_medians_spreads_floors_and_choices():
     assert result["remerge_every_change_merges_during_steps"] > \
         result["scheduled_merge_only_merges_during_steps"] > 0
     assert result["choices"]["regional"]["bypassed"] > 0
+    # the merges timed on their own: a static plan merges nothing while sampling
+    seconds = result["timings_s"]
+    assert seconds["remerge_every_change_set_step"] > 0 and "scheduled_vs_remerge_every_change" \
+        in ratios and seconds["static_set_step"] < seconds["scheduled_set_step"]
+    assert "set_step alone (the merges), per pass:" in table(result)
     assert result["kept_delta"]["static"] == 0  # merged once: nothing kept
     assert ("re-merged from a kept ΔW" in table(result)) == any(result["kept_delta"].values())
     # quantized rows: the LoRAs beside the quantized layers, the requantizing baseline merges

@@ -404,18 +404,19 @@ class Bench:
         `on_step` alone: its merges) over the pass: each step the twin and the workload
         (`on_step(k)`, then its model call) run in turn, the twin first at even steps and
         second at odd ones, so neither gains from its place."""
-        switching = [0.0]
+        switching = 0.0
 
         def step(k):
+            nonlocal switching
             if on_step is not None:
-                switching[0] += self._timed(lambda: on_step(k))
+                switching += self._timed(lambda: on_step(k))
             self.forward(k)
         mine = base = 0.0
         with torch.no_grad():
             for k in range(self.setup.steps if steps is None else steps):
                 pair = self._pair(lambda: self.forward(k, self.twin), lambda: step(k), k)
                 base, mine = base + pair[0], mine + pair[1]
-        return mine, base, switching[0]
+        return mine, base, switching
 
     def _pair(self, twin, workload, k: int) -> Tuple[float, float]:
         """(the twin's seconds, the workload's) at step k, in the order the step's parity says."""

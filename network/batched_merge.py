@@ -100,15 +100,15 @@ def merge_deltas(jobs: List[Job]) -> None:
         for job in jobs:
             merge_one(job)
         return
-    by_strength: Dict[float, List[Job]] = {}
-    for job in jobs:
-        by_strength.setdefault(job.strength, []).append(job)
     mode = torch.inference_mode() if jobs[0].dest.is_inference() else torch.no_grad()
     with mode:
         if jobs[0].dest.device.type == "cpu":  # no launches to save: one pass per weight
             for job in jobs:
                 torch.add(job.w0, job.delta, alpha=job.strength, out=job.dest)
             return
+        by_strength: Dict[float, List[Job]] = {}
+        for job in jobs:
+            by_strength.setdefault(job.strength, []).append(job)
         for strength, group in by_strength.items():
             dests = [j.dest for j in group]
             torch._foreach_copy_(dests, [j.w0.to(j.dest.device, non_blocking=True) for j in group])

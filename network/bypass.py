@@ -319,8 +319,7 @@ class Runtime:
                                  for _, g, s, rows, mask in joint), subset)
 
     def _scale(self, s: float, rows: Optional[Tensor], mask: Optional[Tensor], dims: int):
-        """s·rows⊙mask shaped for the intermediate of an input of `dims` dimensions: (B, r, HW)
-        for a 1×1 conv's (B, C, H, W), channels last otherwise; s itself when it is all."""
+        """_scale_of, made once for the layers that share it (until the rows change)."""
         if rows is None and mask is None:
             return s
         key = (s, dims, None if rows is None else rows.data_ptr(),

@@ -61,6 +61,8 @@ class Strategy(str, Enum):
     AUTO = "auto"
     MERGE = "merge"
     BYPASS = "bypass"
+
+
 # A scheduled layer runs beside its networks only where that is priced at most half of its
 # re-merges: nearer parity the measured costs' own noise decides (the same layer flipped
 # between two calibrations), and a merged layer computes what the hosts' own LoRA does.
@@ -538,9 +540,9 @@ class Engine:
         """docs/design.md §4's cost model, per layer and contribution: a scheduled contribution runs
         as a bypass where its low-rank forward over the pass costs less than re-merging the
         layer at each of its keyframes (deep, low-resolution layers), both priced with the
-        costs measured on this machine (calibrate.py) and by a clear margin (BYPASS_BELOW);
-        everything else merges. Regional and
-        per-row contributions on the UNet always bypass: no merge is exact."""
+        costs measured on this machine (calibrate.py), by a clear margin (BYPASS_BELOW);
+        everything else merges. Regional and per-row contributions on the UNet always
+        bypass: no merge is exact."""
         levels = 3 if self.arch == "sdxl" else 4
         priced = []  # (contribution, weight, its multiply-adds merged and beside)
         for slot in slots.values():

@@ -107,7 +107,8 @@ class RowFactors:
 class Prepared:
     """A kind of layer call made ready at its first: its two-factor contributions' factors
     (stacked when several; None: nothing to add) and each one's s·rows⊙mask on its part of
-    the intermediate; `subset`: the re-run's tokens it was made for (its id is in the kind)."""
+    the intermediate; `subset`: the re-run's tokens it was made for, kept alive while their
+    id is part of the call's kind."""
 
     factors: Optional[Factors]
     scales: Tuple[Tuple[int, Union[float, Tensor]], ...]
@@ -136,7 +137,7 @@ class Runtime:
         # a layer's calls, each kind as first found: id(slot) -> {call: (strengths, Prepared)}
         self._prepared: Dict[int, Dict[Tuple, Tuple[Tuple[float, ...], Prepared]]] = {}
         self._scales: Dict[Tuple, Tuple[Tensor, Tuple]] = {}  # s·rows⊙mask, shared by layers
-        self._direct = 0  # contributions added other than as prepared parts (or held)
+        self._direct = 0  # contributions added, or held, other than as prepared parts
         self._subsets: Dict[Tuple, TokenRegion] = {}
         self._main: Dict[Tuple, Optional[Tensor]] = {}  # a cross-attention's main tokens
         self._contexts: Dict[Tuple, Tensor] = {}
@@ -260,7 +261,6 @@ class Runtime:
         return value
 
     def report(self, key: Tuple, message: str) -> None:
-        self._direct += 1
         if key not in self.reported:
             self.reported.add(key)
             self.engine.errors.append(message)
@@ -285,13 +285,11 @@ class Runtime:
             strengths = tuple(self.strength(c) for c in bypassed)
             prepared = self._prepared.setdefault(id(slot), {})
             known = prepared.get(kind)
-            if known is not None and known[0] == strengths and known[1].subset is self.subset:
+            if known is not None and known[0] == strengths:
                 return known[1].add(x, out)
             joint: List[Joint] = []
             direct = self._direct
-            for c in slot.contributions:
-                if not c.bypass:
-                    continue
+            for c in bypassed:
                 if c.route == "attention":
                     if self.variant != c.network:
                         continue

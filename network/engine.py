@@ -702,9 +702,11 @@ class Engine:
         if id(c) not in self._jobs:  # what stays the same at each of its merges: found once
             self._jobs[id(c)] = self._job_of(slot, c)
         job = self._jobs[id(c)]
-        bias = target.bias_param if job is not None else None
-        if job is None or (bias and (id(target.module), bias) in self._pristine):
-            return None  # the bias is merged too, or was: _merge writes it
+        if job is None:
+            return None
+        bias = target.bias_param
+        if bias and (id(target.module), bias) in self._pristine:
+            return None  # the bias was merged too: _merge writes it back
         return Job(job.dest, job.w0, job.factors, s, job.source, job.delta)
 
     def _job_of(self, slot: _Slot, c: Contribution) -> Optional[Job]:
